@@ -1,0 +1,106 @@
+"""Weight conversion: strictness, clear errors, saving, and the ImageNet download path."""
+import urllib.error
+
+import jax
+import numpy as np
+import pytest
+
+from blockft_jax import models, weights
+from keras_oracle import reference
+
+V2 = ("mobilenet_v2", 0.35, 33, ())
+
+
+def v2_module(**kw):
+    return models.create("mobilenet_v2", width=0.35, **kw)
+
+
+def test_wrong_models_file_is_refused():
+    ref = reference("mobilenet_v1", 0.25, 35, ())
+    for path in (ref.legacy_h5, ref.keras3_h5):
+        with pytest.raises(weights.WeightsError, match="Conv1|shape mismatch|another model"):
+            weights.load_keras(path, v2_module(), (33, 33, 3))
+
+
+def test_width_mismatch_names_layer_and_shapes():
+    ref = reference("mobilenet_v2", 1.3, 32, ())
+    with pytest.raises(weights.WeightsError) as err:
+        weights.load_keras(ref.legacy_h5, v2_module(), (32, 32, 3))
+    message = str(err.value)
+    assert "shape mismatch in layer 'Conv1'" in message
+    assert "(3, 3, 3, 40)" in message and "(3, 3, 3, 16)" in message
+    assert str(ref.legacy_h5) in message
+
+
+def test_truncated_file_is_refused(tmp_path):
+    ref = reference(*V2)
+    for path in (ref.legacy_h5, ref.keras3_h5):
+        data = path.read_bytes()
+        cut = tmp_path / path.name
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(weights.WeightsError, match="truncated"):
+            weights.load_keras(cut, v2_module(), (33, 33, 3))
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="nowhere.h5"):
+        weights.load_keras("/nowhere.h5", v2_module(), (33, 33, 3))
+
+
+def test_head_is_fresh_and_everything_else_from_file():
+    ref = reference(*V2)
+    variables = weights.load_keras(ref.legacy_h5, v2_module(num_classes=4), (33, 33, 3))
+    backbone = weights.load_keras(ref.legacy_h5, v2_module(), (33, 33, 3))
+    assert variables["params"]["head"]["kernel"].shape[-1] == 4
+    del variables["params"]["head"]
+    jax.tree.map(np.testing.assert_array_equal, variables, backbone)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    ref = reference(*V2)
+    variables = weights.load_keras(ref.keras3_h5, v2_module(), (33, 33, 3))
+    weights.save_variables(tmp_path / "v.msgpack", variables)
+    restored = weights.load_variables(tmp_path / "v.msgpack")
+    jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(np.asarray, variables))
+
+
+def test_imagenet_urls_are_kerass():
+    url, md5 = weights.imagenet_url("mobilenet_v2", 0.35, 96)
+    assert url.endswith("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5")
+    url, md5 = weights.imagenet_url("mobilenet_v2", 1.0, 100)  # Keras falls back to 224
+    assert url.endswith("_1.0_224_no_top.h5")
+    assert weights.imagenet_url("resnet50_v2")[1] == "fac2f116257151a9d068a22e544a4917"
+    with pytest.raises(ValueError, match="width"):
+        weights.imagenet_url("mobilenet_v1", 0.3)
+
+
+def test_imagenet_offline_error_names_url_and_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKFT_JAX_CACHE", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(weights.urllib.request, "urlretrieve", offline)
+    url, _ = weights.imagenet_url("mobilenet_v2", 0.35, 96)
+    with pytest.raises(RuntimeError) as err:
+        weights.imagenet_variables("mobilenet_v2", v2_module(), 96)
+    assert url in str(err.value)
+    assert str(tmp_path / "keras") in str(err.value)
+
+
+def test_imagenet_file_placed_by_hand_is_converted_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKFT_JAX_CACHE", str(tmp_path))
+    ref = reference("mobilenet_v2", 0.35, 96, ())
+    url, _ = weights.imagenet_url("mobilenet_v2", 0.35, 96)
+    placed = tmp_path / "keras" / url.rsplit("/", 1)[1]
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(ref.legacy_h5.read_bytes())
+    module = v2_module(num_classes=5)
+    variables = weights.imagenet_variables("mobilenet_v2", module, 96)
+    assert list((tmp_path / "converted").glob("*.msgpack"))
+    features = module.clone(num_classes=None).apply(
+        {c: {k: v for k, v in variables[c].items() if k != "head"} for c in variables}, ref.x)
+    np.testing.assert_allclose(features, ref.y, atol=1e-4 * np.abs(ref.y).max())
+    again = weights.imagenet_variables("mobilenet_v2", module, 96)  # now from the cache
+    np.testing.assert_array_equal(again["params"]["Conv1"]["kernel"],
+                                  variables["params"]["Conv1"]["kernel"])
