@@ -186,7 +186,9 @@ def load_keras(path, module: Backbone, input_shape: Sequence[int], *, skip_top: 
         fresh = traverse_util.flatten_dict(dict(module.init(
             rng, np.zeros((1, *shape[-3:]), np.float32))))
         filled.update({p: np.asarray(v) for p, v in fresh.items() if p[1] == HEAD_UNIT})
-    return traverse_util.unflatten_dict({p: jax.numpy.asarray(v) for p, v in filled.items()})
+    variables = traverse_util.unflatten_dict({p: jax.numpy.asarray(v) for p, v in filled.items()})
+    variables.setdefault("batch_stats", {})  # same structure for models without BatchNorm
+    return variables
 
 
 # --- saving converted variables ---------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Weight conversion: strictness, clear errors, saving, and the ImageNet download path."""
 import urllib.error
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -104,3 +105,21 @@ def test_imagenet_file_placed_by_hand_is_converted_and_cached(tmp_path, monkeypa
     again = weights.imagenet_variables("mobilenet_v2", module, 96)  # now from the cache
     np.testing.assert_array_equal(again["params"]["Conv1"]["kernel"],
                                   variables["params"]["Conv1"]["kernel"])
+
+
+def test_convert_script(tmp_path):
+    import subprocess
+    import sys
+    ref = reference(*V2)
+    out = tmp_path / "v.msgpack"
+    cmd = [sys.executable, "scripts/convert_keras_weights.py", "--model", "mobilenet_v2",
+           "--width", "0.35", "--size", "33", "--keras", str(ref.keras3_h5), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    restored = weights.load_variables(out)
+    module = v2_module()
+    np.testing.assert_allclose(module.apply(restored, ref.x), ref.y,
+                               atol=1e-4 * np.abs(ref.y).max())
+    bad = subprocess.run(cmd[:-4] + ["--keras", "/nowhere.h5", "--out", str(out)],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert bad.returncode != 0 and "nowhere.h5" in bad.stderr

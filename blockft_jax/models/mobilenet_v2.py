@@ -27,11 +27,12 @@ def make_divisible(v, divisor=8, min_value=None):
 
 class MobileNetV2(Backbone):
     width: float = 1.0  # Keras's alpha
+    blocks: int | None = None  # keep only the first N inverted-residual blocks (tiny test models)
     preprocessing: ClassVar[str] = "tf"
 
     def units(self):
         units = [("stem", self._stem)]
-        for block_id, (filters, stride, expansion) in enumerate(BLOCKS):
+        for block_id, (filters, stride, expansion) in enumerate(BLOCKS[:self.blocks]):
             units.append((f"block_{block_id}",
                           lambda x, train, b=block_id, f=filters, s=stride, e=expansion:
                           self._block(x, train, b, f, s, e)))

@@ -1,0 +1,91 @@
+"""Where a search's starting weights come from: Keras ImageNet files, a file of the user's, or
+the offline demo backbone (pretrained here on digits 0-4, once, then cached)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from blockft_jax import data as data_lib
+from blockft_jax import groups, models, weights
+from blockft_jax.models import HEAD_UNIT
+
+log = logging.getLogger(__name__)
+
+DEMO_CLASSES = (0, 1, 2, 3, 4)
+
+
+def _with_fresh_head(module, backbone, shape, seed=0):
+    """Backbone variables from elsewhere + this module's own freshly initialised head."""
+    fresh = module.init(jax.random.key(seed), np.zeros((1, *shape), np.float32))
+    merged = {c: {k: v for k, v in backbone.get(c, {}).items() if k != HEAD_UNIT}
+              for c in ("params", "batch_stats")}
+    merged["params"][HEAD_UNIT] = fresh["params"][HEAD_UNIT]
+    expected = jax.tree.map(np.shape, dict(fresh))
+    got = jax.tree.map(np.shape, merged)
+    if expected != got:
+        raise weights.WeightsError("The stored variables do not fit this model (different "
+                                   "model, width or options?).")
+    return merged
+
+
+def load(config, module) -> dict:
+    """Starting variables for `module` as `config.model.weights` says."""
+    source = config.model.weights
+    size = config.model.input_size
+    shape = (size, size, 3)
+    if source == "imagenet":
+        return weights.imagenet_variables(config.model.name, module, size)
+    if source == "random":
+        return dict(module.init(jax.random.key(0), np.zeros((1, *shape), np.float32)))
+    if source == "demo":
+        return _with_fresh_head(module, demo_backbone(config, module), shape)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.weights={source!r}: no such file. Use 'imagenet', 'random', 'demo' or a "
+            f"path to a Keras .h5/.weights.h5 file or a converted .msgpack.")
+    if path.suffix == ".msgpack":
+        return _with_fresh_head(module, weights.load_variables(path), shape)
+    return weights.load_keras(path, module, shape)
+
+
+def demo_backbone(config, module) -> dict:
+    """A backbone trained on digits 0-4 (all their training images), cached by model config.
+    The search then fine-tunes it on a few examples of digits 5-9: a genuine transfer task."""
+    from blockft_jax import train  # here, to keep the import graph one-way
+
+    key = json.dumps({"model": config.model.name, "width": config.model.width,
+                      "size": config.model.input_size, "options": dict(config.model.options),
+                      "epochs": config.demo.pretrain_epochs}, sort_keys=True)
+    path = (weights.cache_dir() / "demo" /
+            f"{config.model.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.msgpack")
+    if path.exists():
+        return weights.load_variables(path)
+    log.info("Pretraining the demo backbone on digits %s (once; cached at %s)", DEMO_CLASSES, path)
+    digits = data_lib.load_dataset("digits", image_size=config.model.input_size,
+                                   classes=DEMO_CLASSES, seed=config.data.split_seed)
+    net = module.clone(num_classes=len(DEMO_CLASSES))
+    variables = dict(net.init(jax.random.key(1), np.zeros((1, *digits.train.images.shape[1:]),
+                                                          np.float32)))
+    table = models.layer_table(net, digits.train.images.shape[1:])
+    everything = groups.full(table)[0].layers
+    batch = config.data.batch_size
+    steps = config.demo.pretrain_epochs * -(-len(digits.train.labels) // batch)
+    cfg = config.train.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.learning_rate, cfg.epochs = config.demo.pretrain_learning_rate, config.demo.pretrain_epochs
+    engine = train.Engine(net, train.make_optimizer(cfg, steps), net.unit_names()[0],
+                          train.data_mesh())
+    result = train.fit(engine, variables, groups.param_mask(variables["params"], table, everything),
+                       groups.bn_modes(table, everything), digits.train, digits.validation, None,
+                       epochs=config.demo.pretrain_epochs, batch_size=batch, seed=0)
+    log.info("Demo backbone: %.1f%% validation accuracy on digits 0-4", 100 * result.val_accuracy)
+    backbone = {c: {k: v for k, v in result.best_variables[c].items() if k != HEAD_UNIT}
+                for c in result.best_variables}
+    weights.save_variables(path, backbone)
+    return backbone

@@ -1,0 +1,408 @@
+"""The block-wise search: every strategy's candidates, trained, persisted, ranked.
+
+Candidates are trained one after another with the same compiled step; each finished
+(candidate, seed) is appended to results.jsonl, the running one is checkpointed every epoch, and
+a rerun of the same command resumes where the last one stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from blockft_jax import data as data_lib
+from blockft_jax import groups, models, pretrained, report, train, weights
+from blockft_jax.groups import Group
+from blockft_jax.workdir import Workdir, finished_keys, jsonable, write_atomic
+
+log = logging.getLogger(__name__)
+
+# The order candidates run in: layerwise before topk (topk needs its ranking); full last.
+ORDER = ("classifier_only", "layerwise", "topk", "blocks", "window", "full")
+
+
+class ConfigError(ValueError):
+    """The config asks for something that does not exist."""
+
+
+def validate(config) -> None:
+    if config.model.name not in models.MODEL_NAMES:
+        raise ConfigError(f"model.name={config.model.name!r} is unknown; choose one of "
+                          f"{', '.join(models.MODEL_NAMES)}.")
+    unknown = [s for s in config.search.strategies if s not in groups.STRATEGIES]
+    if unknown:
+        raise ConfigError(f"search.strategies has unknown {unknown}; choose from "
+                          f"{', '.join(groups.STRATEGIES)}.")
+    if config.train.epochs < 1 or config.train.seeds < 1:
+        raise ConfigError("train.epochs and train.seeds must be >= 1.")
+    if config.train.compute_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"train.compute_dtype={config.train.compute_dtype!r}: use float32, "
+                          f"bfloat16 or float16.")
+
+
+def build_module(config, num_classes: int):
+    return models.create(config.model.name, num_classes=num_classes, width=config.model.width,
+                         dropout_rate=config.model.dropout_rate,
+                         dtype=jnp.dtype(config.train.compute_dtype), **config.model.options)
+
+
+def candidates(config, table, strategy: str, layerwise_ranking=None) -> list[Group]:
+    s = config.search
+    if strategy == "classifier_only":
+        return groups.classifier_only()
+    if strategy == "full":
+        return groups.full(table)
+    if strategy == "layerwise":
+        return groups.layerwise(table, s.max_layers)
+    if strategy == "topk":
+        return groups.topk(layerwise_ranking, s.topk, table)
+    if strategy == "blocks":
+        boundaries = s.block_boundaries
+        return groups.blocks(table, boundaries if isinstance(boundaries, str)
+                             else tuple(boundaries), s.max_blocks)
+    if strategy == "window":
+        return groups.windows(table, s.window, s.stride, s.max_windows)
+    raise ConfigError(f"Unknown strategy {strategy!r}.")
+
+
+def rank(rows: list[dict]) -> list[dict]:
+    """Candidates by mean validation accuracy over seeds (best first); ties keep search order."""
+    by_candidate: dict[str, list[dict]] = {}
+    for r in rows:
+        by_candidate.setdefault(r["candidate"], []).append(r)
+    ranked = []
+    for candidate, rs in by_candidate.items():
+        val = [r["val_accuracy"] for r in rs]
+        test = [r["test_accuracy"] for r in rs if r.get("test_accuracy") is not None]
+        ranked.append({"candidate": candidate, "strategy": rs[0]["strategy"],
+                       "layers": rs[0]["layers"], "depth": rs[0]["depth"], "seeds": len(rs),
+                       "val_accuracy": _mean_std(val), "test_accuracy": _mean_std(test),
+                       "diverged": sum(r["status"] == "diverged" for r in rs)})
+    order = {c: i for i, c in enumerate(by_candidate)}
+    ranked.sort(key=lambda c: (-c["val_accuracy"]["mean"], order[c["candidate"]]))
+    return ranked
+
+
+def _mean_std(values):
+    if not values:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+@dataclasses.dataclass
+class Search:
+    config: object
+    wd: Workdir
+
+    def __post_init__(self):
+        c = self.config
+        self.dataset = data_lib.load_dataset(
+            c.data.name, image_size=c.model.input_size, data_dir=c.data.data_dir,
+            splits=tuple(c.data.splits), seed=c.data.split_seed, **_data_options(c))
+        self.module = build_module(c, len(self.dataset.class_names))
+        self.shape = (c.model.input_size, c.model.input_size, 3)
+        self.table = models.layer_table(self.module, self.shape)
+        self.variables = pretrained.load(c, self.module)
+        self.mesh = train.data_mesh()
+        self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
+        self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
+        self.engines: dict[str, tuple[train.Engine, dict]] = {}
+        self.depth = {r.name: i for i, r in enumerate(reversed(groups.backbone_layers(self.table)))}
+
+    # -- engines: at most two train-step compilations per search -------------------------------
+    def engine_for(self, from_unit: str):
+        """The engine (and its train/validation/test inputs) for a lowest trainable unit."""
+        if from_unit not in self.engines:
+            c = self.config
+            augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
+            first = from_unit == self.module.unit_names()[0]
+            cached = c.train.prefix_cache and not any(augment.values()) and not first
+            engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
+                                  augment=None if cached else augment)
+            splits = {"train": self.dataset.train, "validation": self.dataset.validation,
+                      "test": self.dataset.test}
+            if cached:
+                started = time.perf_counter()
+                splits = {k: engine.features(self.variables, v, c.data.batch_size)
+                          for k, v in splits.items()}
+                nbytes = sum(s.images.nbytes for s in splits.values())
+                log.info("Prefix cache: units below %s computed once per image (%.1f MB in "
+                         "host memory, %.1f s)", from_unit, nbytes / 2**20,
+                         time.perf_counter() - started)
+            self.engines[from_unit] = (engine, splits)
+        return self.engines[from_unit]
+
+    # -- one candidate -------------------------------------------------------------------------
+    def run_candidate(self, group: Group, seed: int, from_unit: str) -> dict:
+        c = self.config
+        engine, splits = self.engine_for(from_unit)
+        mask = groups.param_mask(self.variables["params"], self.table, group.layers)
+        bn = groups.bn_modes(self.table, group.layers, freeze_bn=c.train.freeze_bn)
+        ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed)
+        resume = ckpt.restore(engine.init_state(self.variables))
+        writer = _tensorboard(self.wd.path / "tensorboard" / f"{_slug(group.candidate)}-seed{seed}")
+
+        def on_epoch_end(epoch, state, history):
+            if writer is not None:
+                for k, v in history[-1].items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        writer.scalar(k, v, epoch)
+                writer.flush()
+            ckpt.save(state, history, epoch)
+
+        result = train.fit(engine, self.variables, mask, bn, splits["train"],
+                           splits["validation"], splits["test"], epochs=c.train.epochs,
+                           batch_size=c.data.batch_size, seed=seed, on_epoch_end=on_epoch_end,
+                           **resume)
+        best_variables = result.best_variables
+        if best_variables is None and resume:  # best epoch happened before the interruption
+            best_variables = ckpt.best_variables()
+        return {"strategy": group.strategy, "candidate": group.candidate,
+                "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
+                "epochs": result.epochs, "best_epoch": result.best_epoch,
+                "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
+                "final_val_accuracy": result.final_val_accuracy, "val_loss": result.val_loss,
+                "train_seconds": round(result.train_seconds, 3), "steps": result.steps,
+                "status": result.status}, best_variables, ckpt
+
+    def _depth(self, group: Group) -> int:
+        """How far below the output the group reaches (0 = the top layer; -1 = head only)."""
+        return max((self.depth[name] for name in group.layers), default=-1)
+
+
+def _data_options(c) -> dict:
+    options = {}
+    if c.data.name == "image_folder":
+        options["path"] = c.data.path
+    if c.data.name == "digits":
+        if c.data.classes is not None:
+            options["classes"] = tuple(c.data.classes)
+        options["train_per_class"] = c.data.train_per_class
+    return options
+
+
+def _slug(candidate: str) -> str:
+    return candidate.replace(":", "-").replace("/", "_")
+
+
+def _tensorboard(path: Path):
+    try:
+        from flax.metrics import tensorboard
+    except ImportError:  # TensorBoard logging is optional
+        return None
+    return tensorboard.SummaryWriter(str(path))
+
+
+class Checkpoint:
+    """The running candidate's state, saved (orbax) after every epoch, so an interrupted
+    search continues from its last finished epoch. One candidate at a time."""
+
+    def __init__(self, path: Path, candidate: str, seed: int):
+        self.path, self.candidate, self.seed = path, candidate, seed
+        self.ckptr = ocp.StandardCheckpointer()
+        self._abstract = None
+
+    def _meta_path(self):
+        return self.path.parent / "current.json"
+
+    def restore(self, template_state) -> dict:
+        """{'state', 'start_epoch', 'history'} for fit(), or {} when nothing fits."""
+        self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
+        meta_path = self._meta_path()
+        if not meta_path.exists():
+            return {}
+        meta = json.loads(meta_path.read_text())
+        if (meta["candidate"], meta["seed"]) != (self.candidate, self.seed):
+            return {}
+        target = {"state": self._abstract, "best": {"params": self._abstract["params"],
+                                                    "batch_stats": self._abstract["batch_stats"]}}
+        restored = self.ckptr.restore(self.path / f"epoch{meta['epoch']}", target)
+        self._best = jax.device_get(restored["best"])
+        log.info("Resuming %s seed %d after epoch %d", self.candidate, self.seed, meta["epoch"])
+        state = jax.device_put(restored["state"], train.NamedSharding(
+            jax.tree.leaves(template_state)[0].sharding.mesh, train.P()))
+        return {"state": state, "start_epoch": meta["epoch"], "history": meta["history"]}
+
+    def save(self, state, history, epoch) -> None:
+        best_epoch = max(history, key=lambda h: h["val_accuracy"])["epoch"]
+        current = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        if best_epoch == epoch or not hasattr(self, "_best"):
+            self._best = jax.device_get(current)
+        target = self.path / f"epoch{epoch}"
+        self.ckptr.save(target, {"state": state, "best": self._best}, force=True)
+        self.ckptr.wait_until_finished()
+        write_atomic(self._meta_path(), json.dumps({"candidate": self.candidate,
+                                                    "seed": self.seed, "epoch": epoch,
+                                                    "history": history}))
+        for old in self.path.glob("epoch*"):
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def best_variables(self):
+        return getattr(self, "_best", None)
+
+    def clear(self) -> None:
+        self._meta_path().unlink(missing_ok=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def run(config, workdir, *, start_over: bool = False) -> dict:
+    """Runs (or resumes) the search that `config` describes in `workdir`; returns the summary."""
+    validate(config)
+    wd = Workdir(workdir)
+    wd.lock()
+    try:
+        wd.claim(jsonable(config), start_over)
+        return _run(config, wd)
+    finally:
+        wd.unlock()
+
+
+def _run(config, wd: Workdir) -> dict:
+    search = Search(config, wd)
+    strategies = [s for s in ORDER if s in config.search.strategies]
+    rows = wd.results()
+    if "topk" in strategies and "layerwise" not in strategies and not any(
+            r["strategy"] == "layerwise" for r in rows):
+        raise ConfigError("search.strategies has 'topk' but no 'layerwise': topk trains the "
+                          "k best layers of the layer-wise ranking, so add 'layerwise'.")
+
+    # One lowest unit for every candidate except `full`: one compilation serves them all.
+    planned = {s: candidates(config, search.table, s) for s in strategies if s != "topk"}
+    shared = [g for s, gs in planned.items() if s != "full" for g in gs]
+    top_unit = groups.lowest_unit(search.table, shared) if shared else None
+    first_unit = search.module.unit_names()[0]
+    total = sum(len(gs) for gs in planned.values())
+    if "topk" in strategies:
+        total += len(config.search.topk)
+    total *= config.train.seeds
+    done_keys = finished_keys(rows)
+    progress = Progress(total, len(done_keys))
+    log.info("Searching %s: %d candidate runs (%d done), strategies %s, trainable from unit %s",
+             config.model.name, total, len(done_keys), ", ".join(strategies), top_unit)
+
+    for strategy in strategies:
+        if strategy == "topk":
+            ranking = [c["layers"][0] for c in rank([r for r in wd.results()
+                                                     if r["strategy"] == "layerwise"])]
+            planned["topk"] = candidates(config, search.table, "topk", ranking)
+        from_unit = first_unit if strategy == "full" else top_unit
+        for group in planned[strategy]:
+            _run_seeds(search, group, from_unit, progress)
+
+    # Distinct train steps the plan compiles (one per lowest trainable unit): a fact of the
+    # plan, so a resumed search reports the same. This process's real counts go to runs.jsonl.
+    from_units = {first_unit if s == "full" else top_unit for s in strategies}
+    counts = {u: e.compilations for u, (e, _) in search.engines.items()}
+    for unit, count in counts.items():
+        if count["train"] > 1:
+            log.warning("The train step from unit %s compiled %d times", unit, count["train"])
+    log.info("Compilations in this run: %s", counts)
+    _append_jsonl(wd.path / "runs.jsonl", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                           "compilations": counts})
+    summary = summarize(config, wd.results(), len(from_units))
+    wd.write_json("summary.json", summary)
+    report.write(wd.path)
+    log.info("Done. Winner: %s (validation %.3f); report: %s", summary["winner"]["candidate"],
+             summary["winner"]["val_accuracy"]["mean"], wd.path / "report.md")
+    return summary
+
+
+def _run_seeds(search: Search, group: Group, from_unit: str, progress: "Progress") -> None:
+    """All seeds of one candidate; then, if it is its strategy's best so far, its variables
+    (best seed, best epoch) become models/<strategy>/."""
+    wd, config = search.wd, search.config
+    for seed in range(config.train.seeds):
+        if (group.candidate, seed) in finished_keys(wd.results()):
+            continue
+        row, best_variables, ckpt = search.run_candidate(group, seed, from_unit)
+        if best_variables is not None:
+            weights.save_variables(wd.path / "pending" / f"seed{seed}.msgpack", best_variables)
+        wd.append_result(row)
+        ckpt.clear()
+        progress.finished(row)
+    _promote(search, group)
+
+
+def _promote(search: Search, group: Group) -> None:
+    wd = search.wd
+    pending = wd.path / "pending"
+    rows = [r for r in wd.results() if r["strategy"] == group.strategy]
+    ranking = rank(rows)
+    mine = [r for r in rows if r["candidate"] == group.candidate]
+    if ranking and ranking[0]["candidate"] == group.candidate and pending.exists():
+        best_seed = max(mine, key=lambda r: r["val_accuracy"])["seed"]
+        source = pending / f"seed{best_seed}.msgpack"
+        if source.exists():
+            save_model(wd.path / "models" / group.strategy, weights.load_variables(source),
+                       {"candidate": group.candidate, "layers": group.layers, "seed": best_seed,
+                        "model": jsonable(search.config)["model"]})
+    shutil.rmtree(pending, ignore_errors=True)
+
+
+def save_model(path: Path, variables, meta: dict) -> None:
+    """Fine-tuned variables as an orbax checkpoint {'params','batch_stats'} + model.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path / "variables", jax.tree.map(np.asarray, dict(variables)), force=True)
+    ckptr.wait_until_finished()
+    write_atomic(path / "model.json", json.dumps(meta, indent=2, default=list))
+
+
+def load_model(path) -> tuple[dict, dict]:
+    """(variables, model.json) of a saved models/<strategy>/ directory."""
+    path = Path(path)
+    meta = json.loads((path / "model.json").read_text())
+    return ocp.StandardCheckpointer().restore(path.resolve() / "variables"), meta
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def summarize(config, rows: list[dict], train_step_compilations: int) -> dict:
+    strategies = {}
+    for strategy in ORDER:
+        ranked = rank([r for r in rows if r["strategy"] == strategy])
+        if ranked:
+            strategies[strategy] = {"selected": ranked[0], "ranking": ranked}
+    winner = max((s["selected"] for s in strategies.values()),
+                 key=lambda c: c["val_accuracy"]["mean"])
+    return {"model": config.model.name, "dataset": config.data.name,
+            "selection": "mean validation accuracy over seeds; test accuracy is for the record",
+            "strategies": strategies, "winner": winner, "train_step_compilations": train_step_compilations}
+
+
+class Progress:
+    """Console progress with an ETA for the whole search."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.done, self.started, self.ran = total, done, time.perf_counter(), 0
+
+    def finished(self, row: dict) -> None:
+        self.done += 1
+        self.ran += 1
+        elapsed = time.perf_counter() - self.started
+        left = (self.total - self.done) * elapsed / self.ran
+        log.info("[%d/%d] %-40s seed %d: val %.3f test %s (epoch %d, %s) %.1fs | ETA %s",
+                 self.done, self.total, row["candidate"], row["seed"], row["val_accuracy"],
+                 "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.3f}",
+                 row["best_epoch"], row["status"], row["train_seconds"], _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"

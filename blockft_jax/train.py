@@ -1,0 +1,299 @@
+"""The fine-tuning engine: one compiled, data-parallel train step for every candidate group.
+
+What differs between candidates -- which parameters train (a boolean mask shaped like params)
+and which BatchNorm layers use batch statistics -- enters the step as *data*, so the step is
+traced and compiled once per search. The step starts at a unit boundary (`from_unit`): below
+it, the backbone is frozen for every candidate of the search, so no gradient flows there, and its
+output can be computed once per image and cached (`Engine.features`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from blockft_jax import data as data_lib
+from blockft_jax.models import HEAD_UNIT, Backbone
+
+log = logging.getLogger(__name__)
+
+
+# --- optimizer --------------------------------------------------------------------------------
+
+def masked(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Runs `inner` only where `mask` (an extra argument, i.e. data) is True. Frozen entries
+    get zero gradients in and zero updates out, so their optimizer moments stay zero and the
+    weight decay inside `inner` never reaches them."""
+
+    def zero_where_frozen(tree, mask):
+        return jax.tree.map(lambda t, m: jnp.where(m, t, jnp.zeros_like(t)), tree, mask)
+
+    def update(updates, state, params=None, *, mask, **extra):
+        updates, state = inner.update(zero_where_frozen(updates, mask), state, params)
+        return zero_where_frozen(updates, mask), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
+    warmup = int(round(cfg.get("warmup_epochs", 0.0) * total_steps / max(cfg.epochs, 1)))
+    warmup = min(warmup, max(total_steps - 1, 0))
+    if cfg.get("schedule", "constant") == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup,
+                                                  max(total_steps, warmup + 1))
+    if cfg.get("schedule", "constant") != "constant":
+        raise ValueError(f"train.schedule={cfg.schedule!r}: use 'constant' or 'cosine'.")
+    if warmup == 0:
+        return optax.constant_schedule(cfg.learning_rate)
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+                                 optax.constant_schedule(cfg.learning_rate)], [warmup])
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """Adam/AdamW or SGD with momentum from `cfg` (the config's `train` block). Weight decay
+    applies to kernels only (never to BN parameters or biases) and only to trained params."""
+    lr = learning_rate_schedule(cfg, total_steps)
+    wd = cfg.get("weight_decay", 0.0)
+
+    def decays(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+    name = cfg.get("optimizer", "adam")
+    if name == "adam":
+        inner = optax.adamw(lr, weight_decay=wd, mask=decays) if wd else optax.adam(lr)
+    elif name == "sgd":
+        parts = [optax.add_decayed_weights(wd, mask=decays)] if wd else []
+        inner = optax.chain(*parts, optax.sgd(lr, momentum=cfg.get("momentum", 0.9)))
+    else:
+        raise ValueError(f"train.optimizer={name!r}: use 'adam' or 'sgd'.")
+    return masked(inner)
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+def data_mesh(devices=None) -> Mesh:
+    """All devices on one 'data' axis: batches are split across it, state is replicated."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+@dataclasses.dataclass
+class Engine:
+    """Compiled steps for one model and one lowest trainable unit (`from_unit`).
+
+    `cached=True`: the steps take the prefix's output (from `features`) instead of images.
+    """
+
+    module: Backbone
+    tx: optax.GradientTransformationExtraArgs
+    from_unit: str
+    mesh: Mesh
+    cached: bool = False
+    augment: dict | None = None   # {'flip': bool, 'crop': bool}, never with cached
+    compilations: dict = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0,
+                                                                    "features": 0})
+
+    def __post_init__(self):
+        if self.cached and self.augment and any(self.augment.values()):
+            raise ValueError("The prefix cache needs augmentation off (the cached prefix "
+                             "output is a fixed function of the un-augmented image).")
+        names = self.module.unit_names()
+        if self.from_unit not in names:
+            raise ValueError(f"from_unit={self.from_unit!r} is not a unit: {names}")
+        index = names.index(self.from_unit)
+        self.prefix_to = names[index - 1] if index > 0 else None
+        self.preprocessing = type(self.module).preprocessing
+        repl = NamedSharding(self.mesh, P())
+        batch = NamedSharding(self.mesh, P("data"))
+        self.replicated, self.batch_sharding = repl, batch
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
+                                  in_shardings=(repl, repl, repl, batch, batch, batch, repl),
+                                  out_shardings=(repl, repl))
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(repl, batch, batch, batch),
+                                 out_shardings=repl)
+        self._features = jax.jit(self._features_fn, in_shardings=(repl, batch),
+                                 out_shardings=batch)
+        self._init_state = jax.jit(self._init_state_fn, in_shardings=(repl,),
+                                   out_shardings=repl)
+
+    # -- pure functions, traced once each ------------------------------------------------------
+
+    def _prefix(self, variables, images):
+        """Preprocess, and run the frozen units below `from_unit` (BN in inference mode)."""
+        x = data_lib.preprocess(images, self.preprocessing)
+        if self.prefix_to is None:
+            return x
+        return self.module.apply(variables, x, train=False, to_unit=self.prefix_to)
+
+    def _inputs(self, state, images, rng):
+        if self.cached:
+            return images
+        if self.augment and any(self.augment.values()):
+            images = data_lib.augment(rng, images, **self.augment)
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        return jax.lax.stop_gradient(self._prefix(variables, images))
+
+    def _train_step(self, state, mask, bn_modes, images, labels, weights, rng):
+        self.compilations["train"] += 1  # runs only while tracing: counts compilations
+        log.info("Compiling the train step (from unit %s%s; compilation #%d)", self.from_unit,
+                 ", cached prefix" if self.cached else "", self.compilations["train"])
+        rng = jax.random.fold_in(rng, state["step"])
+        aug_rng, dropout_rng = jax.random.split(rng)
+        x = self._inputs(state, images, aug_rng)
+
+        def loss_fn(params):
+            logits, updates = self.module.apply(
+                {"params": params, "batch_stats": state["batch_stats"]}, x, train=bn_modes,
+                from_unit=self.from_unit, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+            return _weighted_loss(logits, labels, weights), (logits, updates.get("batch_stats", {}))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"])
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"], mask=mask)
+        # where(), not params + 0: frozen parameters stay bitwise identical (even -0.0).
+        params = jax.tree.map(lambda p, u, m: jnp.where(m, p + u.astype(p.dtype), p),
+                              state["params"], updates, mask)
+        new_state = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                         step=state["step"] + 1)
+        metrics = {"loss": loss, **_counts(logits, labels, weights),
+                   "grad_norm": optax.global_norm(grads),
+                   "update_norm": optax.global_norm(updates),
+                   "param_norm": optax.global_norm(params)}
+        return new_state, metrics
+
+    def _eval_step(self, variables, images, labels, weights):
+        self.compilations["eval"] += 1
+        x = images if self.cached else self._prefix(variables, images)
+        logits = self.module.apply(variables, x, train=False, from_unit=self.from_unit)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), labels)
+        return {"loss_sum": jnp.sum(per_example * weights), **_counts(logits, labels, weights)}
+
+    def _features_fn(self, variables, images):
+        self.compilations["features"] += 1
+        return self._prefix(variables, images)
+
+    def _init_state_fn(self, variables):
+        params = jax.tree.map(jnp.copy, variables["params"])
+        return {"params": params, "batch_stats": jax.tree.map(jnp.copy, variables["batch_stats"]),
+                "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    # -- host-side helpers ---------------------------------------------------------------------
+
+    def init_state(self, variables) -> dict:
+        """A fresh train state (new buffers: the train step donates its state)."""
+        return self._init_state(variables)
+
+    def features(self, variables, split: data_lib.Split, batch_size: int) -> data_lib.Split:
+        """The prefix's output for every image of `split`, computed once (the prefix cache).
+        Kept in host memory as float32; batches of it feed the cached steps."""
+        if self.prefix_to is None:
+            raise ValueError("No frozen prefix below the first unit: nothing to cache.")
+        outs = []
+        for batch in data_lib.batches(split, batch_size, shuffle_rng=None):
+            gb = data_lib.global_batch(data_lib.process_slice(batch), self.mesh)
+            out = self._features(variables, gb.images)
+            outs.append(np.asarray(jax.device_get(out))[: int(batch.mask.sum())])
+        return data_lib.Split(np.concatenate(outs), split.labels)
+
+
+def _weighted_loss(logits, labels, weights):
+    per_example = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels)
+    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _counts(logits, labels, weights):
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
+
+
+# --- fitting one candidate --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FitResult:
+    status: str                    # 'ok' or 'diverged'
+    epochs: int
+    best_epoch: int                # 1-based; 0 when no epoch finished
+    val_accuracy: float            # at the best epoch (the figure used for ranking)
+    val_loss: float                # at the best epoch
+    test_accuracy: float | None    # at the best epoch; for the record, never for choosing
+    final_val_accuracy: float
+    train_seconds: float
+    steps: int
+    history: list[dict]
+    best_variables: dict | None    # host copy of the variables at the best epoch
+
+
+def evaluate(engine: Engine, variables, split: data_lib.Split, batch_size: int) -> dict:
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in data_lib.batches(split, batch_size, shuffle_rng=None):
+        gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
+        out = jax.device_get(engine.eval_step(variables, gb.images, gb.labels, gb.mask))
+        for k in totals:
+            totals[k] += float(out[k])
+    n = max(totals["count"], 1.0)
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
+
+
+def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split,
+        validation: data_lib.Split, test: data_lib.Split | None, *, epochs: int,
+        batch_size: int, seed: int, state: dict | None = None, start_epoch: int = 0,
+        history: list | None = None, on_epoch_end: Callable | None = None) -> FitResult:
+    """Trains one candidate from `variables` (or resumes from `state` after `start_epoch`
+    epochs), validating after each epoch and keeping the best epoch's variables."""
+    state = engine.init_state(variables) if state is None else state
+    history = list(history or [])
+    rng = jax.random.key(seed)
+    best = max(history, key=lambda h: h["val_accuracy"], default=None)
+    best_variables = None
+    status, started = "ok", time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        shuffle = np.random.default_rng([seed, epoch])
+        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "steps": 0}
+        for batch in data_lib.batches(train, batch_size, shuffle_rng=shuffle):
+            gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
+            state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels,
+                                               gb.mask, rng)
+            m = jax.device_get(metrics)
+            sums["loss"] += float(m["loss"]) * float(m["count"])
+            sums["correct"] += float(m["correct"])
+            sums["count"] += float(m["count"])
+            sums["steps"] += 1
+        train_loss = sums["loss"] / max(sums["count"], 1.0)
+        current = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        val = evaluate(engine, current, validation, batch_size)
+        record = {"epoch": epoch + 1, "train_loss": train_loss,
+                  "train_accuracy": sums["correct"] / max(sums["count"], 1.0),
+                  "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+                  "step": int(state["step"])}
+        if not math.isfinite(train_loss) or not math.isfinite(val["loss"]):
+            status = "diverged"
+            history.append(record)
+            break
+        if best is None or record["val_accuracy"] > best["val_accuracy"]:
+            if test is not None:
+                record["test_accuracy"] = evaluate(engine, current, test, batch_size)["accuracy"]
+            best = record
+            best_variables = jax.device_get(current)
+        history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, state, history)
+    final = history[-1] if history else {"val_accuracy": 0.0, "step": 0}
+    best = best or {"epoch": 0, "val_accuracy": 0.0, "val_loss": float("nan")}
+    return FitResult(status=status, epochs=len(history), best_epoch=best["epoch"],
+                     val_accuracy=best["val_accuracy"], val_loss=best["val_loss"],
+                     test_accuracy=best.get("test_accuracy"),
+                     final_val_accuracy=final["val_accuracy"],
+                     train_seconds=time.perf_counter() - started,
+                     steps=int(final.get("step", 0)), history=history,
+                     best_variables=best_variables)

@@ -1,0 +1,112 @@
+"""The search's working directory: one owner at a time, atomic writes, resumable results."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+RESULTS = "results.jsonl"
+CONFIG = "config.json"
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used as asked (busy, or holds another search)."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
+class Workdir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_file = None
+
+    # -- ownership -----------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Refuses a second process on the same workdir (an OS lock: freed if we die)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise WorkdirError(f"{self.path} is in use by {holder}. Wait for it to finish, "
+                                   f"or use another --workdir.") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        self._lock_file = f
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- the config it belongs to --------------------------------------------------------------
+    def claim(self, config_dict: dict, start_over: bool) -> None:
+        """Ties the workdir to one config. A different config is refused, or with
+        `start_over` the earlier contents are moved to archive/<time>/ (never deleted)."""
+        stored = self.path / CONFIG
+        if stored.exists():
+            previous = json.loads(stored.read_text())
+            if previous != config_dict:
+                if not start_over:
+                    changed = sorted(k for k in set(previous) | set(config_dict)
+                                     if previous.get(k) != config_dict.get(k))
+                    raise WorkdirError(
+                        f"{self.path} holds a search with a different config (differs in: "
+                        f"{', '.join(changed)}). Use another --workdir, or pass --start_over "
+                        f"to archive the earlier results and start again.")
+                self.archive()
+        write_atomic(stored, json.dumps(config_dict, indent=2, sort_keys=True))
+
+    def archive(self) -> Path:
+        target = self.path / "archive" / time.strftime("%Y%m%d-%H%M%S")
+        target.mkdir(parents=True)
+        for entry in self.path.iterdir():
+            if entry.name not in ("archive", ".lock"):
+                shutil.move(str(entry), target / entry.name)
+        return target
+
+    # -- results -------------------------------------------------------------------------------
+    def results(self) -> list[dict[str, Any]]:
+        path = self.path / RESULTS
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def append_result(self, row: dict[str, Any]) -> None:
+        """Adds one row; the whole file is rewritten atomically, so it is never torn."""
+        rows = self.results() + [row]
+        write_atomic(self.path / RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_json(self, name: str, value: Any) -> None:
+        write_atomic(self.path / name, json.dumps(value, indent=2) + "\n")
+
+
+def jsonable(config) -> dict:
+    """A config as plain JSON-able dicts (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def finished_keys(rows: Iterable[dict]) -> set[tuple[str, int]]:
+    return {(r["candidate"], r["seed"]) for r in rows}

@@ -1,0 +1,59 @@
+"""Defaults for every search; model files import this and override."""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "mobilenet_v2"
+    config.model.width = 1.0             # Keras's alpha (MobileNets)
+    config.model.input_size = 224
+    # 'imagenet' (official Keras file, downloaded and cached), 'demo' (pretrained on digits
+    # 0-4 here, cached), 'random', or a path to a Keras .h5 / .weights.h5 / converted .msgpack.
+    config.model.weights = "imagenet"
+    config.model.dropout_rate = 0.2
+    config.model.options = ml_collections.ConfigDict()  # e.g. minimalistic=True (MobileNetV3)
+    config.model.options.lock()
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "tf_flowers"      # 'tf_flowers', 'image_folder', 'digits'
+    config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    config.data.path = ml_collections.FieldReference(None, field_type=str)  # image_folder
+    config.data.splits = (0.7, 0.15, 0.15)  # train / validation / test, carved from TFDS train
+    config.data.split_seed = 0
+    config.data.batch_size = 32           # global batch, split across devices
+    config.data.classes = ml_collections.FieldReference(None, field_type=tuple)  # digits
+    config.data.train_per_class = ml_collections.FieldReference(None, field_type=int)
+    config.data.augment_flip = False
+    config.data.augment_crop = False
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 10
+    config.train.seeds = 3
+    config.train.optimizer = "adam"       # 'adam' or 'sgd'
+    config.train.learning_rate = 1e-4
+    config.train.momentum = 0.9           # sgd
+    config.train.weight_decay = 0.0       # kernels only, trained layers only
+    config.train.schedule = "constant"    # 'constant' or 'cosine'
+    config.train.warmup_epochs = 0.0
+    config.train.compute_dtype = "float32"  # 'bfloat16' on GPU/TPU
+    config.train.freeze_bn = False        # True: every BN stays in inference mode
+    config.train.prefix_cache = True      # cache the frozen prefix's output (when exact)
+
+    config.search = ml_collections.ConfigDict()
+    config.search.strategies = ("classifier_only", "full", "layerwise", "topk", "blocks",
+                                "window")
+    config.search.max_layers = 10
+    config.search.topk = (2, 3, 4, 5)
+    config.search.block_boundaries = ("pooling", "activation")  # or 'units'
+    config.search.max_blocks = 6
+    config.search.window = 3
+    config.search.stride = ml_collections.FieldReference(None, field_type=int)  # None: = window
+    config.search.max_windows = 6
+
+    # Only for model.weights='demo': the backbone pretrained here on digits 0-4.
+    config.demo = ml_collections.ConfigDict()
+    config.demo.pretrain_epochs = 15
+    config.demo.pretrain_learning_rate = 3e-3
+    return config

@@ -1,0 +1,32 @@
+"""The offline demo: a genuine transfer task on real images that ship with scikit-learn.
+
+A MobileNetV2 (width 0.35, 32 px) is first trained on digits 0-4 (once, then cached); the
+search then fine-tunes it on 10 labelled examples per class of digits 5-9.
+
+    python -m blockft_jax.main --config configs/demo.py --workdir runs/demo
+"""
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model.name = "mobilenet_v2"
+    config.model.width = 0.35
+    config.model.input_size = 32
+    config.model.weights = "demo"
+    config.model.dropout_rate = 0.0
+
+    config.data.name = "digits"
+    config.data.classes = (5, 6, 7, 8, 9)
+    config.data.train_per_class = 10
+    config.data.batch_size = 25
+
+    config.train.epochs = 8
+    config.train.seeds = 2
+    config.train.learning_rate = 1e-3
+
+    config.search.max_layers = 8
+    config.search.topk = (2, 3, 4)
+    config.search.max_blocks = 5
+    config.search.max_windows = 5
+    return config

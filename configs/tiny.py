@@ -1,0 +1,29 @@
+"""A seconds-long search for tests: a three-block MobileNetV2 on a few digits."""
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model.name = "mobilenet_v2"
+    config.model.width = 0.35
+    config.model.input_size = 32
+    config.model.weights = "random"
+    config.model.dropout_rate = 0.0
+    with config.model.options.unlocked():
+        config.model.options.blocks = 3
+
+    config.data.name = "digits"
+    config.data.classes = (5, 6, 7)
+    config.data.train_per_class = 8
+    config.data.batch_size = 8
+
+    config.train.epochs = 2
+    config.train.seeds = 1
+    config.train.learning_rate = 1e-3
+
+    config.search.max_layers = 3
+    config.search.topk = (2,)
+    config.search.max_blocks = 2
+    config.search.window = 2
+    config.search.max_windows = 2
+    return config
