@@ -71,15 +71,21 @@ def load_dataset(name: str, *, image_size: int, data_dir: str | None = None,
     validation and test keep their full shares).
     """
     if name not in _LOADERS:
-        raise ValueError(f"Unknown dataset {name!r}. Available datasets: {', '.join(DATASET_NAMES)}.")
+        raise ValueError(f"Unknown dataset {name!r}. "
+                         f"Available datasets: {', '.join(DATASET_NAMES)}.")
     fractions = _check_fractions(splits)
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}.")
     train_per_class = options.pop("train_per_class", None)
+    if train_per_class is not None and not (isinstance(train_per_class, int)
+                                            and train_per_class >= 1):
+        raise ValueError("train_per_class must be a positive integer or None, "
+                         f"got {train_per_class!r}.")
     loader = _LOADERS[name]
     allowed = set(inspect.signature(loader).parameters) - {"image_size", "data_dir"}
-    if set(options) - allowed:
-        raise ValueError(f"Unknown option(s) {sorted(set(options) - allowed)} for dataset {name!r}; "
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for dataset {name!r}; "
                          f"valid options: {sorted(allowed | {'train_per_class'})}.")
 
     images, labels, class_names = loader(image_size=image_size, data_dir=data_dir, **options)
@@ -102,8 +108,6 @@ def _check_fractions(splits) -> tuple[float, float, float]:
 
 def _carve(labels, fractions, seed, train_per_class, class_names):
     """Index arrays (train, validation, test), each sorted; deterministic given `seed`."""
-    if train_per_class is not None and (not isinstance(train_per_class, int) or train_per_class < 1):
-        raise ValueError(f"train_per_class must be a positive integer or None, got {train_per_class!r}.")
     rng = np.random.default_rng(seed)
     parts = ([], [], [])
     for c in np.unique(labels):
@@ -117,7 +121,7 @@ def _carve(labels, fractions, seed, train_per_class, class_names):
             train = train[:train_per_class]
         for part, chosen in zip(parts, (train, val, test)):
             part.append(chosen)
-    return tuple(np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts)
+    return tuple(np.sort(np.concatenate(p)) for p in parts)
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -143,7 +147,8 @@ def _load_tf_flowers(*, image_size, data_dir, download: bool = True):
     except RuntimeError:  # TF already initialised its devices (then it is too late to matter)
         pass
 
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    data_dir = (data_dir or os.environ.get("TFDS_DATA_DIR")
+                or os.path.expanduser("~/tensorflow_datasets"))
     builder = tfds.builder("tf_flowers", data_dir=data_dir)
     cache = os.path.join(data_dir, "blockft_jax_cache",
                          f"tf_flowers-{builder.info.version}-{image_size}px.npz")
@@ -158,7 +163,8 @@ def _load_tf_flowers(*, image_size, data_dir, download: bool = True):
         except AssertionError:  # TFDS's "could not find data in <data_dir>"
             if not download:
                 raise
-            urllib.request.urlopen(urllib.request.Request(_TF_FLOWERS_URL, method="HEAD"), timeout=20)
+            urllib.request.urlopen(urllib.request.Request(_TF_FLOWERS_URL, method="HEAD"),
+                                   timeout=20)
             builder.download_and_prepare()
             examples = builder.as_dataset(split="train", shuffle_files=False)
     except Exception as e:
@@ -169,11 +175,14 @@ def _load_tf_flowers(*, image_size, data_dir, download: bool = True):
             "tf_flowers/ into that data_dir, or use the 'image_folder' or 'digits' datasets."
         ) from e
     images, labels = [], []
-    for ex in tfds.as_numpy(examples):  # TFDS order is fixed (shuffle_files=False), so the carving is too
+    # TFDS's order is fixed (shuffle_files=False), and so is the carving.
+    for ex in tfds.as_numpy(examples):
         images.append(_resize(ex["image"], image_size))
         labels.append(ex["label"])
     images, labels = np.stack(images), np.asarray(labels, np.int32)
     class_names = builder.info.features["label"].names
+    if not builder.is_prepared():  # mocked TFDS (tests): never let fake images into the cache
+        return images, labels, class_names
 
     # Atomic write (temp file + rename): a killed run never leaves a truncated cache.
     tf.io.gfile.makedirs(os.path.dirname(cache))
@@ -200,7 +209,8 @@ def _load_image_folder(*, image_size, data_dir, path: str | None = None):
     class_names = sorted(d.name for d in root.iterdir() if d.is_dir())  # Keras's order
     files, labels = [], []
     for label, class_name in enumerate(class_names):
-        found = sorted(p for p in (root / class_name).rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+        found = sorted(p for p in (root / class_name).rglob("*")
+                       if p.suffix.lower() in _IMAGE_SUFFIXES)
         files += found
         labels += [label] * len(found)
     if not files:
@@ -277,8 +287,9 @@ def augment(rng: jax.Array, images, *, flip: bool, crop: bool) -> jnp.ndarray:
         # window [top, top + crop_h) lands exactly on the output's [0, h). Shapes stay static.
         scale = jnp.stack([h / crop_h, w / crop_w], axis=-1)
         translation = -jnp.stack([top, left], axis=-1) * scale
-        x = jax.vmap(lambda image, s, t: jax.image.scale_and_translate(
-            image, image.shape, (0, 1), s, t, method="linear", antialias=False))(x, scale, translation)
+        resize = lambda image, s, t: jax.image.scale_and_translate(
+            image, image.shape, (0, 1), s, t, method="linear", antialias=False)
+        x = jax.vmap(resize)(x, scale, translation)
     if flip:
         x = jnp.where(jax.random.bernoulli(k_flip, shape=(n, 1, 1, 1)), x[:, :, ::-1], x)
     return x

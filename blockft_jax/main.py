@@ -17,11 +17,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     sys.exit(launch.run(FLAGS.config, FLAGS.workdir, start_over=FLAGS.start_over,
                         distributed=FLAGS.distributed))
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     app.run(main)

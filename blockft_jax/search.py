@@ -147,15 +147,19 @@ class Search:
         engine, splits = self.engine_for(from_unit)
         mask = groups.param_mask(self.variables["params"], self.table, group.layers)
         bn = groups.bn_modes(self.table, group.layers, freeze_bn=c.train.freeze_bn)
-        ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed)
-        resume = ckpt.restore(engine.init_state(self.variables))
+        ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed,
+                          self.wd.writer)
+        fresh = engine.init_state(self.variables)
+        resume = ckpt.restore(fresh) or {"state": fresh}
         writer = _tensorboard(self.wd.path / "tensorboard" / f"{_slug(group.candidate)}-seed{seed}")
 
         def on_epoch_end(epoch, state, history):
-            if writer is not None:
-                for k, v in history[-1].items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.scalar(k, v, epoch)
+            if writer is not None and self.wd.writer:
+                import tensorflow as tf
+                with writer.as_default(step=epoch):
+                    for k, v in history[-1].items():
+                        if isinstance(v, (int, float)) and k != "epoch":
+                            tf.summary.scalar(k, v)
                 writer.flush()
             ckpt.save(state, history, epoch)
 
@@ -164,7 +168,7 @@ class Search:
                            batch_size=c.data.batch_size, seed=seed, on_epoch_end=on_epoch_end,
                            **resume)
         best_variables = result.best_variables
-        if best_variables is None and resume:  # best epoch happened before the interruption
+        if best_variables is None:  # the best epoch came before an interruption
             best_variables = ckpt.best_variables()
         return {"strategy": group.strategy, "candidate": group.candidate,
                 "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
@@ -195,64 +199,78 @@ def _slug(candidate: str) -> str:
 
 
 def _tensorboard(path: Path):
+    """A TensorBoard writer (tf.summary: TensorFlow is already here for the input pipeline)."""
     try:
-        from flax.metrics import tensorboard
-    except ImportError:  # TensorBoard logging is optional
+        import tensorflow as tf
+    except ImportError:
+        log.warning("TensorFlow is not installed: no TensorBoard scalars.")
         return None
-    return tensorboard.SummaryWriter(str(path))
+    try:
+        tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the GPUs JAX uses
+    except RuntimeError:
+        pass  # already initialised, by the input pipeline, with the same setting
+    return tf.summary.create_file_writer(str(path))
 
 
 class Checkpoint:
-    """The running candidate's state, saved (orbax) after every epoch, so an interrupted
-    search continues from its last finished epoch. One candidate at a time."""
+    """The running candidate's state, saved (orbax) after every epoch, so an interrupted search
+    continues from its last finished epoch. Saves are asynchronous: training goes on while one
+    is written. Orbax renames a checkpoint into place only when it is complete, so the newest
+    `epoch<N>` directory is always whole; current.json names the candidate it belongs to."""
 
-    def __init__(self, path: Path, candidate: str, seed: int):
-        self.path, self.candidate, self.seed = path, candidate, seed
+    def __init__(self, path: Path, candidate: str, seed: int, writer: bool = True):
+        self.path, self.candidate, self.seed, self.writer = path, candidate, seed, writer
         self.ckptr = ocp.StandardCheckpointer()
-        self._abstract = None
+        self.best = None
 
-    def _meta_path(self):
+    @property
+    def meta_path(self) -> Path:
         return self.path.parent / "current.json"
+
+    def _epochs(self) -> list[int]:
+        return sorted(int(p.name[5:]) for p in self.path.glob("epoch*") if p.name[5:].isdigit())
 
     def restore(self, template_state) -> dict:
         """{'state', 'start_epoch', 'history'} for fit(), or {} when nothing fits."""
-        self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
-        meta_path = self._meta_path()
-        if not meta_path.exists():
+        if not self.meta_path.exists():
             return {}
-        meta = json.loads(meta_path.read_text())
-        if (meta["candidate"], meta["seed"]) != (self.candidate, self.seed):
+        meta = json.loads(self.meta_path.read_text())
+        epochs = [e for e in self._epochs() if e <= len(meta["history"])]
+        if (meta["candidate"], meta["seed"]) != (self.candidate, self.seed) or not epochs:
             return {}
-        target = {"state": self._abstract, "best": {"params": self._abstract["params"],
-                                                    "batch_stats": self._abstract["batch_stats"]}}
-        restored = self.ckptr.restore(self.path / f"epoch{meta['epoch']}", target)
-        self._best = jax.device_get(restored["best"])
-        log.info("Resuming %s seed %d after epoch %d", self.candidate, self.seed, meta["epoch"])
-        state = jax.device_put(restored["state"], train.NamedSharding(
-            jax.tree.leaves(template_state)[0].sharding.mesh, train.P()))
-        return {"state": state, "start_epoch": meta["epoch"], "history": meta["history"]}
+        epoch = epochs[-1]
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
+        target = {"state": abstract, "best": {"params": abstract["params"],
+                                              "batch_stats": abstract["batch_stats"]}}
+        restored = self.ckptr.restore(self.path.resolve() / f"epoch{epoch}", target)
+        self.best = jax.device_get(restored["best"])
+        log.info("Resuming %s seed %d after epoch %d", self.candidate, self.seed, epoch)
+        sharding = jax.tree.leaves(template_state)[0].sharding
+        return {"state": jax.device_put(restored["state"], sharding), "start_epoch": epoch,
+                "history": meta["history"][:epoch]}
 
     def save(self, state, history, epoch) -> None:
+        self.ckptr.wait_until_finished()  # the previous epoch's save
         best_epoch = max(history, key=lambda h: h["val_accuracy"])["epoch"]
-        current = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        if best_epoch == epoch or not hasattr(self, "_best"):
-            self._best = jax.device_get(current)
-        target = self.path / f"epoch{epoch}"
-        self.ckptr.save(target, {"state": state, "best": self._best}, force=True)
-        self.ckptr.wait_until_finished()
-        write_atomic(self._meta_path(), json.dumps({"candidate": self.candidate,
-                                                    "seed": self.seed, "epoch": epoch,
-                                                    "history": history}))
-        for old in self.path.glob("epoch*"):
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+        if best_epoch == epoch or self.best is None:
+            self.best = jax.device_get({"params": state["params"],
+                                        "batch_stats": state["batch_stats"]})
+        if self.writer:
+            write_atomic(self.meta_path, json.dumps({"candidate": self.candidate,
+                                                     "seed": self.seed, "history": history}))
+            for old in self._epochs()[:-1]:
+                shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
+        self.ckptr.save(self.path.resolve() / f"epoch{epoch}", {"state": state,
+                                                               "best": self.best}, force=True)
 
     def best_variables(self):
-        return getattr(self, "_best", None)
+        return self.best
 
     def clear(self) -> None:
-        self._meta_path().unlink(missing_ok=True)
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.ckptr.wait_until_finished()
+        if self.writer:
+            self.meta_path.unlink(missing_ok=True)
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def run(config, workdir, *, start_over: bool = False) -> dict:
@@ -307,11 +325,13 @@ def _run(config, wd: Workdir) -> dict:
         if count["train"] > 1:
             log.warning("The train step from unit %s compiled %d times", unit, count["train"])
     log.info("Compilations in this run: %s", counts)
-    _append_jsonl(wd.path / "runs.jsonl", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                           "compilations": counts})
+    if wd.writer:
+        _append_jsonl(wd.path / "runs.jsonl", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                               "compilations": counts})
     summary = summarize(config, wd.results(), len(from_units))
     wd.write_json("summary.json", summary)
-    report.write(wd.path)
+    if wd.writer:
+        report.write(wd.path)
     log.info("Done. Winner: %s (validation %.3f); report: %s", summary["winner"]["candidate"],
              summary["winner"]["val_accuracy"]["mean"], wd.path / "report.md")
     return summary
@@ -325,7 +345,7 @@ def _run_seeds(search: Search, group: Group, from_unit: str, progress: "Progress
         if (group.candidate, seed) in finished_keys(wd.results()):
             continue
         row, best_variables, ckpt = search.run_candidate(group, seed, from_unit)
-        if best_variables is not None:
+        if best_variables is not None and wd.writer:
             weights.save_variables(wd.path / "pending" / f"seed{seed}.msgpack", best_variables)
         wd.append_result(row)
         ckpt.clear()

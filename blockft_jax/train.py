@@ -37,6 +37,10 @@ def masked(inner: optax.GradientTransformation) -> optax.GradientTransformationE
         return jax.tree.map(lambda t, m: jnp.where(m, t, jnp.zeros_like(t)), tree, mask)
 
     def update(updates, state, params=None, *, mask, **extra):
+        # Frozen params enter as zeros too: otherwise a decay term (wd * param) would still
+        # reach the inner state (e.g. SGD's momentum trace) although the output is masked.
+        if params is not None:
+            params = zero_where_frozen(params, mask)
         updates, state = inner.update(zero_where_frozen(updates, mask), state, params)
         return zero_where_frozen(updates, mask), state
 
@@ -217,6 +221,18 @@ def _counts(logits, labels, weights):
     return {"correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
 
 
+def recalibrate_bn(module: Backbone, variables, images: np.ndarray) -> dict:
+    """Sets every BN's moving statistics to the statistics of `images` under the current
+    weights. Training from scratch with Keras's BN momentum (0.999) leaves the moving averages
+    far from the real statistics after a few hundred steps; this makes inference-mode BN match
+    the trained network (used for the demo's pretraining)."""
+    x = data_lib.preprocess(jnp.asarray(images), type(module).preprocessing)
+    _, state = jax.jit(lambda v, x: module.apply(v, x, train=True,
+                                                 mutable=["batch_stats", "bn_batch_stats"]))(
+        variables, x)
+    return dict(variables, batch_stats=jax.tree.map(jnp.asarray, dict(state["bn_batch_stats"])))
+
+
 # --- fitting one candidate --------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -232,6 +248,7 @@ class FitResult:
     steps: int
     history: list[dict]
     best_variables: dict | None    # host copy of the variables at the best epoch
+    final_variables: dict          # the variables after the last epoch
 
 
 def evaluate(engine: Engine, variables, split: data_lib.Split, batch_size: int) -> dict:
@@ -296,4 +313,6 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split,
                      final_val_accuracy=final["val_accuracy"],
                      train_seconds=time.perf_counter() - started,
                      steps=int(final.get("step", 0)), history=history,
-                     best_variables=best_variables)
+                     best_variables=best_variables,
+                     final_variables={"params": state["params"],
+                                      "batch_stats": state["batch_stats"]})

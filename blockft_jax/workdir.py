@@ -30,13 +30,20 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class Workdir:
+    """On several hosts every process runs the search and reads the workdir (which must be
+    shared storage, e.g. a gcsfuse or NFS mount); only process 0 writes to it."""
+
     def __init__(self, path: str | os.PathLike):
+        import jax
         self.path = Path(path)
+        self.writer = jax.process_index() == 0
         self._lock_file = None
 
     # -- ownership -----------------------------------------------------------------------------
     def lock(self) -> None:
         """Refuses a second process on the same workdir (an OS lock: freed if we die)."""
+        if not self.writer:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         f = open(self.path / ".lock", "a+")
         try:
@@ -77,9 +84,12 @@ class Workdir:
                         f"{', '.join(changed)}). Use another --workdir, or pass --start_over "
                         f"to archive the earlier results and start again.")
                 self.archive()
-        write_atomic(stored, json.dumps(config_dict, indent=2, sort_keys=True))
+        if self.writer:
+            write_atomic(stored, json.dumps(config_dict, indent=2, sort_keys=True))
 
     def archive(self) -> Path:
+        if not self.writer:
+            return self.path / "archive"
         target = self.path / "archive" / time.strftime("%Y%m%d-%H%M%S")
         target.mkdir(parents=True)
         for entry in self.path.iterdir():
@@ -96,11 +106,14 @@ class Workdir:
 
     def append_result(self, row: dict[str, Any]) -> None:
         """Adds one row; the whole file is rewritten atomically, so it is never torn."""
+        if not self.writer:
+            return
         rows = self.results() + [row]
         write_atomic(self.path / RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write_json(self, name: str, value: Any) -> None:
-        write_atomic(self.path / name, json.dumps(value, indent=2) + "\n")
+        if self.writer:
+            write_atomic(self.path / name, json.dumps(value, indent=2) + "\n")
 
 
 def jsonable(config) -> dict:

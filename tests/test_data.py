@@ -27,8 +27,13 @@ def _assert_carving(ds, n_total):
 def test_tf_flowers_mocked_shapes_determinism_and_cache(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=60):
+        mocked = data.load_dataset("tf_flowers", image_size=16, data_dir=str(tmp_path / "m"))
+        assert not (tmp_path / "m").exists()  # fake images never reach a cache
+        # Caching happens when the data is really there (prepared); pretend it is.
+        monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
         first = data.load_dataset("tf_flowers", image_size=16, data_dir=str(tmp_path / "a"))
         fresh = data.load_dataset("tf_flowers", image_size=16, data_dir=str(tmp_path / "b"))
+    np.testing.assert_array_equal(mocked.train.images, first.train.images)
     assert first.class_names == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
     assert first.train.images.shape[1:] == (16, 16, 3)
     _assert_carving(first, 60)
@@ -144,9 +149,9 @@ def test_bad_names_options_and_fractions():
     ("caffe", "vgg16"), ("tf", "mobilenet_v2"), ("raw", "mobilenet_v3")])
 def test_preprocess_matches_keras(mode, keras_module):
     import importlib
-    keras_preprocess = importlib.import_module(f"keras.applications.{keras_module}").preprocess_input
+    keras_module = importlib.import_module(f"keras.applications.{keras_module}")
     images = np.random.default_rng(0).integers(0, 256, (2, 5, 6, 3), dtype=np.uint8)
-    expected = np.asarray(keras_preprocess(images.astype(np.float32)))
+    expected = np.asarray(keras_module.preprocess_input(images.astype(np.float32)))
     for out in (data.preprocess(images, mode),
                 jax.jit(data.preprocess, static_argnames="mode")(images, mode=mode)):
         assert out.dtype == np.float32
@@ -165,12 +170,11 @@ def test_model_preprocessing_modes_are_known():
 
 def test_augment_shapes_determinism_and_range():
     images = np.random.default_rng(0).integers(0, 256, (6, 12, 12, 3), dtype=np.uint8)
-    fn = jax.jit(data.augment, static_argnames=("flip", "crop"))
     key = jax.random.key(0)
-    out = fn(key, images, flip=True, crop=True)
+    out = data.augment(key, images, flip=True, crop=True)
     assert out.shape == images.shape and out.dtype == np.float32
-    np.testing.assert_array_equal(out, fn(key, images, flip=True, crop=True))
-    assert not np.array_equal(out, fn(jax.random.key(1), images, flip=True, crop=True))
+    np.testing.assert_array_equal(out, data.augment(key, images, flip=True, crop=True))
+    assert not np.array_equal(out, data.augment(jax.random.key(1), images, flip=True, crop=True))
     assert 0 <= out.min() and out.max() <= 255
     np.testing.assert_array_equal(data.augment(key, images, flip=False, crop=False), images)
 
@@ -269,7 +273,8 @@ def test_global_batch_shards_over_two_devices():
         else:
             raise AssertionError("no error for an odd batch")
     """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr

@@ -178,6 +178,9 @@ class BatchNormalization(KerasLayer):
             axes = tuple(range(x.ndim - 1))
             batch_mean = jnp.mean(x32, axes)
             batch_var = jnp.mean(jnp.square(x32 - batch_mean), axes)
+            # Exposed for BN recalibration (train.recalibrate_bn); free unless asked for.
+            self.sow("bn_batch_stats", "mean", batch_mean, reduce_fn=lambda _, b: b)
+            self.sow("bn_batch_stats", "var", batch_var, reduce_fn=lambda _, b: b)
             m = self.momentum
 
             def moved(old, new):

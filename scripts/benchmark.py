@@ -1,0 +1,485 @@
+#!/usr/bin/env python
+"""Training throughput of blockft_jax against Keras 3 (TensorFlow and JAX backends).
+
+  python scripts/benchmark.py --model mobilenet_v2 --trainable block_16 --batch 32 --size 224 \
+      --images 192 --epochs 5 --frameworks blockft_jax,keras_tf,keras_jax [--no-cache] [--width 1.0]
+  python scripts/benchmark.py --all [--no-cache] ...    # every row of ROWS, as a markdown table
+
+The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
+with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
+a Dense(5) head, Adam, sparse categorical cross-entropy from logits. `--trainable` picks the
+trained set: `head` (the new classifier only), `all` (every layer), or a Keras layer-name prefix
+(every Keras layer whose name starts with it, plus the head). Frozen BatchNorm runs in inference
+mode, trained BatchNorm uses batch statistics (Keras's rule); blockft_jax trains exactly the
+layers Keras trains (checked: both workers report their trained layers and parameter counts).
+
+Each framework runs in its own subprocess, one after the other (Keras's backend is fixed per
+process): KERAS_BACKEND=tensorflow for keras_tf, =jax for keras_jax. Each does a warm-up first
+(reported as compile seconds; it includes one epoch of training), then times `--epochs` epochs:
+images/s = epochs x images / wall seconds.
+
+  keras_*      model.fit(x, y, batch_size, epochs=1) to warm up, then model.fit(..., epochs=E)
+               timed. Images are preprocessed (Keras's preprocess_input mode) on the host
+               beforehand, outside the timed region; fit gets float32 arrays.
+  blockft_jax  a train.Engine from the lowest unit holding a trained layer. Default (the
+               fine-tuning level): with a frozen prefix below that unit, the engine caches the
+               prefix's output (cached=True) and the timed region *includes* computing those
+               features (engine.features) once, since users wait for it. `--no-cache` (the step
+               level): cached=False, every step runs the frozen prefix too. The loop is
+               train.fit's without validation: data.batches (shuffled per epoch) ->
+               data.global_batch -> engine.train_step -> device_get(metrics) each step.
+               uint8 images go to the device and are preprocessed inside the step.
+
+Per framework it reports images/s, warm-up (compile) seconds, peak resident memory
+(ru_maxrss of the subprocess) and the ratios blockft_jax/keras_tf and blockft_jax/keras_jax.
+The output of a single row ends with one line per framework: `<framework> images_per_s=<x>`
+(`nan` where that framework failed; its error is printed above).
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import functools
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+FRAMEWORKS = ("blockft_jax", "keras_tf", "keras_jax")
+KERAS_BACKEND = {"keras_tf": "tensorflow", "keras_jax": "jax"}
+ROWS = (("mobilenet_v2", "block_16"), ("mobilenet_v2", "all"), ("mobilenet_v2", "head"),
+        ("mobilenet_v1", "conv_pw_13"), ("mobilenet_v3_large", "expanded_conv_14"),
+        ("resnet50_v2", "conv5_block3"), ("vgg16", "block5"))
+NUM_CLASSES = 5
+RESULT_TAG = "BENCHMARK_RESULT "
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+# --- shared by the workers --------------------------------------------------------------------
+
+def synthetic_data(n: int, size: int, seed: int):
+    """The same uint8 images and int32 labels in every worker."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, (n,)).astype(np.int32)
+    return images, labels
+
+
+def in_trained_set(name: str, trainable: str) -> bool:
+    """Whether a backbone layer named `name` trains (the head always does)."""
+    return trainable == "all" or (trainable != "head" and name.startswith(trainable))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _emit(result: dict):
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# --- keras worker -----------------------------------------------------------------------------
+
+def run_keras(args) -> dict:
+    import numpy as np
+    import keras
+
+    from blockft_jax import models
+
+    images, labels = synthetic_data(args.images, args.size, args.seed)
+    mode = models.model_class(args.model).preprocessing
+    x = images.astype(np.float32)
+    if mode == "tf":
+        x = x / 127.5 - 1.0
+    elif mode == "caffe":
+        x = x[..., ::-1] - np.asarray(_CAFFE_MEAN_BGR, np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = labels
+
+    keras.utils.set_random_seed(args.seed)
+    _, _, has_width, constructor = models.REGISTRY[args.model]
+    kwargs = dict(include_top=False, weights=None, input_shape=(args.size, args.size, 3))
+    if has_width:
+        kwargs["alpha"] = args.width
+    base = getattr(keras.applications, constructor)(**kwargs)
+    features = keras.layers.GlobalAveragePooling2D(name="benchmark_avg_pool")(base.output)
+    logits = keras.layers.Dense(NUM_CLASSES, name="benchmark_head")(features)
+    model = keras.Model(base.inputs, logits)
+    head = {"benchmark_avg_pool", "benchmark_head"}
+    for layer in model.layers:
+        layer.trainable = layer.name in head or in_trained_set(layer.name, args.trainable)
+    trained = [l.name for l in model.layers
+               if l.trainable and l.weights and l.name not in head]
+    if args.trainable not in ("head", "all") and not trained:
+        raise ValueError(f"No weighted layer of {args.model} starts with {args.trainable!r}.")
+    batch_stat_bn = [l.name for l in model.layers
+                     if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    started = time.perf_counter()
+    model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
+    compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    model.fit(x, y, batch_size=args.batch, epochs=args.epochs, verbose=0)
+    wall = time.perf_counter() - started
+
+    versions = {"keras": keras.__version__, "backend": keras.backend.backend()}
+    if versions["backend"] == "tensorflow":
+        import tensorflow as tf
+        versions["tensorflow"] = tf.__version__
+    elif versions["backend"] == "jax":
+        import jax
+        versions["jax"] = jax.__version__
+    return {"images_per_s": args.epochs * args.images / wall, "compile_s": compile_s,
+            "timed_s": wall, "trained_layers": trained, "batch_stat_bn": batch_stat_bn,
+            "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+            "versions": versions}
+
+
+# --- blockft_jax worker -----------------------------------------------------------------------
+
+def random_variables(module, shape, seed):
+    """Variables like `module.init`'s (LeCun-normal kernels, zero biases, unit BN), drawn with
+    numpy from `jax.eval_shape`: compiling the whole model's init costs tens of seconds on CPU
+    and is not what this benchmark measures (throughput does not depend on the values)."""
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(module.init, jax.random.key(seed), np.zeros((1, *shape), np.float32))
+    flat = {}
+    for path, leaf in traverse_util.flatten_dict(dict(abstract)).items():
+        if path[-1] == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            value = rng.normal(0.0, np.sqrt(1.0 / fan_in), leaf.shape)
+        elif path[-1] in ("scale", "var"):
+            value = np.ones(leaf.shape)
+        else:  # biases, BN offsets and moving means
+            value = np.zeros(leaf.shape)
+        flat[path] = jax.numpy.asarray(value.astype(leaf.dtype))
+    return traverse_util.unflatten_dict(flat)
+
+
+def run_blockft(args) -> dict:
+    import jax
+    import ml_collections
+    import numpy as np
+    from flax import traverse_util
+
+    from blockft_jax import data, groups, models, train
+
+    images, labels = synthetic_data(args.images, args.size, args.seed)
+    split = data.Split(images, labels)
+    module = models.create(args.model, num_classes=NUM_CLASSES, width=args.width)
+    shape = (args.size, args.size, 3)
+    table = models.layer_table(module, shape)
+    variables = random_variables(module, shape, args.seed)
+    backbone = groups.backbone_layers(table)
+    layers = tuple(r.name for r in backbone if in_trained_set(r.name, args.trainable))
+    if args.trainable not in ("head", "all") and not layers:
+        raise ValueError(f"No weighted layer of {args.model} starts with {args.trainable!r}; "
+                         f"its top layers: {[r.name for r in backbone[-8:]]}")
+    group = groups.Group("benchmark", f"benchmark:{args.trainable}", layers)
+    from_unit = groups.lowest_unit(table, [group])
+    first_unit = module.unit_names()[0]
+    cached = not args.no_cache and from_unit != first_unit
+
+    steps_per_epoch = math.ceil(args.images / args.batch)
+    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": 1e-3,
+                                     "epochs": args.epochs + 1})
+    tx = train.make_optimizer(cfg, (args.epochs + 1) * steps_per_epoch)
+    mesh = train.data_mesh()
+    engine = train.Engine(module, tx, from_unit, mesh, cached=cached)
+    mask = groups.param_mask(variables["params"], table, layers)
+    bn_modes = groups.bn_modes(table, layers)
+    rng = jax.random.key(args.seed)
+
+    def one_epoch(state, inputs, epoch):
+        """train.fit's epoch, without validation: what a user waits for per epoch."""
+        shuffle = np.random.default_rng([args.seed, epoch])
+        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        for batch in data.batches(inputs, args.batch, shuffle_rng=shuffle):
+            gb = data.global_batch(data.process_slice(batch), engine.mesh)
+            state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels,
+                                               gb.mask, rng)
+            m = jax.device_get(metrics)
+            sums["loss"] += float(m["loss"]) * float(m["count"])
+            sums["correct"] += float(m["correct"])
+            sums["count"] += float(m["count"])
+        return state, sums["loss"] / max(sums["count"], 1.0)
+
+    # Warm-up: compiles init_state, the prefix (when cached) and the train step.
+    started = time.perf_counter()
+    state = jax.block_until_ready(engine.init_state(variables))
+    parts = {"init_state": time.perf_counter() - started}
+    inputs = engine.features(variables, split, args.batch) if cached else split
+    parts["features"] = time.perf_counter() - started - parts["init_state"]
+    state, _ = one_epoch(state, inputs, 0)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - started
+    parts["epoch"] = compile_s - parts["init_state"] - parts["features"]
+
+    # Timed: (prefix features, when cached) + E epochs.
+    started = time.perf_counter()
+    features_s = 0.0
+    if cached:
+        inputs = engine.features(variables, split, args.batch)
+        features_s = time.perf_counter() - started
+    losses = []
+    for epoch in range(1, args.epochs + 1):
+        state, loss = one_epoch(state, inputs, epoch)
+        losses.append(loss)
+    jax.block_until_ready(state)
+    wall = time.perf_counter() - started
+
+    flat_mask = traverse_util.flatten_dict(jax.device_get(mask))
+    flat_params = traverse_util.flatten_dict(variables["params"])
+    trainable_params = int(sum(np.size(flat_params[k]) for k, m in flat_mask.items() if m))
+    return {"images_per_s": args.epochs * args.images / wall, "compile_s": compile_s,
+            "timed_s": wall, "features_s": features_s, "cached": cached,
+            "warmup_parts": parts,
+            "level": "fine-tuning (prefix cache)" if cached else "step",
+            "from_unit": from_unit, "units": len(module.unit_names()),
+            "compilations": dict(engine.compilations), "losses": losses,
+            "trained_layers": list(layers),
+            "batch_stat_bn": [k for k, v in bn_modes.items() if bool(v)],
+            "trainable_params": trainable_params,
+            "versions": {"jax": jax.__version__, "device": str(jax.devices()[0]),
+                         "device_count": jax.device_count()}}
+
+
+def worker(args):
+    try:
+        result = run_blockft(args) if args.worker == "blockft_jax" else run_keras(args)
+        result["ok"] = True
+    except Exception as e:  # report, don't crash: the parent prints it and goes on
+        import traceback
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    _emit(result)
+
+
+# --- parent -----------------------------------------------------------------------------------
+
+def launch(framework: str, model: str, trainable: str, args) -> dict:
+    """Runs one framework in its own subprocess; never raises."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
+           "--model", model, "--trainable", trainable, "--batch", str(args.batch),
+           "--size", str(args.size), "--images", str(args.images), "--epochs", str(args.epochs),
+           "--width", str(args.width), "--seed", str(args.seed)]
+    if args.no_cache:
+        cmd.append("--no-cache")
+    env = dict(os.environ)
+    env.pop("KERAS_BACKEND", None)
+    if framework in KERAS_BACKEND:
+        env["KERAS_BACKEND"] = KERAS_BACKEND[framework]
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print(f"[{model} {trainable}] running {framework} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=args.worker_timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"ok": False, "error": f"timed out after {args.worker_timeout} s",
+                "log": (e.stderr or "")[-3000:] if isinstance(e.stderr, str) else ""}
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG):])
+    if result is None:
+        result = {"ok": False, "error": f"the worker exited with status {proc.returncode} "
+                                        "without a result"}
+    if not result.get("ok"):
+        result["log"] = proc.stderr[-3000:]
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def ratio(results, a, b) -> float:
+    ra, rb = results.get(a, {}), results.get(b, {})
+    if ra.get("ok") and rb.get("ok") and rb["images_per_s"] > 0:
+        return ra["images_per_s"] / rb["images_per_s"]
+    return float("nan")
+
+
+def parity_notes(results) -> list[str]:
+    """Does blockft_jax train exactly the layers (and parameter count) Keras trains?"""
+    ours = results.get("blockft_jax", {})
+    if not ours.get("ok"):
+        return []
+    notes = []
+    for fw in ("keras_tf", "keras_jax"):
+        theirs = results.get(fw, {})
+        if not theirs.get("ok"):
+            continue
+        a, b = set(ours["trained_layers"]), set(theirs["trained_layers"])
+        if a != b:
+            notes.append(f"WARNING trained set differs from {fw}: only blockft_jax "
+                         f"{sorted(a - b)[:6]}, only {fw} {sorted(b - a)[:6]}")
+        elif set(ours["batch_stat_bn"]) != set(theirs["batch_stat_bn"]):
+            notes.append(f"WARNING batch-statistics BN layers differ from {fw}")
+        elif ours["trainable_params"] != theirs["trainable_params"]:
+            notes.append(f"WARNING trainable parameters: blockft_jax "
+                         f"{ours['trainable_params']:,} vs {fw} {theirs['trainable_params']:,}")
+        else:
+            notes.append(f"trained set matches {fw}: {len(a)} weighted backbone layers + head, "
+                         f"{len(ours['batch_stat_bn'])} BN with batch statistics, "
+                         f"{ours['trainable_params']:,} trainable parameters")
+    return notes
+
+
+def _fmt(value, spec=".2f"):
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else format(value, spec)
+
+
+def run_row(model, trainable, args, frameworks) -> dict:
+    return {fw: launch(fw, model, trainable, args) for fw in frameworks}
+
+
+def print_row(model, trainable, args, frameworks, results, file=None):
+    print = functools.partial(builtins.print, file=file or sys.stdout)
+    print(f"## {model}, trainable={trainable}  (batch {args.batch}, {args.size}px, "
+          f"{args.images} images, {args.epochs} epochs, width {args.width}"
+          f"{', --no-cache' if args.no_cache else ''})")
+    print()
+    print("| framework | images/s | compile (warm-up) s | timed s | peak RSS MB | notes |")
+    print("|---|---:|---:|---:|---:|---|")
+    for fw in frameworks:
+        r = results[fw]
+        if r.get("ok"):
+            note = ""
+            if fw == "blockft_jax":
+                note = (f"{r['level']}, from_unit={r['from_unit']}, "
+                        f"compilations={r['compilations']}")
+                if r["cached"]:
+                    note += f", features {r['features_s']:.2f} s (timed)"
+                note += ", warm-up: " + ", ".join(f"{k} {v:.1f} s"
+                                                  for k, v in r["warmup_parts"].items())
+            else:
+                note = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+            print(f"| {fw} | {r['images_per_s']:.2f} | {r['compile_s']:.1f} | "
+                  f"{r['timed_s']:.1f} | {r['peak_rss_mb']:.0f} | {note} |")
+        else:
+            print(f"| {fw} | failed | | | | {r.get('error')} |")
+    print()
+    for fw in frameworks:
+        r = results[fw]
+        if not r.get("ok"):
+            print(f"{fw} FAILED: {r.get('error')}")
+            if r.get("log"):
+                print("  " + "\n  ".join(r["log"].strip().splitlines()[-15:]))
+    if "blockft_jax" in frameworks:
+        for other in ("keras_tf", "keras_jax"):
+            if other in frameworks:
+                print(f"ratio blockft_jax/{other} = {_fmt(ratio(results, 'blockft_jax', other))}")
+    for note in parity_notes(results):
+        print(note)
+    ours = results.get("blockft_jax", {})
+    if ours.get("ok") and ours["compilations"].get("train", 0) > 1:
+        print(f"WARNING blockft_jax compiled its train step {ours['compilations']['train']} "
+              "times (expected once)")
+    print()
+
+
+def print_all_table(args, frameworks, table):
+    print(f"# blockft_jax vs Keras 3: batch {args.batch}, {args.size}px, {args.images} images, "
+          f"{args.epochs} epochs, width {args.width}, "
+          f"{'step level (--no-cache)' if args.no_cache else 'fine-tuning level (prefix cache)'}")
+    print()
+    head = ["model", "trainable", "from_unit"]
+    head += [f"{fw} img/s" for fw in frameworks]
+    head += [f"{fw} compile s" for fw in frameworks]
+    head += [f"{fw} peak MB" for fw in frameworks]
+    others = [o for o in ("keras_tf", "keras_jax") if o in frameworks and "blockft_jax" in frameworks]
+    head += [f"blockft_jax/{o}" for o in others]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * 3 + "---:|" * (len(head) - 3))
+    failures, warnings = [], []
+    for (model, trainable), results in table:
+        ours = results.get("blockft_jax", {})
+        cells = [model, trainable, ours.get("from_unit", "") + (" (cached)" if ours.get("cached")
+                                                                 else "")]
+        get = lambda fw, k, spec: _fmt(results[fw].get(k) if results[fw].get("ok") else None, spec)
+        cells += [get(fw, "images_per_s", ".2f") for fw in frameworks]
+        cells += [get(fw, "compile_s", ".1f") for fw in frameworks]
+        cells += [get(fw, "peak_rss_mb", ".0f") for fw in frameworks]
+        cells += [_fmt(ratio(results, "blockft_jax", o)) for o in others]
+        print("| " + " | ".join(cells) + " |")
+        failures += [f"{model}/{trainable}/{fw}: {r.get('error')}"
+                     for fw, r in results.items() if not r.get("ok")]
+        warnings += [f"{model}/{trainable}: {n}" for n in parity_notes(results)
+                     if n.startswith("WARNING")]
+    print()
+    print("Note: images/s = epochs x images / wall seconds of the timed epochs, after a warm-up "
+          "run (compile s: includes one epoch). Each framework ran in its own process, one "
+          "after another; peak MB is that process's ru_maxrss. "
+          + ("blockft_jax ran the step level: no prefix cache. " if args.no_cache else
+             "blockft_jax's timed region includes computing the cached prefix features. ")
+          + ("Failures: " + "; ".join(failures) + ". " if failures else "")
+          + ("Parity warnings: " + "; ".join(warnings) + "." if warnings
+             else "Trained sets matched Keras's in every row where both ran."))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("--model", default="mobilenet_v2")
+    parser.add_argument("--trainable", default="block_16",
+                        help="'head', 'all' or a Keras layer-name prefix (e.g. block_16)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--width", type=float, default=1.0, help="Keras's alpha (MobileNets)")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--no-cache", action="store_true",
+                        help="blockft_jax at the step level: no prefix cache")
+    parser.add_argument("--all", action="store_true", help="run every row of ROWS")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker-timeout", type=float, default=3600.0,
+                        help="seconds allowed to each framework's subprocess")
+    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        return worker(args)
+
+    from blockft_jax import models  # light: checks the model name before any subprocess
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = sorted(set(frameworks) - set(FRAMEWORKS))
+    if unknown or not frameworks:
+        parser.error(f"--frameworks: unknown {unknown}; choose from {','.join(FRAMEWORKS)}")
+    for value, name in ((args.batch, "--batch"), (args.size, "--size"),
+                        (args.images, "--images"), (args.epochs, "--epochs")):
+        if value < 1:
+            parser.error(f"{name} must be >= 1")
+
+    if args.all:
+        table = []
+        for model, trainable in ROWS:
+            results = run_row(model, trainable, args, frameworks)
+            print_row(model, trainable, args, frameworks, results, file=sys.stderr)  # progress
+            table.append(((model, trainable), results))
+        print_all_table(args, frameworks, table)
+        return
+
+    if args.model not in models.MODEL_NAMES:
+        parser.error(f"--model {args.model!r}: choose from {', '.join(models.MODEL_NAMES)}")
+    results = run_row(args.model, args.trainable, args, frameworks)
+    print_row(args.model, args.trainable, args, frameworks, results)
+    for fw in frameworks:
+        r = results[fw]
+        print(f"{fw} images_per_s={_fmt(r['images_per_s'] if r.get('ok') else None)}")
+
+
+if __name__ == "__main__":
+    main()

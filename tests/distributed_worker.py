@@ -1,0 +1,135 @@
+"""Runs a few train steps of the tiny model in a fresh process, for tests/test_train.py.
+
+JAX reads its device count and distributed setup once, before the first computation, so the
+data-parallel and multi-process checks need processes of their own:
+
+    python tests/distributed_worker.py mesh INPUT.npz OUTPUT.npz
+        (with XLA_FLAGS=--xla_force_host_platform_device_count=8): trains on an 8-device mesh
+        and on one device; writes both results (keys prefixed 'mesh8/' and 'single/').
+    python tests/distributed_worker.py multi INPUT.npz OUTPUT.npz PORT PROCESS_ID NUM_PROCESSES
+        one of NUM_PROCESSES processes on localhost, CPU collectives over gloo: trains on the
+        global mesh, each process feeding its own rows; writes its copy of the results.
+
+INPUT.npz holds the initial variables ('params/...', 'batch_stats/...'), the images, the
+labels and the candidate's layers, so every process starts from the same bits.
+"""
+import os
+import sys
+
+EXIT_UNSUPPORTED = 77  # the platform cannot run CPU multi-process collectives at all
+
+MODEL = dict(name="mobilenet_v2", width=0.35, blocks=3, num_classes=3)
+FROM_UNIT = "block_1"
+BATCH_SIZE = 16
+OPTIMIZER = dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=0.1, epochs=1)
+
+
+def flatten(tree, prefix=""):
+    from flax import traverse_util
+    return {prefix + k: v for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def load_inputs(path):
+    import numpy as np
+    from flax import traverse_util
+    with np.load(path) as f:
+        arrays = dict(f)
+    variables = traverse_util.unflatten_dict(
+        {k: v for k, v in arrays.items() if k.split("/")[0] in ("params", "batch_stats")},
+        sep="/")
+    layers = tuple(str(x) for x in arrays["layers"])
+    return variables, arrays["images"], arrays["labels"], layers
+
+
+def train_steps(mesh, variables, images, labels, layers):
+    """The tiny model's candidate `layers`, SGD with weight decay, one epoch of batches of 16
+    (the last one padded). Returns host copies of params, batch_stats and the losses."""
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from blockft_jax import data, groups, models, train
+
+    module = models.create(MODEL["name"], width=MODEL["width"], blocks=MODEL["blocks"],
+                           num_classes=MODEL["num_classes"])
+    table = models.layer_table(module, images.shape[1:])
+    tx = train.make_optimizer(ml_collections.ConfigDict(OPTIMIZER), 10)
+    engine = train.Engine(module, tx, FROM_UNIT, mesh)
+    mask = groups.param_mask(variables["params"], table, layers)
+    bn_modes = groups.bn_modes(table, layers)
+    state = engine.init_state(variables)
+    losses = []
+    split = data.Split(images, labels)
+    for batch in data.batches(split, BATCH_SIZE, shuffle_rng=np.random.default_rng(0)):
+        gb = data.global_batch(data.process_slice(batch), mesh)
+        state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels, gb.mask,
+                                           jax.random.key(0))
+        losses.append(_local(metrics["loss"]))
+    assert engine.compilations["train"] == 1, engine.compilations
+
+    out = {**flatten(state["params"], "params/"), **flatten(state["batch_stats"], "batch_stats/")}
+    out = {k: _local(v) for k, v in out.items()}
+    out["losses"] = np.asarray(losses)
+    return out
+
+
+def _local(x):
+    """This process's copy of a replicated global array (fully addressable or not)."""
+    import numpy as np
+    shards = x.addressable_shards
+    first = np.asarray(shards[0].data)
+    for shard in shards[1:]:  # every local replica holds the same bits
+        assert np.array_equal(np.asarray(shard.data), first)
+    return first
+
+
+def main(argv):
+    mode, inputs, output = argv[1:4]
+    if mode == "mesh":
+        import jax
+        import numpy as np
+
+        from blockft_jax import train
+        assert jax.device_count() == 8, jax.devices()
+        variables, images, labels, layers = load_inputs(inputs)
+        eight = train_steps(train.data_mesh(), variables, images, labels, layers)
+        one = train_steps(train.data_mesh(jax.devices()[:1]), variables, images, labels, layers)
+        np.savez(output, **{f"mesh8/{k}": v for k, v in eight.items()},
+                 **{f"single/{k}": v for k, v in one.items()})
+        return 0
+
+    if mode == "multi":
+        port, process_id, num_processes = (int(a) for a in argv[4:7])
+        import jax
+        import numpy as np
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                                       num_processes=num_processes, process_id=process_id,
+                                       initialization_timeout=120)
+            from jax.experimental import multihost_utils
+            seen = multihost_utils.process_allgather(np.asarray([jax.process_index()]))
+        except Exception as e:  # setup only: a failure later is a bug, not the platform
+            print(f"UNSUPPORTED: CPU multi-process collectives failed to start: "
+                  f"{type(e).__name__}: {e}", flush=True)
+            return EXIT_UNSUPPORTED
+        assert sorted(np.asarray(seen).reshape(-1).tolist()) == list(range(num_processes)), seen
+        assert jax.process_count() == num_processes
+        assert jax.process_index() == process_id
+
+        from blockft_jax import train
+        variables, images, labels, layers = load_inputs(inputs)
+        mesh = train.data_mesh()
+        assert mesh.devices.size == jax.device_count() > jax.local_device_count()
+        result = train_steps(mesh, variables, images, labels, layers)
+        result["device_count"] = np.asarray(jax.device_count())
+        np.savez(output, **result)
+        jax.distributed.shutdown()
+        return 0
+
+    raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.exit(main(sys.argv))

@@ -1,0 +1,378 @@
+"""The engine's guarantees, on CPU: masks and BN modes are exact, one compilation serves every
+candidate, the prefix cache and the gradient cut change nothing, data parallelism (one host,
+and two processes) agrees with one device, and bfloat16 compute keeps float32 parameters."""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from blockft_jax import data, groups, models, train
+from blockft_jax.models import HEAD_UNIT
+
+import distributed_worker as worker
+
+SIZE = 32
+BATCH = 8
+# A BatchNorm layer and a conv layer, in two different blocks above the stem.
+CANDIDATE = ("block_1_depthwise_BN", "block_2_project")
+WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
+SUBPROCESS_TIMEOUT = 420
+
+
+def create_model(**options):
+    return models.create(worker.MODEL["name"], width=worker.MODEL["width"],
+                         blocks=worker.MODEL["blocks"], num_classes=worker.MODEL["num_classes"],
+                         **options)
+
+
+def make_engine(module, from_unit, *, optimizer="sgd", cached=False):
+    cfg = ml_collections.ConfigDict(
+        {**worker.OPTIMIZER, "optimizer": optimizer,
+         "learning_rate": 1e-3 if optimizer == "adam" else worker.OPTIMIZER["learning_rate"]})
+    return train.Engine(module, train.make_optimizer(cfg, 100), from_unit, train.data_mesh(),
+                        cached=cached)
+
+
+def flat(tree):
+    return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+def run(engine, variables, mask, bn_modes, split, state=None):
+    """One epoch over `split` in batches of BATCH (fixed shuffle). Host copies out."""
+    state = engine.init_state(variables) if state is None else state
+    losses = []
+    for batch in data.batches(split, BATCH, shuffle_rng=np.random.default_rng(0)):
+        gb = data.global_batch(data.process_slice(batch), engine.mesh)
+        state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels, gb.mask,
+                                           jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state), np.asarray(losses)
+
+
+def candidate(variables, table, layers, freeze_bn=False):
+    return (groups.param_mask(variables["params"], table, layers),
+            groups.bn_modes(table, layers, freeze_bn=freeze_bn))
+
+
+# --- shared model, data and compiled engines ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model()
+
+
+@pytest.fixture(scope="module")
+def table(model):
+    return models.layer_table(model, (SIZE, SIZE, 3))
+
+
+@pytest.fixture(scope="module")
+def variables(model):
+    v = jax.device_get(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3))))
+    # Moving statistics unlike any batch's (as after pretraining), so that a BN using batch
+    # statistics and one using its moving statistics give visibly different results.
+    rng = np.random.default_rng(1)
+    for stats in v["batch_stats"].values():
+        stats["mean"] = rng.normal(0.0, 0.2, stats["mean"].shape).astype(np.float32)
+        stats["var"] = rng.uniform(0.5, 2.0, stats["var"].shape).astype(np.float32)
+    return v
+
+
+def synthetic_split(n, seed):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    return data.Split(images, (np.arange(n) % 3).astype(np.int32))
+
+
+@pytest.fixture(scope="module")
+def split():
+    return synthetic_split(3 * BATCH, seed=0)  # three steps a run
+
+
+@pytest.fixture(scope="module")
+def engine_stem(model):
+    return make_engine(model, "stem")
+
+
+@pytest.fixture(scope="module")
+def engine_b1(model):
+    return make_engine(model, "block_1")
+
+
+@pytest.fixture(scope="module")
+def engine_adam(model):
+    return make_engine(model, "block_1", optimizer="adam")
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+def param_shaped(opt_state, params):
+    """The optimizer's per-parameter buffers (momentum trace, Adam's mu and nu)."""
+    struct = jax.tree.structure(params)
+    is_buffer = lambda x: isinstance(x, dict) and jax.tree.structure(x) == struct
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_buffer) if is_buffer(x)]
+
+
+def assert_masked_training(start, state, table, layers, freeze_bn):
+    """Frozen params and BN statistics bitwise unchanged; trained ones (and the head) moved."""
+    trained = set(layers) | {HEAD_UNIT}
+    kinds = {r.name: r.kind for r in table}
+    trained_bn = set() if freeze_bn else {n for n in layers if kinds[n] == "batchnorm"}
+    before, after = flat(start["params"]), flat(state["params"])
+    assert before.keys() == after.keys()
+    for path, old in before.items():
+        new = after[path]
+        assert new.dtype == np.float32, path
+        if path[0] in trained:
+            assert not np.array_equal(new, old), f"trained param {path} did not move"
+        else:
+            assert np.array_equal(new, old), f"frozen param {path} changed"
+    before, after = flat(start["batch_stats"]), flat(state["batch_stats"])
+    assert before.keys() == after.keys()
+    for path, old in before.items():
+        if path[0] in trained_bn:
+            assert not np.array_equal(after[path], old), f"stat {path} of a trained BN is stale"
+        else:
+            assert np.array_equal(after[path], old), f"stat {path} of a frozen BN changed"
+    # Frozen entries never enter the optimizer: their moments stay exactly zero.
+    buffers = param_shaped(state["opt_state"], state["params"])
+    assert buffers, "no per-parameter optimizer state found"
+    for buffer in buffers:
+        for path, value in flat(buffer).items():
+            if path[0] in trained:
+                assert np.any(value != 0), path
+            else:
+                assert not np.any(value), f"optimizer state of frozen {path} is not zero"
+
+
+# --- 2. one compilation for every candidate ----------------------------------------------------
+# (First in the file, so that with the whole file it also sees the one compilation happen.)
+
+def test_one_compilation_serves_every_candidate(engine_stem, variables, table, split):
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration" \
+                and "_train_step" in str(kwargs.get("fun_name")):  # 'jit(_train_step)'
+            seen.append(duration)
+
+    compiled_before = engine_stem.compilations["train"]
+    candidates = [(g.layers, False) for g in (groups.layerwise(table, 1)
+                                              + groups.blocks(table, "units", max_blocks=1)
+                                              + groups.classifier_only())]
+    candidates += [(CANDIDATE, False), (CANDIDATE, True),
+                   (groups.full(table)[0].layers, True)]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for layers, freeze_bn in candidates:
+            state, _ = run(engine_stem, variables, *candidate(variables, table, layers, freeze_bn),
+                           split)
+            assert_masked_training(variables, state, table, layers, freeze_bn)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+    assert engine_stem.compilations["train"] == 1
+    assert len(seen) == 1 - compiled_before  # XLA compiled it here iff not compiled before
+    if hasattr(engine_stem.train_step, "_cache_size"):
+        assert engine_stem.train_step._cache_size() == 1
+
+
+# --- 1. masks, BN modes and weight decay ---------------------------------------------------------
+
+@pytest.mark.parametrize("freeze_bn", [False, True], ids=["bn_in_group_trains", "freeze_bn"])
+@pytest.mark.parametrize("engine_name", ["engine_stem", "engine_adam"], ids=["sgd", "adam"])
+def test_mask_freezes_exactly(request, engine_name, freeze_bn, variables, table, split):
+    engine = request.getfixturevalue(engine_name)
+    mask, bn_modes = candidate(variables, table, CANDIDATE, freeze_bn)
+    assert bn_modes["block_1_depthwise_BN"] == (not freeze_bn)
+    assert sum(bool(m) for m in bn_modes.values()) == (0 if freeze_bn else 1)
+    state, losses = run(engine, variables, mask, bn_modes, split)
+    assert np.all(np.isfinite(losses))
+    assert_masked_training(variables, state, table, CANDIDATE, freeze_bn)
+    assert int(state["step"]) == len(losses)
+
+
+def test_frozen_batchnorm_runs_in_inference_mode(engine_stem, model, variables, table, split):
+    """Keras's rule: the first step's loss of a candidate without BN in the group equals the
+    loss of the model in inference mode; with a BN of the group on batch statistics it differs."""
+    images, labels = split.images[:BATCH], split.labels[:BATCH]
+    logits = jax.jit(lambda v, x: model.apply(v, data.preprocess(x, "tf"), train=False))(
+        variables, images)
+    expected = float(train._weighted_loss(logits, labels, jnp.ones(BATCH)))
+    one = data.Split(images, labels)
+    for layers, freeze_bn, same in [((), False, True), (CANDIDATE, True, True),
+                                    (CANDIDATE, False, False)]:
+        _, losses = run(engine_stem, variables, *candidate(variables, table, layers, freeze_bn),
+                        one)
+        if same:
+            np.testing.assert_allclose(losses[0], expected, rtol=1e-5)
+        else:
+            assert abs(losses[0] - expected) > 1e-3
+
+
+# --- 3. the prefix cache -------------------------------------------------------------------------
+
+def test_prefix_cache_is_exact(engine_b1, model, variables, table, split):
+    cached = make_engine(model, "block_1", cached=True)
+    features = cached.features(variables, split, BATCH)
+    assert features.images.dtype == np.float32 and features.images.shape[0] == len(split)
+    np.testing.assert_array_equal(features.labels, split.labels)
+    mask, bn_modes = candidate(variables, table, CANDIDATE)
+    want, want_losses = run(engine_b1, variables, mask, bn_modes, split)
+    got, got_losses = run(cached, variables, mask, bn_modes, features)
+    assert cached.compilations == {"train": 1, "eval": 0, "features": 1}
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    for key in ("params", "batch_stats"):
+        for path, value in flat(want[key]).items():
+            np.testing.assert_allclose(flat(got[key])[path], value, rtol=1e-5, atol=1e-5,
+                                       err_msg=str(path))
+    assert_masked_training(variables, got, table, CANDIDATE, False)
+
+
+# --- 4. cutting the gradient at from_unit --------------------------------------------------------
+
+def test_gradient_cut_changes_nothing_and_saves_work(engine_stem, engine_b1, variables, table,
+                                                      split):
+    mask, bn_modes = candidate(variables, table, CANDIDATE)
+    want, want_losses = run(engine_stem, variables, mask, bn_modes, split)
+    got, got_losses = run(engine_b1, variables, mask, bn_modes, split)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    for key in ("params", "batch_stats"):
+        for path, value in flat(want[key]).items():
+            np.testing.assert_allclose(flat(got[key])[path], value, rtol=1e-5, atol=1e-5,
+                                       err_msg=str(path))
+    for name in ("opt_state", "step"):
+        for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # No backward pass below the cut: the step from block_1 costs fewer FLOPs.
+    gb = data.global_batch(next(data.batches(split, BATCH, shuffle_rng=None)), engine_b1.mesh)
+
+    def flops(engine):
+        args = (engine.init_state(variables), mask, bn_modes, gb.images, gb.labels, gb.mask,
+                jax.random.key(0))
+        cost = engine.train_step.lower(*args).cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    assert flops(engine_b1) < 0.95 * flops(engine_stem)
+    assert engine_stem.compilations["train"] == engine_b1.compilations["train"] == 1
+
+
+# --- 7. bfloat16 compute -------------------------------------------------------------------------
+
+def test_bfloat16_compute_keeps_float32_params(engine_b1, variables, table, split):
+    engine = make_engine(create_model(dtype=jnp.bfloat16), "block_2")
+    layers = ("block_2_project", "block_2_project_BN")
+    mask, bn_modes = candidate(variables, table, layers)
+    one = data.Split(split.images[:BATCH], split.labels[:BATCH])
+    state, losses = run(engine, variables, mask, bn_modes, one)
+    assert np.all(np.isfinite(losses))
+    for tree in (state["params"], state["batch_stats"]):
+        assert {leaf.dtype for leaf in jax.tree.leaves(tree)} == {np.dtype(np.float32)}
+    assert_masked_training(variables, state, table, layers, False)
+    # Same loss as float32 compute, to bfloat16 precision.
+    _, f32_losses = run(engine_b1, variables, mask, bn_modes, one)
+    np.testing.assert_allclose(losses, f32_losses, rtol=5e-2)
+
+
+# --- 5 and 6. data parallelism: 8 devices, and 2 processes -----------------------------------
+
+@pytest.fixture(scope="module")
+def worker_inputs(tmp_path_factory, variables):
+    path = tmp_path_factory.mktemp("worker") / "inputs.npz"
+    split = synthetic_split(40, seed=2)  # batches of 16: the last one is padded
+    arrays = {**worker.flatten(variables["params"], "params/"),
+              **worker.flatten(variables["batch_stats"], "batch_stats/")}
+    np.savez(path, images=split.images, labels=split.labels, layers=np.asarray(CANDIDATE),
+             **arrays)
+    return path
+
+
+def worker_env(device_count):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parent.parent),
+                                                      env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def mesh_run(worker_inputs):
+    out = worker_inputs.with_name("mesh.npz")
+    result = subprocess.run([sys.executable, str(WORKER), "mesh", str(worker_inputs), str(out)],
+                            env=worker_env(8), capture_output=True, text=True,
+                            timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with np.load(out) as f:
+        return dict(f)
+
+
+def split_result(arrays, prefix):
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def assert_same_training(got, want, inputs):
+    assert got.keys() >= want.keys()
+    np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+        if key in inputs and key.split("/")[1] not in CANDIDATE + (HEAD_UNIT,):
+            assert np.array_equal(got[key], inputs[key]), f"frozen {key} changed"
+
+
+def test_data_parallel_8_devices_matches_one(mesh_run, worker_inputs):
+    eight, one = split_result(mesh_run, "mesh8/"), split_result(mesh_run, "single/")
+    assert eight.keys() == one.keys() and len(one["losses"]) == 3
+    with np.load(worker_inputs) as f:
+        inputs = dict(f)
+    assert_same_training(eight, one, inputs)
+    assert not np.allclose(one["params/head/kernel"], inputs["params/head/kernel"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(mesh_run, worker_inputs):
+    port, n = free_port(), 2
+    outs = [worker_inputs.with_name(f"process{i}.npz") for i in range(n)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "multi", str(worker_inputs),
+                               str(outs[i]), str(port), str(i), str(n)],
+                              env=worker_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(n)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=SUBPROCESS_TIMEOUT)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the two processes timed out:\n" + "\n".join(
+            p.communicate()[0][-3000:] for p in procs))
+    codes = [p.returncode for p in procs]
+    if worker.EXIT_UNSUPPORTED in codes:
+        reason = next(line for log in logs for line in log.splitlines()
+                      if line.startswith("UNSUPPORTED"))
+        pytest.skip(f"this platform cannot run CPU multi-process collectives: {reason}")
+    assert codes == [0] * n, "\n\n".join(log[-5000:] for log in logs)
+
+    results = []
+    for out in outs:
+        with np.load(out) as f:
+            results.append(dict(f))
+    assert all(int(r.pop("device_count")) == 4 for r in results)  # 2 processes x 2 devices
+    for key in results[0]:  # every process holds the same bits
+        np.testing.assert_array_equal(results[1][key], results[0][key], err_msg=key)
+    with np.load(worker_inputs) as f:
+        inputs = dict(f)
+    assert_same_training(results[0], split_result(mesh_run, "single/"), inputs)
