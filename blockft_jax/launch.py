@@ -15,6 +15,11 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
     from blockft_jax.workdir import WorkdirError
     if distributed:
         jax.distributed.initialize()  # TPU pods and SLURM find their peers themselves
+    if not jax.config.jax_compilation_cache_dir:
+        # A resumed (preempted) or repeated search reuses its compiled steps.
+        from blockft_jax.weights import cache_dir
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     log.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
              jax.device_count(), jax.devices()[0].device_kind)
     try:

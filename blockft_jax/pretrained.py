@@ -21,13 +21,12 @@ DEMO_CLASSES = (0, 1, 2, 3, 4)
 
 def _with_fresh_head(module, backbone, shape, seed=0):
     """Backbone variables from elsewhere + this module's own freshly initialised head."""
-    fresh = module.init(jax.random.key(seed), np.zeros((1, *shape), np.float32))
     merged = {c: {k: v for k, v in backbone.get(c, {}).items() if k != HEAD_UNIT}
               for c in ("params", "batch_stats")}
-    merged["params"][HEAD_UNIT] = fresh["params"][HEAD_UNIT]
-    expected = jax.tree.map(np.shape, dict(fresh))
-    got = jax.tree.map(np.shape, merged)
-    if expected != got:
+    merged["params"][HEAD_UNIT] = models.init_head(module, shape, jax.random.key(seed))
+    expected = jax.tree.map(np.shape, jax.eval_shape(
+        module.init, jax.random.key(0), np.zeros((1, *shape), np.float32)))
+    if jax.tree.map(np.shape, merged) != {c: dict(v) for c, v in expected.items()}:
         raise weights.WeightsError("The stored variables do not fit this model (different "
                                    "model, width or options?).")
     return merged
@@ -41,7 +40,7 @@ def load(config, module) -> dict:
     if source == "imagenet":
         return weights.imagenet_variables(config.model.name, module, size)
     if source == "random":
-        return dict(module.init(jax.random.key(0), np.zeros((1, *shape), np.float32)))
+        return models.init_variables(module, shape)
     if source == "demo":
         return _with_fresh_head(module, demo_backbone(config, module), shape)
     path = Path(source)
@@ -70,8 +69,7 @@ def demo_backbone(config, module) -> dict:
     digits = data_lib.load_dataset("digits", image_size=config.model.input_size,
                                    classes=DEMO_CLASSES, seed=config.data.split_seed)
     net = module.clone(num_classes=len(DEMO_CLASSES))
-    variables = dict(net.init(jax.random.key(1), np.zeros((1, *digits.train.images.shape[1:]),
-                                                          np.float32)))
+    variables = models.init_variables(net, digits.train.images.shape[1:], jax.random.key(1))
     table = models.layer_table(net, digits.train.images.shape[1:])
     everything = groups.full(table)[0].layers
     batch = config.data.batch_size

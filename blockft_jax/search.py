@@ -142,7 +142,9 @@ class Search:
         return self.engines[from_unit]
 
     # -- one candidate -------------------------------------------------------------------------
-    def run_candidate(self, group: Group, seed: int, from_unit: str) -> dict:
+    def run_candidate(self, group: Group, seed: int, from_unit: str):
+        """Trains one (candidate, seed), resuming its checkpoint if there is one; returns
+        (results row, variables at the best epoch, its Checkpoint)."""
         c = self.config
         engine, splits = self.engine_for(from_unit)
         mask = groups.param_mask(self.variables["params"], self.table, group.layers)
@@ -153,15 +155,14 @@ class Search:
         resume = ckpt.restore(fresh) or {"state": fresh}
         writer = _tensorboard(self.wd.path / "tensorboard" / f"{_slug(group.candidate)}-seed{seed}")
 
+        last_save = [time.perf_counter()]
+
         def on_epoch_end(epoch, state, history):
             if writer is not None and self.wd.writer:
-                import tensorflow as tf
-                with writer.as_default(step=epoch):
-                    for k, v in history[-1].items():
-                        if isinstance(v, (int, float)) and k != "epoch":
-                            tf.summary.scalar(k, v)
-                writer.flush()
-            ckpt.save(state, history, epoch)
+                _write_scalars(writer, history[-1], epoch)
+            if time.perf_counter() - last_save[0] >= c.train.checkpoint_seconds:
+                ckpt.save(state, history, epoch)
+                last_save[0] = time.perf_counter()
 
         result = train.fit(engine, self.variables, mask, bn, splits["train"],
                            splits["validation"], splits["test"], epochs=c.train.epochs,
@@ -184,13 +185,11 @@ class Search:
 
 
 def _data_options(c) -> dict:
-    options = {}
+    options = {"train_per_class": c.data.train_per_class}
     if c.data.name == "image_folder":
         options["path"] = c.data.path
-    if c.data.name == "digits":
-        if c.data.classes is not None:
-            options["classes"] = tuple(c.data.classes)
-        options["train_per_class"] = c.data.train_per_class
+    if c.data.name == "digits" and c.data.classes is not None:
+        options["classes"] = tuple(c.data.classes)
     return options
 
 
@@ -210,6 +209,15 @@ def _tensorboard(path: Path):
     except RuntimeError:
         pass  # already initialised, by the input pipeline, with the same setting
     return tf.summary.create_file_writer(str(path))
+
+
+def _write_scalars(writer, record: dict, step: int) -> None:
+    import tensorflow as tf
+    with writer.as_default(step=step):
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                tf.summary.scalar(k, v)
+    writer.flush()
 
 
 class Checkpoint:

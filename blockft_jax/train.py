@@ -124,8 +124,10 @@ class Engine:
                                   out_shardings=(repl, repl))
         self.eval_step = jax.jit(self._eval_step, in_shardings=(repl, batch, batch, batch),
                                  out_shardings=repl)
+        # Replicated out: every process needs the whole global batch's features on its host
+        # (a batch-sharded output spans other processes' devices: device_get would fail).
         self._features = jax.jit(self._features_fn, in_shardings=(repl, batch),
-                                 out_shardings=batch)
+                                 out_shardings=repl)
         self._init_state = jax.jit(self._init_state_fn, in_shardings=(repl,),
                                    out_shardings=repl)
 

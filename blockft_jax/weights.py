@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from blockft_jax.models import HEAD_UNIT, Backbone, keras_auto_name, layer_table
+from blockft_jax.models import HEAD_UNIT, Backbone, init_head, keras_auto_name, layer_table
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,8 @@ def load_keras(path, module: Backbone, input_shape: Sequence[int], *, skip_top: 
     if missing:
         raise WeightsError(f"{path}: no value for {['/'.join(p) for p in missing[:5]]}.")
     if any(p[1] == HEAD_UNIT for p in expected):
-        rng = jax.random.key(0) if rng is None else rng
-        fresh = traverse_util.flatten_dict(dict(module.init(
-            rng, np.zeros((1, *shape[-3:]), np.float32))))
-        filled.update({p: np.asarray(v) for p, v in fresh.items() if p[1] == HEAD_UNIT})
+        head = init_head(module, shape, rng)
+        filled.update({("params", HEAD_UNIT, k): np.asarray(v) for k, v in head.items()})
     variables = traverse_util.unflatten_dict({p: jax.numpy.asarray(v) for p, v in filled.items()})
     variables.setdefault("batch_stats", {})  # same structure for models without BatchNorm
     return variables
@@ -310,9 +308,7 @@ def imagenet_variables(name: str, module: Backbone, input_size: int = 224,
         save_variables(converted, backbone)
     if module.num_classes is None:
         return backbone
-    rng = jax.random.key(0) if rng is None else rng
-    fresh = module.init(rng, np.zeros((1, *shape), np.float32))
     merged = {c: dict(backbone[c]) for c in backbone}
-    merged["params"][HEAD_UNIT] = fresh["params"][HEAD_UNIT]
+    merged["params"][HEAD_UNIT] = init_head(module, shape, rng)
     return merged
 

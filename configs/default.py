@@ -40,6 +40,9 @@ def get_config():
     config.train.compute_dtype = "float32"  # 'bfloat16' on GPU/TPU
     config.train.freeze_bn = False        # True: every BN stays in inference mode
     config.train.prefix_cache = True      # cache the frozen prefix's output (when exact)
+    # The running candidate is checkpointed after an epoch once this many seconds have passed
+    # since its last checkpoint; 0 = after every epoch.
+    config.train.checkpoint_seconds = 0.0
 
     config.search = ml_collections.ConfigDict()
     config.search.strategies = ("classifier_only", "full", "layerwise", "topk", "blocks",

@@ -164,7 +164,9 @@ def random_variables(module, shape, seed):
         else:  # biases, BN offsets and moving means
             value = np.zeros(leaf.shape)
         flat[path] = jax.numpy.asarray(value.astype(leaf.dtype))
-    return traverse_util.unflatten_dict(flat)
+    variables = traverse_util.unflatten_dict(flat)
+    variables.setdefault("batch_stats", {})  # as weights.py: the same structure without BN
+    return variables
 
 
 def run_blockft(args) -> dict:

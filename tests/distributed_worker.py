@@ -62,6 +62,7 @@ def train_steps(mesh, variables, images, labels, layers):
     split = data.Split(images, labels)
     for batch in data.batches(split, BATCH_SIZE, shuffle_rng=np.random.default_rng(0)):
         gb = data.global_batch(data.process_slice(batch), mesh)
+        assert len(gb.images.sharding.device_set) == mesh.devices.size
         state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels, gb.mask,
                                            jax.random.key(0))
         losses.append(_local(metrics["loss"]))
@@ -71,6 +72,20 @@ def train_steps(mesh, variables, images, labels, layers):
     out = {k: _local(v) for k, v in out.items()}
     out["losses"] = np.asarray(losses)
     return out
+
+
+def prefix_features(mesh, variables, images, labels):
+    """The prefix cache's features (the output of the units below FROM_UNIT), on the host."""
+    import ml_collections
+
+    from blockft_jax import data, models, train
+    module = models.create(MODEL["name"], width=MODEL["width"], blocks=MODEL["blocks"],
+                           num_classes=MODEL["num_classes"])
+    tx = train.make_optimizer(ml_collections.ConfigDict(OPTIMIZER), 10)
+    engine = train.Engine(module, tx, FROM_UNIT, mesh, cached=True)
+    features = engine.features(variables, data.Split(images, labels), BATCH_SIZE)
+    assert features.images.shape[0] == len(labels), features.images.shape
+    return features.images
 
 
 def _local(x):
@@ -123,6 +138,7 @@ def main(argv):
         assert mesh.devices.size == jax.device_count() > jax.local_device_count()
         result = train_steps(mesh, variables, images, labels, layers)
         result["device_count"] = np.asarray(jax.device_count())
+        result["features"] = prefix_features(mesh, variables, images, labels)
         np.savez(output, **result)
         jax.distributed.shutdown()
         return 0

@@ -108,11 +108,25 @@ def engine_b1(model):
 
 
 @pytest.fixture(scope="module")
+def engine_b1_cached(model):
+    return make_engine(model, "block_1", cached=True)
+
+
+@pytest.fixture(scope="module")
 def engine_adam(model):
     return make_engine(model, "block_1", optimizer="adam")
 
 
 # --- checks ------------------------------------------------------------------------------------
+
+def assert_close_states(got, want):
+    for key in ("params", "batch_stats"):
+        got_flat, want_flat = flat(got[key]), flat(want[key])
+        assert got_flat.keys() == want_flat.keys()
+        for path, value in want_flat.items():
+            np.testing.assert_allclose(got_flat[path], value, rtol=1e-5, atol=1e-5,
+                                       err_msg=str(path))
+
 
 def param_shaped(opt_state, params):
     """The optimizer's per-parameter buffers (momentum trace, Adam's mu and nu)."""
@@ -204,8 +218,8 @@ def test_frozen_batchnorm_runs_in_inference_mode(engine_stem, model, variables, 
     """Keras's rule: the first step's loss of a candidate without BN in the group equals the
     loss of the model in inference mode; with a BN of the group on batch statistics it differs."""
     images, labels = split.images[:BATCH], split.labels[:BATCH]
-    logits = jax.jit(lambda v, x: model.apply(v, data.preprocess(x, "tf"), train=False))(
-        variables, images)
+    forward = lambda v, x: model.apply(v, data.preprocess(x, model.preprocessing), train=False)
+    logits = jax.jit(forward)(variables, images)
     expected = float(train._weighted_loss(logits, labels, jnp.ones(BATCH)))
     one = data.Split(images, labels)
     for layers, freeze_bn, same in [((), False, True), (CANDIDATE, True, True),
@@ -220,20 +234,17 @@ def test_frozen_batchnorm_runs_in_inference_mode(engine_stem, model, variables, 
 
 # --- 3. the prefix cache -------------------------------------------------------------------------
 
-def test_prefix_cache_is_exact(engine_b1, model, variables, table, split):
-    cached = make_engine(model, "block_1", cached=True)
+def test_prefix_cache_is_exact(engine_b1, engine_b1_cached, variables, table, split):
+    cached = engine_b1_cached
     features = cached.features(variables, split, BATCH)
     assert features.images.dtype == np.float32 and features.images.shape[0] == len(split)
     np.testing.assert_array_equal(features.labels, split.labels)
     mask, bn_modes = candidate(variables, table, CANDIDATE)
     want, want_losses = run(engine_b1, variables, mask, bn_modes, split)
     got, got_losses = run(cached, variables, mask, bn_modes, features)
-    assert cached.compilations == {"train": 1, "eval": 0, "features": 1}
+    assert cached.compilations["train"] == cached.compilations["features"] == 1
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
-    for key in ("params", "batch_stats"):
-        for path, value in flat(want[key]).items():
-            np.testing.assert_allclose(flat(got[key])[path], value, rtol=1e-5, atol=1e-5,
-                                       err_msg=str(path))
+    assert_close_states(got, want)
     assert_masked_training(variables, got, table, CANDIDATE, False)
 
 
@@ -245,10 +256,7 @@ def test_gradient_cut_changes_nothing_and_saves_work(engine_stem, engine_b1, var
     want, want_losses = run(engine_stem, variables, mask, bn_modes, split)
     got, got_losses = run(engine_b1, variables, mask, bn_modes, split)
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
-    for key in ("params", "batch_stats"):
-        for path, value in flat(want[key]).items():
-            np.testing.assert_allclose(flat(got[key])[path], value, rtol=1e-5, atol=1e-5,
-                                       err_msg=str(path))
+    assert_close_states(got, want)
     for name in ("opt_state", "step"):
         for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -286,9 +294,14 @@ def test_bfloat16_compute_keeps_float32_params(engine_b1, variables, table, spli
 # --- 5 and 6. data parallelism: 8 devices, and 2 processes -----------------------------------
 
 @pytest.fixture(scope="module")
-def worker_inputs(tmp_path_factory, variables):
+def worker_split():
+    return synthetic_split(40, seed=2)  # batches of 16: the last one is padded
+
+
+@pytest.fixture(scope="module")
+def worker_inputs(tmp_path_factory, variables, worker_split):
     path = tmp_path_factory.mktemp("worker") / "inputs.npz"
-    split = synthetic_split(40, seed=2)  # batches of 16: the last one is padded
+    split = worker_split
     arrays = {**worker.flatten(variables["params"], "params/"),
               **worker.flatten(variables["batch_stats"], "batch_stats/")}
     np.savez(path, images=split.images, labels=split.labels, layers=np.asarray(CANDIDATE),
@@ -343,7 +356,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(mesh_run, worker_inputs):
+def test_two_processes_match_one(mesh_run, worker_inputs, worker_split, engine_b1_cached,
+                                 variables):
     port, n = free_port(), 2
     outs = [worker_inputs.with_name(f"process{i}.npz") for i in range(n)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), "multi", str(worker_inputs),
@@ -360,7 +374,7 @@ def test_two_processes_match_one(mesh_run, worker_inputs):
         pytest.fail("the two processes timed out:\n" + "\n".join(
             p.communicate()[0][-3000:] for p in procs))
     codes = [p.returncode for p in procs]
-    if worker.EXIT_UNSUPPORTED in codes:
+    if codes == [worker.EXIT_UNSUPPORTED] * n:  # both failed to set up, nothing else went wrong
         reason = next(line for log in logs for line in log.splitlines()
                       if line.startswith("UNSUPPORTED"))
         pytest.skip(f"this platform cannot run CPU multi-process collectives: {reason}")
@@ -375,4 +389,8 @@ def test_two_processes_match_one(mesh_run, worker_inputs):
         np.testing.assert_array_equal(results[1][key], results[0][key], err_msg=key)
     with np.load(worker_inputs) as f:
         inputs = dict(f)
+    features = results[0].pop("features")
     assert_same_training(results[0], split_result(mesh_run, "single/"), inputs)
+    # The prefix cache too: every process gets the features of all images.
+    want = engine_b1_cached.features(variables, worker_split, BATCH).images
+    np.testing.assert_allclose(features, want, rtol=1e-5, atol=1e-5)
