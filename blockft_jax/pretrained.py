@@ -26,7 +26,8 @@ def _with_fresh_head(module, backbone, shape, seed=0):
     merged["params"][HEAD_UNIT] = models.init_head(module, shape, jax.random.key(seed))
     expected = jax.tree.map(np.shape, jax.eval_shape(
         module.init, jax.random.key(0), np.zeros((1, *shape), np.float32)))
-    if jax.tree.map(np.shape, merged) != {c: dict(v) for c, v in expected.items()}:
+    expected = {c: dict(expected.get(c, {})) for c in ("params", "batch_stats")}
+    if jax.tree.map(np.shape, merged) != expected:
         raise weights.WeightsError("The stored variables do not fit this model (different "
                                    "model, width or options?).")
     return merged
@@ -78,7 +79,7 @@ def demo_backbone(config, module) -> dict:
     with cfg.unlocked():
         cfg.learning_rate, cfg.epochs = config.demo.pretrain_learning_rate, config.demo.pretrain_epochs
     engine = train.Engine(net, train.make_optimizer(cfg, steps), net.unit_names()[0],
-                          train.data_mesh())
+                          train.data_mesh(), table=table)
     result = train.fit(engine, variables, groups.param_mask(variables["params"], table, everything),
                        groups.bn_modes(table, everything), digits.train, digits.validation, None,
                        epochs=config.demo.pretrain_epochs, batch_size=batch, seed=0)

@@ -68,7 +68,11 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_xlabel("k (layers)" if strategy == "topk" else "depth below the output (layers)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=7)
+    if searched:
+        axes[0][0].legend(fontsize=7)
+    else:
+        axes[0][0].text(0.5, 0.5, "baselines only: see report.md", ha="center",
+                        transform=axes[0][0].transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -127,7 +127,7 @@ class Search:
             first = from_unit == self.module.unit_names()[0]
             cached = c.train.prefix_cache and not any(augment.values()) and not first
             engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
-                                  augment=None if cached else augment)
+                                  augment=None if cached else augment, table=self.table)
             splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                       "test": self.dataset.test}
             if cached:

@@ -103,6 +103,10 @@ class Engine:
     mesh: Mesh
     cached: bool = False
     augment: dict | None = None   # {'flip': bool, 'crop': bool}, never with cached
+    # The layer table: with it, the optimizer state, updates and norms cover only the
+    # parameters at or above `from_unit` (the rest can never train in this engine), which
+    # makes steps of top-of-network candidates much cheaper. Without it, all parameters.
+    table: list | None = None
     compilations: dict = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0,
                                                                     "features": 0})
 
@@ -116,6 +120,8 @@ class Engine:
         index = names.index(self.from_unit)
         self.prefix_to = names[index - 1] if index > 0 else None
         self.preprocessing = type(self.module).preprocessing
+        self.live = None if self.table is None else frozenset(
+            r.name for r in self.table if r.has_weights and names.index(r.unit) >= index)
         repl = NamedSharding(self.mesh, P())
         batch = NamedSharding(self.mesh, P("data"))
         self.replicated, self.batch_sharding = repl, batch
@@ -156,25 +162,33 @@ class Engine:
         aug_rng, dropout_rng = jax.random.split(rng)
         x = self._inputs(state, images, aug_rng)
 
-        def loss_fn(params):
+        def loss_fn(live_params):
+            params = {**state["params"], **live_params}
             logits, updates = self.module.apply(
                 {"params": params, "batch_stats": state["batch_stats"]}, x, train=bn_modes,
                 from_unit=self.from_unit, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
             return _weighted_loss(logits, labels, weights), (logits, updates.get("batch_stats", {}))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"])
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"], mask=mask)
+        live = self._live(state["params"])
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(live)
+        live_mask = self._live(mask)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], live, mask=live_mask)
         # where(), not params + 0: frozen parameters stay bitwise identical (even -0.0).
-        params = jax.tree.map(lambda p, u, m: jnp.where(m, p + u.astype(p.dtype), p),
-                              state["params"], updates, mask)
-        new_state = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                         step=state["step"] + 1)
+        new_live = jax.tree.map(lambda p, u, m: jnp.where(m, p + u.astype(p.dtype), p),
+                                live, updates, live_mask)
+        new_state = dict(state, params={**state["params"], **new_live}, batch_stats=batch_stats,
+                         opt_state=opt_state, step=state["step"] + 1)
         metrics = {"loss": loss, **_counts(logits, labels, weights),
                    "grad_norm": optax.global_norm(grads),
                    "update_norm": optax.global_norm(updates),
-                   "param_norm": optax.global_norm(params)}
+                   "param_norm": optax.global_norm(new_live)}
         return new_state, metrics
+
+    def _live(self, params: dict) -> dict:
+        """The top-level entries (layers) of `params` this engine can train."""
+        if self.live is None:
+            return dict(params)
+        return {k: v for k, v in params.items() if k in self.live}
 
     def _eval_step(self, variables, images, labels, weights):
         self.compilations["eval"] += 1
@@ -190,8 +204,9 @@ class Engine:
 
     def _init_state_fn(self, variables):
         params = jax.tree.map(jnp.copy, variables["params"])
-        return {"params": params, "batch_stats": jax.tree.map(jnp.copy, variables["batch_stats"]),
-                "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        return {"params": params,
+                "batch_stats": jax.tree.map(jnp.copy, variables.get("batch_stats", {})),
+                "opt_state": self.tx.init(self._live(params)), "step": jnp.zeros((), jnp.int32)}
 
     # -- host-side helpers ---------------------------------------------------------------------
 

@@ -33,12 +33,12 @@ def create_model(**options):
                          **options)
 
 
-def make_engine(module, from_unit, *, optimizer="sgd", cached=False):
+def make_engine(module, from_unit, *, optimizer="sgd", cached=False, table=None):
     cfg = ml_collections.ConfigDict(
         {**worker.OPTIMIZER, "optimizer": optimizer,
          "learning_rate": 1e-3 if optimizer == "adam" else worker.OPTIMIZER["learning_rate"]})
     return train.Engine(module, train.make_optimizer(cfg, 100), from_unit, train.data_mesh(),
-                        cached=cached)
+                        cached=cached, table=table)
 
 
 def flat(tree):
@@ -129,9 +129,11 @@ def assert_close_states(got, want):
 
 
 def param_shaped(opt_state, params):
-    """The optimizer's per-parameter buffers (momentum trace, Adam's mu and nu)."""
-    struct = jax.tree.structure(params)
-    is_buffer = lambda x: isinstance(x, dict) and jax.tree.structure(x) == struct
+    """The optimizer's per-parameter buffers (momentum trace, Adam's mu and nu), shaped like
+    `params` or like the engine's live part of it (whole layers)."""
+    def is_buffer(x):
+        return (isinstance(x, dict) and bool(x) and set(x) <= set(params) and
+                all(jax.tree.structure(x[k]) == jax.tree.structure(params[k]) for k in x))
     return [x for x in jax.tree.leaves(opt_state, is_leaf=is_buffer) if is_buffer(x)]
 
 
@@ -272,6 +274,24 @@ def test_gradient_cut_changes_nothing_and_saves_work(engine_stem, engine_b1, var
 
     assert flops(engine_b1) < 0.95 * flops(engine_stem)
     assert engine_stem.compilations["train"] == engine_b1.compilations["train"] == 1
+
+
+def test_live_subset_engine_matches_and_keeps_state_small(engine_b1, model, variables, table,
+                                                          split):
+    """With the layer table, optimizer state and updates cover only layers at or above
+    from_unit; training is unchanged."""
+    live_engine = make_engine(model, "block_1", table=table)
+    mask, bn_modes = candidate(variables, table, CANDIDATE)
+    want, want_losses = run(engine_b1, variables, mask, bn_modes, split)
+    got, got_losses = run(live_engine, variables, mask, bn_modes, split)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    assert_close_states(got, want)
+    assert_masked_training(variables, got, table, CANDIDATE, False)
+    below = {r.name for r in table if r.has_weights and r.unit == "stem"}
+    assert below and live_engine.live.isdisjoint(below)
+    assert {"head", *CANDIDATE} <= live_engine.live
+    leaves = len(jax.tree.leaves(live_engine.init_state(variables)["opt_state"]))
+    assert leaves < len(jax.tree.leaves(engine_b1.init_state(variables)["opt_state"]))
 
 
 # --- 7. bfloat16 compute -------------------------------------------------------------------------

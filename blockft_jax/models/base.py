@@ -105,7 +105,9 @@ def init_variables(module: Backbone, input_shape: Sequence[int], rng=None) -> di
     """Freshly initialised variables, compiled (eager init of a whole CNN runs op by op)."""
     shape = (1, *tuple(input_shape)[-3:])
     rng = jax.random.key(0) if rng is None else rng
-    return dict(jax.jit(module.init)(rng, jnp.zeros(shape, jnp.float32)))
+    variables = dict(jax.jit(module.init)(rng, jnp.zeros(shape, jnp.float32)))
+    variables.setdefault("batch_stats", {})  # the same structure for models without BN
+    return variables
 
 
 def init_head(module: Backbone, input_shape: Sequence[int], rng=None) -> dict:
