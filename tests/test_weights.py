@@ -123,3 +123,24 @@ def test_convert_script(tmp_path):
     bad = subprocess.run(cmd[:-4] + ["--keras", "/nowhere.h5", "--out", str(out)],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert bad.returncode != 0 and "nowhere.h5" in bad.stderr
+
+
+def test_imagenet_classifier_in_file_is_skipped_explicitly(tmp_path):
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+    import h5py
+    keras.backend.clear_session()
+    model = keras.applications.MobileNetV2(include_top=True, weights=None, alpha=0.35,
+                                           input_shape=(32, 32, 3), classes=7)
+    model.save_weights(tmp_path / "top.weights.h5")
+    with h5py.File(tmp_path / "top.h5", "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    backbone = keras.Model(model.input, model.get_layer("out_relu").output)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    expected = np.asarray(backbone(x))
+    for name in ("top.h5", "top.weights.h5"):
+        variables = weights.load_keras(tmp_path / name, v2_module(), (32, 32, 3))
+        np.testing.assert_allclose(v2_module().apply(variables, x), expected,
+                                   atol=1e-4 * np.abs(expected).max())
+        with pytest.raises(weights.WeightsError, match="layers the model lacks"):
+            weights.load_keras(tmp_path / name, v2_module(), (32, 32, 3), skip_top=False)
