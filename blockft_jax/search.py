@@ -44,6 +44,12 @@ def validate(config) -> None:
                           f"{', '.join(groups.STRATEGIES)}.")
     if config.train.epochs < 1 or config.train.seeds < 1:
         raise ConfigError("train.epochs and train.seeds must be >= 1.")
+    s = config.search
+    if "topk" in s.strategies and s.max_layers is not None and max(s.topk) > s.max_layers:
+        raise ConfigError(f"search.topk asks for k={max(s.topk)} but layerwise ranks only "
+                          f"search.max_layers={s.max_layers} layers; raise max_layers.")
+    if "blocks" in s.strategies:
+        groups.blocks([], _boundaries(s.block_boundaries))  # raises on an unknown kind
     if config.train.compute_dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"train.compute_dtype={config.train.compute_dtype!r}: use float32, "
                           f"bfloat16 or float16.")
@@ -66,12 +72,16 @@ def candidates(config, table, strategy: str, layerwise_ranking=None) -> list[Gro
     if strategy == "topk":
         return groups.topk(layerwise_ranking, s.topk, table)
     if strategy == "blocks":
-        boundaries = s.block_boundaries
-        return groups.blocks(table, boundaries if isinstance(boundaries, str)
-                             else tuple(boundaries), s.max_blocks)
+        return groups.blocks(table, _boundaries(s.block_boundaries), s.max_blocks)
     if strategy == "window":
         return groups.windows(table, s.window, s.stride, s.max_windows)
     raise ConfigError(f"Unknown strategy {strategy!r}.")
+
+
+def _boundaries(text: str):
+    """'pooling,activation' -> ('pooling', 'activation'); 'units' stays as it is."""
+    return "units" if text.strip() == "units" else tuple(
+        kind.strip() for kind in text.split(",") if kind.strip())
 
 
 def rank(rows: list[dict]) -> list[dict]:

@@ -49,7 +49,9 @@ def get_config():
                                 "window")
     config.search.max_layers = 10
     config.search.topk = (2, 3, 4, 5)
-    config.search.block_boundaries = ("pooling", "activation")  # or 'units'
+    # Non-weight layer kinds that split blocks (comma-separated; the paper: pooling and
+    # activation), or 'units' for the architecture's own blocks (VGG block5, MobileNetV2 block_16).
+    config.search.block_boundaries = "pooling,activation"
     config.search.max_blocks = 6
     config.search.window = 3
     config.search.stride = ml_collections.FieldReference(None, field_type=int)  # None: = window

@@ -140,6 +140,8 @@ def test_different_config_refused_unless_start_over(finished, tmp_path):
     ({"search.strategies": ("layerwise", "greedy")}, "unknown \\['greedy'\\]"),
     ({"search.strategies": ("topk",)}, "topk.*layerwise"),
     ({"data.name": "imagenet21k"}, "Unknown dataset 'imagenet21k'"),
+    ({"search.topk": (2, 9)}, "k=9.*max_layers=3"),
+    ({"search.block_boundaries": "pooling,relu"}, "\\['relu'\\] unknown"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
