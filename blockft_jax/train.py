@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from blockft_jax import data as data_lib
-from blockft_jax.models import HEAD_UNIT, Backbone
+from blockft_jax.models import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,23 @@ def evaluate(engine: Engine, variables, split: data_lib.Split, batch_size: int) 
     return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
 
 
+def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split,
+                batch_size: int, seed: int, epoch: int, rng) -> tuple[dict, float, float]:
+    """One pass over `split` in a (seed, epoch)-determined order: (state, loss, accuracy)."""
+    sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    shuffle = np.random.default_rng([seed, epoch])
+    for batch in data_lib.batches(split, batch_size, shuffle_rng=shuffle):
+        gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
+        state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels,
+                                           gb.mask, rng)
+        m = jax.device_get(metrics)
+        sums["loss"] += float(m["loss"]) * float(m["count"])
+        sums["correct"] += float(m["correct"])
+        sums["count"] += float(m["count"])
+    count = max(sums["count"], 1.0)
+    return state, sums["loss"] / count, sums["correct"] / count
+
+
 def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split,
         validation: data_lib.Split, test: data_lib.Split | None, *, epochs: int,
         batch_size: int, seed: int, state: dict | None = None, start_epoch: int = 0,
@@ -292,22 +309,12 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split,
     best_variables = None
     status, started = "ok", time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        shuffle = np.random.default_rng([seed, epoch])
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "steps": 0}
-        for batch in data_lib.batches(train, batch_size, shuffle_rng=shuffle):
-            gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
-            state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels,
-                                               gb.mask, rng)
-            m = jax.device_get(metrics)
-            sums["loss"] += float(m["loss"]) * float(m["count"])
-            sums["correct"] += float(m["correct"])
-            sums["count"] += float(m["count"])
-            sums["steps"] += 1
-        train_loss = sums["loss"] / max(sums["count"], 1.0)
+        state, train_loss, train_accuracy = train_epoch(engine, state, mask, bn_modes, train,
+                                                        batch_size, seed, epoch, rng)
         current = {"params": state["params"], "batch_stats": state["batch_stats"]}
         val = evaluate(engine, current, validation, batch_size)
         record = {"epoch": epoch + 1, "train_loss": train_loss,
-                  "train_accuracy": sums["correct"] / max(sums["count"], 1.0),
+                  "train_accuracy": train_accuracy,
                   "val_accuracy": val["accuracy"], "val_loss": val["loss"],
                   "step": int(state["step"])}
         if not math.isfinite(train_loss) or not math.isfinite(val["loss"]):

@@ -205,17 +205,9 @@ def run_blockft(args) -> dict:
 
     def one_epoch(state, inputs, epoch):
         """train.fit's epoch, without validation: what a user waits for per epoch."""
-        shuffle = np.random.default_rng([args.seed, epoch])
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        for batch in data.batches(inputs, args.batch, shuffle_rng=shuffle):
-            gb = data.global_batch(data.process_slice(batch), engine.mesh)
-            state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels,
-                                               gb.mask, rng)
-            m = jax.device_get(metrics)
-            sums["loss"] += float(m["loss"]) * float(m["count"])
-            sums["correct"] += float(m["correct"])
-            sums["count"] += float(m["count"])
-        return state, sums["loss"] / max(sums["count"], 1.0)
+        state, loss, _ = train.train_epoch(engine, state, mask, bn_modes, inputs, args.batch,
+                                           args.seed, epoch, rng)
+        return state, loss
 
     # Warm-up: compiles init_state, the prefix (when cached) and the train step.
     started = time.perf_counter()

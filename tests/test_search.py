@@ -5,7 +5,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the same loader main.py uses)
 
 from blockft_jax import groups, models, search
 from blockft_jax.workdir import WorkdirError
@@ -167,3 +166,23 @@ def test_diverged_candidate_is_recorded_and_search_goes_on(tmp_path):
     assert any(r["status"] == "diverged" for r in rows)
     assert len(rows) == 1 + config.search.max_layers
     assert "layerwise" in summary["strategies"]
+
+
+def run_cli(*args, cwd):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "blockft_jax.main", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_refuses_a_config_typo_and_bad_values(tmp_path):
+    from pathlib import Path
+    root = Path(__file__).parents[1]
+    typo = run_cli("--config", "configs/tiny.py", "--config.train.epoks=3",
+                   "--workdir", str(tmp_path / "a"), cwd=root)
+    assert typo.returncode != 0 and "epoks" in typo.stderr
+    bad = run_cli("--config", "configs/tiny.py", "--config.model.name=resnet18",
+                  "--workdir", str(tmp_path / "b"), cwd=root)
+    assert bad.returncode == 2
+    assert "model.name='resnet18' is unknown" in bad.stderr
+    assert "Traceback" not in bad.stderr
