@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from blockft_jax import data as data_lib
 from blockft_jax import groups, models, weights
@@ -17,20 +16,6 @@ from blockft_jax.models import HEAD_UNIT
 log = logging.getLogger(__name__)
 
 DEMO_CLASSES = (0, 1, 2, 3, 4)
-
-
-def _with_fresh_head(module, backbone, shape, seed=0):
-    """Backbone variables from elsewhere + this module's own freshly initialised head."""
-    merged = {c: {k: v for k, v in backbone.get(c, {}).items() if k != HEAD_UNIT}
-              for c in ("params", "batch_stats")}
-    merged["params"][HEAD_UNIT] = models.init_head(module, shape, jax.random.key(seed))
-    expected = jax.tree.map(np.shape, jax.eval_shape(
-        module.init, jax.random.key(0), np.zeros((1, *shape), np.float32)))
-    expected = {c: dict(expected.get(c, {})) for c in ("params", "batch_stats")}
-    if jax.tree.map(np.shape, merged) != expected:
-        raise weights.WeightsError("The stored variables do not fit this model (different "
-                                   "model, width or options?).")
-    return merged
 
 
 def load(config, module) -> dict:
@@ -43,14 +28,14 @@ def load(config, module) -> dict:
     if source == "random":
         return models.init_variables(module, shape)
     if source == "demo":
-        return _with_fresh_head(module, demo_backbone(config, module), shape)
+        return weights.with_fresh_head(module, demo_backbone(config, module), shape)
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
             f"model.weights={source!r}: no such file. Use 'imagenet', 'random', 'demo' or a "
             f"path to a Keras .h5/.weights.h5 file or a converted .msgpack.")
     if path.suffix == ".msgpack":
-        return _with_fresh_head(module, weights.load_variables(path), shape)
+        return weights.with_fresh_head(module, weights.load_variables(path), shape)
     return weights.load_keras(path, module, shape)
 
 

@@ -303,7 +303,39 @@ def run(config, workdir, *, start_over: bool = False) -> dict:
         wd.unlock()
 
 
+class CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling while it is installed."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        if event.startswith("/jax/core/compile/"):
+            self.seconds += duration
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 def _run(config, wd: Workdir) -> dict:
+    started = time.perf_counter()
+    with CompileClock() as clock:
+        summary, counts = _search(config, wd)
+    total = time.perf_counter() - started
+    log.info("Compilation took %.1f s of this run's %.1f s (%.0f%%)", clock.seconds, total,
+             100 * clock.seconds / max(total, 1e-9))
+    if wd.writer:  # what this process did; summary.json holds only what any run would give
+        _append_jsonl(wd.path / "runs.jsonl", {
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(total, 1),
+            "compile_seconds": round(clock.seconds, 1), "compilations": counts})
+    return summary
+
+
+def _search(config, wd: Workdir) -> tuple[dict, dict]:
     search = Search(config, wd)
     strategies = [s for s in ORDER if s in config.search.strategies]
     rows = wd.results()
@@ -343,16 +375,13 @@ def _run(config, wd: Workdir) -> dict:
         if count["train"] > 1:
             log.warning("The train step from unit %s compiled %d times", unit, count["train"])
     log.info("Compilations in this run: %s", counts)
-    if wd.writer:
-        _append_jsonl(wd.path / "runs.jsonl", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                               "compilations": counts})
     summary = summarize(config, wd.results(), len(from_units))
     wd.write_json("summary.json", summary)
     if wd.writer:
         report.write(wd.path)
     log.info("Done. Winner: %s (validation %.3f); report: %s", summary["winner"]["candidate"],
              summary["winner"]["val_accuracy"]["mean"], wd.path / "report.md")
-    return summary
+    return summary, counts
 
 
 def _run_seeds(search: Search, group: Group, from_unit: str, progress: "Progress") -> None:

@@ -308,7 +308,21 @@ def imagenet_variables(name: str, module: Backbone, input_size: int = 224,
         save_variables(converted, backbone)
     if module.num_classes is None:
         return backbone
-    merged = {c: dict(backbone[c]) for c in backbone}
+    return with_fresh_head(module, backbone, shape, rng)
+
+
+def with_fresh_head(module: Backbone, backbone: dict, input_shape, rng=None) -> dict:
+    """Backbone variables from elsewhere + `module`'s own freshly initialised head; refuses
+    variables that do not fit the module exactly."""
+    shape = tuple(input_shape)[-3:]
+    merged = {c: {k: v for k, v in backbone.get(c, {}).items() if k != HEAD_UNIT}
+              for c in ("params", "batch_stats")}
     merged["params"][HEAD_UNIT] = init_head(module, shape, rng)
+    expected = jax.tree.map(np.shape, jax.eval_shape(
+        module.init, jax.random.key(0), np.zeros((1, *shape), np.float32)))
+    expected = {c: dict(expected.get(c, {})) for c in ("params", "batch_stats")}
+    if jax.tree.map(np.shape, merged) != expected:
+        raise WeightsError("The stored variables do not fit this model (different model, "
+                           "width or options?).")
     return merged
 
