@@ -112,11 +112,14 @@ def _keras3_layers(f: h5py.File, table, path) -> dict[str, dict[str, np.ndarray]
     return layers
 
 
-def read_keras_file(path, module: Backbone, input_shape) -> dict[str, dict[str, np.ndarray]]:
-    """{Keras layer name: {Keras variable name: array}} from either format."""
+def read_keras_file(path, module: Backbone, input_shape, table=None
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """{Keras layer name: {Keras variable name: array}} from either format. A Keras 3 file
+    names layers by class counters, so the module's layer table (given or derived) names them."""
     with _open(path) as f:
         if "layers" in f and "vars" in f:
-            return _keras3_layers(f, layer_table(module, input_shape), path)
+            table = layer_table(module, input_shape) if table is None else table
+            return _keras3_layers(f, table, path)
         return _legacy_layers(f, path)
 
 
@@ -130,7 +133,7 @@ def load_keras(path, module: Backbone, input_shape: Sequence[int], *, skip_top: 
     """
     shape = tuple(input_shape)
     table = layer_table(module, shape)
-    file_layers = read_keras_file(path, module, shape)
+    file_layers = read_keras_file(path, module, shape, table)
     init = jax.eval_shape(lambda: module.init(jax.random.key(0), np.zeros((1, *shape[-3:]),
                                                                           np.float32)))
     expected = traverse_util.flatten_dict(dict(init))
