@@ -49,6 +49,19 @@ def test_every_strategy_and_output(finished):
     assert list((workdir / "tensorboard").iterdir())
 
 
+def test_report_rebuilds_from_the_workdir(finished, tmp_path):
+    from blockft_jax import report
+    workdir, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    original = (copy / "report.md").read_text()
+    (copy / "report.md").unlink()
+    (copy / "report.png").unlink()
+    report.main(["--workdir", str(copy)])
+    assert (copy / "report.md").read_text() == original
+    assert (copy / "report.png").stat().st_size > 0
+
+
 def test_selection_is_best_mean_validation(finished):
     workdir, summary = finished
     rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
