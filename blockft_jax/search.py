@@ -180,7 +180,7 @@ class Search:
                            **resume)
         best_variables = result.best_variables
         if best_variables is None:  # the best epoch came before an interruption
-            best_variables = ckpt.best_variables()
+            best_variables = ckpt.best
         return {"strategy": group.strategy, "candidate": group.candidate,
                 "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
                 "epochs": result.epochs, "best_epoch": result.best_epoch,
@@ -280,9 +280,6 @@ class Checkpoint:
                 shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
         self.ckptr.save(self.path.resolve() / f"epoch{epoch}", {"state": state,
                                                                "best": self.best}, force=True)
-
-    def best_variables(self):
-        return self.best
 
     def clear(self) -> None:
         self.ckptr.wait_until_finished()

@@ -124,7 +124,6 @@ class Engine:
             r.name for r in self.table if r.has_weights and names.index(r.unit) >= index)
         repl = NamedSharding(self.mesh, P())
         batch = NamedSharding(self.mesh, P("data"))
-        self.replicated, self.batch_sharding = repl, batch
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
                                   in_shardings=(repl, repl, repl, batch, batch, batch, repl),
                                   out_shardings=(repl, repl))

@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from blockft_jax.models import HEAD_UNIT, Backbone, init_head, keras_auto_name, layer_table
+from blockft_jax.models import (HEAD_UNIT, Backbone, init_head, keras_auto_name, layer_table,
+                                variable_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,7 @@ def load_keras(path, module: Backbone, input_shape: Sequence[int], *, skip_top: 
     shape = tuple(input_shape)
     table = layer_table(module, shape)
     file_layers = read_keras_file(path, module, shape, table)
-    init = jax.eval_shape(lambda: module.init(jax.random.key(0), np.zeros((1, *shape[-3:]),
-                                                                          np.float32)))
-    expected = traverse_util.flatten_dict(dict(init))
+    expected = traverse_util.flatten_dict(dict(variable_shapes(module, shape)))
     filled: dict[tuple[str, ...], np.ndarray] = {}
 
     for record in table:
@@ -321,8 +320,7 @@ def with_fresh_head(module: Backbone, backbone: dict, input_shape, rng=None) -> 
     merged = {c: {k: v for k, v in backbone.get(c, {}).items() if k != HEAD_UNIT}
               for c in ("params", "batch_stats")}
     merged["params"][HEAD_UNIT] = init_head(module, shape, rng)
-    expected = jax.tree.map(np.shape, jax.eval_shape(
-        module.init, jax.random.key(0), np.zeros((1, *shape), np.float32)))
+    expected = jax.tree.map(np.shape, variable_shapes(module, shape))
     expected = {c: dict(expected.get(c, {})) for c in ("params", "batch_stats")}
     if jax.tree.map(np.shape, merged) != expected:
         raise WeightsError("The stored variables do not fit this model (different model, "

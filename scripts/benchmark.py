@@ -148,12 +148,13 @@ def random_variables(module, shape, seed):
     """Variables like `module.init`'s (LeCun-normal kernels, zero biases, unit BN), drawn with
     numpy from `jax.eval_shape`: compiling the whole model's init costs tens of seconds on CPU
     and is not what this benchmark measures (throughput does not depend on the values)."""
-    import jax
     import numpy as np
     from flax import traverse_util
 
+    from blockft_jax import models
+
     rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(module.init, jax.random.key(seed), np.zeros((1, *shape), np.float32))
+    abstract = models.variable_shapes(module, shape)
     flat = {}
     for path, leaf in traverse_util.flatten_dict(dict(abstract)).items():
         if path[-1] == "kernel":
@@ -163,7 +164,7 @@ def random_variables(module, shape, seed):
             value = np.ones(leaf.shape)
         else:  # biases, BN offsets and moving means
             value = np.zeros(leaf.shape)
-        flat[path] = jax.numpy.asarray(value.astype(leaf.dtype))
+        flat[path] = np.asarray(value, leaf.dtype)
     variables = traverse_util.unflatten_dict(flat)
     variables.setdefault("batch_stats", {})  # as weights.py: the same structure without BN
     return variables

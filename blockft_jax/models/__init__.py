@@ -9,7 +9,8 @@ import dataclasses
 import importlib
 
 from blockft_jax.models.base import (HEAD_UNIT, Backbone, LayerRecord, init_head,
-                                     init_variables, keras_auto_name, layer_table)
+                                     init_variables, keras_auto_name, layer_table,
+                                     variable_shapes)
 
 # name -> (module file, class, whether `width` applies, keras.applications constructor)
 REGISTRY = {
@@ -56,5 +57,6 @@ def create(name: str, *, num_classes: int | None = None, width: float = 1.0,
     return cls(num_classes=num_classes, **options)
 
 
-__all__ = ["create", "layer_table", "init_variables", "init_head", "model_class", "Backbone", "LayerRecord", "HEAD_UNIT",
-           "MODEL_NAMES", "REGISTRY", "keras_auto_name"]
+__all__ = ["create", "layer_table", "variable_shapes", "init_variables", "init_head",
+           "model_class", "Backbone", "LayerRecord", "HEAD_UNIT", "MODEL_NAMES", "REGISTRY",
+           "keras_auto_name"]

@@ -101,6 +101,12 @@ def correct_pad(x, kernel_size: int | Sequence[int]):
     return ((correct[0] - adjust[0], correct[0]), (correct[1] - adjust[1], correct[1]))
 
 
+def variable_shapes(module: Backbone, input_shape: Sequence[int]) -> dict:
+    """The module's variables as shapes and dtypes only (nothing computed)."""
+    shape = (1, *tuple(input_shape)[-3:])
+    return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
+
+
 def init_variables(module: Backbone, input_shape: Sequence[int], rng=None) -> dict:
     """Freshly initialised variables, compiled (eager init of a whole CNN runs op by op)."""
     shape = (1, *tuple(input_shape)[-3:])
@@ -113,9 +119,7 @@ def init_variables(module: Backbone, input_shape: Sequence[int], rng=None) -> di
 def init_head(module: Backbone, input_shape: Sequence[int], rng=None) -> dict:
     """Fresh parameters of the classifier head alone (LeCun-normal kernel, zero bias, as the
     Dense layer initialises them), without initialising the whole backbone."""
-    shape = (1, *tuple(input_shape)[-3:])
-    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
-    kernel = shapes["params"][HEAD_UNIT]["kernel"]
+    kernel = variable_shapes(module, input_shape)["params"][HEAD_UNIT]["kernel"]
     rng = jax.random.key(0) if rng is None else rng
     return {"kernel": nn.initializers.lecun_normal()(rng, kernel.shape, kernel.dtype),
             "bias": jnp.zeros(kernel.shape[-1:], kernel.dtype)}
