@@ -6,11 +6,14 @@ a rerun of the same command resumes where the last one stopped.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +115,7 @@ def _mean_std(values):
 class Search:
     config: object
     wd: Workdir
+    clock: "CompileClock"
 
     def __post_init__(self):
         c = self.config
@@ -126,6 +130,9 @@ class Search:
         self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
         self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
         self.engines: dict[str, tuple[train.Engine, dict]] = {}
+        # One background thread compiles the engines' steps, one engine after another.
+        self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self.compiling: dict = {}  # from_unit -> future of that engine's compilation
         self.depth = {r.name: i for i, r in enumerate(reversed(groups.backbone_layers(self.table)))}
 
     # -- engines: at most two train-step compilations per search -------------------------------
@@ -138,6 +145,12 @@ class Search:
             cached = c.train.prefix_cache and not any(augment.values()) and not first
             engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
                                   augment=None if cached else augment, table=self.table)
+            # Compiles while the prefix features are computed and, for `full`'s engine
+            # (created at the start of the search), while the other candidates train.
+            self.compiling[from_unit] = self.compiler.submit(
+                engine.compile_steps, self.variables, groups.param_mask(self.variables["params"], self.table, []),
+                groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn),
+                c.data.batch_size, self.shape)
             splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                       "test": self.dataset.test}
             if cached:
@@ -157,6 +170,9 @@ class Search:
         (results row, variables at the best epoch, its Checkpoint)."""
         c = self.config
         engine, splits = self.engine_for(from_unit)
+        if from_unit in self.compiling:
+            with self.clock.waiting():
+                self.compiling.pop(from_unit).result()
         mask = groups.param_mask(self.variables["params"], self.table, group.layers)
         bn = groups.bn_modes(self.table, group.layers, freeze_bn=c.train.freeze_bn)
         ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed,
@@ -301,14 +317,27 @@ def run(config, workdir, *, start_over: bool = False) -> dict:
 
 
 class CompileClock:
-    """Seconds JAX spends tracing, lowering and compiling while it is installed."""
+    """Seconds JAX spends tracing, lowering and compiling while it is installed: in all
+    (`seconds`, background compilations included), and holding up the thread that installed it
+    (`blocking`: compiling on that thread or waiting for a background compilation)."""
 
     def __init__(self):
-        self.seconds = 0.0
+        self.seconds = self.blocking = 0.0
+        self.thread = threading.current_thread()
 
     def _listen(self, event: str, duration: float, **kwargs) -> None:
         if event.startswith("/jax/core/compile/"):
             self.seconds += duration
+            if threading.current_thread() is self.thread:
+                self.blocking += duration
+
+    @contextlib.contextmanager
+    def waiting(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.blocking += time.perf_counter() - started
 
     def __enter__(self):
         jax.monitoring.register_event_duration_secs_listener(self._listen)
@@ -321,19 +350,21 @@ class CompileClock:
 def _run(config, wd: Workdir) -> dict:
     started = time.perf_counter()
     with CompileClock() as clock:
-        summary, counts = _search(config, wd)
+        summary, counts = _search(config, wd, clock)
     total = time.perf_counter() - started
-    log.info("Compilation took %.1f s of this run's %.1f s (%.0f%%)", clock.seconds, total,
-             100 * clock.seconds / max(total, 1e-9))
+    log.info("Compilation: %.1f s in all; %.1f s of it held up this run's %.1f s (%.1f%%), "
+             "the rest ran alongside training", clock.seconds, clock.blocking, total,
+             100 * clock.blocking / max(total, 1e-9))
     if wd.writer:  # what this process did; summary.json holds only what any run would give
         _append_jsonl(wd.path / "runs.jsonl", {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(total, 1),
-            "compile_seconds": round(clock.seconds, 1), "compilations": counts})
+            "compile_seconds": round(clock.seconds, 1),
+            "compile_blocking_seconds": round(clock.blocking, 1), "compilations": counts})
     return summary
 
 
-def _search(config, wd: Workdir) -> tuple[dict, dict]:
-    search = Search(config, wd)
+def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict]:
+    search = Search(config, wd, clock)
     strategies = [s for s in ORDER if s in config.search.strategies]
     rows = wd.results()
     if "topk" in strategies and "layerwise" not in strategies and not any(
@@ -355,6 +386,15 @@ def _search(config, wd: Workdir) -> tuple[dict, dict]:
     log.info("Searching %s: %d candidate runs (%d done), strategies %s, trainable from unit %s",
              config.model.name, total, len(done_keys), ", ".join(strategies), top_unit)
 
+    # Create the engines up front: each compiles its steps in the background, `full`'s while
+    # the other candidates train.
+    to_do = lambda names: any((name, seed) not in done_keys for name in names
+                              for seed in range(config.train.seeds))
+    topk_names = [f"topk:{k}" for k in config.search.topk] if "topk" in strategies else []
+    if top_unit is not None and to_do([g.candidate for g in shared] + topk_names):
+        search.engine_for(top_unit)
+    if "full" in strategies and to_do([g.candidate for g in planned["full"]]):
+        search.engine_for(first_unit)
     for strategy in strategies:
         if strategy == "topk":
             ranking = [c["layers"][0] for c in rank([r for r in wd.results()
@@ -372,6 +412,7 @@ def _search(config, wd: Workdir) -> tuple[dict, dict]:
         if count["train"] > 1:
             log.warning("The train step from unit %s compiled %d times", unit, count["train"])
     log.info("Compilations in this run: %s", counts)
+    search.compiler.shutdown(cancel_futures=True)
     summary = summarize(config, wd.results(), len(from_units))
     wd.write_json("summary.json", summary)
     if wd.writer:

@@ -209,6 +209,29 @@ class Engine:
 
     # -- host-side helpers ---------------------------------------------------------------------
 
+    def compile_steps(self, variables, mask, bn_modes, batch_size: int,
+                      image_shape: tuple[int, int, int]) -> None:
+        """Traces and compiles the train and eval steps for global batches of `batch_size`
+        images, without running them. JAX keeps what it compiled, so the first real step finds
+        it ready; run on a background thread, compilation overlaps with other work (the prefix
+        feature pass, other candidates' training). `mask` and `bn_modes` are any candidate's
+        (only their structure matters)."""
+        # Shardings as the real arguments will have them: they are part of JAX's cache key.
+        repl, batch = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
+        like = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8)
+        if self.cached:
+            images = jax.eval_shape(self._prefix, variables, images)
+        images = like(images, batch)
+        labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch)
+        weights = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=batch)
+        state = jax.tree.map(lambda x: like(x, repl),
+                             jax.eval_shape(self._init_state_fn, variables))
+        evaluated = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        self.train_step.lower(state, mask, bn_modes, images, labels, weights,
+                              jax.random.key(0)).compile()
+        self.eval_step.lower(evaluated, images, labels, weights).compile()
+
     def init_state(self, variables) -> dict:
         """A fresh train state (new buffers: the train step donates its state)."""
         return self._init_state(variables)

@@ -40,6 +40,11 @@ def test_every_strategy_and_output(finished):
     assert {r["strategy"] for r in rows} == set(groups.STRATEGIES)
     assert set(summary["strategies"]) == set(groups.STRATEGIES)
     assert summary["train_step_compilations"] == 2
+    # Each engine's steps compiled once (ahead, in the background) and were reused.
+    run_record = json.loads((workdir / "runs.jsonl").read_text().splitlines()[-1])
+    counts = {unit: (c["train"], c["eval"]) for unit, c in run_record["compilations"].items()}
+    assert len(counts) == 2 and "stem" in counts and set(counts.values()) == {(1, 1)}, counts
+    assert 0 < run_record["compile_blocking_seconds"] <= run_record["compile_seconds"]
     for name in ("summary.json", "report.md", "report.png", "config.json"):
         assert (workdir / name).exists(), name
     report = (workdir / "report.md").read_text()

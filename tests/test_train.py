@@ -1,6 +1,7 @@
 """The engine's guarantees, on CPU: masks and BN modes are exact, one compilation serves every
-candidate, the prefix cache and the gradient cut change nothing, data parallelism (one host,
+candidate (and can happen ahead, on another thread), the prefix cache and the gradient cut change nothing, data parallelism (one host,
 and two processes) agrees with one device, and bfloat16 compute keeps float32 parameters."""
+import concurrent.futures
 import os
 import pathlib
 import socket
@@ -248,6 +249,34 @@ def test_prefix_cache_is_exact(engine_b1, engine_b1_cached, variables, table, sp
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
     assert_close_states(got, want)
     assert_masked_training(variables, got, table, CANDIDATE, False)
+
+
+def test_steps_compiled_ahead_on_a_thread_are_reused(model, variables, table, split):
+    """compile_steps (as the search runs it, on a background thread) leaves nothing for the
+    real steps to trace or compile: same shapes, shardings and structure as the real calls."""
+    engine = make_engine(model, "block_1", cached=True, optimizer="adam", table=table)
+    mask, bn_modes = candidate(variables, table, CANDIDATE)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(engine.compile_steps, variables, *candidate(variables, table, ()), BATCH,
+                    (SIZE, SIZE, 3)).result()
+    assert engine.compilations == {"train": 1, "eval": 1, "features": 0}
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(str(kwargs.get("fun_name")))
+
+    features = engine.features(variables, split, BATCH)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, _, _ = train.train_epoch(engine, engine.init_state(variables), mask, bn_modes,
+                                        features, BATCH, 0, 0, jax.random.key(0))
+        train.evaluate(engine, {"params": state["params"], "batch_stats": state["batch_stats"]},
+                       features, BATCH)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert engine.compilations == {"train": 1, "eval": 1, "features": 1}
+    assert not [name for name in compiled if "_step" in name], compiled
 
 
 # --- 4. cutting the gradient at from_unit --------------------------------------------------------
