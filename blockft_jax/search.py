@@ -144,7 +144,8 @@ class Search:
             first = from_unit == self.module.unit_names()[0]
             cached = c.train.prefix_cache and not any(augment.values()) and not first
             engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
-                                  augment=None if cached else augment, table=self.table)
+                                  augment=None if cached else augment, table=self.table,
+                                  prefix_chunk_bytes=train.default_prefix_chunk_bytes())
             # Compiles while the prefix features are computed and, for `full`'s engine
             # (created at the start of the search), while the other candidates train.
             self.compiling[from_unit] = self.compiler.submit(

@@ -90,6 +90,12 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), ("data",))
 
 
+def default_prefix_chunk_bytes() -> int | None:
+    """Micro-batching of the frozen prefix: on CPU, about half of a server's L3 cache per
+    micro-batch (16 MiB; measured on a 32 MiB-L3 EPYC); off on accelerators."""
+    return 16 * 2**20 if jax.default_backend() == "cpu" else None
+
+
 @dataclasses.dataclass
 class Engine:
     """Compiled steps for one model and one lowest trainable unit (`from_unit`).
@@ -107,6 +113,12 @@ class Engine:
     # parameters at or above `from_unit` (the rest can never train in this engine), which
     # makes steps of top-of-network candidates much cheaper. Without it, all parameters.
     table: list | None = None
+    # Run the frozen prefix (inference mode: images are independent) over micro-batches whose
+    # activations stay in cache, instead of the whole batch at once: on CPU, where the wide
+    # early layers are memory-bound, this measured 1.5-2x faster for the MobileNets (see
+    # docs/performance.md). Bytes of the largest prefix activation per micro-batch and device;
+    # None: off (the default elsewhere: accelerators want the whole batch).
+    prefix_chunk_bytes: int | None = None
     compilations: dict = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0,
                                                                     "features": 0})
 
@@ -140,10 +152,34 @@ class Engine:
 
     def _prefix(self, variables, images):
         """Preprocess, and run the frozen units below `from_unit` (BN in inference mode)."""
-        x = data_lib.preprocess(images, self.preprocessing)
-        if self.prefix_to is None:
-            return x
-        return self.module.apply(variables, x, train=False, to_unit=self.prefix_to)
+        def run(x):
+            x = data_lib.preprocess(x, self.preprocessing)
+            if self.prefix_to is None:
+                return x
+            return self.module.apply(variables, x, train=False, to_unit=self.prefix_to)
+
+        size = images.shape[0]
+        chunk = self._prefix_chunk(size)
+        if chunk is None:
+            return run(images)
+        # Chunk k holds rows k, k + n, k + 2n, ...: spread over the 'data' axis like the batch.
+        n = size // chunk
+        xs = images.reshape(chunk, n, *images.shape[1:]).swapaxes(0, 1)
+        ys = jax.lax.map(run, xs)
+        return ys.swapaxes(0, 1).reshape(size, *ys.shape[2:])
+
+    def _prefix_chunk(self, size: int) -> int | None:
+        """Rows per prefix micro-batch for a global batch of `size`, or None for one pass."""
+        if self.prefix_chunk_bytes is None or self.prefix_to is None or self.table is None:
+            return None
+        names = self.module.unit_names()
+        below = names[:names.index(self.from_unit)]
+        largest = max(math.prod(r.output_shape[1:]) * 4 for r in self.table if r.unit in below)
+        devices = self.mesh.shape["data"]
+        per_device = max(1, self.prefix_chunk_bytes // largest)
+        chunk = next(c for c in range(per_device * devices, 0, -1)
+                     if c % devices == 0 and size % c == 0) if size % devices == 0 else None
+        return chunk if chunk is not None and chunk < size else None
 
     def _inputs(self, state, images, rng):
         if self.cached:

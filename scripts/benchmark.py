@@ -199,7 +199,8 @@ def run_blockft(args) -> dict:
                                      "epochs": args.epochs + 1})
     tx = train.make_optimizer(cfg, (args.epochs + 1) * steps_per_epoch)
     mesh = train.data_mesh()
-    engine = train.Engine(module, tx, from_unit, mesh, cached=cached, table=table)
+    engine = train.Engine(module, tx, from_unit, mesh, cached=cached, table=table,
+                          prefix_chunk_bytes=train.default_prefix_chunk_bytes())
     mask = groups.param_mask(variables["params"], table, layers)
     bn_modes = groups.bn_modes(table, layers)
     rng = jax.random.key(args.seed)

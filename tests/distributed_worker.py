@@ -54,7 +54,8 @@ def train_steps(mesh, variables, images, labels, layers):
                            num_classes=MODEL["num_classes"])
     table = models.layer_table(module, images.shape[1:])
     tx = train.make_optimizer(ml_collections.ConfigDict(OPTIMIZER), 10)
-    engine = train.Engine(module, tx, FROM_UNIT, mesh)
+    # prefix_chunk_bytes=1: the frozen prefix runs in micro-batches of one row per device.
+    engine = train.Engine(module, tx, FROM_UNIT, mesh, table=table, prefix_chunk_bytes=1)
     mask = groups.param_mask(variables["params"], table, layers)
     bn_modes = groups.bn_modes(table, layers)
     state = engine.init_state(variables)
@@ -82,7 +83,10 @@ def prefix_features(mesh, variables, images, labels):
     module = models.create(MODEL["name"], width=MODEL["width"], blocks=MODEL["blocks"],
                            num_classes=MODEL["num_classes"])
     tx = train.make_optimizer(ml_collections.ConfigDict(OPTIMIZER), 10)
-    engine = train.Engine(module, tx, FROM_UNIT, mesh, cached=True)
+    table = models.layer_table(module, images.shape[1:])
+    engine = train.Engine(module, tx, FROM_UNIT, mesh, cached=True, table=table,
+                          prefix_chunk_bytes=1)
+    assert engine._prefix_chunk(BATCH_SIZE) == mesh.shape["data"]
     features = engine.features(variables, data.Split(images, labels), BATCH_SIZE)
     assert features.images.shape[0] == len(labels), features.images.shape
     return features.images

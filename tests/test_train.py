@@ -34,12 +34,13 @@ def create_model(**options):
                          **options)
 
 
-def make_engine(module, from_unit, *, optimizer="sgd", cached=False, table=None):
+def make_engine(module, from_unit, *, optimizer="sgd", cached=False, table=None,
+                prefix_chunk_bytes=None):
     cfg = ml_collections.ConfigDict(
         {**worker.OPTIMIZER, "optimizer": optimizer,
          "learning_rate": 1e-3 if optimizer == "adam" else worker.OPTIMIZER["learning_rate"]})
     return train.Engine(module, train.make_optimizer(cfg, 100), from_unit, train.data_mesh(),
-                        cached=cached, table=table)
+                        cached=cached, table=table, prefix_chunk_bytes=prefix_chunk_bytes)
 
 
 def flat(tree):
@@ -277,6 +278,29 @@ def test_steps_compiled_ahead_on_a_thread_are_reused(model, variables, table, sp
         jax.monitoring.unregister_event_duration_listener(listener)
     assert engine.compilations == {"train": 1, "eval": 1, "features": 1}
     assert not [name for name in compiled if "_step" in name], compiled
+
+
+def test_prefix_in_micro_batches_changes_nothing(engine_b1, engine_b1_cached, model, variables,
+                                                 table, split):
+    """The frozen prefix run over micro-batches (CPU's cache-friendly default) gives the whole
+    batch's features and training, in both the cached and the uncached engine."""
+    chunked = make_engine(model, "block_1", cached=True, table=table, prefix_chunk_bytes=1)
+    assert chunked._prefix_chunk(BATCH) == 1 and chunked._prefix_chunk(7) == 1
+    largest = max(np.prod(r.output_shape[1:]) * 4 for r in table if r.unit == "stem")
+    assert make_engine(model, "block_1", table=table,
+                       prefix_chunk_bytes=int(3 * largest))._prefix_chunk(BATCH) == 2
+    assert make_engine(model, "block_1", table=table,
+                       prefix_chunk_bytes=int(100 * largest))._prefix_chunk(BATCH) is None
+    want = engine_b1_cached.features(variables, split, BATCH)
+    got = chunked.features(variables, split, BATCH)
+    np.testing.assert_allclose(got.images, want.images, rtol=1e-6, atol=1e-6)
+
+    mask, bn_modes = candidate(variables, table, CANDIDATE)
+    want_state, want_losses = run(engine_b1, variables, mask, bn_modes, split)
+    uncached = make_engine(model, "block_1", table=table, prefix_chunk_bytes=1)
+    got_state, got_losses = run(uncached, variables, mask, bn_modes, split)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    assert_close_states(got_state, want_state)
 
 
 # --- 4. cutting the gradient at from_unit --------------------------------------------------------
