@@ -3,7 +3,8 @@
 
   python scripts/benchmark.py --model mobilenet_v2 --trainable block_16 --batch 32 --size 224 \
       --images 192 --epochs 5 --frameworks blockft_jax,keras_tf,keras_jax [--no-cache] [--width 1.0]
-  python scripts/benchmark.py --all [--no-cache] ...    # every row of ROWS, as a markdown table
+  python scripts/benchmark.py --all ...    # every row of ROWS, every framework, markdown table
+  python scripts/benchmark.py --input-check --mock-data --no-cache ...   # input pipeline check
 
 The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
 with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
@@ -29,6 +30,11 @@ images/s = epochs x images / wall seconds.
                train.fit's without validation: data.batches (shuffled per epoch) ->
                data.global_batch -> engine.train_step -> device_get(metrics) each step.
                uint8 images go to the device and are preprocessed inside the step.
+  blockft_jax_step  blockft_jax with --no-cache: both levels side by side in one command.
+
+`--input-check` (blockft_jax only) times the input pipeline -- tf_flowers through
+data.load_dataset, then the per-step host work of train.train_epoch -- against synthetic
+batches built on the device once, with the same engine and epochs interleaved.
 
 Per framework it reports images/s, warm-up (compile) seconds, peak resident memory
 (ru_maxrss of the subprocess) and the ratios blockft_jax/keras_tf and blockft_jax/keras_jax.
@@ -48,8 +54,10 @@ import subprocess
 import sys
 import time
 
-FRAMEWORKS = ("blockft_jax", "keras_tf", "keras_jax")
+# blockft_jax_step: blockft_jax at the step level (no prefix cache), as --no-cache makes it.
+FRAMEWORKS = ("blockft_jax", "blockft_jax_step", "keras_tf", "keras_jax")
 KERAS_BACKEND = {"keras_tf": "tensorflow", "keras_jax": "jax"}
+OURS = ("blockft_jax", "blockft_jax_step")
 ROWS = (("mobilenet_v2", "block_16"), ("mobilenet_v2", "all"), ("mobilenet_v2", "head"),
         ("mobilenet_v1", "conv_pw_13"), ("mobilenet_v3_large", "expanded_conv_14"),
         ("resnet50_v2", "conv5_block3"), ("vgg16", "block5"))
@@ -170,16 +178,15 @@ def random_variables(module, shape, seed):
     return variables
 
 
-def run_blockft(args) -> dict:
+def blockft_setup(args):
+    """The engine and the candidate for `--model`/`--trainable`, as a namespace."""
+    import types
+
     import jax
     import ml_collections
-    import numpy as np
-    from flax import traverse_util
 
-    from blockft_jax import data, groups, models, train
+    from blockft_jax import groups, models, train
 
-    images, labels = synthetic_data(args.images, args.size, args.seed)
-    split = data.Split(images, labels)
     module = models.create(args.model, num_classes=NUM_CLASSES, width=args.width)
     shape = (args.size, args.size, 3)
     table = models.layer_table(module, shape)
@@ -203,7 +210,24 @@ def run_blockft(args) -> dict:
                           prefix_chunk_bytes=train.default_prefix_chunk_bytes())
     mask = groups.param_mask(variables["params"], table, layers)
     bn_modes = groups.bn_modes(table, layers)
-    rng = jax.random.key(args.seed)
+    return types.SimpleNamespace(module=module, table=table, variables=variables, layers=layers,
+                                 from_unit=from_unit, cached=cached, engine=engine, mask=mask,
+                                 bn_modes=bn_modes, rng=jax.random.key(args.seed))
+
+
+def run_blockft(args) -> dict:
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    from blockft_jax import data, train
+
+    images, labels = synthetic_data(args.images, args.size, args.seed)
+    split = data.Split(images, labels)
+    job = blockft_setup(args)
+    module, table, variables, layers = job.module, job.table, job.variables, job.layers
+    engine, mask, bn_modes, rng = job.engine, job.mask, job.bn_modes, job.rng
+    from_unit, cached = job.from_unit, job.cached
 
     def one_epoch(state, inputs, epoch):
         """train.fit's epoch, without validation: what a user waits for per epoch."""
@@ -251,9 +275,87 @@ def run_blockft(args) -> dict:
                          "device_count": jax.device_count()}}
 
 
+def pipeline_data(args):
+    """`--images` training images of tf_flowers through blockft_jax's input pipeline
+    (data.load_dataset: TFDS, decode, resize, carve, cache), and the seconds that took."""
+    import tempfile
+
+    from blockft_jax import data
+
+    def load(data_dir):
+        started = time.perf_counter()
+        dataset = data.load_dataset("tf_flowers", image_size=args.size, data_dir=data_dir)
+        train = dataset.train
+        if len(train.labels) < args.images:
+            raise ValueError(f"tf_flowers' train split has {len(train.labels)} images; "
+                             f"--images {args.images} asks for more.")
+        return data.Split(train.images[:args.images], train.labels[:args.images] % NUM_CLASSES), \
+            time.perf_counter() - started
+
+    if not args.mock_data:
+        return load(None)
+    import tensorflow_datasets as tfds
+    with tempfile.TemporaryDirectory() as tmp, \
+            tfds.testing.mock_data(num_examples=math.ceil(args.images / 0.7) + 10):
+        return load(tmp)
+
+
+def run_input_check(args) -> dict:
+    """One engine, two inputs, epochs interleaved: (a) the input pipeline -- tf_flowers images
+    loaded by data.load_dataset, then train.train_epoch's per-step host work (shuffle, gather,
+    pad, data.global_batch); (b) synthetic batches built on the device once and reused. The
+    steps and the per-step metrics fetch are the same; only the input differs."""
+    import jax
+
+    from blockft_jax import data, train
+
+    job = blockft_setup(args)
+    engine = job.engine
+    split, load_s = pipeline_data(args)
+    if job.cached:
+        split = engine.features(job.variables, split, args.batch)
+    synthetic = data.Split(*synthetic_data(args.images, args.size, args.seed))
+    if job.cached:
+        synthetic = engine.features(job.variables, synthetic, args.batch)
+    resident = [data.global_batch(b, engine.mesh)
+                for b in data.batches(synthetic, args.batch, shuffle_rng=None)]
+
+    def device_epoch(state):
+        for gb in resident:
+            state, metrics = engine.train_step(state, job.mask, job.bn_modes, gb.images,
+                                               gb.labels, gb.mask, job.rng)
+            jax.device_get(metrics)
+        return state
+
+    def pipeline_epoch(state, epoch):
+        return train.train_epoch(engine, state, job.mask, job.bn_modes, split, args.batch,
+                                 args.seed, epoch, job.rng)[0]
+
+    state = engine.init_state(job.variables)
+    state = jax.block_until_ready(device_epoch(pipeline_epoch(state, 0)))  # warm-up
+    seconds = {"pipeline": 0.0, "device_resident": 0.0}
+    for epoch in range(1, args.epochs + 1):
+        started = time.perf_counter()
+        state = jax.block_until_ready(pipeline_epoch(state, epoch))
+        seconds["pipeline"] += time.perf_counter() - started
+        started = time.perf_counter()
+        state = jax.block_until_ready(device_epoch(state))
+        seconds["device_resident"] += time.perf_counter() - started
+    rates = {k: args.epochs * args.images / v for k, v in seconds.items()}
+    return {"images_per_s": rates["pipeline"], "device_resident_images_per_s":
+            rates["device_resident"], "pipeline_ratio": rates["pipeline"] / rates["device_resident"],
+            "load_s": load_s, "mock_data": args.mock_data, "cached": job.cached,
+            "from_unit": job.from_unit, "compilations": dict(engine.compilations)}
+
+
 def worker(args):
     try:
-        result = run_blockft(args) if args.worker == "blockft_jax" else run_keras(args)
+        if args.input_check:
+            result = run_input_check(args)
+        elif args.worker == "blockft_jax":
+            result = run_blockft(args)
+        else:
+            result = run_keras(args)
         result["ok"] = True
     except Exception as e:  # report, don't crash: the parent prints it and goes on
         import traceback
@@ -266,12 +368,18 @@ def worker(args):
 
 def launch(framework: str, model: str, trainable: str, args) -> dict:
     """Runs one framework in its own subprocess; never raises."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework,
+    no_cache = args.no_cache or framework == "blockft_jax_step"
+    worker = "blockft_jax" if framework == "blockft_jax_step" else framework
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker,
            "--model", model, "--trainable", trainable, "--batch", str(args.batch),
            "--size", str(args.size), "--images", str(args.images), "--epochs", str(args.epochs),
            "--width", str(args.width), "--seed", str(args.seed)]
-    if args.no_cache:
+    if no_cache:
         cmd.append("--no-cache")
+    if args.input_check:
+        cmd.append("--input-check")
+    if args.mock_data:
+        cmd.append("--mock-data")
     env = dict(os.environ)
     env.pop("KERAS_BACKEND", None)
     if framework in KERAS_BACKEND:
@@ -307,7 +415,7 @@ def ratio(results, a, b) -> float:
 
 def parity_notes(results) -> list[str]:
     """Does blockft_jax train exactly the layers (and parameter count) Keras trains?"""
-    ours = results.get("blockft_jax", {})
+    ours = next((results[fw] for fw in OURS if results.get(fw, {}).get("ok")), {})
     if not ours.get("ok"):
         return []
     notes = []
@@ -337,7 +445,13 @@ def _fmt(value, spec=".2f"):
 
 
 def run_row(model, trainable, args, frameworks) -> dict:
-    return {fw: launch(fw, model, trainable, args) for fw in frameworks}
+    results = {}
+    for fw in frameworks:
+        if fw == "blockft_jax_step" and results.get("blockft_jax", {}).get("cached") is False:
+            results[fw] = results["blockft_jax"]  # no frozen prefix: the same run
+        else:
+            results[fw] = launch(fw, model, trainable, args)
+    return results
 
 
 def print_row(model, trainable, args, frameworks, results, file=None):
@@ -352,7 +466,7 @@ def print_row(model, trainable, args, frameworks, results, file=None):
         r = results[fw]
         if r.get("ok"):
             note = ""
-            if fw == "blockft_jax":
+            if fw in OURS:
                 note = (f"{r['level']}, from_unit={r['from_unit']}, "
                         f"compilations={r['compilations']}")
                 if r["cached"]:
@@ -372,53 +486,54 @@ def print_row(model, trainable, args, frameworks, results, file=None):
             print(f"{fw} FAILED: {r.get('error')}")
             if r.get("log"):
                 print("  " + "\n  ".join(r["log"].strip().splitlines()[-15:]))
-    if "blockft_jax" in frameworks:
-        for other in ("keras_tf", "keras_jax"):
-            if other in frameworks:
-                print(f"ratio blockft_jax/{other} = {_fmt(ratio(results, 'blockft_jax', other))}")
+    for ours in OURS:
+        for other in KERAS_BACKEND:
+            if ours in frameworks and other in frameworks:
+                print(f"ratio {ours}/{other} = {_fmt(ratio(results, ours, other))}")
     for note in parity_notes(results):
         print(note)
-    ours = results.get("blockft_jax", {})
-    if ours.get("ok") and ours["compilations"].get("train", 0) > 1:
-        print(f"WARNING blockft_jax compiled its train step {ours['compilations']['train']} "
-              "times (expected once)")
+    for fw in OURS:
+        ours = results.get(fw, {})
+        if ours.get("ok") and ours["compilations"].get("train", 0) > 1:
+            print(f"WARNING {fw} compiled its train step {ours['compilations']['train']} "
+                  "times (expected once)")
     print()
 
 
 def print_all_table(args, frameworks, table):
     print(f"# blockft_jax vs Keras 3: batch {args.batch}, {args.size}px, {args.images} images, "
-          f"{args.epochs} epochs, width {args.width}, "
-          f"{'step level (--no-cache)' if args.no_cache else 'fine-tuning level (prefix cache)'}")
+          f"{args.epochs} epochs, width {args.width}")
     print()
-    head = ["model", "trainable", "from_unit"]
+    ratios = [(a, b) for a in OURS for b in KERAS_BACKEND if a in frameworks and b in frameworks]
+    head = ["model", "trainable", "from unit"]
     head += [f"{fw} img/s" for fw in frameworks]
+    head += [f"{a}/{b}" for a, b in ratios]
     head += [f"{fw} compile s" for fw in frameworks]
     head += [f"{fw} peak MB" for fw in frameworks]
-    others = [o for o in ("keras_tf", "keras_jax") if o in frameworks and "blockft_jax" in frameworks]
-    head += [f"blockft_jax/{o}" for o in others]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * 3 + "---:|" * (len(head) - 3))
     failures, warnings = [], []
     for (model, trainable), results in table:
-        ours = results.get("blockft_jax", {})
-        cells = [model, trainable, ours.get("from_unit", "") + (" (cached)" if ours.get("cached")
-                                                                 else "")]
+        ours = next((results[fw] for fw in OURS if results.get(fw, {}).get("ok")), {})
+        cells = [model, trainable, ours.get("from_unit", "")]
         get = lambda fw, k, spec: _fmt(results[fw].get(k) if results[fw].get("ok") else None, spec)
         cells += [get(fw, "images_per_s", ".2f") for fw in frameworks]
+        cells += [f"**{_fmt(ratio(results, a, b))}**" for a, b in ratios]
         cells += [get(fw, "compile_s", ".1f") for fw in frameworks]
         cells += [get(fw, "peak_rss_mb", ".0f") for fw in frameworks]
-        cells += [_fmt(ratio(results, "blockft_jax", o)) for o in others]
         print("| " + " | ".join(cells) + " |")
         failures += [f"{model}/{trainable}/{fw}: {r.get('error')}"
                      for fw, r in results.items() if not r.get("ok")]
         warnings += [f"{model}/{trainable}: {n}" for n in parity_notes(results)
                      if n.startswith("WARNING")]
     print()
-    print("Note: images/s = epochs x images / wall seconds of the timed epochs, after a warm-up "
-          "run (compile s: includes one epoch). Each framework ran in its own process, one "
-          "after another; peak MB is that process's ru_maxrss. "
-          + ("blockft_jax ran the step level: no prefix cache. " if args.no_cache else
-             "blockft_jax's timed region includes computing the cached prefix features. ")
+    print("images/s = epochs x images / wall seconds of the timed epochs, after a warm-up run "
+          "(compile s: the warm-up, which includes one epoch). Each framework ran in its own "
+          "process, one after another; peak MB is that process's ru_maxrss. blockft_jax: the "
+          "fine-tuning level (prefix cache; its timed region includes computing the cached "
+          "features); blockft_jax_step: the step level (no cache; the frozen units below the "
+          "lowest trained unit run in every step). Where nothing is frozen below the trained "
+          "layers (`all`) both levels are the same run. "
           + ("Failures: " + "; ".join(failures) + ". " if failures else "")
           + ("Parity warnings: " + "; ".join(warnings) + "." if warnings
              else "Trained sets matched Keras's in every row where both ran."))
@@ -439,7 +554,17 @@ def main(argv=None):
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     parser.add_argument("--no-cache", action="store_true",
                         help="blockft_jax at the step level: no prefix cache")
-    parser.add_argument("--all", action="store_true", help="run every row of ROWS")
+    parser.add_argument("--all", action="store_true",
+                        help="run every row of ROWS (by default with every framework: both "
+                             "blockft_jax levels, Keras on TensorFlow and on JAX)")
+    parser.add_argument("--input-check", action="store_true",
+                        help="blockft_jax only: its input pipeline (tf_flowers through "
+                             "data.load_dataset; TFDS mock data with --mock-data) against "
+                             "synthetic batches already on the device, same engine, epochs "
+                             "interleaved")
+    parser.add_argument("--mock-data", action="store_true",
+                        help="with --input-check: tfds.testing.mock_data stands in for "
+                             "tf_flowers (offline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker-timeout", type=float, default=3600.0,
                         help="seconds allowed to each framework's subprocess")
@@ -458,6 +583,25 @@ def main(argv=None):
                         (args.images, "--images"), (args.epochs, "--epochs")):
         if value < 1:
             parser.error(f"{name} must be >= 1")
+
+    if args.input_check:
+        if args.model not in models.MODEL_NAMES:
+            parser.error(f"--model {args.model!r}: choose from {', '.join(models.MODEL_NAMES)}")
+        r = launch("blockft_jax_step" if args.no_cache else "blockft_jax", args.model,
+                   args.trainable, args)
+        if not r.get("ok"):
+            print(f"input check FAILED: {r.get('error')}\n{r.get('log', '')}")
+            sys.exit(1)
+        print(f"## input pipeline: {args.model}, trainable={args.trainable}, "
+              f"{'step level' if not r['cached'] else 'fine-tuning level (prefix cache)'}, "
+              f"from unit {r['from_unit']}, batch {args.batch}, {args.size}px, "
+              f"{args.images} images, {args.epochs} epochs (interleaved)")
+        print(f"tf_flowers{' (TFDS mock data)' if r['mock_data'] else ''} loaded by "
+              f"data.load_dataset in {r['load_s']:.1f} s (once; cached on disk afterwards)")
+        print(f"pipeline images_per_s={r['images_per_s']:.2f}")
+        print(f"device_resident images_per_s={r['device_resident_images_per_s']:.2f}")
+        print(f"ratio pipeline/device_resident = {r['pipeline_ratio']:.3f}")
+        return
 
     if args.all:
         table = []

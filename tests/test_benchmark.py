@@ -1,0 +1,42 @@
+"""scripts/benchmark.py end to end at toy sizes: both blockft_jax levels next to Keras on
+TensorFlow with the same trained set, and the input-pipeline check on TFDS mock data."""
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "benchmark.py"
+TOY = ["--model", "mobilenet_v2", "--trainable", "block_16", "--size", "32", "--images", "16",
+       "--batch", "8", "--epochs", "1"]
+
+
+def run(*extra):
+    proc = subprocess.run([sys.executable, str(SCRIPT), *TOY, *extra], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def rate(out, name):
+    match = re.search(rf"^{name} images_per_s=(\S+)$", out, re.M)
+    assert match, out
+    return float(match.group(1))
+
+
+def test_both_levels_next_to_keras_with_the_same_trained_set():
+    out = run("--frameworks", "blockft_jax,blockft_jax_step,keras_tf")
+    for name in ("blockft_jax", "blockft_jax_step", "keras_tf"):
+        value = rate(out, name)
+        assert math.isfinite(value) and value > 0, out
+    assert "trained set matches keras_tf: 6 weighted backbone layers + head" in out
+    assert re.search(r"^ratio blockft_jax_step/keras_tf = \d", out, re.M), out
+    assert "fine-tuning (prefix cache), from_unit=block_16" in out
+    assert "| blockft_jax_step |" in out and "| step, from_unit=block_16" in out
+
+
+def test_input_pipeline_check_on_mock_tf_flowers():
+    out = run("--input-check", "--mock-data", "--no-cache")
+    assert "tf_flowers (TFDS mock data) loaded by data.load_dataset" in out
+    assert rate(out, "pipeline") > 0 and rate(out, "device_resident") > 0
+    assert re.search(r"^ratio pipeline/device_resident = \d", out, re.M), out
