@@ -328,9 +328,10 @@ class FitResult:
 
 def evaluate(engine: Engine, variables, split: data_lib.Split, batch_size: int) -> dict:
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    for batch in data_lib.batches(split, batch_size, shuffle_rng=None):
-        gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
-        out = jax.device_get(engine.eval_step(variables, gb.images, gb.labels, gb.mask))
+    outs = [engine.eval_step(variables, gb.images, gb.labels, gb.mask)
+            for gb in (data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
+                       for batch in data_lib.batches(split, batch_size, shuffle_rng=None))]
+    for out in jax.device_get(outs):  # one fetch: the steps run back to back
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["count"], 1.0)
@@ -342,11 +343,15 @@ def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split,
     """One pass over `split` in a (seed, epoch)-determined order: (state, loss, accuracy)."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     shuffle = np.random.default_rng([seed, epoch])
+    metrics = []
     for batch in data_lib.batches(split, batch_size, shuffle_rng=shuffle):
         gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
-        state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels,
-                                           gb.mask, rng)
-        m = jax.device_get(metrics)
+        state, step_metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels,
+                                                gb.mask, rng)
+        metrics.append(step_metrics)
+    # Fetched once per epoch, not per step: the host prepares the next batch while the device
+    # still runs this one.
+    for m in jax.device_get(metrics):
         sums["loss"] += float(m["loss"]) * float(m["count"])
         sums["correct"] += float(m["correct"])
         sums["count"] += float(m["count"])

@@ -28,7 +28,7 @@ images/s = epochs x images / wall seconds.
                features (engine.features) once, since users wait for it. `--no-cache` (the step
                level): cached=False, every step runs the frozen prefix too. The loop is
                train.fit's without validation: data.batches (shuffled per epoch) ->
-               data.global_batch -> engine.train_step -> device_get(metrics) each step.
+               data.global_batch -> engine.train_step, metrics fetched once per epoch.
                uint8 images go to the device and are preprocessed inside the step.
   blockft_jax_step  blockft_jax with --no-cache: both levels side by side in one command.
 
@@ -304,7 +304,7 @@ def run_input_check(args) -> dict:
     """One engine, two inputs, epochs interleaved: (a) the input pipeline -- tf_flowers images
     loaded by data.load_dataset, then train.train_epoch's per-step host work (shuffle, gather,
     pad, data.global_batch); (b) synthetic batches built on the device once and reused. The
-    steps and the per-step metrics fetch are the same; only the input differs."""
+    steps and the metrics fetch are the same; only the input differs."""
     import jax
 
     from blockft_jax import data, train
@@ -320,11 +320,13 @@ def run_input_check(args) -> dict:
     resident = [data.global_batch(b, engine.mesh)
                 for b in data.batches(synthetic, args.batch, shuffle_rng=None)]
 
-    def device_epoch(state):
+    def device_epoch(state):  # train.train_epoch's loop, minus the input pipeline
+        metrics = []
         for gb in resident:
-            state, metrics = engine.train_step(state, job.mask, job.bn_modes, gb.images,
-                                               gb.labels, gb.mask, job.rng)
-            jax.device_get(metrics)
+            state, step_metrics = engine.train_step(state, job.mask, job.bn_modes, gb.images,
+                                                    gb.labels, gb.mask, job.rng)
+            metrics.append(step_metrics)
+        jax.device_get(metrics)
         return state
 
     def pipeline_epoch(state, epoch):
