@@ -247,7 +247,8 @@ class Engine:
 
     def compile_steps(self, variables, mask, bn_modes, batch_size: int,
                       image_shape: tuple[int, int, int]) -> None:
-        """Traces and compiles the train and eval steps for global batches of `batch_size`
+        """Traces and compiles the train and eval steps (and init_state, for `variables` as
+        they will be passed: host or device arrays) for global batches of `batch_size`
         images, without running them. JAX keeps what it compiled, so the first real step finds
         it ready; run on a background thread, compilation overlaps with other work (the prefix
         feature pass, other candidates' training). `mask` and `bn_modes` are any candidate's
@@ -267,6 +268,7 @@ class Engine:
         self.train_step.lower(state, mask, bn_modes, images, labels, weights,
                               jax.random.key(0)).compile()
         self.eval_step.lower(evaluated, images, labels, weights).compile()
+        self._init_state.lower(variables).compile()
 
     def init_state(self, variables) -> dict:
         """A fresh train state (new buffers: the train step donates its state)."""
