@@ -58,9 +58,11 @@ def test_parameter_count_matches_keras(case):
 def test_outputs_match_keras(case, fmt):
     name, width, size, options = case
     ref = reference(*case)
-    impls = ["native", "shifted"] if name.startswith("mobilenet") else ["auto"]
-    for impl in impls:
-        module = build(name, width, options, depthwise_impl=impl)
+    # Every implementation choice against Keras: native convolutions, and CPU's rewrites.
+    impls = [("native", "native"), ("shifted", "matmul")] if name.startswith("mobilenet") \
+        else [("auto", "native"), ("auto", "matmul")]
+    for depthwise_impl, conv_impl in impls:
+        module = build(name, width, options, depthwise_impl=depthwise_impl, conv_impl=conv_impl)
         variables = weights.load_keras(getattr(ref, fmt), module, (size, size, 3))
         assert set(variables) == {"params", "batch_stats"}
         assert_close(module.apply(variables, ref.x, train=False), ref.y)

@@ -38,7 +38,8 @@ def create(name: str, *, num_classes: int | None = None, width: float = 1.0,
     optional dropout (`dropout_rate`) and a Dense head named `head`.
 
     `width` is Keras's `alpha` (ignored by VGG16 and ResNet50V2). Other options: `dtype`
-    (compute dtype), `depthwise_impl` ('auto', 'native', 'shifted') and per-model ones
+    (compute dtype), `depthwise_impl` ('auto', 'native', 'shifted'), `conv_impl` ('auto',
+    'native', 'matmul': how 1x1 convolutions run; 'auto' = matmul on CPU) and per-model ones
     (`depth_multiplier` for mobilenet_v1, `minimalistic` and `include_preprocessing` for the
     MobileNetV3s).
     """

