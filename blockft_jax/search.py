@@ -148,10 +148,11 @@ class Search:
                                   prefix_chunk_bytes=train.default_prefix_chunk_bytes())
             # Compiles while the prefix features are computed and, for `full`'s engine
             # (created at the start of the search), while the other candidates train.
+            any_mask = groups.param_mask(self.variables["params"], self.table, [])
+            any_bn = groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn)
             self.compiling[from_unit] = self.compiler.submit(
-                engine.compile_steps, self.variables, groups.param_mask(self.variables["params"], self.table, []),
-                groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn),
-                c.data.batch_size, self.shape)
+                engine.compile_steps, self.variables, any_mask, any_bn, c.data.batch_size,
+                self.shape)
             splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                       "test": self.dataset.test}
             if cached:
