@@ -134,8 +134,8 @@ class Engine:
         self.preprocessing = type(self.module).preprocessing
         self.live = None if self.table is None else frozenset(
             r.name for r in self.table if r.has_weights and names.index(r.unit) >= index)
-        repl = NamedSharding(self.mesh, P())
-        batch = NamedSharding(self.mesh, P("data"))
+        repl = self.replicated = NamedSharding(self.mesh, P())
+        batch = self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
                                   in_shardings=(repl, repl, repl, batch, batch, batch, repl),
                                   out_shardings=(repl, repl))
@@ -176,10 +176,12 @@ class Engine:
         below = names[:names.index(self.from_unit)]
         largest = max(math.prod(r.output_shape[1:]) * 4 for r in self.table if r.unit in below)
         devices = self.mesh.shape["data"]
+        if size % devices:
+            return None
         per_device = max(1, self.prefix_chunk_bytes // largest)
-        chunk = next(c for c in range(per_device * devices, 0, -1)
-                     if c % devices == 0 and size % c == 0) if size % devices == 0 else None
-        return chunk if chunk is not None and chunk < size else None
+        # The largest multiple of the device count that divides the batch (`devices` does).
+        chunk = next(c for c in range(per_device * devices, 0, -devices) if size % c == 0)
+        return chunk if chunk < size else None
 
     def _inputs(self, state, images, rng):
         if self.cached:
@@ -254,7 +256,7 @@ class Engine:
         feature pass, other candidates' training). `mask` and `bn_modes` are any candidate's
         (only their structure matters)."""
         # Shardings as the real arguments will have them: they are part of JAX's cache key.
-        repl, batch = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("data"))
+        repl, batch = self.replicated, self.batch_sharding
         like = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8)
         if self.cached:
