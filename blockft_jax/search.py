@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from blockft_jax import data as data_lib
-from blockft_jax import groups, models, pretrained, report, train, weights
+from blockft_jax import groups, models, pretrained, report, scalars, train, weights
 from blockft_jax.groups import Group
 from blockft_jax.workdir import Workdir, finished_keys, jsonable, write_atomic
 
@@ -181,21 +181,28 @@ class Search:
                           self.wd.writer)
         fresh = engine.init_state(self.variables)
         resume = ckpt.restore(fresh) or {"state": fresh}
-        writer = _tensorboard(self.wd.path / "tensorboard" / f"{_slug(group.candidate)}-seed{seed}")
+        writer = (scalars.ScalarWriter(self.wd.path / "tensorboard" /
+                                       f"{_slug(group.candidate)}-seed{seed}")
+                  if self.wd.writer else None)
 
         last_save = [time.perf_counter()]
 
         def on_epoch_end(epoch, state, history):
-            if writer is not None and self.wd.writer:
-                _write_scalars(writer, history[-1], epoch)
+            if writer is not None:
+                writer.scalars({k: v for k, v in history[-1].items()
+                                if isinstance(v, (int, float)) and k != "epoch"}, epoch)
             if time.perf_counter() - last_save[0] >= c.train.checkpoint_seconds:
                 ckpt.save(state, history, epoch)
                 last_save[0] = time.perf_counter()
 
-        result = train.fit(engine, self.variables, mask, bn, splits["train"],
-                           splits["validation"], splits["test"], epochs=c.train.epochs,
-                           batch_size=c.data.batch_size, seed=seed, on_epoch_end=on_epoch_end,
-                           **resume)
+        try:
+            result = train.fit(engine, self.variables, mask, bn, splits["train"],
+                               splits["validation"], splits["test"], epochs=c.train.epochs,
+                               batch_size=c.data.batch_size, seed=seed,
+                               on_epoch_end=on_epoch_end, **resume)
+        finally:
+            if writer is not None:
+                writer.close()
         best_variables = result.best_variables
         if best_variables is None:  # the best epoch came before an interruption
             best_variables = ckpt.best
@@ -223,29 +230,6 @@ def _data_options(c) -> dict:
 
 def _slug(candidate: str) -> str:
     return candidate.replace(":", "-").replace("/", "_")
-
-
-def _tensorboard(path: Path):
-    """A TensorBoard writer (tf.summary: TensorFlow is already here for the input pipeline)."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        log.warning("TensorFlow is not installed: no TensorBoard scalars.")
-        return None
-    try:
-        tf.config.set_visible_devices([], "GPU")  # keep TensorFlow off the GPUs JAX uses
-    except RuntimeError:
-        pass  # already initialised, by the input pipeline, with the same setting
-    return tf.summary.create_file_writer(str(path))
-
-
-def _write_scalars(writer, record: dict, step: int) -> None:
-    import tensorflow as tf
-    with writer.as_default(step=step):
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k != "epoch":
-                tf.summary.scalar(k, v)
-    writer.flush()
 
 
 class Checkpoint:

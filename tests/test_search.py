@@ -5,6 +5,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from blockft_jax import groups, models, search
 from blockft_jax.workdir import WorkdirError
@@ -51,7 +52,15 @@ def test_every_strategy_and_output(finished):
     for label in ("Classifier only", "Full fine-tuning", "Layer-wise", "Top-k", "Blocks",
                   "Sliding window"):
         assert label in report
-    assert list((workdir / "tensorboard").iterdir())
+    # TensorBoard scalars: one run directory per (candidate, seed), one point per epoch.
+    runs = sorted(p.name for p in (workdir / "tensorboard").iterdir())
+    assert len(runs) == len(rows) and "full-seed0" in runs, runs
+    events = event_accumulator.EventAccumulator(str(workdir / "tensorboard" / "full-seed0"))
+    events.Reload()
+    full = next(r for r in rows if r["candidate"] == "full" and r["seed"] == 0)
+    assert [e.step for e in events.Scalars("val_accuracy")] == list(range(1, full["epochs"] + 1))
+    assert events.Scalars("val_accuracy")[full["best_epoch"] - 1].value == pytest.approx(
+        full["val_accuracy"])
 
 
 def test_report_rebuilds_from_the_workdir(finished, tmp_path):
