@@ -297,21 +297,29 @@ def augment(rng: jax.Array, images, *, flip: bool, crop: bool) -> jnp.ndarray:
 
 # ----------------------------------------------------------------------------------- batching
 
-def batches(split: Split, batch_size: int, *, shuffle_rng: np.random.Generator | None
-            ) -> Iterator[Batch]:
-    """ceil(N / batch_size) full-size batches: every example exactly once, shuffled when
-    `shuffle_rng` is given. The last batch is padded with repeats of real examples (mask 0),
-    so the step never sees a new shape. On several hosts, every process must draw the same
-    permutation (same seed) and feed `process_slice` of each batch."""
+def batch_order(n: int, batch_size: int, *, shuffle_rng: np.random.Generator | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The example indices of ceil(n / batch_size) full-size batches, and their mask, both
+    (batches, batch_size): every example exactly once, shuffled when `shuffle_rng` is given.
+    The last batch is padded with repeats of real examples (mask 0), so the step never sees a
+    new shape. On several hosts, every process must draw the same permutation (same seed)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    n = len(split.labels)
     order = shuffle_rng.permutation(n) if shuffle_rng is not None else np.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        mask = (np.arange(batch_size) < len(idx)).astype(np.float32)
-        idx = np.resize(idx, batch_size)  # pads by cycling through the real examples
-        yield Batch(split.images[idx], split.labels[idx].astype(np.int32), mask)
+    steps = -(-n // batch_size)
+    mask = (np.arange(steps * batch_size) < n).astype(np.float32).reshape(steps, batch_size)
+    indices = np.concatenate([np.resize(order[start:start + batch_size], batch_size)
+                              for start in range(0, n, batch_size)] or [np.zeros(0, np.int64)])
+    return indices.reshape(steps, batch_size).astype(np.int32), mask
+
+
+def batches(split: Split, batch_size: int, *, shuffle_rng: np.random.Generator | None
+            ) -> Iterator[Batch]:
+    """The batches of `batch_order` (see there), as host arrays; on several hosts, feed
+    `process_slice` of each batch."""
+    indices, mask = batch_order(len(split.labels), batch_size, shuffle_rng=shuffle_rng)
+    for idx, m in zip(indices, mask):
+        yield Batch(split.images[idx], split.labels[idx].astype(np.int32), m)
 
 
 def process_slice(batch: Batch) -> Batch:

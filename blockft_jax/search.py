@@ -146,23 +146,29 @@ class Search:
             engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
                                   augment=None if cached else augment, table=self.table,
                                   prefix_chunk_bytes=train.default_prefix_chunk_bytes())
+            splits = {"train": self.dataset.train, "validation": self.dataset.validation,
+                      "test": self.dataset.test}
+            # The cache lives in device memory when it fits: then an epoch is one call.
+            on_device = cached and train.fits_on_device(
+                engine.feature_bytes(sum(map(len, splits.values()))),
+                self.mesh)
             # Compiles while the prefix features are computed and, for `full`'s engine
             # (created at the start of the search), while the other candidates train.
             any_mask = groups.param_mask(self.variables["params"], self.table, [])
             any_bn = groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn)
             self.compiling[from_unit] = self.compiler.submit(
                 engine.compile_steps, self.variables, any_mask, any_bn, c.data.batch_size,
-                self.shape)
-            splits = {"train": self.dataset.train, "validation": self.dataset.validation,
-                      "test": self.dataset.test}
+                self.shape, {k: len(v) for k, v in splits.items()} if on_device else None)
             if cached:
                 started = time.perf_counter()
                 splits = {k: engine.features(self.variables, v, c.data.batch_size)
                           for k, v in splits.items()}
                 nbytes = sum(s.images.nbytes for s in splits.values())
+                if on_device:
+                    splits = {k: engine.to_device(v) for k, v in splits.items()}
                 log.info("Prefix cache: units below %s computed once per image (%.1f MB in "
-                         "host memory, %.1f s)", from_unit, nbytes / 2**20,
-                         time.perf_counter() - started)
+                         "%s memory, %.1f s)", from_unit, nbytes / 2**20,
+                         "device" if on_device else "host", time.perf_counter() - started)
             self.engines[from_unit] = (engine, splits)
         return self.engines[from_unit]
 

@@ -4,7 +4,8 @@ What differs between candidates -- which parameters train (a boolean mask shaped
 and which BatchNorm layers use batch statistics -- enters the step as *data*, so the step is
 traced and compiled once per search. The step starts at a unit boundary (`from_unit`): below
 it, the backbone is frozen for every candidate of the search, so no gradient flows there, and its
-output can be computed once per image and cached (`Engine.features`).
+output can be computed once per image and cached (`Engine.features`), in device memory when it
+fits (`Engine.to_device`: then an epoch, batches gathered on the device, is one scanned call).
 """
 from __future__ import annotations
 
@@ -96,6 +97,29 @@ def default_prefix_chunk_bytes() -> int | None:
     return 16 * 2**20 if jax.default_backend() == "cpu" else None
 
 
+def fits_on_device(nbytes: int, mesh: Mesh) -> bool:
+    """Whether `nbytes`, replicated on every device of `mesh`, may live in device memory: on
+    CPU always (device memory is the host memory the cache would take anyway); elsewhere up to a
+    quarter of the smallest device's memory, leaving the rest to the train step."""
+    devices = mesh.devices.reshape(-1)
+    if all(d.platform == "cpu" for d in devices):
+        return True
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices
+              if d.process_index == jax.process_index()]
+    return all(limits) and nbytes <= min(limits) // 4
+
+
+@dataclasses.dataclass
+class DeviceSplit:
+    """A split held whole on every device (replicated): the prefix cache when it fits. Its
+    batches are gathered on the device, and an epoch (or an evaluation) runs in one call."""
+    images: jax.Array  # the prefix's output
+    labels: jax.Array
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
 @dataclasses.dataclass
 class Engine:
     """Compiled steps for one model and one lowest trainable unit (`from_unit`).
@@ -147,6 +171,11 @@ class Engine:
                                  out_shardings=repl)
         self._init_state = jax.jit(self._init_state_fn, in_shardings=(repl,),
                                    out_shardings=repl)
+        # The cached splits in device memory: one call per epoch / per evaluated split.
+        self.train_epoch_on_device = jax.jit(self._train_epoch_fn, donate_argnums=(0,),
+                                             in_shardings=(repl,) * 8, out_shardings=(repl, repl))
+        self.evaluate_on_device = jax.jit(self._evaluate_fn, in_shardings=(repl,) * 5,
+                                          out_shardings=repl)
 
     # -- pure functions, traced once each ------------------------------------------------------
 
@@ -239,6 +268,26 @@ class Engine:
         self.compilations["features"] += 1
         return self._prefix(variables, images)
 
+    def _take(self, split_images, split_labels, indices, weights):
+        """One batch gathered from a device-resident split, laid out like a fed batch."""
+        batch = lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding)
+        return batch(split_images[indices]), batch(split_labels[indices]), batch(weights)
+
+    def _train_epoch_fn(self, state, mask, bn_modes, split_images, split_labels, order, weights,
+                        rng):
+        """`_train_step` over the batches `order` (batches, batch_size) names: one scan."""
+        def step(state, batch):
+            return self._train_step(state, mask, bn_modes,
+                                    *self._take(split_images, split_labels, *batch), rng)
+        return jax.lax.scan(step, state, (order, weights))
+
+    def _evaluate_fn(self, variables, split_images, split_labels, order, weights):
+        """`_eval_step` over the batches `order` names; its outputs stacked per batch."""
+        def step(carry, batch):
+            return carry, self._eval_step(variables,
+                                          *self._take(split_images, split_labels, *batch))
+        return jax.lax.scan(step, None, (order, weights))[1]
+
     def _init_state_fn(self, variables):
         params = jax.tree.map(jnp.copy, variables["params"])
         return {"params": params,
@@ -248,13 +297,16 @@ class Engine:
     # -- host-side helpers ---------------------------------------------------------------------
 
     def compile_steps(self, variables, mask, bn_modes, batch_size: int,
-                      image_shape: tuple[int, int, int]) -> None:
+                      image_shape: tuple[int, int, int],
+                      device_split_sizes: dict[str, int] | None = None) -> None:
         """Traces and compiles the train and eval steps (and init_state, for `variables` as
         they will be passed: host or device arrays) for global batches of `batch_size`
         images, without running them. JAX keeps what it compiled, so the first real step finds
         it ready; run on a background thread, compilation overlaps with other work (the prefix
         feature pass, other candidates' training). `mask` and `bn_modes` are any candidate's
-        (only their structure matters)."""
+        (only their structure matters). `device_split_sizes` ({'train': N, 'validation': N,
+        ...}): the cached splits will be DeviceSplits of these sizes; compile the one-call
+        epoch and evaluation for them instead of the per-batch steps."""
         # Shardings as the real arguments will have them: they are part of JAX's cache key.
         repl, batch = self.replicated, self.batch_sharding
         like = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
@@ -267,18 +319,55 @@ class Engine:
         state = jax.tree.map(lambda x: like(x, repl),
                              jax.eval_shape(self._init_state_fn, variables))
         evaluated = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        self.train_step.lower(state, mask, bn_modes, images, labels, weights,
-                              jax.random.key(0)).compile()
-        self.eval_step.lower(evaluated, images, labels, weights).compile()
         self._init_state.lower(variables).compile()
+        if device_split_sizes is None:
+            self.train_step.lower(state, mask, bn_modes, images, labels, weights,
+                                  jax.random.key(0)).compile()
+            self.eval_step.lower(evaluated, images, labels, weights).compile()
+            return
+        if not self.cached:
+            raise ValueError("Only the prefix cache's splits live in device memory.")
+
+        def split(n):  # a DeviceSplit's arrays and an epoch's batch order, as shapes
+            steps = -(-n // batch_size)
+            return (like(jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype), repl),
+                    jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
+                    jax.ShapeDtypeStruct((steps, batch_size), jnp.int32, sharding=repl),
+                    jax.ShapeDtypeStruct((steps, batch_size), jnp.float32, sharding=repl))
+
+        sizes = dict(device_split_sizes)
+        self.train_epoch_on_device.lower(state, mask, bn_modes, *split(sizes.pop("train")),
+                                         jax.random.key(0)).compile()
+        for n in sorted(set(sizes.values())):
+            self.evaluate_on_device.lower(evaluated, *split(n)).compile()
 
     def init_state(self, variables) -> dict:
         """A fresh train state (new buffers: the train step donates its state)."""
         return self._init_state(variables)
 
+    def feature_bytes(self, images: int) -> int:
+        """Bytes of the prefix cache (float32 features) of `images` images, from the layer
+        table (no tracing): the output of the last layer of the unit below `from_unit`."""
+        if self.table is None or self.prefix_to is None:
+            raise ValueError("feature_bytes needs the layer table and a frozen prefix.")
+        last = [r for r in self.table if r.unit == self.prefix_to][-1]
+        return images * math.prod(last.output_shape[1:]) * 4
+
+    def replicate(self, x: np.ndarray) -> jax.Array:
+        """A host array (the same on every process) whole on every device."""
+        return jax.make_array_from_process_local_data(self.replicated, np.asarray(x), x.shape)
+
+    def to_device(self, split: data_lib.Split) -> DeviceSplit:
+        """A cached split (from `features`) moved into device memory, whole on every device."""
+        if not self.cached:
+            raise ValueError("Only the prefix cache's splits live in device memory.")
+        return DeviceSplit(self.replicate(split.images),
+                           self.replicate(split.labels.astype(np.int32)))
+
     def features(self, variables, split: data_lib.Split, batch_size: int) -> data_lib.Split:
         """The prefix's output for every image of `split`, computed once (the prefix cache).
-        Kept in host memory as float32; batches of it feed the cached steps."""
+        Kept in host memory as float32; batches of it feed the cached steps (or `to_device`
+        moves it into device memory, where an epoch over it is one call)."""
         if self.prefix_to is None:
             raise ValueError("No frozen prefix below the first unit: nothing to cache.")
         outs = []
@@ -330,32 +419,54 @@ class FitResult:
     final_variables: dict          # the variables after the last epoch
 
 
-def evaluate(engine: Engine, variables, split: data_lib.Split, batch_size: int) -> dict:
+def _per_batch(stacked: dict) -> list[dict]:
+    """{'k': array (batches,)} (an on-device epoch's outputs) -> one dict per batch."""
+    return [dict(zip(stacked, values)) for values in zip(*stacked.values())]
+
+
+def evaluate(engine: Engine, variables, split: data_lib.Split | DeviceSplit,
+             batch_size: int) -> dict:
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    outs = [engine.eval_step(variables, gb.images, gb.labels, gb.mask)
+    if isinstance(split, DeviceSplit):
+        order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
+        outs = _per_batch(jax.device_get(engine.evaluate_on_device(
+            variables, split.images, split.labels, engine.replicate(order),
+            engine.replicate(weights))))
+    else:
+        outs = jax.device_get([
+            engine.eval_step(variables, gb.images, gb.labels, gb.mask)
             for gb in (data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
-                       for batch in data_lib.batches(split, batch_size, shuffle_rng=None))]
-    for out in jax.device_get(outs):  # one fetch: the steps run back to back
+                       for batch in data_lib.batches(split, batch_size, shuffle_rng=None))])
+    for out in outs:  # one fetch: the steps run back to back
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["count"], 1.0)
     return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
 
 
-def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split,
+def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split | DeviceSplit,
                 batch_size: int, seed: int, epoch: int, rng) -> tuple[dict, float, float]:
-    """One pass over `split` in a (seed, epoch)-determined order: (state, loss, accuracy)."""
+    """One pass over `split` in a (seed, epoch)-determined order: (state, loss, accuracy).
+    A DeviceSplit's epoch is one call; a host split's, one call per batch."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     shuffle = np.random.default_rng([seed, epoch])
-    metrics = []
-    for batch in data_lib.batches(split, batch_size, shuffle_rng=shuffle):
-        gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
-        state, step_metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels,
-                                                gb.mask, rng)
-        metrics.append(step_metrics)
-    # Fetched once per epoch, not per step: the host prepares the next batch while the device
-    # still runs this one.
-    for m in jax.device_get(metrics):
+    if isinstance(split, DeviceSplit):
+        order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=shuffle)
+        state, stacked = engine.train_epoch_on_device(
+            state, mask, bn_modes, split.images, split.labels, engine.replicate(order),
+            engine.replicate(weights), rng)
+        metrics = _per_batch(jax.device_get(stacked))
+    else:
+        metrics = []
+        for batch in data_lib.batches(split, batch_size, shuffle_rng=shuffle):
+            gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
+            state, step_metrics = engine.train_step(state, mask, bn_modes, gb.images,
+                                                    gb.labels, gb.mask, rng)
+            metrics.append(step_metrics)
+        # Fetched once per epoch, not per step: the host prepares the next batch while the
+        # device still runs this one.
+        metrics = jax.device_get(metrics)
+    for m in metrics:
         sums["loss"] += float(m["loss"]) * float(m["count"])
         sums["correct"] += float(m["correct"])
         sums["count"] += float(m["count"])

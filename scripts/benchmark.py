@@ -239,7 +239,14 @@ def run_blockft(args) -> dict:
     started = time.perf_counter()
     state = jax.block_until_ready(engine.init_state(variables))
     parts = {"init_state": time.perf_counter() - started}
-    inputs = engine.features(variables, split, args.batch) if cached else split
+    on_device = cached and (args.cache_in == "device" or args.cache_in == "auto" and
+                            train.fits_on_device(engine.feature_bytes(len(split)), engine.mesh))
+
+    def cache():  # the prefix cache, where the search would keep it (or --cache-in says)
+        features = engine.features(variables, split, args.batch)
+        return engine.to_device(features) if on_device else features
+
+    inputs = cache() if cached else split
     parts["features"] = time.perf_counter() - started - parts["init_state"]
     state, _ = one_epoch(state, inputs, 0)
     jax.block_until_ready(state)
@@ -250,7 +257,7 @@ def run_blockft(args) -> dict:
     started = time.perf_counter()
     features_s = 0.0
     if cached:
-        inputs = engine.features(variables, split, args.batch)
+        inputs = jax.block_until_ready(cache())
         features_s = time.perf_counter() - started
     losses = []
     for epoch in range(1, args.epochs + 1):
@@ -264,6 +271,7 @@ def run_blockft(args) -> dict:
     trainable_params = int(sum(np.size(flat_params[k]) for k, m in flat_mask.items() if m))
     return {"images_per_s": args.epochs * args.images / wall, "compile_s": compile_s,
             "timed_s": wall, "features_s": features_s, "cached": cached,
+            "cache_in": ("device" if on_device else "host") if cached else None,
             "warmup_parts": parts,
             "level": "fine-tuning (prefix cache)" if cached else "step",
             "from_unit": from_unit, "units": len(module.unit_names()),
@@ -375,7 +383,7 @@ def launch(framework: str, model: str, trainable: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker,
            "--model", model, "--trainable", trainable, "--batch", str(args.batch),
            "--size", str(args.size), "--images", str(args.images), "--epochs", str(args.epochs),
-           "--width", str(args.width), "--seed", str(args.seed)]
+           "--width", str(args.width), "--seed", str(args.seed), "--cache-in", args.cache_in]
     if no_cache:
         cmd.append("--no-cache")
     if args.input_check:
@@ -472,7 +480,8 @@ def print_row(model, trainable, args, frameworks, results, file=None):
                 note = (f"{r['level']}, from_unit={r['from_unit']}, "
                         f"compilations={r['compilations']}")
                 if r["cached"]:
-                    note += f", features {r['features_s']:.2f} s (timed)"
+                    note += (f", cache in {r['cache_in']} memory, features "
+                             f"{r['features_s']:.2f} s (timed)")
                 note += ", warm-up: " + ", ".join(f"{k} {v:.1f} s"
                                                   for k, v in r["warmup_parts"].items())
             else:
@@ -556,6 +565,10 @@ def main(argv=None):
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     parser.add_argument("--no-cache", action="store_true",
                         help="blockft_jax at the step level: no prefix cache")
+    parser.add_argument("--cache-in", choices=("auto", "host", "device"), default="auto",
+                        help="where blockft_jax keeps the prefix cache: auto (as the search "
+                             "does: device memory when it fits), host (per-batch steps) or "
+                             "device (one call per epoch)")
     parser.add_argument("--all", action="store_true",
                         help="run every row of ROWS (by default with every framework: both "
                              "blockft_jax levels, Keras on TensorFlow and on JAX)")

@@ -72,6 +72,27 @@ def train_steps(mesh, variables, images, labels, layers):
     out = {**flatten(state["params"], "params/"), **flatten(state["batch_stats"], "batch_stats/")}
     out = {k: _local(v) for k, v in out.items()}
     out["losses"] = np.asarray(losses)
+    out.update(device_cache_epoch(mesh, module, tx, table, variables, split, mask, bn_modes))
+    return out
+
+
+def device_cache_epoch(mesh, module, tx, table, variables, split, mask, bn_modes):
+    """The same candidate trained one epoch on the prefix cache held in device memory (one
+    scanned call, batches gathered on the devices), then evaluated there."""
+    import jax
+    import numpy as np
+
+    from blockft_jax import train
+    engine = train.Engine(module, tx, FROM_UNIT, mesh, cached=True, table=table)
+    cache = engine.to_device(engine.features(variables, split, BATCH_SIZE))
+    state, loss, accuracy = train.train_epoch(engine, engine.init_state(variables), mask,
+                                              bn_modes, cache, BATCH_SIZE, 0, 0,
+                                              jax.random.key(0))
+    current = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    evaluated = train.evaluate(engine, current, cache, BATCH_SIZE)
+    out = {k: _local(v) for k, v in flatten(state["params"], "device_cache/params/").items()}
+    out["device_cache/metrics"] = np.asarray([loss, accuracy, evaluated["loss"],
+                                              evaluated["accuracy"]])
     return out
 
 

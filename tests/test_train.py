@@ -252,14 +252,64 @@ def test_prefix_cache_is_exact(engine_b1, engine_b1_cached, variables, table, sp
     assert_masked_training(variables, got, table, CANDIDATE, False)
 
 
-def test_steps_compiled_ahead_on_a_thread_are_reused(model, variables, table, split):
+def test_cache_in_device_memory_trains_and_evaluates_as_on_the_host(model, variables, table):
+    """A DeviceSplit's epoch (one scanned call, batches gathered on the device) and its
+    evaluation give what the per-batch path gives for the same cached features, including a
+    padded last batch; the train step is still traced once."""
+    engine = make_engine(model, "block_1", cached=True, table=table)
+    features = engine.features(variables, synthetic_split(3 * BATCH - 3, seed=4), BATCH)
+    on_device = engine.to_device(features)
+    assert isinstance(on_device, train.DeviceSplit) and len(on_device) == len(features)
+    assert engine.feature_bytes(len(features)) == features.images.nbytes
+    mask, bn_modes = candidate(variables, table, CANDIDATE)
+    results = []
+    for split in (features, on_device):
+        state = engine.init_state(variables)
+        losses = []
+        for epoch in range(2):
+            state, loss, accuracy = train.train_epoch(engine, state, mask, bn_modes, split,
+                                                      BATCH, 0, epoch, jax.random.key(0))
+            losses.append((loss, accuracy))
+        current = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        results.append((jax.device_get(state), losses,
+                        train.evaluate(engine, current, split, BATCH)))
+    (want, want_losses, want_eval), (got, got_losses, got_eval) = results
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    assert got_eval["accuracy"] == want_eval["accuracy"]
+    np.testing.assert_allclose(got_eval["loss"], want_eval["loss"], rtol=1e-5)
+    assert_close_states(got, want)
+    assert_masked_training(variables, got, table, CANDIDATE, False)
+    assert engine.compilations["train"] == 2  # the per-batch step and the scanned epoch
+    with pytest.raises(ValueError, match="prefix cache"):
+        make_engine(model, "block_1").to_device(features)
+
+
+def test_cache_fits_on_device_within_a_quarter_of_accelerator_memory():
+    import types
+
+    def mesh(*stats):
+        devices = [types.SimpleNamespace(platform="gpu", process_index=0,
+                                         memory_stats=lambda s=s: s) for s in stats]
+        return types.SimpleNamespace(devices=np.asarray(devices, dtype=object))
+
+    assert train.fits_on_device(10**12, train.data_mesh())  # CPU: host memory either way
+    assert train.fits_on_device(100, mesh({"bytes_limit": 400}, {"bytes_limit": 800}))
+    assert not train.fits_on_device(101, mesh({"bytes_limit": 400}, {"bytes_limit": 800}))
+    assert not train.fits_on_device(1, mesh(None))  # memory unknown: keep it on the host
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_cache", "device_cache"])
+def test_steps_compiled_ahead_on_a_thread_are_reused(model, variables, table, split, on_device):
     """compile_steps (as the search runs it, on a background thread) leaves nothing for the
-    real steps to trace or compile: same shapes, shardings and structure as the real calls."""
+    real steps to trace or compile: same shapes, shardings and structure as the real calls,
+    for a cache on the host (per-batch steps) and in device memory (one-call epochs)."""
     engine = make_engine(model, "block_1", cached=True, optimizer="adam", table=table)
     mask, bn_modes = candidate(variables, table, CANDIDATE)
+    validation = synthetic_split(BATCH + 1, seed=5)
+    sizes = {"train": len(split), "validation": len(validation)} if on_device else None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(engine.compile_steps, variables, *candidate(variables, table, ()), BATCH,
-                    (SIZE, SIZE, 3)).result()
+                    (SIZE, SIZE, 3), sizes).result()
     assert engine.compilations == {"train": 1, "eval": 1, "features": 0}
     compiled = []
 
@@ -267,17 +317,19 @@ def test_steps_compiled_ahead_on_a_thread_are_reused(model, variables, table, sp
         if event == "/jax/core/compile/backend_compile_duration":
             compiled.append(str(kwargs.get("fun_name")))
 
-    features = engine.features(variables, split, BATCH)
+    features, validation = (engine.features(variables, s, BATCH) for s in (split, validation))
+    if on_device:
+        features, validation = engine.to_device(features), engine.to_device(validation)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         state, _, _ = train.train_epoch(engine, engine.init_state(variables), mask, bn_modes,
                                         features, BATCH, 0, 0, jax.random.key(0))
         train.evaluate(engine, {"params": state["params"], "batch_stats": state["batch_stats"]},
-                       features, BATCH)
+                       validation, BATCH)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert engine.compilations == {"train": 1, "eval": 1, "features": 1}
-    assert not [name for name in compiled if "_step" in name or "_init_state" in name], compiled
+    assert not [name for name in compiled if name.endswith(("_step", "_fn"))], compiled
 
 
 def test_prefix_in_micro_batches_changes_nothing(engine_b1, engine_b1_cached, model, variables,
@@ -417,6 +469,7 @@ def assert_same_training(got, want, inputs):
 def test_data_parallel_8_devices_matches_one(mesh_run, worker_inputs):
     eight, one = split_result(mesh_run, "mesh8/"), split_result(mesh_run, "single/")
     assert eight.keys() == one.keys() and len(one["losses"]) == 3
+    assert "device_cache/metrics" in one  # the cache in device memory, compared below too
     with np.load(worker_inputs) as f:
         inputs = dict(f)
     assert_same_training(eight, one, inputs)

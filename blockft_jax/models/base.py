@@ -7,6 +7,7 @@ lets the engine stop gradients at a unit boundary and cache the output of a froz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -104,8 +105,16 @@ def correct_pad(x, kernel_size: int | Sequence[int]):
 
 def variable_shapes(module: Backbone, input_shape: Sequence[int]) -> dict:
     """The module's variables as shapes and dtypes only (nothing computed)."""
-    shape = (1, *tuple(input_shape)[-3:])
-    return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
+    return _variable_shapes(module, tuple(input_shape)[-3:])
+
+
+@functools.lru_cache(maxsize=8)
+def _variable_shapes(module: Backbone, input_shape: tuple[int, int, int]) -> dict:
+    # Cached: a trace of the whole model (about 0.5 s), wanted by loading and head init alike.
+    # Modules are frozen dataclasses: equal configurations hash equal. The result is a
+    # read-only tree of ShapeDtypeStructs.
+    return jax.eval_shape(module.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
 
 
 def init_variables(module: Backbone, input_shape: Sequence[int], rng=None) -> dict:
@@ -117,12 +126,16 @@ def init_variables(module: Backbone, input_shape: Sequence[int], rng=None) -> di
     return variables
 
 
+# Jitted: op by op, the random kernel compiles several small programs (0.9 s vs 0.4 s on CPU).
+_lecun_normal = jax.jit(nn.initializers.lecun_normal(), static_argnums=(1, 2))
+
+
 def init_head(module: Backbone, input_shape: Sequence[int], rng=None) -> dict:
     """Fresh parameters of the classifier head alone (LeCun-normal kernel, zero bias, as the
     Dense layer initialises them), without initialising the whole backbone."""
     kernel = variable_shapes(module, input_shape)["params"][HEAD_UNIT]["kernel"]
     rng = jax.random.key(0) if rng is None else rng
-    return {"kernel": nn.initializers.lecun_normal()(rng, kernel.shape, kernel.dtype),
+    return {"kernel": _lecun_normal(rng, kernel.shape, kernel.dtype),
             "bias": jnp.zeros(kernel.shape[-1:], kernel.dtype)}
 
 
