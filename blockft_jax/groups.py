@@ -47,6 +47,11 @@ def layerwise(table, max_layers: int | None = None) -> list[Group]:
     return [Group("layerwise", f"layerwise:{r.name}", (r.name,)) for r in layers]
 
 
+def topk_candidate(k: int) -> str:
+    """The candidate name of top-k (known before the layer-wise ranking that fills it)."""
+    return f"topk:{k}"
+
+
 def topk(ranking: Sequence[str], ks: Iterable[int], table=None) -> list[Group]:
     """The k best layers of a layer-wise ranking (best first), trained jointly, per k. With a
     table, the layers are listed bottom to top."""
@@ -59,7 +64,7 @@ def topk(ranking: Sequence[str], ks: Iterable[int], table=None) -> list[Group]:
         chosen = list(ranking[:k])
         if order is not None:
             chosen.sort(key=order.__getitem__)
-        groups.append(Group("topk", f"topk:{k}", tuple(chosen)))
+        groups.append(Group("topk", topk_candidate(k), tuple(chosen)))
     return groups
 
 

@@ -382,7 +382,8 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict]:
     # the other candidates train.
     to_do = lambda names: any((name, seed) not in done_keys for name in names
                               for seed in range(config.train.seeds))
-    topk_names = [f"topk:{k}" for k in config.search.topk] if "topk" in strategies else []
+    topk_names = ([groups.topk_candidate(k) for k in config.search.topk]
+                  if "topk" in strategies else [])
     if top_unit is not None and to_do([g.candidate for g in shared] + topk_names):
         search.engine_for(top_unit)
     if "full" in strategies and to_do([g.candidate for g in planned["full"]]):
