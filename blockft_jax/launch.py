@@ -19,7 +19,8 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
         # A resumed (preempted) or repeated search reuses its compiled steps.
         from blockft_jax.weights import cache_dir
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        # Small programs too (the head init, eval steps: 0.2-0.5 s each on CPU).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     log.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
              jax.device_count(), jax.devices()[0].device_kind)
     try:

@@ -7,7 +7,6 @@ lets the engine stop gradients at a unit boundary and cache the output of a froz
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -103,18 +102,19 @@ def correct_pad(x, kernel_size: int | Sequence[int]):
     return ((correct[0] - adjust[0], correct[0]), (correct[1] - adjust[1], correct[1]))
 
 
+# (module, (H, W, C)) -> variable shapes. Each is a trace of the whole model (about 0.5 s for a
+# small MobileNet), wanted by the layer table, weight loading and head init alike. Modules are
+# frozen dataclasses: equal configurations hash equal. Values are trees of ShapeDtypeStructs.
+_VARIABLE_SHAPES: dict = {}
+
+
 def variable_shapes(module: Backbone, input_shape: Sequence[int]) -> dict:
     """The module's variables as shapes and dtypes only (nothing computed)."""
-    return _variable_shapes(module, tuple(input_shape)[-3:])
-
-
-@functools.lru_cache(maxsize=8)
-def _variable_shapes(module: Backbone, input_shape: tuple[int, int, int]) -> dict:
-    # Cached: a trace of the whole model (about 0.5 s), wanted by loading and head init alike.
-    # Modules are frozen dataclasses: equal configurations hash equal. The result is a
-    # read-only tree of ShapeDtypeStructs.
-    return jax.eval_shape(module.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    key = (module, tuple(input_shape)[-3:])
+    if key not in _VARIABLE_SHAPES:
+        _VARIABLE_SHAPES[key] = jax.eval_shape(
+            module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *key[1]), jnp.float32))
+    return _VARIABLE_SHAPES[key]
 
 
 def init_variables(module: Backbone, input_shape: Sequence[int], rng=None) -> dict:
@@ -194,6 +194,7 @@ def layer_table(module: Backbone, input_shape: Sequence[int]) -> list[LayerRecor
             return module.init(jax.random.key(0), jnp.zeros(shape, jnp.float32))
 
     variables = jax.eval_shape(init)
+    _VARIABLE_SHAPES.setdefault((module, shape[1:]), variables)  # the same trace's by-product
     flat = traverse_util.flatten_dict(jax.tree.map(lambda a: a, dict(variables)))
     auto_counts: dict[str, int] = {}
     records = []
