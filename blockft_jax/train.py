@@ -5,7 +5,7 @@ and which BatchNorm layers use batch statistics -- enters the step as *data*, so
 traced and compiled once per search. The step starts at a unit boundary (`from_unit`): below
 it, the backbone is frozen for every candidate of the search, so no gradient flows there, and its
 output can be computed once per image and cached (`Engine.features`), in device memory when it
-fits (`Engine.to_device`: then an epoch, batches gathered on the device, is one scanned call).
+fits (`Engine.to_device`: then each step gathers its batch there; the host feeds nothing).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def fits_on_device(nbytes: int, mesh: Mesh) -> bool:
 @dataclasses.dataclass
 class DeviceSplit:
     """A split held whole on every device (replicated): the prefix cache when it fits. Its
-    batches are gathered on the device, and an epoch (or an evaluation) runs in one call."""
+    batches are gathered on the device, by the step itself."""
     images: jax.Array  # the prefix's output
     labels: jax.Array
 
@@ -171,10 +171,12 @@ class Engine:
                                  out_shardings=repl)
         self._init_state = jax.jit(self._init_state_fn, in_shardings=(repl,),
                                    out_shardings=repl)
-        # The cached splits in device memory: one call per epoch / per evaluated split.
-        self.train_epoch_on_device = jax.jit(self._train_epoch_fn, donate_argnums=(0,),
-                                             in_shardings=(repl,) * 8, out_shardings=(repl, repl))
-        self.evaluate_on_device = jax.jit(self._evaluate_fn, in_shardings=(repl,) * 5,
+        # Steps over a cached split in device memory: the batch is gathered on the device.
+        # (One step per call, not a lax.scan over the epoch: XLA:CPU ran a convolution's kernel
+        # gradient inside a loop 50x slower than outside one, measured on ResNet50V2.)
+        self.train_step_gathered = jax.jit(self._train_step_gathered, donate_argnums=(0,),
+                                           in_shardings=(repl,) * 9, out_shardings=(repl, repl))
+        self.eval_step_gathered = jax.jit(self._eval_step_gathered, in_shardings=(repl,) * 6,
                                           out_shardings=repl)
 
     # -- pure functions, traced once each ------------------------------------------------------
@@ -268,25 +270,22 @@ class Engine:
         self.compilations["features"] += 1
         return self._prefix(variables, images)
 
-    def _take(self, split_images, split_labels, indices, weights):
-        """One batch gathered from a device-resident split, laid out like a fed batch."""
+    def _take(self, split_images, split_labels, order, weights, index):
+        """Batch `index` of an epoch's `order` (batches, batch_size), gathered from a
+        device-resident split and laid out like a fed batch."""
         batch = lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding)
-        return batch(split_images[indices]), batch(split_labels[indices]), batch(weights)
+        rows = order[index]
+        return batch(split_images[rows]), batch(split_labels[rows]), batch(weights[index])
 
-    def _train_epoch_fn(self, state, mask, bn_modes, split_images, split_labels, order, weights,
-                        rng):
-        """`_train_step` over the batches `order` (batches, batch_size) names: one scan."""
-        def step(state, batch):
-            return self._train_step(state, mask, bn_modes,
-                                    *self._take(split_images, split_labels, *batch), rng)
-        return jax.lax.scan(step, state, (order, weights))
+    def _train_step_gathered(self, state, mask, bn_modes, split_images, split_labels, order,
+                             weights, index, rng):
+        return self._train_step(state, mask, bn_modes,
+                                *self._take(split_images, split_labels, order, weights, index),
+                                rng)
 
-    def _evaluate_fn(self, variables, split_images, split_labels, order, weights):
-        """`_eval_step` over the batches `order` names; its outputs stacked per batch."""
-        def step(carry, batch):
-            return carry, self._eval_step(variables,
-                                          *self._take(split_images, split_labels, *batch))
-        return jax.lax.scan(step, None, (order, weights))[1]
+    def _eval_step_gathered(self, variables, split_images, split_labels, order, weights, index):
+        return self._eval_step(variables,
+                               *self._take(split_images, split_labels, order, weights, index))
 
     def _init_state_fn(self, variables):
         params = jax.tree.map(jnp.copy, variables["params"])
@@ -305,8 +304,8 @@ class Engine:
         it ready; run on a background thread, compilation overlaps with other work (the prefix
         feature pass, other candidates' training). `mask` and `bn_modes` are any candidate's
         (only their structure matters). `device_split_sizes` ({'train': N, 'validation': N,
-        ...}): the cached splits will be DeviceSplits of these sizes; compile the one-call
-        epoch and evaluation for them instead of the per-batch steps."""
+        ...}): the cached splits will be DeviceSplits of these sizes; compile the steps that
+        gather their batches there instead of the fed ones."""
         # Shardings as the real arguments will have them: they are part of JAX's cache key.
         repl, batch = self.replicated, self.batch_sharding
         like = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
@@ -328,18 +327,19 @@ class Engine:
         if not self.cached:
             raise ValueError("Only the prefix cache's splits live in device memory.")
 
-        def split(n):  # a DeviceSplit's arrays and an epoch's batch order, as shapes
+        def split(n):  # a DeviceSplit's arrays, an epoch's batch order and a batch index
             steps = -(-n // batch_size)
             return (like(jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype), repl),
                     jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
                     jax.ShapeDtypeStruct((steps, batch_size), jnp.int32, sharding=repl),
-                    jax.ShapeDtypeStruct((steps, batch_size), jnp.float32, sharding=repl))
+                    jax.ShapeDtypeStruct((steps, batch_size), jnp.float32, sharding=repl),
+                    jax.ShapeDtypeStruct((), jnp.int32))  # a host scalar, as passed
 
         sizes = dict(device_split_sizes)
-        self.train_epoch_on_device.lower(state, mask, bn_modes, *split(sizes.pop("train")),
-                                         jax.random.key(0)).compile()
+        self.train_step_gathered.lower(state, mask, bn_modes, *split(sizes.pop("train")),
+                                       jax.random.key(0)).compile()
         for n in sorted(set(sizes.values())):
-            self.evaluate_on_device.lower(evaluated, *split(n)).compile()
+            self.eval_step_gathered.lower(evaluated, *split(n)).compile()
 
     def init_state(self, variables) -> dict:
         """A fresh train state (new buffers: the train step donates its state)."""
@@ -367,7 +367,7 @@ class Engine:
     def features(self, variables, split: data_lib.Split, batch_size: int) -> data_lib.Split:
         """The prefix's output for every image of `split`, computed once (the prefix cache).
         Kept in host memory as float32; batches of it feed the cached steps (or `to_device`
-        moves it into device memory, where an epoch over it is one call)."""
+        moves it into device memory, where the steps gather their batches)."""
         if self.prefix_to is None:
             raise ValueError("No frozen prefix below the first unit: nothing to cache.")
         outs = []
@@ -419,19 +419,15 @@ class FitResult:
     final_variables: dict          # the variables after the last epoch
 
 
-def _per_batch(stacked: dict) -> list[dict]:
-    """{'k': array (batches,)} (an on-device epoch's outputs) -> one dict per batch."""
-    return [dict(zip(stacked, values)) for values in zip(*stacked.values())]
-
-
 def evaluate(engine: Engine, variables, split: data_lib.Split | DeviceSplit,
              batch_size: int) -> dict:
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     if isinstance(split, DeviceSplit):
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
-        outs = _per_batch(jax.device_get(engine.evaluate_on_device(
-            variables, split.images, split.labels, engine.replicate(order),
-            engine.replicate(weights))))
+        order_d, weights_d = engine.replicate(order), engine.replicate(weights)
+        outs = jax.device_get([
+            engine.eval_step_gathered(variables, split.images, split.labels, order_d,
+                                      weights_d, np.int32(i)) for i in range(len(order))])
     else:
         outs = jax.device_get([
             engine.eval_step(variables, gb.images, gb.labels, gb.mask)
@@ -447,26 +443,27 @@ def evaluate(engine: Engine, variables, split: data_lib.Split | DeviceSplit,
 def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split | DeviceSplit,
                 batch_size: int, seed: int, epoch: int, rng) -> tuple[dict, float, float]:
     """One pass over `split` in a (seed, epoch)-determined order: (state, loss, accuracy).
-    A DeviceSplit's epoch is one call; a host split's, one call per batch."""
+    A DeviceSplit's batches are gathered on the device; a host split's are fed."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     shuffle = np.random.default_rng([seed, epoch])
-    if isinstance(split, DeviceSplit):
+    metrics = []
+    if isinstance(split, DeviceSplit):  # the epoch's order goes over once; no batch does
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=shuffle)
-        state, stacked = engine.train_epoch_on_device(
-            state, mask, bn_modes, split.images, split.labels, engine.replicate(order),
-            engine.replicate(weights), rng)
-        metrics = _per_batch(jax.device_get(stacked))
+        order_d, weights_d = engine.replicate(order), engine.replicate(weights)
+        for i in range(len(order)):
+            state, step_metrics = engine.train_step_gathered(
+                state, mask, bn_modes, split.images, split.labels, order_d, weights_d,
+                np.int32(i), rng)
+            metrics.append(step_metrics)
     else:
-        metrics = []
         for batch in data_lib.batches(split, batch_size, shuffle_rng=shuffle):
             gb = data_lib.global_batch(data_lib.process_slice(batch), engine.mesh)
             state, step_metrics = engine.train_step(state, mask, bn_modes, gb.images,
                                                     gb.labels, gb.mask, rng)
             metrics.append(step_metrics)
-        # Fetched once per epoch, not per step: the host prepares the next batch while the
-        # device still runs this one.
-        metrics = jax.device_get(metrics)
-    for m in metrics:
+    # Fetched once per epoch, not per step: the host prepares the next step while the device
+    # still runs this one.
+    for m in jax.device_get(metrics):
         sums["loss"] += float(m["loss"]) * float(m["count"])
         sums["correct"] += float(m["correct"])
         sums["count"] += float(m["count"])

@@ -77,8 +77,8 @@ def train_steps(mesh, variables, images, labels, layers):
 
 
 def device_cache_epoch(mesh, module, tx, table, variables, split, mask, bn_modes):
-    """The same candidate trained one epoch on the prefix cache held in device memory (one
-    scanned call, batches gathered on the devices), then evaluated there."""
+    """The same candidate trained one epoch on the prefix cache held in device memory
+    (batches gathered on the devices), then evaluated there."""
     import jax
     import numpy as np
 

@@ -253,9 +253,9 @@ def test_prefix_cache_is_exact(engine_b1, engine_b1_cached, variables, table, sp
 
 
 def test_cache_in_device_memory_trains_and_evaluates_as_on_the_host(model, variables, table):
-    """A DeviceSplit's epoch (one scanned call, batches gathered on the device) and its
-    evaluation give what the per-batch path gives for the same cached features, including a
-    padded last batch; the train step is still traced once."""
+    """A DeviceSplit's epoch and evaluation (batches gathered on the device by the steps)
+    give what the fed path gives for the same cached features, including a padded last
+    batch."""
     engine = make_engine(model, "block_1", cached=True, table=table)
     features = engine.features(variables, synthetic_split(3 * BATCH - 3, seed=4), BATCH)
     on_device = engine.to_device(features)
@@ -279,7 +279,7 @@ def test_cache_in_device_memory_trains_and_evaluates_as_on_the_host(model, varia
     np.testing.assert_allclose(got_eval["loss"], want_eval["loss"], rtol=1e-5)
     assert_close_states(got, want)
     assert_masked_training(variables, got, table, CANDIDATE, False)
-    assert engine.compilations["train"] == 2  # the per-batch step and the scanned epoch
+    assert engine.compilations["train"] == 2  # the fed step and the gathering one
     with pytest.raises(ValueError, match="prefix cache"):
         make_engine(model, "block_1").to_device(features)
 
