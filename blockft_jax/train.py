@@ -471,8 +471,9 @@ def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split | D
     return state, sums["loss"] / count, sums["correct"] / count
 
 
-def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split,
-        validation: data_lib.Split, test: data_lib.Split | None, *, epochs: int,
+def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | DeviceSplit,
+        validation: data_lib.Split | DeviceSplit, test: data_lib.Split | DeviceSplit | None,
+        *, epochs: int,
         batch_size: int, seed: int, state: dict | None = None, start_epoch: int = 0,
         history: list | None = None, on_epoch_end: Callable | None = None) -> FitResult:
     """Trains one candidate from `variables` (or resumes from `state` after `start_epoch`
