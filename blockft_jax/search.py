@@ -148,10 +148,8 @@ class Search:
                                   prefix_chunk_bytes=train.default_prefix_chunk_bytes())
             splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                       "test": self.dataset.test}
-            # The cache lives in device memory when it fits: then an epoch is one call.
-            on_device = cached and train.fits_on_device(
-                engine.feature_bytes(sum(map(len, splits.values()))),
-                self.mesh)
+            # The cache lives in device memory when it fits: the steps gather their batches.
+            on_device = engine.cache_fits_on_device(sum(map(len, splits.values())))
             # Compiles while the prefix features are computed and, for `full`'s engine
             # (created at the start of the search), while the other candidates train.
             any_mask = groups.param_mask(self.variables["params"], self.table, [])

@@ -306,6 +306,8 @@ class Engine:
         (only their structure matters). `device_split_sizes` ({'train': N, 'validation': N,
         ...}): the cached splits will be DeviceSplits of these sizes; compile the steps that
         gather their batches there instead of the fed ones."""
+        if device_split_sizes is not None and not self.cached:
+            raise ValueError("Only the prefix cache's splits live in device memory.")
         # Shardings as the real arguments will have them: they are part of JAX's cache key.
         repl, batch = self.replicated, self.batch_sharding
         like = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
@@ -324,8 +326,6 @@ class Engine:
                                   jax.random.key(0)).compile()
             self.eval_step.lower(evaluated, images, labels, weights).compile()
             return
-        if not self.cached:
-            raise ValueError("Only the prefix cache's splits live in device memory.")
 
         def split(n):  # a DeviceSplit's arrays, an epoch's batch order and a batch index
             steps = -(-n // batch_size)
@@ -352,6 +352,17 @@ class Engine:
             raise ValueError("feature_bytes needs the layer table and a frozen prefix.")
         last = [r for r in self.table if r.unit == self.prefix_to][-1]
         return images * math.prod(last.output_shape[1:]) * 4
+
+    def cache_fits_on_device(self, images: int) -> bool:
+        """Whether this engine's prefix cache of `images` images goes into device memory."""
+        return self.cached and fits_on_device(self.feature_bytes(images), self.mesh)
+
+    def device_order(self, split: DeviceSplit, batch_size: int, shuffle_rng
+                     ) -> tuple[jax.Array, jax.Array]:
+        """`data.batch_order` of `split`, whole on every device: what the gathering steps
+        index, sent once per epoch."""
+        order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=shuffle_rng)
+        return self.replicate(order), self.replicate(weights)
 
     def replicate(self, x: np.ndarray) -> jax.Array:
         """A host array (the same on every process) whole on every device."""
@@ -423,11 +434,10 @@ def evaluate(engine: Engine, variables, split: data_lib.Split | DeviceSplit,
              batch_size: int) -> dict:
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     if isinstance(split, DeviceSplit):
-        order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
-        order_d, weights_d = engine.replicate(order), engine.replicate(weights)
+        order, weights = engine.device_order(split, batch_size, shuffle_rng=None)
         outs = jax.device_get([
-            engine.eval_step_gathered(variables, split.images, split.labels, order_d,
-                                      weights_d, np.int32(i)) for i in range(len(order))])
+            engine.eval_step_gathered(variables, split.images, split.labels, order, weights,
+                                      np.int32(i)) for i in range(len(order))])
     else:
         outs = jax.device_get([
             engine.eval_step(variables, gb.images, gb.labels, gb.mask)
@@ -448,11 +458,10 @@ def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split | D
     shuffle = np.random.default_rng([seed, epoch])
     metrics = []
     if isinstance(split, DeviceSplit):  # the epoch's order goes over once; no batch does
-        order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=shuffle)
-        order_d, weights_d = engine.replicate(order), engine.replicate(weights)
+        order, weights = engine.device_order(split, batch_size, shuffle_rng=shuffle)
         for i in range(len(order)):
             state, step_metrics = engine.train_step_gathered(
-                state, mask, bn_modes, split.images, split.labels, order_d, weights_d,
+                state, mask, bn_modes, split.images, split.labels, order, weights,
                 np.int32(i), rng)
             metrics.append(step_metrics)
     else:

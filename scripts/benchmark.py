@@ -240,7 +240,7 @@ def run_blockft(args) -> dict:
     state = jax.block_until_ready(engine.init_state(variables))
     parts = {"init_state": time.perf_counter() - started}
     on_device = cached and (args.cache_in == "device" or args.cache_in == "auto" and
-                            train.fits_on_device(engine.feature_bytes(len(split)), engine.mesh))
+                            engine.cache_fits_on_device(len(split)))
 
     def cache():  # the prefix cache, where the search would keep it (or --cache-in says)
         features = engine.features(variables, split, args.batch)
@@ -567,8 +567,8 @@ def main(argv=None):
                         help="blockft_jax at the step level: no prefix cache")
     parser.add_argument("--cache-in", choices=("auto", "host", "device"), default="auto",
                         help="where blockft_jax keeps the prefix cache: auto (as the search "
-                             "does: device memory when it fits), host (per-batch steps) or "
-                             "device (one call per epoch)")
+                             "does: device memory when it fits), host (batches fed from host "
+                             "memory) or device (batches gathered on the device)")
     parser.add_argument("--all", action="store_true",
                         help="run every row of ROWS (by default with every framework: both "
                              "blockft_jax levels, Keras on TensorFlow and on JAX)")

@@ -302,7 +302,7 @@ def test_cache_fits_on_device_within_a_quarter_of_accelerator_memory():
 def test_steps_compiled_ahead_on_a_thread_are_reused(model, variables, table, split, on_device):
     """compile_steps (as the search runs it, on a background thread) leaves nothing for the
     real steps to trace or compile: same shapes, shardings and structure as the real calls,
-    for a cache on the host (per-batch steps) and in device memory (one-call epochs)."""
+    for a cache on the host (fed batches) and in device memory (gathered batches)."""
     engine = make_engine(model, "block_1", cached=True, optimizer="adam", table=table)
     mask, bn_modes = candidate(variables, table, CANDIDATE)
     validation = synthetic_split(BATCH + 1, seed=5)
