@@ -18,6 +18,8 @@ from flax import traverse_util
 from blockft_jax.models import HEAD_UNIT, LayerRecord
 
 STRATEGIES = ("classifier_only", "full", "layerwise", "topk", "blocks", "window")
+# The order a search runs them in: layerwise before topk (topk needs its ranking); full last.
+SEARCH_ORDER = ("classifier_only", "layerwise", "topk", "blocks", "window", "full")
 BOUNDARY_KINDS = ("pooling", "activation", "padding", "add", "multiply", "rescaling", "dropout")
 
 

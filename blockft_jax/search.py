@@ -20,17 +20,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from blockft_jax import data as data_lib
 from blockft_jax import groups, models, pretrained, report, scalars, train, weights
+from blockft_jax.results import rank, summarize
+from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.groups import Group
 from blockft_jax.workdir import Workdir, finished_keys, jsonable, write_atomic
 
 log = logging.getLogger(__name__)
 
-# The order candidates run in: layerwise before topk (topk needs its ranking); full last.
-ORDER = ("classifier_only", "layerwise", "topk", "blocks", "window", "full")
+ORDER = groups.SEARCH_ORDER
 
 
 class ConfigError(ValueError):
@@ -85,30 +85,6 @@ def _boundaries(text: str):
     """'pooling,activation' -> ('pooling', 'activation'); 'units' stays as it is."""
     return "units" if text.strip() == "units" else tuple(
         kind.strip() for kind in text.split(",") if kind.strip())
-
-
-def rank(rows: list[dict]) -> list[dict]:
-    """Candidates by mean validation accuracy over seeds (best first); ties keep search order."""
-    by_candidate: dict[str, list[dict]] = {}
-    for r in rows:
-        by_candidate.setdefault(r["candidate"], []).append(r)
-    ranked = []
-    for candidate, rs in by_candidate.items():
-        val = [r["val_accuracy"] for r in rs]
-        test = [r["test_accuracy"] for r in rs if r.get("test_accuracy") is not None]
-        ranked.append({"candidate": candidate, "strategy": rs[0]["strategy"],
-                       "layers": rs[0]["layers"], "depth": rs[0]["depth"], "seeds": len(rs),
-                       "val_accuracy": _mean_std(val), "test_accuracy": _mean_std(test),
-                       "diverged": sum(r["status"] == "diverged" for r in rs)})
-    order = {c: i for i, c in enumerate(by_candidate)}
-    ranked.sort(key=lambda c: (-c["val_accuracy"]["mean"], order[c["candidate"]]))
-    return ranked
-
-
-def _mean_std(values):
-    if not values:
-        return {"mean": float("nan"), "std": float("nan")}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
 @dataclasses.dataclass
@@ -181,8 +157,7 @@ class Search:
                 self.compiling.pop(from_unit).result()
         mask = groups.param_mask(self.variables["params"], self.table, group.layers)
         bn = groups.bn_modes(self.table, group.layers, freeze_bn=c.train.freeze_bn)
-        ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed,
-                          self.wd.writer)
+        ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed)
         fresh = engine.init_state(self.variables)
         resume = ckpt.restore(fresh) or {"state": fresh}
         writer = (scalars.ScalarWriter(self.wd.path / "tensorboard" /
@@ -191,12 +166,12 @@ class Search:
 
         last_save = [time.perf_counter()]
 
-        def on_epoch_end(epoch, state, history):
+        def on_epoch_end(epoch, state, history, best_variables):
             if writer is not None:
                 writer.scalars({k: v for k, v in history[-1].items()
                                 if isinstance(v, (int, float)) and k != "epoch"}, epoch)
             if time.perf_counter() - last_save[0] >= c.train.checkpoint_seconds:
-                ckpt.save(state, history, epoch)
+                ckpt.save(state, history, epoch, best_variables)
                 last_save[0] = time.perf_counter()
 
         try:
@@ -207,16 +182,13 @@ class Search:
         finally:
             if writer is not None:
                 writer.close()
-        best_variables = result.best_variables
-        if best_variables is None:  # the best epoch came before an interruption
-            best_variables = ckpt.best
         return {"strategy": group.strategy, "candidate": group.candidate,
                 "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
                 "epochs": result.epochs, "best_epoch": result.best_epoch,
                 "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                 "final_val_accuracy": result.final_val_accuracy, "val_loss": result.val_loss,
                 "train_seconds": round(result.train_seconds, 3), "steps": result.steps,
-                "status": result.status}, best_variables, ckpt
+                "status": result.status}, result.best_variables, ckpt
 
     def _depth(self, group: Group) -> int:
         """How far below the output the group reaches (0 = the top layer; -1 = head only)."""
@@ -234,64 +206,6 @@ def _data_options(c) -> dict:
 
 def _slug(candidate: str) -> str:
     return candidate.replace(":", "-").replace("/", "_")
-
-
-class Checkpoint:
-    """The running candidate's state, saved (orbax) after every epoch, so an interrupted search
-    continues from its last finished epoch. Saves are asynchronous: training goes on while one
-    is written. Orbax renames a checkpoint into place only when it is complete, so the newest
-    `epoch<N>` directory is always whole; current.json names the candidate it belongs to."""
-
-    def __init__(self, path: Path, candidate: str, seed: int, writer: bool = True):
-        self.path, self.candidate, self.seed, self.writer = path, candidate, seed, writer
-        self.ckptr = ocp.StandardCheckpointer()
-        self.best = None
-
-    @property
-    def meta_path(self) -> Path:
-        return self.path.parent / "current.json"
-
-    def _epochs(self) -> list[int]:
-        return sorted(int(p.name[5:]) for p in self.path.glob("epoch*") if p.name[5:].isdigit())
-
-    def restore(self, template_state) -> dict:
-        """{'state', 'start_epoch', 'history'} for fit(), or {} when nothing fits."""
-        if not self.meta_path.exists():
-            return {}
-        meta = json.loads(self.meta_path.read_text())
-        epochs = [e for e in self._epochs() if e <= len(meta["history"])]
-        if (meta["candidate"], meta["seed"]) != (self.candidate, self.seed) or not epochs:
-            return {}
-        epoch = epochs[-1]
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
-        target = {"state": abstract, "best": {"params": abstract["params"],
-                                              "batch_stats": abstract["batch_stats"]}}
-        restored = self.ckptr.restore(self.path.resolve() / f"epoch{epoch}", target)
-        self.best = jax.device_get(restored["best"])
-        log.info("Resuming %s seed %d after epoch %d", self.candidate, self.seed, epoch)
-        sharding = jax.tree.leaves(template_state)[0].sharding
-        return {"state": jax.device_put(restored["state"], sharding), "start_epoch": epoch,
-                "history": meta["history"][:epoch]}
-
-    def save(self, state, history, epoch) -> None:
-        self.ckptr.wait_until_finished()  # the previous epoch's save
-        best_epoch = max(history, key=lambda h: h["val_accuracy"])["epoch"]
-        if best_epoch == epoch or self.best is None:
-            self.best = jax.device_get({"params": state["params"],
-                                        "batch_stats": state["batch_stats"]})
-        if self.writer:
-            write_atomic(self.meta_path, json.dumps({"candidate": self.candidate,
-                                                     "seed": self.seed, "history": history}))
-            for old in self._epochs()[:-1]:
-                shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
-        self.ckptr.save(self.path.resolve() / f"epoch{epoch}", {"state": state,
-                                                               "best": self.best}, force=True)
-
-    def clear(self) -> None:
-        self.ckptr.wait_until_finished()
-        if self.writer:
-            self.meta_path.unlink(missing_ok=True)
-            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def run(config, workdir, *, start_over: bool = False) -> dict:
@@ -440,43 +354,24 @@ def _promote(search: Search, group: Group) -> None:
         source = pending / f"seed{best_seed}.msgpack"
         if source.exists():
             save_model(wd.path / "models" / group.strategy, weights.load_variables(source),
-                       {"candidate": group.candidate, "layers": group.layers, "seed": best_seed,
-                        "model": jsonable(search.config)["model"]})
+                       model_meta(search, group, best_seed))
     shutil.rmtree(pending, ignore_errors=True)
 
 
-def save_model(path: Path, variables, meta: dict) -> None:
-    """Fine-tuned variables as an orbax checkpoint {'params','batch_stats'} + model.json."""
-    path.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path / "variables", jax.tree.map(np.asarray, dict(variables)), force=True)
-    ckptr.wait_until_finished()
-    write_atomic(path / "model.json", json.dumps(meta, indent=2, default=list))
-
-
-def load_model(path) -> tuple[dict, dict]:
-    """(variables, model.json) of a saved models/<strategy>/ directory."""
-    path = Path(path)
-    meta = json.loads((path / "model.json").read_text())
-    return ocp.StandardCheckpointer().restore(path.resolve() / "variables"), meta
+def model_meta(search: Search, group: Group, seed: int) -> dict:
+    """model.json: everything needed to rebuild and use a saved model without the config."""
+    model = jsonable(search.config)["model"]
+    return {"strategy": group.strategy, "candidate": group.candidate,
+            "layers": list(group.layers), "seed": seed, "model": model,
+            "input_size": model["input_size"],
+            "preprocessing": type(search.module).preprocessing,
+            "class_names": list(search.dataset.class_names),
+            "dataset": search.config.data.name}
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def summarize(config, rows: list[dict], train_step_compilations: int) -> dict:
-    strategies = {}
-    for strategy in ORDER:
-        ranked = rank([r for r in rows if r["strategy"] == strategy])
-        if ranked:
-            strategies[strategy] = {"selected": ranked[0], "ranking": ranked}
-    winner = max((s["selected"] for s in strategies.values()),
-                 key=lambda c: c["val_accuracy"]["mean"])
-    return {"model": config.model.name, "dataset": config.data.name,
-            "selection": "mean validation accuracy over seeds; test accuracy is for the record",
-            "strategies": strategies, "winner": winner, "train_step_compilations": train_step_compilations}
 
 
 class Progress:

@@ -175,7 +175,7 @@ class Engine:
         # (One step per call, not a lax.scan over the epoch: XLA:CPU ran a convolution's kernel
         # gradient inside a loop 50x slower than outside one, measured on ResNet50V2.)
         self.train_step_gathered = jax.jit(self._train_step_gathered, donate_argnums=(0,),
-                                           in_shardings=(repl,) * 9, out_shardings=(repl, repl))
+                                           in_shardings=(repl,) * 8, out_shardings=(repl, repl))
         self.eval_step_gathered = jax.jit(self._eval_step_gathered, in_shardings=(repl,) * 6,
                                           out_shardings=repl)
 
@@ -278,7 +278,10 @@ class Engine:
         return batch(split_images[rows]), batch(split_labels[rows]), batch(weights[index])
 
     def _train_step_gathered(self, state, mask, bn_modes, split_images, split_labels, order,
-                             weights, index, rng):
+                             weights, rng):
+        # Every epoch has len(order) steps and the state counts them: the batch index is the
+        # step within the epoch, found on the device (the host sends nothing per step).
+        index = state["step"] % order.shape[0]
         return self._train_step(state, mask, bn_modes,
                                 *self._take(split_images, split_labels, order, weights, index),
                                 rng)
@@ -320,26 +323,29 @@ class Engine:
         state = jax.tree.map(lambda x: like(x, repl),
                              jax.eval_shape(self._init_state_fn, variables))
         evaluated = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        # fit() places these on the devices, replicated, before the first step.
+        mask, bn_modes = jax.tree.map(lambda x: like(x, repl), (mask, bn_modes))
+        rng = like(jax.random.key(0), repl)
         self._init_state.lower(variables).compile()
         if device_split_sizes is None:
             self.train_step.lower(state, mask, bn_modes, images, labels, weights,
-                                  jax.random.key(0)).compile()
+                                  rng).compile()
             self.eval_step.lower(evaluated, images, labels, weights).compile()
             return
 
-        def split(n):  # a DeviceSplit's arrays, an epoch's batch order and a batch index
+        def split(n):  # a DeviceSplit's arrays and an epoch's batch order
             steps = -(-n // batch_size)
             return (like(jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype), repl),
                     jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
                     jax.ShapeDtypeStruct((steps, batch_size), jnp.int32, sharding=repl),
-                    jax.ShapeDtypeStruct((steps, batch_size), jnp.float32, sharding=repl),
-                    jax.ShapeDtypeStruct((), jnp.int32))  # a host scalar, as passed
+                    jax.ShapeDtypeStruct((steps, batch_size), jnp.float32, sharding=repl))
 
         sizes = dict(device_split_sizes)
         self.train_step_gathered.lower(state, mask, bn_modes, *split(sizes.pop("train")),
-                                       jax.random.key(0)).compile()
+                                       rng).compile()
+        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
         for n in sorted(set(sizes.values())):
-            self.eval_step_gathered.lower(evaluated, *split(n)).compile()
+            self.eval_step_gathered.lower(evaluated, *split(n), index).compile()
 
     def init_state(self, variables) -> dict:
         """A fresh train state (new buffers: the train step donates its state)."""
@@ -363,6 +369,18 @@ class Engine:
         index, sent once per epoch."""
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=shuffle_rng)
         return self.replicate(order), self.replicate(weights)
+
+    def place(self, tree):
+        """`tree`'s arrays (host or device, PRNG keys too) whole on every device, by explicit
+        transfers; arrays already there are kept as they are."""
+        def put(x):
+            if isinstance(x, jax.Array) and x.sharding == self.replicated:
+                return x
+            if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                                impl=jax.random.key_impl(x))
+            return self.replicate(np.asarray(jax.device_get(x)))
+        return jax.tree.map(put, tree)
 
     def replicate(self, x: np.ndarray) -> jax.Array:
         """A host array (the same on every process) whole on every device."""
@@ -427,6 +445,7 @@ class FitResult:
     steps: int
     history: list[dict]
     best_variables: dict | None    # host copy of the variables at the best epoch
+                                   # (None only when no epoch finished)
     final_variables: dict          # the variables after the last epoch
 
 
@@ -437,7 +456,8 @@ def evaluate(engine: Engine, variables, split: data_lib.Split | DeviceSplit,
         order, weights = engine.device_order(split, batch_size, shuffle_rng=None)
         outs = jax.device_get([
             engine.eval_step_gathered(variables, split.images, split.labels, order, weights,
-                                      np.int32(i)) for i in range(len(order))])
+                                      engine.replicate(np.int32(i)))
+            for i in range(len(order))])
     else:
         outs = jax.device_get([
             engine.eval_step(variables, gb.images, gb.labels, gb.mask)
@@ -455,14 +475,16 @@ def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split | D
     """One pass over `split` in a (seed, epoch)-determined order: (state, loss, accuracy).
     A DeviceSplit's batches are gathered on the device; a host split's are fed."""
     sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    # The steps' inputs are placed on the devices once per epoch, explicitly (a no-op when they
+    # are there already): no step copies host data (tested under transfer_guard('disallow')).
+    mask, bn_modes, rng = engine.place((mask, bn_modes, rng))
     shuffle = np.random.default_rng([seed, epoch])
     metrics = []
     if isinstance(split, DeviceSplit):  # the epoch's order goes over once; no batch does
         order, weights = engine.device_order(split, batch_size, shuffle_rng=shuffle)
-        for i in range(len(order)):
+        for _ in range(len(order)):
             state, step_metrics = engine.train_step_gathered(
-                state, mask, bn_modes, split.images, split.labels, order, weights,
-                np.int32(i), rng)
+                state, mask, bn_modes, split.images, split.labels, order, weights, rng)
             metrics.append(step_metrics)
     else:
         for batch in data_lib.batches(split, batch_size, shuffle_rng=shuffle):
@@ -484,14 +506,18 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | Devic
         validation: data_lib.Split | DeviceSplit, test: data_lib.Split | DeviceSplit | None,
         *, epochs: int,
         batch_size: int, seed: int, state: dict | None = None, start_epoch: int = 0,
-        history: list | None = None, on_epoch_end: Callable | None = None) -> FitResult:
+        history: list | None = None, best_variables: dict | None = None,
+        on_epoch_end: Callable | None = None) -> FitResult:
     """Trains one candidate from `variables` (or resumes from `state` after `start_epoch`
-    epochs), validating after each epoch and keeping the best epoch's variables."""
+    epochs, with the `history` and `best_variables` saved with it), validating after each
+    epoch. The one owner of the best epoch: its variables are kept (a host copy) and handed to
+    `on_epoch_end(epoch, state, history, best_variables)` for checkpointing."""
     state = engine.init_state(variables) if state is None else state
     history = list(history or [])
     rng = jax.random.key(seed)
     best = max(history, key=lambda h: h["val_accuracy"], default=None)
-    best_variables = None
+    if best is not None and best_variables is None:
+        raise ValueError("Resuming after a best epoch needs its variables (best_variables).")
     status, started = "ok", time.perf_counter()
     for epoch in range(start_epoch, epochs):
         state, train_loss, train_accuracy = train_epoch(engine, state, mask, bn_modes, train,
@@ -501,7 +527,7 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | Devic
         record = {"epoch": epoch + 1, "train_loss": train_loss,
                   "train_accuracy": train_accuracy,
                   "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-                  "step": int(state["step"])}
+                  "step": int(jax.device_get(state["step"]))}
         if not math.isfinite(train_loss) or not math.isfinite(val["loss"]):
             status = "diverged"
             history.append(record)
@@ -513,7 +539,7 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | Devic
             best_variables = jax.device_get(current)
         history.append(record)
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, state, history)
+            on_epoch_end(epoch + 1, state, history, best_variables)
     final = history[-1] if history else {"val_accuracy": 0.0, "step": 0}
     best = best or {"epoch": 0, "val_accuracy": 0.0, "val_loss": float("nan")}
     return FitResult(status=status, epochs=len(history), best_epoch=best["epoch"],

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from blockft_jax import groups, models, search
+from blockft_jax import checkpoint, groups, models, search
 from blockft_jax.workdir import WorkdirError
 from configs import tiny
 
@@ -103,7 +103,7 @@ def test_saved_models_load_and_frozen_layers_unchanged(finished):
     module = search.build_module(config, 3)
     start = module.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     for strategy in ("layerwise", "classifier_only"):
-        variables, meta = search.load_model(workdir / "models" / strategy)
+        variables, meta = checkpoint.load_model(workdir / "models" / strategy)
         assert meta["candidate"] == summary["strategies"][strategy]["selected"]["candidate"]
         trained = set(meta["layers"]) | {"head"}
         for layer, params in start["params"].items():

@@ -1,0 +1,110 @@
+"""What survives a process: the running candidate's checkpoint, and the saved models.
+
+Both are orbax checkpoints. On several processes every process takes part in an orbax save or
+restore (each writes or reads its share); metadata files are written by process 0 only, and
+what to restore is decided there (`multihost.broadcast_json`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from blockft_jax import multihost
+from blockft_jax.workdir import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoint:
+    """The running (candidate, seed)'s train state, saved after an epoch with the variables of
+    its best epoch so far, so an interrupted search continues from its last saved epoch and
+    still knows its best one. Saves are asynchronous: training goes on while one is written.
+    Orbax renames a checkpoint into place only when it is complete, so the newest `epoch<N>`
+    directory is always whole; current.json names the candidate and holds the history."""
+
+    def __init__(self, path: Path, candidate: str, seed: int):
+        self.path, self.candidate, self.seed = Path(path).absolute(), candidate, seed
+        self.ckptr = ocp.StandardCheckpointer()
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.parent / "current.json"
+
+    def _epochs(self) -> list[int]:
+        return sorted(int(p.name[5:]) for p in self.path.glob("epoch*") if p.name[5:].isdigit())
+
+    def _saved_epoch(self) -> dict | None:
+        """{'epoch', 'history'} of the newest whole checkpoint of this run, or None."""
+        if not self.meta_path.exists():
+            return None
+        meta = json.loads(self.meta_path.read_text())
+        if (meta["candidate"], meta["seed"]) != (self.candidate, self.seed):
+            return None
+        epochs = [e for e in self._epochs() if e <= len(meta["history"])]
+        return {"epoch": epochs[-1], "history": meta["history"][:epochs[-1]]} if epochs else None
+
+    def restore(self, template_state) -> dict:
+        """{'state', 'start_epoch', 'history', 'best_variables'} for train.fit(), or {} when
+        there is nothing to resume."""
+        saved = multihost.broadcast_json(self._saved_epoch)
+        if saved is None:
+            return {}
+        epoch = saved["epoch"]
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
+        target = {"state": abstract, "best": {"params": abstract["params"],
+                                              "batch_stats": abstract["batch_stats"]}}
+        restored = self.ckptr.restore(self.path / f"epoch{epoch}", target)
+        log.info("Resuming %s seed %d after epoch %d", self.candidate, self.seed, epoch)
+        sharding = jax.tree.leaves(template_state)[0].sharding
+        return {"state": jax.device_put(restored["state"], sharding), "start_epoch": epoch,
+                "history": saved["history"], "best_variables": jax.device_get(restored["best"])}
+
+    def save(self, state, history: list[dict], epoch: int, best_variables) -> None:
+        """`state` after `epoch` epochs, with `best_variables` (those of the best epoch so far,
+        which train.fit tracks)."""
+        self.ckptr.wait_until_finished()  # the previous epoch's save
+        if multihost.is_leader():
+            write_atomic(self.meta_path, json.dumps({"candidate": self.candidate,
+                                                     "seed": self.seed, "history": history}))
+            for old in self._epochs()[:-1]:
+                shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
+        self.ckptr.save(self.path / f"epoch{epoch}", {"state": state, "best": best_variables},
+                        force=True)
+
+    def clear(self) -> None:
+        self.ckptr.wait_until_finished()
+        if multihost.is_leader():
+            self.meta_path.unlink(missing_ok=True)
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+MODEL_META = "model.json"
+
+
+def save_model(path, variables, meta: dict) -> None:
+    """Fine-tuned variables as an orbax checkpoint {'params','batch_stats'} + model.json.
+    Every process calls it with the same variables (orbax saves collectively)."""
+    path = Path(path).absolute()
+    if multihost.is_leader():
+        path.mkdir(parents=True, exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path / "variables", jax.tree.map(np.asarray, dict(variables)), force=True)
+    ckptr.wait_until_finished()
+    if multihost.is_leader():
+        write_atomic(path / MODEL_META, json.dumps(meta, indent=2, default=list))
+
+
+def load_model(path) -> tuple[dict, dict]:
+    """(variables, model.json) of a saved models/<strategy>/ directory."""
+    path = Path(path).absolute()
+    if not (path / MODEL_META).exists():
+        raise FileNotFoundError(f"{path} is not a saved model (no {MODEL_META}); pass a "
+                                f"WORKDIR/models/<strategy> directory of a finished search.")
+    meta = json.loads((path / MODEL_META).read_text())
+    return ocp.StandardCheckpointer().restore(path / "variables"), meta
