@@ -17,10 +17,18 @@ def get_config():
     config.model.options.lock()
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "tf_flowers"      # 'tf_flowers', 'image_folder', 'digits'
+    # Any TFDS image-classification dataset ('tf_flowers', 'beans', 'cats_vs_dogs', ...),
+    # 'image_folder' (data.path: one subfolder per class) or 'digits' (offline demo).
+    config.data.name = "tf_flowers"
     config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     config.data.path = ml_collections.FieldReference(None, field_type=str)  # image_folder
-    config.data.splits = (0.7, 0.15, 0.15)  # train / validation / test, carved from TFDS train
+    # TFDS feature names, for datasets that do not call them 'image' and 'label'.
+    config.data.image_key = ml_collections.FieldReference(None, field_type=str)
+    config.data.label_key = ml_collections.FieldReference(None, field_type=str)
+    # TFDS split strings for (train, validation, test), e.g. ('train[:80%]', 'train[80%:]',
+    # 'test'); None: the dataset's own validation/test splits, the rest carved from train.
+    config.data.tfds_splits = ml_collections.FieldReference(None, field_type=tuple)
+    config.data.splits = (0.7, 0.15, 0.15)  # train / validation / test fractions, when carved
     config.data.split_seed = 0
     config.data.batch_size = 32           # global batch, split across devices
     config.data.classes = ml_collections.FieldReference(None, field_type=tuple)  # digits
