@@ -1,5 +1,6 @@
-"""report.md (the paper's comparison table and each strategy's ranking) and report.png
-(accuracy per candidate against depth), rebuilt from results.jsonl and summary.json:
+"""report.md (the paper's comparison table, whether the winner is really better, and each
+strategy's ranking) and report.png (accuracy per candidate against depth; the winner's paired
+differences with their 95% intervals), rebuilt from summary.json:
 
     python -m blockft_jax.report --workdir runs/mobilenet_v2
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from blockft_jax import results
 
 LABELS = {"classifier_only": "Classifier only (baseline)", "full": "Full fine-tuning (baseline)",
           "layerwise": "Layer-wise", "topk": "Top-k layers", "blocks": "Blocks",
@@ -30,6 +33,7 @@ def markdown(summary: dict) -> str:
     lines += ["", f"**Winner:** `{w['candidate']}` ({LABELS[w['strategy']]}), validation "
               f"{_pm(w['val_accuracy'])}, test {_pm(w['test_accuracy'])}.",
               f"Train-step compilations: {summary['train_step_compilations']}.", ""]
+    lines += is_the_winner_better(summary)
     for strategy, s in summary["strategies"].items():
         if len(s["ranking"]) < 2:
             continue
@@ -43,14 +47,65 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def is_the_winner_better(summary: dict) -> list[str]:
+    """The section that says, in words, whether each difference the report shows is real."""
+    comparisons = summary.get("comparisons")
+    if comparisons is None:
+        return ["_No per-example predictions in this workdir: the differences above come without "
+                "intervals, and a difference of one validation example may be luck._", ""]
+    lines = ["## Is the winner better?", "", f"**{summary['verdict']}**", ""]
+    if not comparisons:
+        return lines
+    lines += [f"Differences in mean accuracy over seeds, the winner minus each other strategy's "
+              f"choice; {comparisons[0]['method']}. \"distinguishable\": the interval excludes "
+              f"0. Validation chose the winner; test is for the record.", ""]
+    for c in comparisons:
+        lo, hi = c["ci95"]
+        lines.append(f"- `{c['a']}` vs `{c['b']}`: {c['difference']:+.3f} on {c['split']}, "
+                     f"95% interval {lo:+.3f} to {hi:+.3f}: "
+                     f"{'distinguishable' if c['distinguishable'] else 'not distinguishable'}")
+    lines += ["", _what_would_firm_it_up(comparisons), ""]
+    return lines
+
+
+def _what_would_firm_it_up(comparisons: list[dict]) -> str:
+    validation = [c for c in comparisons if c["split"] == "validation"] or comparisons
+    firmer = [(c, results.firmer_answer(c)) for c in validation]
+    widest = max(f["half_width"] for _, f in firmer)
+    n, seeds = firmer[0][1]["examples"], firmer[0][1]["seeds"]
+    text = (f"What would firm it up: these intervals come from {n} {validation[0]['split']} "
+            f"examples and {seeds} seed{'s' if seeds != 1 else ''}, and narrow roughly as "
+            f"1/sqrt(examples): about {4 * n:,} examples (4x) would halve them (the widest, "
+            f"±{widest:.3f}, to about ±{widest / 2:.3f}).")
+    undecided = [f"{c['b']} at about {f['examples_to_exclude_zero']:,} examples"
+                 for c, f in firmer if f["examples_to_exclude_zero"] is not None]
+    if undecided:
+        text += (" If the observed differences held, the interval would exclude 0 against "
+                 + ", ".join(undecided) + ".")
+    return text + (" More seeds narrow the part that comes from training randomness (how much "
+                   f"the difference changes from seed to seed), which {seeds} "
+                   f"seed{'s' if seeds != 1 else ''} measure only roughly; where that part "
+                   "dominates, more examples alone will not halve the interval.")
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     searched = {k: v for k, v in summary["strategies"].items()
                 if k not in ("classifier_only", "full")}
-    fig, axes = plt.subplots(1, max(len(searched), 1), figsize=(4 * max(len(searched), 1), 3.2),
-                             squeeze=False, sharey=True)
+    comparisons = summary.get("comparisons") or []
+    columns = max(len(searched), 1)
+    rows_per_split = max([sum(c["split"] == s for c in comparisons) for s in results.SPLITS],
+                         default=0)
+    forest_height = 1.0 + 0.35 * rows_per_split if comparisons else 0.0
+    fig = plt.figure(figsize=(max(4 * columns, 9), 3.2 + forest_height), layout="constrained")
+    if comparisons:
+        top, bottom = fig.subfigures(2, 1, height_ratios=[3.2, forest_height])
+        _forest(bottom, comparisons)
+    else:
+        top = fig
+    axes = top.subplots(1, columns, squeeze=False, sharey=True)
     for ax, (strategy, s) in zip(axes[0], searched.items()):
         ranking = sorted(s["ranking"], key=lambda c: c["depth"])
         x = [c["depth"] for c in ranking] if strategy != "topk" else \
@@ -73,9 +128,34 @@ def plot(summary: dict, path: Path) -> None:
     else:
         axes[0][0].text(0.5, 0.5, "baselines only: see report.md", ha="center",
                         transform=axes[0][0].transAxes)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _forest(fig, comparisons: list[dict]) -> None:
+    """One row per comparison: the winner minus the other, with its 95% interval, per split."""
+    splits = [s for s in results.SPLITS if any(c["split"] == s for c in comparisons)]
+    axes = fig.subplots(1, len(splits), squeeze=False, sharex=True)[0]
+    role = {"validation": "chooses", "test": "for the record"}
+    fig.suptitle("Is the winner better? Paired differences, 95% intervals "
+                 "(filled: the interval excludes 0)", fontsize=10)
+    for ax, split in zip(axes, splits):
+        rows = [c for c in comparisons if c["split"] == split]
+        y = range(len(rows))[::-1]  # first comparison on top
+        for yi, c in zip(y, rows):
+            lo, hi = c["ci95"]
+            color = "C0" if c["distinguishable"] else "grey"
+            # A percentile interval need not contain the observed difference: clip at 0.
+            ax.errorbar([c["difference"]], [yi], xerr=[[max(c["difference"] - lo, 0)],
+                                                       [max(hi - c["difference"], 0)]],
+                        fmt="o", color=color, capsize=3,
+                        mfc=color if c["distinguishable"] else "white")
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(list(y), [f"vs {c['b']}" for c in rows], fontsize=7)
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        ax.set_title(f"{split} ({role[split]})", fontsize=9)
+        ax.set_xlabel(f"{rows[0]['a']} minus other, accuracy (95% interval)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
 
 
 def write(workdir) -> None:
