@@ -82,10 +82,13 @@ def _what_would_firm_it_up(comparisons: list[dict]) -> str:
     if undecided:
         text += (" If the observed differences held, the interval would exclude 0 against "
                  + ", ".join(undecided) + ".")
+    if seeds == 1:
+        return text + (" With one seed these intervals leave out training randomness (another "
+                       "seed may change the difference): run more seeds (train.seeds).")
     return text + (" More seeds narrow the part that comes from training randomness (how much "
-                   f"the difference changes from seed to seed), which {seeds} "
-                   f"seed{'s' if seeds != 1 else ''} measure only roughly; where that part "
-                   "dominates, more examples alone will not halve the interval.")
+                   f"the difference changes from seed to seed), which {seeds} seeds measure "
+                   "only roughly; where that part dominates, more examples alone will not "
+                   "halve the interval.")
 
 
 def plot(summary: dict, path: Path) -> None:

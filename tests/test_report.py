@@ -83,3 +83,10 @@ def test_report_with_validation_only(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert " on test," not in text and text.count(" on validation,") == 3
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_one_seed_says_training_randomness_is_left_out(tmp_path):
+    summary = workdir_with(tmp_path, seeds=1)
+    text = report.markdown(summary)
+    assert "200 validation examples and 1 seed," in text
+    assert "With one seed these intervals leave out training randomness" in text
