@@ -43,11 +43,14 @@ CPU_MEMORY_SHARE = 0.25
 @dataclasses.dataclass
 class Run:
     """One (candidate, seed) of a cohort. `resume`: what `checkpoint.Checkpoint.restore`
-    returns (and `train.fit` takes): {'state', 'start_epoch', 'history', 'best_variables'}."""
+    returns (and `train.fit` takes): {'state', 'start_epoch', 'history', 'best_variables'}.
+    `variables`: this run's starting variables when they are not the cohort's (e.g. a head
+    drawn from its seed); they may differ from the cohort's only in live layers."""
     mask: Any
     bn_modes: Any
     seed: int
     resume: dict | None = None
+    variables: dict | None = None
 
 
 @dataclasses.dataclass
@@ -187,34 +190,57 @@ class Cohort:
                                                    order, weights, index))
 
     def _init_runs_fn(self, live_variables):
-        state = self.engine._init_state_fn(live_variables)
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.size, *x.shape)), state)
+        # Every run's fresh state from its own (stacked) live variables.
+        return jax.vmap(self.engine._init_state_fn)(live_variables)
 
     # -- building, stacking and taking apart cohort states -------------------------------------
 
-    def init(self, variables, states: Sequence[dict | None] | None = None) -> CohortState:
-        """A cohort state from `variables`: every run fresh, or run i from `states[i]` (a plain
-        Engine state, e.g. a restored checkpoint's) where that is not None."""
+    def _live_variables(self, variables) -> dict:
+        live = self.engine._live
+        return {"params": live(variables["params"]),
+                "batch_stats": live(variables.get("batch_stats", {}))}
+
+    def _check_shared(self, variables, start) -> None:
+        """A run's own starting variables must agree with the cohort's outside live layers
+        (those are held once for all runs)."""
+        for collection, frozen in self.shared_part(variables).items():
+            theirs = start.get(collection, {})
+            for layer, tree in frozen.items():
+                mine = theirs.get(layer)
+                same = mine is tree or (mine is not None and all(
+                    a is b or np.array_equal(jax.device_get(a), jax.device_get(b))
+                    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(tree))))
+                if not same:
+                    raise ValueError(f"A run's starting variables differ from the cohort's in "
+                                     f"{collection}/{layer}, which the engine does not train.")
+
+    def init(self, variables, starts: Sequence[dict | None] | None = None,
+             states: Sequence[dict | None] | None = None) -> CohortState:
+        """A cohort state: run i fresh from `starts[i]` (its starting variables; None: the
+        cohort's `variables`), or resumed from `states[i]` (a plain Engine state, e.g. a
+        restored checkpoint's) where that is not None. The frozen layers come from
+        `variables`, once."""
         e = self.engine
-        shared = e.place(self.shared_part(variables))
+        starts = list(starts or [None] * self.size)
         states = list(states or [None] * self.size)
-        if len(states) != self.size:
-            raise ValueError(f"{len(states)} states for a cohort of {self.size} runs.")
-        if all(s is None for s in states):
-            live = e.place({"params": e._live(variables["params"]),
-                            "batch_stats": e._live(variables.get("batch_stats", {}))})
-            return CohortState(shared, self._init_runs(live))
-        # Resuming: stacked on the host (rare, and the runs' states may live anywhere).
-        fresh = None
-        parts = []
-        for state in states:
-            if state is None:
-                fresh = fresh or jax.device_get(self.run_part(e.init_state(variables)))
-                parts.append(fresh)
-            else:
-                parts.append(jax.device_get(self.run_part(state)))
-        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *parts)
-        return CohortState(shared, e.place(stacked))
+        if len(starts) != self.size or len(states) != self.size:
+            raise ValueError(f"{len(starts)} starts and {len(states)} states for a cohort of "
+                             f"{self.size} runs.")
+        for start in starts:
+            if start is not None and start is not variables:
+                self._check_shared(variables, start)
+        shared = e.place(self.shared_part(variables))
+        # Stacked on the host: the runs' live variables may live anywhere, and may differ.
+        host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+        live = [host(self._live_variables(variables if s is None else s)) for s in starts]
+        stack = lambda *xs: np.stack(xs)
+        runs = self._init_runs(e.place(jax.tree.map(stack, *live)))
+        if any(state is not None for state in states):  # resuming: rare, so on the host too
+            fresh = jax.device_get(runs)
+            parts = [jax.tree.map(lambda x, i=i: x[i], fresh) if state is None
+                     else host(self.run_part(state)) for i, state in enumerate(states)]
+            runs = e.place(jax.tree.map(stack, *parts))
+        return CohortState(shared, runs)
 
     def run_state(self, state: CohortState, index: int) -> dict:
         """Run `index`'s state as a plain Engine state (what `train.fit` and
@@ -259,9 +285,7 @@ class Cohort:
         if e.cached:
             images = jax.eval_shape(e._prefix, variables, images)
         shared = jax.tree.map(lambda x: like(x, repl), self.shared_part(variables))
-        live = jax.tree.map(lambda x: like(x, repl), {
-            "params": e._live(variables["params"]),
-            "batch_stats": e._live(variables.get("batch_stats", {}))})
+        live = jax.tree.map(stacked, self._live_variables(variables))
         runs = jax.tree.map(lambda x: like(x, repl), jax.eval_shape(self._init_runs_fn, live))
         evaluated = {"params": runs["params"], "batch_stats": runs["batch_stats"]}
         masks, bns = jax.tree.map(lambda x: stacked(jnp.asarray(x)),
@@ -452,7 +476,9 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
     one `train.FitResult` per run, in order -- its own history, its best epoch (strictly higher
     validation accuracy wins), test accuracy at that epoch, host copy of its best variables.
 
-    `runs`: `Run`s or (mask, bn_modes, seed[, resume]) tuples. Fewer runs than the cohort's
+    `runs`: `Run`s or (mask, bn_modes, seed[, resume[, variables]]) tuples: each starts from
+    its own `variables` if given, else from `variables`, whose frozen layers all runs share.
+    Fewer runs than the cohort's
     size are padded with inactive copies of the first (dropped from the results). A run whose
     train or validation loss is not finite stops there ('diverged'; its history ends with that
     epoch) while the others go on. After each epoch, `on_epoch_end(epoch, state, histories,
@@ -466,8 +492,9 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
         raise ValueError(f"{len(real)} runs for a cohort of {k}.")
     padded = real + [real[0]] * (k - len(real))
     resumes = [r.resume or {} for r in real]
-    state = cohort.init(variables, [r.get("state") for r in resumes]
-                        + [resumes[0].get("state")] * (k - len(real)))
+    state = cohort.init(variables, [r.variables for r in padded],
+                        [r.get("state") for r in resumes] + [resumes[0].get("state")] *
+                        (k - len(real)))
     masks, bn_modes, rngs = cohort.stack_inputs(padded)
     seeds = [r.seed for r in padded]
     n = len(real)

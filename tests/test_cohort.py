@@ -79,21 +79,34 @@ def cohort(engine):
     return cohort_lib.Cohort(engine, 4)
 
 
-def make_run(variables, table, layers, seed, resume=None):
-    return cohort_lib.Run(*base.candidate(variables, table, layers), seed, resume)
+def start_variables(model, variables, seed):
+    """The backbone with a head drawn from `seed` (as the search starts each seed's runs)."""
+    head = models.init_head(model, (base.SIZE, base.SIZE, 3),
+                            jax.random.fold_in(jax.random.key(seed), 1))
+    return {**variables, "params": {**variables["params"], HEAD_UNIT: head}}
 
 
-def fit_alone(engine, variables, table, splits, layers, seed, **resume):
-    run = make_run(variables, table, layers, seed)
-    return train.fit(engine, variables, run.mask, run.bn_modes, splits["train"],
+@pytest.fixture(scope="module")
+def starts(model, variables):
+    return {seed: start_variables(model, variables, seed) for seed in SEEDS}
+
+
+def make_run(starts, table, layers, seed, resume=None):
+    return cohort_lib.Run(*base.candidate(starts[seed], table, layers), seed, resume,
+                          variables=starts[seed])
+
+
+def fit_alone(engine, starts, table, splits, layers, seed, **resume):
+    run = make_run(starts, table, layers, seed)
+    return train.fit(engine, starts[seed], run.mask, run.bn_modes, splits["train"],
                      splits["validation"], splits["test"], epochs=EPOCHS, batch_size=BATCH,
                      seed=seed, **resume)
 
 
 @pytest.fixture(scope="module")
-def reference(engine, variables, table, splits):
-    """train.fit of every run, one at a time."""
-    return {(layers, seed): fit_alone(engine, variables, table, splits, layers, seed)
+def reference(engine, starts, table, splits):
+    """train.fit of every run, one at a time, each from its seed's head."""
+    return {(layers, seed): fit_alone(engine, starts, table, splits, layers, seed)
             for layers, seed in RUNS}
 
 
@@ -129,10 +142,10 @@ def check(results, runs, reference, variables, engine):
 
 # --- the cohort trains each run as train.fit does -----------------------------------------------
 
-def test_first_steps_match_one_run_at_a_time(cohort, engine, variables, table, splits):
+def test_first_steps_match_one_run_at_a_time(cohort, engine, variables, table, splits, starts):
     """Per-step losses of four vmapped runs against the engine's own step, run by run."""
-    runs = [make_run(variables, table, layers, seed) for layers, seed in RUNS[:4]]
-    state = cohort.init(variables)
+    runs = [make_run(starts, table, layers, seed) for layers, seed in RUNS[:4]]
+    state = cohort.init(variables, [r.variables for r in runs])
     masks, bn_modes, rngs = cohort.stack_inputs(runs)
     train_split = splits["train"]
     orders = [engine.device_order(train_split, BATCH, np.random.default_rng([r.seed, 0]))
@@ -146,7 +159,7 @@ def test_first_steps_match_one_run_at_a_time(cohort, engine, variables, table, s
             *stacked, rngs, active)
         losses.append(jax.device_get(metrics["loss"]))
     for i, run in enumerate(runs):
-        single = engine.init_state(variables)
+        single = engine.init_state(run.variables)
         mask, bn, rng = engine.place((run.mask, run.bn_modes, jax.random.key(run.seed)))
         for step in range(3):
             single, metrics = engine.train_step_gathered(
@@ -158,11 +171,11 @@ def test_first_steps_match_one_run_at_a_time(cohort, engine, variables, table, s
 
 
 def test_two_cohorts_match_fit_with_one_compilation(cohort, engine, variables, table, splits,
-                                                    reference):
+                                                    reference, starts):
     shared_before = jax.device_get(cohort.shared_part(variables))
     for runs in (RUNS[:4], RUNS[4:]):
         results = cohort_lib.fit_cohort(
-            cohort, variables, [make_run(variables, table, *r) for r in runs], splits["train"],
+            cohort, variables, [make_run(starts, table, *r) for r in runs], splits["train"],
             splits["validation"], splits["test"], epochs=EPOCHS, batch_size=BATCH)
         check(results, runs, reference, variables, engine)
     assert cohort.compilations == {"train": 1, "eval": 1}
@@ -176,32 +189,32 @@ def test_two_cohorts_match_fit_with_one_compilation(cohort, engine, variables, t
     assert all(x.shape[0] == 4 for x in jax.tree.leaves(state.runs))
 
 
-def test_padded_last_cohort(cohort, engine, variables, table, splits, reference):
+def test_padded_last_cohort(cohort, engine, variables, table, splits, reference, starts):
     runs = RUNS[1:4]
     results = cohort_lib.fit_cohort(
-        cohort, variables, [make_run(variables, table, *r) for r in runs], splits["train"],
+        cohort, variables, [make_run(starts, table, *r) for r in runs], splits["train"],
         splits["validation"], splits["test"], epochs=EPOCHS, batch_size=BATCH)
     check(results, runs, reference, variables, engine)
     assert cohort.compilations["train"] == 1
 
 
-def test_host_fed_splits(engine, variables, table, host_splits, reference):
+def test_host_fed_splits(engine, variables, table, host_splits, reference, starts):
     """The fed path (host cache, batches of every run's own order sent per step)."""
     fed = cohort_lib.Cohort(engine, 4)
     results = cohort_lib.fit_cohort(
-        fed, variables, [make_run(variables, table, *r) for r in RUNS[4:]], host_splits["train"],
+        fed, variables, [make_run(starts, table, *r) for r in RUNS[4:]], host_splits["train"],
         host_splits["validation"], host_splits["test"], epochs=EPOCHS, batch_size=BATCH)
     check(results, RUNS[4:], reference, variables, engine)
     assert fed.compilations == {"train": 1, "eval": 1}
 
 
 def test_a_diverging_run_disturbs_no_other(cohort, engine, variables, table, splits,
-                                           reference):
+                                           reference, starts):
     """Run 2 starts from a state with a NaN in its head (as a run blown up by its learning
     rate would be): it stops after its first epoch, the others train on as if alone."""
-    nan_state = jax.tree.map(np.array, jax.device_get(engine.init_state(variables)))
+    nan_state = jax.tree.map(np.array, jax.device_get(engine.init_state(starts[RUNS[2][1]])))
     nan_state["params"][HEAD_UNIT]["kernel"][0, 0] = np.nan
-    runs = [make_run(variables, table, *r) for r in RUNS[:4]]
+    runs = [make_run(starts, table, *r) for r in RUNS[:4]]
     runs[2].resume = {"state": engine.place(nan_state)}
     lengths = []
     results = cohort_lib.fit_cohort(
@@ -217,7 +230,7 @@ def test_a_diverging_run_disturbs_no_other(cohort, engine, variables, table, spl
     assert diverged.best_variables is None and diverged.best_epoch == 0
     assert lengths == [[1, 1, 1, 1], [2, 2, 1, 2], [3, 3, 1, 3]]
     # As train.fit on the same start: and its state stopped changing after that epoch.
-    alone = fit_alone(engine, variables, table, splits, *RUNS[2],
+    alone = fit_alone(engine, starts, table, splits, *RUNS[2],
                       state=engine.place(nan_state))
     assert alone.status == "diverged" and alone.epochs == 1
     for got, want in zip(jax.tree.leaves(diverged.final_variables),
@@ -226,7 +239,7 @@ def test_a_diverging_run_disturbs_no_other(cohort, engine, variables, table, spl
     assert diverged.steps == alone.steps == 3
 
 
-def test_checkpoint_and_resume(cohort, engine, variables, table, splits, reference):
+def test_checkpoint_and_resume(cohort, engine, variables, table, splits, reference, starts):
     """Each run's state taken out after epoch 1 (as a checkpoint would store it) and given back
     as its resume: the cohort finishes as if never interrupted."""
     saved = {}
@@ -239,13 +252,13 @@ def test_checkpoint_and_resume(cohort, engine, variables, table, splits, referen
                             "best_variables": best_variables[i]}
 
     runs = RUNS[4:]
-    cohort_lib.fit_cohort(cohort, variables, [make_run(variables, table, *r) for r in runs],
+    cohort_lib.fit_cohort(cohort, variables, [make_run(starts, table, *r) for r in runs],
                           splits["train"], splits["validation"], splits["test"], epochs=1,
                           batch_size=BATCH, on_epoch_end=on_epoch_end)
     # A run's state is a plain Engine state: what checkpoint.Checkpoint saves and restores.
     template = engine.init_state(variables)
     assert jax.tree.structure(saved[0]["state"]) == jax.tree.structure(template)
-    resumed = [make_run(variables, table, *r, resume=saved[i]) for i, r in enumerate(runs)]
+    resumed = [make_run(starts, table, *r, resume=saved[i]) for i, r in enumerate(runs)]
     results = cohort_lib.fit_cohort(cohort, variables, resumed, splits["train"],
                                     splits["validation"], splits["test"], epochs=EPOCHS,
                                     batch_size=BATCH)
@@ -269,7 +282,8 @@ def test_steps_compiled_ahead_on_a_thread_are_reused(engine, variables, table, s
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         results = cohort_lib.fit_cohort(
-            ahead, variables, [make_run(variables, table, *r) for r in RUNS[:2]],
+            ahead, variables, [(*base.candidate(variables, table, layers), seed)
+                               for layers, seed in RUNS[:2]],
             splits["train"], splits["validation"], splits["test"], epochs=1, batch_size=BATCH)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
@@ -298,3 +312,13 @@ def test_cohort_size_rule(engine, variables, table):
     assert size(0, 500) >= 1                         # CPU: a share of the host's memory
     with pytest.raises(ValueError, match="parallel"):
         size(-1, 10)
+
+
+def test_runs_share_the_frozen_layers(cohort, variables, starts):
+    """A run may start from its own live layers (its seed's head), never its own frozen ones:
+    those are held once for the whole cohort."""
+    assert "Conv1" not in cohort.engine.live
+    own = {**starts[0], "params": {**starts[0]["params"], "Conv1": jax.tree.map(
+        lambda x: x + 1.0, starts[0]["params"]["Conv1"])}}
+    with pytest.raises(ValueError, match="params/Conv1"):
+        cohort.init(variables, [own] + [None] * 3)
