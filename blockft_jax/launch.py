@@ -1,33 +1,112 @@
-"""From the command line to a search: multi-host setup, and errors users can act on."""
+"""From the command line to a search: paths, multi-host setup, the log file, and errors.
+
+Errors a user can fix (config, data, weights, workdir, a full disk) end with one line saying
+what to do; anything else keeps its traceback, and the last line says where the full log is.
+"""
 from __future__ import annotations
 
+import errno
 import logging
+from pathlib import Path
 
 import jax
 
+from blockft_jax.errors import UserError
+
 log = logging.getLogger("blockft_jax")
 
+LOG_FILE = "search.log"
 
-def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False) -> int:
-    """Runs the search; returns a process exit status. Mistakes in the config, data or
-    weights end with one clear line, not a traceback."""
-    from blockft_jax import search, weights
-    from blockft_jax.workdir import WorkdirError
+
+def resolve_paths(config) -> None:
+    """Makes every path in `config` absolute, once, here at the edge: the search may change
+    directory-sensitive libraries (orbax refuses relative paths) and its workdir records them."""
+    from blockft_jax.plan import WEIGHT_SOURCES
+
+    def absolute(path):
+        if path is None or "://" in path:  # gs://, s3://: remote, already absolute
+            return path
+        return str(Path(path).expanduser().absolute())
+
+    config.data.path = absolute(config.data.path)
+    config.data.data_dir = absolute(config.data.data_dir)
+    if config.model.weights not in WEIGHT_SOURCES:
+        config.model.weights = absolute(config.model.weights)
+
+
+def dry_run(config) -> str:
+    """The plan of the search `config` describes, without data, weights or training."""
+    from blockft_jax import models, plan
+    plan.validate(config)
+    module = plan.build_module(config, num_classes=2)  # the head's size changes nothing here
+    table = models.layer_table(module, (config.model.input_size, config.model.input_size, 3))
+    return plan.describe(config, plan.make_plan(config, table, module.unit_names()[0]), table)
+
+
+def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,
+        dry_run_only: bool = False) -> int:
+    """Runs the search (or prints its plan); returns a process exit status."""
+    from blockft_jax import multihost, search
     if distributed:
         jax.distributed.initialize()  # TPU pods and SLURM find their peers themselves
+    if not multihost.is_leader():  # one copy of the search's progress: process 0's
+        logging.getLogger().setLevel(logging.WARNING)
+    workdir = Path(workdir).expanduser().absolute()
+    log_path = workdir / LOG_FILE
+    try:
+        resolve_paths(config)
+        if dry_run_only:
+            print(dry_run(config))
+            print(f"Results would go to {workdir}.")
+            return 0
+        if multihost.is_leader():
+            _log_to_file(log_path)
+        _use_compilation_cache()
+        log.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
+        log.info("Results go to %s (log: %s)", workdir, log_path)
+        search.run(config, workdir, start_over=start_over)
+    except UserError as e:
+        log.debug("Traceback", exc_info=True)
+        log.error("error: %s", e)
+        return 2
+    except Exception as e:
+        full = _disk_full(e)
+        if full is not None:
+            log.debug("Traceback", exc_info=True)
+            log.error("error: the disk is full (writing %s). Free space there, or use another "
+                      "--workdir, and run the same command again: finished results are kept and "
+                      "the search resumes.", full)
+            return 2
+        log.exception("Unexpected error")
+        log.error("error: %s: %s. This is not a problem with your config or data; the "
+                  "traceback is above and in %s.", type(e).__name__, e, log_path)
+        return 1
+    return 0
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The path of a 'no space left on device' anywhere in the error's chain, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error.filename or "the workdir"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _log_to_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def _use_compilation_cache() -> None:
     if not jax.config.jax_compilation_cache_dir:
         # A resumed (preempted) or repeated search reuses its compiled steps.
         from blockft_jax.weights import cache_dir
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation"))
         # Small programs too (the head init, eval steps: 0.2-0.5 s each on CPU).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    log.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__, jax.process_count(),
-             jax.device_count(), jax.devices()[0].device_kind)
-    try:
-        search.run(config, workdir, start_over=start_over)
-    except (search.ConfigError, WorkdirError, weights.WeightsError, FileNotFoundError,
-            ValueError, RuntimeError) as e:
-        log.debug("Traceback", exc_info=True)
-        log.error("error: %s", e)
-        return 2
-    return 0

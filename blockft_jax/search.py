@@ -1,8 +1,12 @@
 """The block-wise search: every strategy's candidates, trained, persisted, ranked.
 
 Candidates are trained one after another with the same compiled step; each finished
-(candidate, seed) is appended to results.jsonl, the running one is checkpointed every epoch, and
-a rerun of the same command resumes where the last one stopped.
+(candidate, seed) is appended to results.jsonl, the running one is checkpointed after its epochs,
+and a rerun of the same command resumes where the last one stopped.
+
+On several processes (a pod) every process trains, and process 0 decides: the rows of
+results.jsonl live in memory, read once by process 0 and broadcast, and each new row is process
+0's (`multihost`); only process 0 writes or deletes in the workdir.
 """
 from __future__ import annotations
 
@@ -18,73 +22,22 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from blockft_jax import data as data_lib
-from blockft_jax import groups, models, pretrained, report, scalars, train, weights
-from blockft_jax.results import rank, summarize
+from blockft_jax import groups, models, multihost, pretrained, report, results, scalars, train, weights
 from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.groups import Group
+from blockft_jax.plan import ConfigError, build_module, candidates, make_plan, validate
+from blockft_jax.results import rank
 from blockft_jax.workdir import Workdir, finished_keys, jsonable, write_atomic
 
 log = logging.getLogger(__name__)
 
-ORDER = groups.SEARCH_ORDER
+# fold_in(key(seed), this) draws a run's head; key(seed) itself drives its dropout (train.fit).
+HEAD_INIT_STREAM = 1
 
-
-class ConfigError(ValueError):
-    """The config asks for something that does not exist."""
-
-
-def validate(config) -> None:
-    if config.model.name not in models.MODEL_NAMES:
-        raise ConfigError(f"model.name={config.model.name!r} is unknown; choose one of "
-                          f"{', '.join(models.MODEL_NAMES)}.")
-    unknown = [s for s in config.search.strategies if s not in groups.STRATEGIES]
-    if unknown:
-        raise ConfigError(f"search.strategies has unknown {unknown}; choose from "
-                          f"{', '.join(groups.STRATEGIES)}.")
-    if config.train.epochs < 1 or config.train.seeds < 1:
-        raise ConfigError("train.epochs and train.seeds must be >= 1.")
-    s = config.search
-    if "topk" in s.strategies and s.max_layers is not None and max(s.topk) > s.max_layers:
-        raise ConfigError(f"search.topk asks for k={max(s.topk)} but layerwise ranks only "
-                          f"search.max_layers={s.max_layers} layers; raise max_layers.")
-    if "blocks" in s.strategies:
-        groups.blocks([], _boundaries(s.block_boundaries))  # raises on an unknown kind
-    if config.train.compute_dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"train.compute_dtype={config.train.compute_dtype!r}: use float32, "
-                          f"bfloat16 or float16.")
-
-
-def build_module(config, num_classes: int):
-    return models.create(config.model.name, num_classes=num_classes, width=config.model.width,
-                         dropout_rate=config.model.dropout_rate,
-                         dtype=jnp.dtype(config.train.compute_dtype), **config.model.options)
-
-
-def candidates(config, table, strategy: str, layerwise_ranking=None) -> list[Group]:
-    s = config.search
-    if strategy == "classifier_only":
-        return groups.classifier_only()
-    if strategy == "full":
-        return groups.full(table)
-    if strategy == "layerwise":
-        return groups.layerwise(table, s.max_layers)
-    if strategy == "topk":
-        return groups.topk(layerwise_ranking, s.topk, table)
-    if strategy == "blocks":
-        return groups.blocks(table, _boundaries(s.block_boundaries), s.max_blocks)
-    if strategy == "window":
-        return groups.windows(table, s.window, s.stride, s.max_windows)
-    raise ConfigError(f"Unknown strategy {strategy!r}.")
-
-
-def _boundaries(text: str):
-    """'pooling,activation' -> ('pooling', 'activation'); 'units' stays as it is."""
-    return "units" if text.strip() == "units" else tuple(
-        kind.strip() for kind in text.split(",") if kind.strip())
+__all__ = ["run", "Search", "ConfigError", "build_module", "candidates", "validate"]
 
 
 @dataclasses.dataclass
@@ -101,6 +54,7 @@ class Search:
         self.module = build_module(c, len(self.dataset.class_names))
         self.shape = (c.model.input_size, c.model.input_size, 3)
         self.table = models.layer_table(self.module, self.shape)
+        self.plan = make_plan(c, self.table, self.module.unit_names()[0])
         self.variables = pretrained.load(c, self.module)
         self.mesh = train.data_mesh()
         self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
@@ -110,6 +64,22 @@ class Search:
         self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self.compiling: dict = {}  # from_unit -> future of that engine's compilation
         self.depth = {r.name: i for i, r in enumerate(reversed(groups.backbone_layers(self.table)))}
+        # The finished runs: read once, on process 0, and the same on every process.
+        self.rows: list[dict] = multihost.broadcast_json(self.wd.results)
+        self.predictions_dir = self.wd.path / results.PREDICTIONS_DIR
+        if self.wd.writer:
+            results.write_labels(self.predictions_dir, self.dataset.validation.labels,
+                                 self.dataset.test.labels if len(self.dataset.test) else None)
+            if getattr(self.dataset, "skipped", None):
+                write_atomic(self.wd.path / "skipped_files.txt", "".join(
+                    f"{path}\t{reason}\n" for path, reason in self.dataset.skipped))
+
+    def add_result(self, row: dict) -> dict:
+        """Records a finished run: process 0's row, on every process, and in results.jsonl."""
+        row = multihost.broadcast_json(lambda: row)
+        self.rows.append(row)
+        self.wd.append_result(row)
+        return row
 
     # -- engines: at most two train-step compilations per search -------------------------------
     def engine_for(self, from_unit: str):
@@ -149,7 +119,7 @@ class Search:
     # -- one candidate -------------------------------------------------------------------------
     def run_candidate(self, group: Group, seed: int, from_unit: str):
         """Trains one (candidate, seed), resuming its checkpoint if there is one; returns
-        (results row, variables at the best epoch, its Checkpoint)."""
+        (results row, its train.FitResult, its Checkpoint)."""
         c = self.config
         engine, splits = self.engine_for(from_unit)
         if from_unit in self.compiling:
@@ -158,10 +128,11 @@ class Search:
         mask = groups.param_mask(self.variables["params"], self.table, group.layers)
         bn = groups.bn_modes(self.table, group.layers, freeze_bn=c.train.freeze_bn)
         ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed)
-        fresh = engine.init_state(self.variables)
+        start = self.start_variables(seed)
+        fresh = engine.init_state(start)
         resume = ckpt.restore(fresh) or {"state": fresh}
         writer = (scalars.ScalarWriter(self.wd.path / "tensorboard" /
-                                       f"{_slug(group.candidate)}-seed{seed}")
+                                       f"{results.slug(group.candidate)}-seed{seed}")
                   if self.wd.writer else None)
 
         last_save = [time.perf_counter()]
@@ -175,7 +146,7 @@ class Search:
                 last_save[0] = time.perf_counter()
 
         try:
-            result = train.fit(engine, self.variables, mask, bn, splits["train"],
+            result = train.fit(engine, start, mask, bn, splits["train"],
                                splits["validation"], splits["test"], epochs=c.train.epochs,
                                batch_size=c.data.batch_size, seed=seed,
                                on_epoch_end=on_epoch_end, **resume)
@@ -188,7 +159,15 @@ class Search:
                 "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                 "final_val_accuracy": result.final_val_accuracy, "val_loss": result.val_loss,
                 "train_seconds": round(result.train_seconds, 3), "steps": result.steps,
-                "status": result.status}, result.best_variables, ckpt
+                "status": result.status}, result, ckpt
+
+    def start_variables(self, seed: int) -> dict:
+        """The pretrained backbone with a head drawn from `seed`: seeds differ in their head
+        as in their data order and dropout, and every candidate of one seed starts from the
+        same head, so comparisons between candidates stay paired."""
+        rng = jax.random.fold_in(jax.random.key(seed), HEAD_INIT_STREAM)
+        head = models.init_head(self.module, self.shape, rng)
+        return {**self.variables, "params": {**self.variables["params"], models.HEAD_UNIT: head}}
 
     def _depth(self, group: Group) -> int:
         """How far below the output the group reaches (0 = the top layer; -1 = head only)."""
@@ -202,10 +181,6 @@ def _data_options(c) -> dict:
     if c.data.name == "digits" and c.data.classes is not None:
         options["classes"] = tuple(c.data.classes)
     return options
-
-
-def _slug(candidate: str) -> str:
-    return candidate.replace(":", "-").replace("/", "_")
 
 
 def run(config, workdir, *, start_over: bool = False) -> dict:
@@ -269,56 +244,37 @@ def _run(config, wd: Workdir) -> dict:
 
 def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict]:
     search = Search(config, wd, clock)
-    strategies = [s for s in ORDER if s in config.search.strategies]
-    rows = wd.results()
-    if "topk" in strategies and "layerwise" not in strategies and not any(
-            r["strategy"] == "layerwise" for r in rows):
-        raise ConfigError("search.strategies has 'topk' but no 'layerwise': topk trains the "
-                          "k best layers of the layer-wise ranking, so add 'layerwise'.")
-
-    # One lowest unit for every candidate except `full`: one compilation serves them all.
-    planned = {s: candidates(config, search.table, s) for s in strategies if s != "topk"}
-    shared = [g for s, gs in planned.items() if s != "full" for g in gs]
-    top_unit = groups.lowest_unit(search.table, shared) if shared else None
-    first_unit = search.module.unit_names()[0]
-    total = sum(len(gs) for gs in planned.values())
-    if "topk" in strategies:
-        total += len(config.search.topk)
-    total *= config.train.seeds
-    done_keys = finished_keys(rows)
-    progress = Progress(total, len(done_keys))
+    plan = search.plan
+    done = finished_keys(search.rows)
+    progress = Progress(plan.runs, len(done))
     log.info("Searching %s: %d candidate runs (%d done), strategies %s, trainable from unit %s",
-             config.model.name, total, len(done_keys), ", ".join(strategies), top_unit)
+             config.model.name, plan.runs, len(done), ", ".join(plan.strategies), plan.top_unit)
 
     # Create the engines up front: each compiles its steps in the background, `full`'s while
     # the other candidates train.
-    to_do = lambda names: any((name, seed) not in done_keys for name in names
+    to_do = lambda names: any((name, seed) not in done for name in names
                               for seed in range(config.train.seeds))
-    topk_names = ([groups.topk_candidate(k) for k in config.search.topk]
-                  if "topk" in strategies else [])
-    if top_unit is not None and to_do([g.candidate for g in shared] + topk_names):
-        search.engine_for(top_unit)
-    if "full" in strategies and to_do([g.candidate for g in planned["full"]]):
-        search.engine_for(first_unit)
-    for strategy in strategies:
-        if strategy == "topk":
-            ranking = [c["layers"][0] for c in rank([r for r in wd.results()
+    if plan.top_unit is not None and to_do([g.candidate for g in plan.shared] + plan.topk_names):
+        search.engine_for(plan.top_unit)
+    if "full" in plan.strategies and to_do([g.candidate for g in plan.planned["full"]]):
+        search.engine_for(plan.first_unit)
+    for strategy in plan.strategies:
+        if strategy == "topk":  # the k best of layerwise's ranking, the same on every process
+            ranking = [c["layers"][0] for c in rank([r for r in search.rows
                                                      if r["strategy"] == "layerwise"])]
-            planned["topk"] = candidates(config, search.table, "topk", ranking)
-        from_unit = first_unit if strategy == "full" else top_unit
-        for group in planned[strategy]:
-            _run_seeds(search, group, from_unit, progress)
+            plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
+        for group in plan.planned[strategy]:
+            _run_seeds(search, group, plan.from_unit(strategy), progress)
 
     # Distinct train steps the plan compiles (one per lowest trainable unit): a fact of the
     # plan, so a resumed search reports the same. This process's real counts go to runs.jsonl.
-    from_units = {first_unit if s == "full" else top_unit for s in strategies}
     counts = {u: e.compilations for u, (e, _) in search.engines.items()}
     for unit, count in counts.items():
         if count["train"] > 1:
             log.warning("The train step from unit %s compiled %d times", unit, count["train"])
     log.info("Compilations in this run: %s", counts)
     search.compiler.shutdown(cancel_futures=True)
-    summary = summarize(config, wd.results(), len(from_units))
+    summary = multihost.broadcast_json(lambda: _summarize(search))
     wd.write_json("summary.json", summary)
     if wd.writer:
         report.write(wd.path)
@@ -327,35 +283,58 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict]:
     return summary, counts
 
 
+def _summarize(search: Search) -> dict:
+    """The summary, with the paired comparisons its predictions allow (on process 0)."""
+    args = (search.config, search.rows, len(search.plan.from_units))
+    try:
+        return results.summarize(*args, predictions_dir=search.predictions_dir)
+    except results.StalePredictionsError as e:  # never lose the summary of a whole search
+        log.warning("No paired comparisons: %s", e)
+        return results.summarize(*args)
+
+
 def _run_seeds(search: Search, group: Group, from_unit: str, progress: "Progress") -> None:
     """All seeds of one candidate; then, if it is its strategy's best so far, its variables
     (best seed, best epoch) become models/<strategy>/."""
     wd, config = search.wd, search.config
     for seed in range(config.train.seeds):
-        if (group.candidate, seed) in finished_keys(wd.results()):
+        if (group.candidate, seed) in finished_keys(search.rows):
             continue
-        row, best_variables, ckpt = search.run_candidate(group, seed, from_unit)
-        if best_variables is not None and wd.writer:
-            weights.save_variables(wd.path / "pending" / f"seed{seed}.msgpack", best_variables)
-        wd.append_result(row)
+        row, result, ckpt = search.run_candidate(group, seed, from_unit)
+        if wd.writer:  # before the row: a row always has its model and predictions
+            if result.best_variables is not None:
+                weights.save_variables(wd.path / "pending" / f"seed{seed}.msgpack",
+                                       result.best_variables)
+            predictions = result.predictions or {
+                "validation": np.full(len(search.dataset.validation), -1), "test": None}
+            results.write_predictions(search.predictions_dir, group.candidate, seed,
+                                      predictions["validation"], predictions["test"])
+        row = search.add_result(row)
         ckpt.clear()
         progress.finished(row)
     _promote(search, group)
 
 
 def _promote(search: Search, group: Group) -> None:
+    """Saves the candidate as models/<strategy>/ when it leads its strategy. Decided from the
+    rows every process shares; process 0 reads the variables it wrote and sends them to all
+    (orbax saves collectively); only process 0 deletes."""
     wd = search.wd
     pending = wd.path / "pending"
-    rows = [r for r in wd.results() if r["strategy"] == group.strategy]
+    rows = [r for r in search.rows if r["strategy"] == group.strategy]
     ranking = rank(rows)
-    mine = [r for r in rows if r["candidate"] == group.candidate]
-    if ranking and ranking[0]["candidate"] == group.candidate and pending.exists():
+    if ranking and ranking[0]["candidate"] == group.candidate:
+        mine = [r for r in rows if r["candidate"] == group.candidate]
         best_seed = max(mine, key=lambda r: r["val_accuracy"])["seed"]
         source = pending / f"seed{best_seed}.msgpack"
-        if source.exists():
-            save_model(wd.path / "models" / group.strategy, weights.load_variables(source),
+        # Absent when an earlier run saved this model and then stopped before removing pending/.
+        if multihost.broadcast_json(source.exists):
+            variables = multihost.broadcast_arrays(lambda: weights.load_variables(source),
+                                                   like=search.variables)
+            save_model(wd.path / "models" / group.strategy, variables,
                        model_meta(search, group, best_seed))
-    shutil.rmtree(pending, ignore_errors=True)
+    if wd.writer:
+        shutil.rmtree(pending, ignore_errors=True)
 
 
 def model_meta(search: Search, group: Group, seed: int) -> dict:

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from blockft_jax import data as data_lib
 from blockft_jax.models import Backbone
+from blockft_jax.models.layers import BatchModes
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,8 @@ class Engine:
         def loss_fn(live_params):
             params = {**state["params"], **live_params}
             logits, updates = self.module.apply(
-                {"params": params, "batch_stats": state["batch_stats"]}, x, train=bn_modes,
+                {"params": params, "batch_stats": state["batch_stats"]}, x,
+                train=BatchModes(bn_modes, weights),
                 from_unit=self.from_unit, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
             return _weighted_loss(logits, labels, weights), (logits, updates.get("batch_stats", {}))
 
@@ -264,7 +266,8 @@ class Engine:
         logits = self.module.apply(variables, x, train=False, from_unit=self.from_unit)
         per_example = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), labels)
-        return {"loss_sum": jnp.sum(per_example * weights), **_counts(logits, labels, weights)}
+        return {"loss_sum": jnp.sum(per_example * weights), **_counts(logits, labels, weights),
+                "predicted": jnp.argmax(logits, -1).astype(jnp.int32)}
 
     def _features_fn(self, variables, images):
         self.compilations["features"] += 1
@@ -447,10 +450,14 @@ class FitResult:
     best_variables: dict | None    # host copy of the variables at the best epoch
                                    # (None only when no epoch finished)
     final_variables: dict          # the variables after the last epoch
+    # The predicted class of each example at the best epoch: {'validation': ..., 'test': ...}
+    # (test None without a test split); None when no epoch finished.
+    predictions: dict | None = None
 
 
 def evaluate(engine: Engine, variables, split: data_lib.Split | DeviceSplit,
              batch_size: int) -> dict:
+    """{'accuracy', 'loss', 'predicted'}: the predicted class of every example, in order."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     if isinstance(split, DeviceSplit):
         order, weights = engine.device_order(split, batch_size, shuffle_rng=None)
@@ -467,7 +474,10 @@ def evaluate(engine: Engine, variables, split: data_lib.Split | DeviceSplit,
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["count"], 1.0)
-    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n}
+    # Batches run in split order, the last one padded at its end: the first len(split) rows.
+    predicted = np.concatenate([out["predicted"] for out in outs])[:len(split)]
+    return {"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n,
+            "predicted": predicted}
 
 
 def train_epoch(engine: Engine, state, mask, bn_modes, split: data_lib.Split | DeviceSplit,
@@ -518,6 +528,7 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | Devic
     best = max(history, key=lambda h: h["val_accuracy"], default=None)
     if best is not None and best_variables is None:
         raise ValueError("Resuming after a best epoch needs its variables (best_variables).")
+    predictions = None
     status, started = "ok", time.perf_counter()
     for epoch in range(start_epoch, epochs):
         state, train_loss, train_accuracy = train_epoch(engine, state, mask, bn_modes, train,
@@ -533,13 +544,23 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | Devic
             history.append(record)
             break
         if best is None or record["val_accuracy"] > best["val_accuracy"]:
+            predictions = {"validation": val["predicted"], "test": None}
             if test is not None:
-                record["test_accuracy"] = evaluate(engine, current, test, batch_size)["accuracy"]
+                tested = evaluate(engine, current, test, batch_size)
+                record["test_accuracy"] = tested["accuracy"]
+                predictions["test"] = tested["predicted"]
             best = record
             best_variables = jax.device_get(current)
         history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, state, history, best_variables)
+    if predictions is None and best_variables is not None:
+        # The best epoch came before a resume: its variables give the same predictions again
+        # (the same compiled steps over the same batches).
+        placed = engine.place(best_variables)
+        predictions = {name: None if split is None else
+                       evaluate(engine, placed, split, batch_size)["predicted"]
+                       for name, split in (("validation", validation), ("test", test))}
     final = history[-1] if history else {"val_accuracy": 0.0, "step": 0}
     best = best or {"epoch": 0, "val_accuracy": 0.0, "val_loss": float("nan")}
     return FitResult(status=status, epochs=len(history), best_epoch=best["epoch"],
@@ -550,4 +571,5 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | Devic
                      steps=int(final.get("step", 0)), history=history,
                      best_variables=best_variables,
                      final_variables={"params": state["params"],
-                                      "batch_stats": state["batch_stats"]})
+                                      "batch_stats": state["batch_stats"]},
+                     predictions=predictions)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
+from blockft_jax.errors import UserError
 from blockft_jax.models import (HEAD_UNIT, Backbone, init_head, keras_auto_name, layer_table,
                                 variable_shapes)
 
@@ -47,14 +48,14 @@ KERAS_TOP_LAYERS = ("predictions", "fc1", "fc2", "flatten", "conv_preds", "logit
                     "reshape_1", "reshape_2", "dropout", "act_softmax", "probs")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A Keras weights file does not fit the model it is loaded into."""
 
 
 def _open(path) -> h5py.File:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Keras weights file not found: {path}")
+        raise WeightsError(f"Keras weights file not found: {path}")
     try:
         return h5py.File(path, "r")
     except OSError as e:
@@ -282,13 +283,13 @@ def fetch_imagenet_file(name: str, width: float = 1.0, input_size: int = 224,
         urllib.request.urlretrieve(url, partial)
     except (urllib.error.URLError, OSError) as e:
         partial.unlink(missing_ok=True)
-        raise RuntimeError(
+        raise WeightsError(
             f"Could not download ImageNet weights for {name} from {url} ({e}). Without "
             f"network, download that file elsewhere and place it at {target}, then run "
             f"again.") from e
     if md5 is not None and _md5(partial) != md5:
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"Downloaded {url} but its md5 differs from Keras's {md5}; "
+        raise WeightsError(f"Downloaded {url} but its md5 differs from Keras's {md5}; "
                            f"the download is corrupt. Try again.")
     os.replace(partial, target)
     return target

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -11,11 +12,17 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from blockft_jax.errors import UserError
+
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
+# Config keys that cannot change a search's results: a rerun that changes only these resumes.
+RESUME_NEUTRAL = ("train.checkpoint_seconds", "train.prefix_cache", "data.data_dir")
+
+log = logging.getLogger(__name__)
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError, RuntimeError):
     """The workdir cannot be used as asked (busy, or holds another search)."""
 
 
@@ -70,22 +77,38 @@ class Workdir:
 
     # -- the config it belongs to --------------------------------------------------------------
     def claim(self, config_dict: dict, start_over: bool) -> None:
-        """Ties the workdir to one config. A different config is refused, or with
-        `start_over` the earlier contents are moved to archive/<time>/ (never deleted)."""
-        stored = self.path / CONFIG
-        if stored.exists():
-            previous = json.loads(stored.read_text())
-            if previous != config_dict:
-                if not start_over:
-                    changed = sorted(k for k in set(previous) | set(config_dict)
-                                     if previous.get(k) != config_dict.get(k))
-                    raise WorkdirError(
-                        f"{self.path} holds a search with a different config (differs in: "
-                        f"{', '.join(changed)}). Use another --workdir, or pass --start_over "
-                        f"to archive the earlier results and start again.")
-                self.archive()
+        """Ties the workdir to one config. A config that differs in keys that can change
+        results is refused, or with `start_over` the earlier contents are moved to
+        archive/<time>/ (never deleted); other differences (RESUME_NEUTRAL) resume. Decided on
+        process 0, which alone writes."""
+        from blockft_jax import multihost
+
+        def decide() -> dict:
+            stored = self.path / CONFIG
+            if not stored.exists():
+                return {"action": "new"}
+            previous, current = _dotted(json.loads(stored.read_text())), _dotted(config_dict)
+            changed = sorted(k for k in set(previous) | set(current)
+                             if previous.get(k) != current.get(k))
+            blocking = [k for k in changed if k not in RESUME_NEUTRAL]
+            if blocking:
+                return {"action": "archive" if start_over else "refuse", "changed": blocking}
+            return {"action": "resume", "changed": changed}
+
+        decision = multihost.broadcast_json(decide)
+        if decision["action"] == "refuse":
+            raise WorkdirError(
+                f"{self.path} holds a search with a different config (differs in: "
+                f"{', '.join(decision['changed'])}). Use another --workdir, or pass "
+                f"--start_over to archive the earlier results and start again.")
+        if decision["action"] == "archive":
+            self.archive()
+        if decision.get("changed") and decision["action"] == "resume":
+            log.info("Resuming with %s changed (they do not change results)",
+                     ", ".join(decision["changed"]))
         if self.writer:
-            write_atomic(stored, json.dumps(config_dict, indent=2, sort_keys=True))
+            write_atomic(self.path / CONFIG, json.dumps(config_dict, indent=2, sort_keys=True))
+        multihost.barrier("workdir claimed")
 
     def archive(self) -> Path:
         if not self.writer:
@@ -119,6 +142,17 @@ class Workdir:
 def jsonable(config) -> dict:
     """A config as plain JSON-able dicts (tuples become lists)."""
     return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{'train.epochs': 10, ...} from nested dicts."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def finished_keys(rows: Iterable[dict]) -> set[tuple[str, int]]:

@@ -13,8 +13,17 @@ def get_config():
     # 0-4 here, cached), 'random', or a path to a Keras .h5 / .weights.h5 / converted .msgpack.
     config.model.weights = "imagenet"
     config.model.dropout_rate = 0.2
-    config.model.options = ml_collections.ConfigDict()  # e.g. minimalistic=True (MobileNetV3)
-    config.model.options.lock()
+    # Model options (None: the model's default). Each applies to the models named; setting one
+    # another model lacks is refused.
+    config.model.options = ml_collections.ConfigDict()
+    options = config.model.options
+    options.minimalistic = ml_collections.FieldReference(None, field_type=bool)  # MobileNetV3s
+    options.include_preprocessing = ml_collections.FieldReference(None, field_type=bool)  # V3s
+    options.depth_multiplier = ml_collections.FieldReference(None, field_type=int)  # mobilenet_v1
+    options.blocks = ml_collections.FieldReference(None, field_type=int)  # mobilenet_v2: first N
+    # How convolutions run: 'auto' (by backend), 'native', 'shifted' / 'matmul' (all models).
+    options.depthwise_impl = ml_collections.FieldReference(None, field_type=str)
+    options.conv_impl = ml_collections.FieldReference(None, field_type=str)
 
     config.data = ml_collections.ConfigDict()
     # Any TFDS image-classification dataset ('tf_flowers', 'beans', 'cats_vs_dogs', ...),

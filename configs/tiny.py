@@ -9,8 +9,7 @@ def get_config():
     config.model.input_size = 32
     config.model.weights = "random"
     config.model.dropout_rate = 0.0
-    with config.model.options.unlocked():
-        config.model.options.blocks = 3
+    config.model.options.blocks = 3
 
     config.data.name = "digits"
     config.data.classes = (5, 6, 7)

@@ -63,6 +63,37 @@ def test_every_strategy_and_output(finished):
         full["val_accuracy"])
 
 
+def test_predictions_and_paired_comparisons(finished):
+    """Every run's per-example predictions are kept, agree with its row, and the summary
+    compares the winner with every other strategy's selected candidate on both splits."""
+    from blockft_jax import results
+    workdir, summary = finished
+    rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    labels = np.load(workdir / "predictions" / "labels.npz")
+    for r in rows:
+        with np.load(results.prediction_path(workdir / "predictions", r["candidate"],
+                                             r["seed"])) as p:
+            assert np.mean(p["validation"] == labels["validation"]) == pytest.approx(
+                r["val_accuracy"], abs=1e-9)
+    others = {s["selected"]["candidate"] for s in summary["strategies"].values()} - {
+        summary["winner"]["candidate"]}
+    for split in ("validation", "test"):
+        compared = {c["b"] for c in summary["comparisons"] if c["split"] == split}
+        assert compared == others, (split, compared, others)
+    assert isinstance(summary["distinguishable"], bool) and summary["verdict"]
+    assert "Is the winner better?" in (workdir / "report.md").read_text()
+
+
+def test_each_seed_draws_its_head_and_every_candidate_shares_it(tmp_path):
+    from blockft_jax.workdir import Workdir
+    s = search.Search(tiny_config(), Workdir(tmp_path), search.CompileClock())
+    seed0, again, seed1 = s.start_variables(0), s.start_variables(0), s.start_variables(1)
+    a, b, c = flat_arrays(seed0), flat_arrays(again), flat_arrays(seed1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    for k in a:
+        assert np.array_equal(a[k], c[k]) == (not k.startswith("params/head/kernel")), k
+
+
 def test_report_rebuilds_from_the_workdir(finished, tmp_path):
     from blockft_jax import report
     workdir, _ = finished
@@ -113,10 +144,63 @@ def test_saved_models_load_and_frozen_layers_unchanged(finished):
         assert logits.shape == (2, 3)
 
 
+def flat_arrays(tree):
+    from flax import traverse_util
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def assert_same_models(workdir_a, workdir_b):
+    """The saved models themselves, array by array, bitwise; and their model.json."""
+    strategies = sorted(p.name for p in (workdir_a / "models").iterdir())
+    assert strategies == sorted(p.name for p in (workdir_b / "models").iterdir())
+    for strategy in strategies:
+        (a, meta_a), (b, meta_b) = (checkpoint.load_model(w / "models" / strategy)
+                                    for w in (workdir_a, workdir_b))
+        assert meta_a == meta_b, strategy
+        a, b = flat_arrays(a), flat_arrays(b)
+        assert a.keys() == b.keys(), strategy
+        differing = [k for k in a if not np.array_equal(a[k], b[k])]
+        assert not differing, (strategy, differing[:5], len(differing))
+
+
+RESUME_CONFIG = {"search.strategies": ("classifier_only", "full"), "train.epochs": 6,
+                 "train.learning_rate": 3e-3}
+
+
+def test_resume_after_a_checkpoint_past_the_best_epoch_saves_the_best_model(tmp_path,
+                                                                             monkeypatch):
+    """Killed right after a checkpoint written later than the run's best epoch, then rerun:
+    the saved models are the best epochs' (bitwise the uninterrupted run's), not the state at
+    the checkpoint, and the summary is the same."""
+    uninterrupted = search.run(tiny_config(**RESUME_CONFIG), tmp_path / "whole")
+    original = checkpoint.Checkpoint.save
+    killed = []
+
+    def preempted(self, state, history, epoch, best_variables):
+        # As with train.checkpoint_seconds > 0, earlier epochs were not saved: the first
+        # checkpoint of the run comes after its best epoch, then the process dies.
+        best_epoch = max(history, key=lambda h: h["val_accuracy"])["epoch"]
+        if best_epoch < epoch and not killed:
+            original(self, state, history, epoch, best_variables)
+            self.ckptr.wait_until_finished()
+            killed.append((self.candidate, epoch, best_epoch))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        search.run(tiny_config(**RESUME_CONFIG), tmp_path / "cut")
+    assert killed, "no run had a checkpoint after its best epoch: the test needs one"
+    assert (tmp_path / "cut" / "checkpoints" / "current.json").exists()
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", original)
+    resumed = search.run(tiny_config(**RESUME_CONFIG), tmp_path / "cut")
+    assert resumed == uninterrupted
+    assert_same_models(tmp_path / "whole", tmp_path / "cut")
+
+
 def test_resume_after_interruption_gives_the_same_summary(finished, tmp_path, monkeypatch):
     _, uninterrupted = finished
     saves = {"n": 0}
-    original = search.Checkpoint.save
+    original = checkpoint.Checkpoint.save
 
     def preempted(self, *args, **kwargs):  # dies right after the 5th epoch checkpoint
         original(self, *args, **kwargs)
@@ -124,15 +208,28 @@ def test_resume_after_interruption_gives_the_same_summary(finished, tmp_path, mo
         if saves["n"] == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(search.Checkpoint, "save", preempted)
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", preempted)
     with pytest.raises(KeyboardInterrupt):
         search.run(tiny_config(), tmp_path)
-    monkeypatch.setattr(search.Checkpoint, "save", original)
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", original)
     done_before = len((tmp_path / "results.jsonl").read_text().splitlines())
     assert 0 < done_before < 10
     assert (tmp_path / "checkpoints" / "current.json").exists()
     resumed = search.run(tiny_config(), tmp_path)
     assert resumed == uninterrupted
+    assert_same_models(finished[0], tmp_path)
+
+
+def test_changing_keys_that_cannot_change_results_still_resumes(finished, tmp_path):
+    workdir, summary = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    before = (copy / "results.jsonl").read_text()
+    config = tiny_config(**{"train.checkpoint_seconds": 5.0, "train.prefix_cache": False,
+                            "data.data_dir": str(tmp_path / "elsewhere")})
+    assert search.run(config, copy) == summary  # everything was done: nothing trains again
+    assert (copy / "results.jsonl").read_text() == before
+    assert json.loads((copy / "config.json").read_text())["train"]["checkpoint_seconds"] == 5.0
 
 
 def test_second_process_is_refused(tmp_path):
@@ -193,23 +290,3 @@ def test_diverged_candidate_is_recorded_and_search_goes_on(tmp_path):
     assert any(r["status"] == "diverged" for r in rows)
     assert len(rows) == 1 + config.search.max_layers
     assert "layerwise" in summary["strategies"]
-
-
-def run_cli(*args, cwd):
-    import subprocess
-    import sys
-    return subprocess.run([sys.executable, "-m", "blockft_jax.main", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_cli_refuses_a_config_typo_and_bad_values(tmp_path):
-    from pathlib import Path
-    root = Path(__file__).parents[1]
-    typo = run_cli("--config", "configs/tiny.py", "--config.train.epoks=3",
-                   "--workdir", str(tmp_path / "a"), cwd=root)
-    assert typo.returncode != 0 and "epoks" in typo.stderr
-    bad = run_cli("--config", "configs/tiny.py", "--config.model.name=resnet18",
-                  "--workdir", str(tmp_path / "b"), cwd=root)
-    assert bad.returncode == 2
-    assert "model.name='resnet18' is unknown" in bad.stderr
-    assert "Traceback" not in bad.stderr

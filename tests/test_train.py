@@ -520,3 +520,56 @@ def test_two_processes_match_one(mesh_run, worker_inputs, worker_split, engine_b
     # The prefix cache too: every process gets the features of all images.
     want = engine_b1_cached.features(variables, worker_split, BATCH).images
     np.testing.assert_allclose(features, want, rtol=1e-5, atol=1e-5)
+
+
+# --- padded rows and host transfers ----------------------------------------------------------------
+
+@pytest.mark.parametrize("traced_mode", [False, True], ids=["python_mode", "traced_mode"])
+def test_batchnorm_batch_statistics_use_real_rows_only_like_keras_short_batch(traced_mode):
+    """An epoch's last batch is padded (weight 0) to keep its shape; Keras trains on the short
+    batch. A BN on batch statistics gives Keras's outputs and moving statistics for the real
+    rows, whatever the padded rows hold."""
+    import keras
+    from blockft_jax.models import layers as L
+    rng = np.random.default_rng(0)
+    real = 5
+    x = rng.normal(1.0, 3.0, (8, 4, 4, 6)).astype(np.float32)
+    x[real:] = 1e4  # padding that would wreck the statistics if it counted
+    weights = np.asarray([1.0] * real + [0.0] * (8 - real), np.float32)
+    gamma, beta = rng.normal(1, 0.2, 6).astype(np.float32), rng.normal(0, 0.2, 6).astype(np.float32)
+    mean, var = rng.normal(0, 0.5, 6).astype(np.float32), rng.uniform(0.5, 2, 6).astype(np.float32)
+    keras_bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
+    keras_bn.build(x.shape)
+    keras_bn.set_weights([gamma, beta, mean, var])
+    want = np.asarray(keras_bn(x[:real], training=True))
+    want_mean, want_var = (np.asarray(v) for v in (keras_bn.moving_mean, keras_bn.moving_variance))
+
+    bn = L.BatchNormalization(epsilon=1e-3, momentum=0.9, name="bn")
+    variables = {"params": {"scale": gamma, "bias": beta}, "batch_stats": {"mean": mean, "var": var}}
+    mode = jnp.asarray(True) if traced_mode else True
+    got, updates = jax.jit(lambda v, x, w: bn.apply(v, x, L.BatchModes({"bn": mode}, w),
+                                                    mutable=["batch_stats"]))(variables, x, weights)
+    np.testing.assert_allclose(np.asarray(got)[:real], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], want_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], want_var, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["fed", "fed_cached", "device_cache"])
+def test_train_loop_copies_no_host_data_quietly(engine_b1, model, variables, table, split, path):
+    """Under jax.transfer_guard('disallow') the train loop and evaluation run: no step copies
+    host data implicitly (the mask, BN modes, rng and batch index included); every transfer is
+    an explicit, once-per-epoch or once-per-batch placement."""
+    engine = engine_b1 if path == "fed" else make_engine(model, "block_1", cached=True,
+                                                         table=table)
+    inputs = split if path == "fed" else engine.features(variables, split, BATCH)
+    if path == "device_cache":
+        inputs = engine.to_device(inputs)
+    mask, bn_modes = candidate(variables, table, CANDIDATE)
+    state, rng = engine.init_state(variables), jax.random.key(0)
+    with jax.transfer_guard("disallow"):
+        for epoch in range(2):
+            state, loss, _ = train.train_epoch(engine, state, mask, bn_modes, inputs, BATCH, 0,
+                                               epoch, rng)
+        evaluated = train.evaluate(engine, {"params": state["params"],
+                                            "batch_stats": state["batch_stats"]}, inputs, BATCH)
+    assert np.isfinite(loss) and evaluated["predicted"].shape == (len(split),)

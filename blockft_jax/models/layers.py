@@ -20,6 +20,16 @@ from flax import linen as nn
 # is *data* of a compiled step rather than part of its structure.
 TrainMode = bool | Mapping[str, Any]
 
+
+class BatchModes(dict):
+    """Per-BatchNorm modes (a TrainMode mapping) together with the batch's row weights (1 a
+    real example, 0 padding), so that batch statistics are taken over the real rows only: the
+    padded rows of an epoch's last batch must not shift them (Keras sees a short last batch)."""
+
+    def __init__(self, modes: Mapping[str, Any], row_weights):
+        super().__init__(modes)
+        self.row_weights = row_weights
+
 DEPTHWISE_IMPLS = ("auto", "native", "shifted")
 
 
@@ -196,8 +206,15 @@ class BatchNormalization(KerasLayer):
             mean, var = ra_mean.value, ra_var.value
         else:
             axes = tuple(range(x.ndim - 1))
-            batch_mean = jnp.mean(x32, axes)
-            batch_var = jnp.mean(jnp.square(x32 - batch_mean), axes)
+            row_weights = getattr(train, "row_weights", None)
+            if row_weights is None:
+                batch_mean = jnp.mean(x32, axes)
+                batch_var = jnp.mean(jnp.square(x32 - batch_mean), axes)
+            else:  # a weighted mean over real rows; padded rows (weight 0) count for nothing
+                w = row_weights.astype(jnp.float32).reshape(-1, *([1] * (x.ndim - 1)))
+                count = jnp.maximum(jnp.sum(w) * (x32.size // (x32.shape[0] * c)), 1.0)
+                batch_mean = jnp.sum(x32 * w, axes) / count
+                batch_var = jnp.sum(jnp.square(x32 - batch_mean) * w, axes) / count
             # Exposed for BN recalibration (train.recalibrate_bn); free unless asked for.
             self.sow("bn_batch_stats", "mean", batch_mean, reduce_fn=lambda _, b: b)
             self.sow("bn_batch_stats", "var", batch_var, reduce_fn=lambda _, b: b)

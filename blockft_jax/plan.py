@@ -1,0 +1,239 @@
+"""A search's plan, before any data or weights: the config checked, the model built, and what
+will be trained (strategies, candidates and their layers, runs, the lowest trainable unit).
+
+The search runs this plan; `--dry_run` prints it, so a long search can be checked first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from blockft_jax import groups, models
+from blockft_jax.errors import UserError
+from blockft_jax.groups import Group
+
+# model.weights values that are not files.
+WEIGHT_SOURCES = ("imagenet", "random", "demo")
+
+
+class ConfigError(UserError, ValueError):
+    """The config asks for something that does not exist or cannot work."""
+
+
+def validate(config) -> None:
+    """Checks every value of the config before any work; each problem is one line saying
+    what is wrong and what is allowed."""
+    m, d, t, s = config.model, config.data, config.train, config.search
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    def positive_int(value, name, allow_none=False):
+        need((allow_none and value is None) or (isinstance(value, int) and not
+                                                  isinstance(value, bool) and value >= 1),
+             f"{name}={value!r}: use a whole number >= 1{' or None' if allow_none else ''}.")
+
+    def number(value, name, low, high=math.inf, low_open=False):
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+            value > low if low_open else value >= low) and value <= high
+        bound = f"> {low}" if low_open else f">= {low}"
+        need(ok, f"{name}={value!r}: use a number {bound}"
+                 f"{f' and <= {high}' if high != math.inf else ''}.")
+
+    need(m.name in models.MODEL_NAMES,
+         f"model.name={m.name!r} is unknown; choose one of {', '.join(models.MODEL_NAMES)}.")
+    number(m.width, "model.width", 0, low_open=True)
+    positive_int(m.input_size, "model.input_size")
+    need(m.input_size >= 32, f"model.input_size={m.input_size}: the backbones need >= 32.")
+    need(m.weights in WEIGHT_SOURCES or Path(m.weights).exists(),
+         f"model.weights={m.weights!r}: no such file. Use {', '.join(map(repr, WEIGHT_SOURCES))}"
+         f" or a path to a Keras .h5/.weights.h5 file or a converted .msgpack.")
+    number(m.dropout_rate, "model.dropout_rate", 0, 0.99)
+    try:
+        build_module(config, num_classes=2)
+    except ValueError as e:  # an option this model does not have, or a bad value of one
+        raise ConfigError(f"model.options: {e}") from None
+
+    need(isinstance(d.name, str) and d.name, "data.name is empty: name a TFDS dataset, "
+                                             "'image_folder' or 'digits'.")
+    need(d.name != "image_folder" or bool(d.path),
+         "data.name='image_folder' needs data.path=<directory with one subfolder per class>.")
+    fractions = tuple(d.splits)
+    need(len(fractions) == 3 and all(isinstance(f, (int, float)) and f > 0 for f in fractions)
+         and math.isclose(sum(fractions), 1.0, abs_tol=1e-6),
+         f"data.splits={fractions!r}: use three positive fractions (train, validation, test) "
+         f"summing to 1.")
+    positive_int(d.batch_size, "data.batch_size")
+    devices = jax.device_count()
+    need(d.batch_size % devices == 0,
+         f"data.batch_size={d.batch_size} must be a multiple of the {devices} devices "
+         f"(each takes an equal share of every batch).")
+    positive_int(d.train_per_class, "data.train_per_class", allow_none=True)
+    need(d.tfds_splits is None or (len(d.tfds_splits) == 3 and all(
+        isinstance(x, str) and x for x in d.tfds_splits)),
+        f"data.tfds_splits={d.tfds_splits!r}: use three TFDS split strings (train, "
+        f"validation, test), e.g. ('train[:80%]', 'train[80%:]', 'test'), or None.")
+
+    positive_int(t.epochs, "train.epochs")
+    positive_int(t.seeds, "train.seeds")
+    need(t.optimizer in ("adam", "sgd"), f"train.optimizer={t.optimizer!r}: use 'adam' or 'sgd'.")
+    number(t.learning_rate, "train.learning_rate", 0, low_open=True)
+    number(t.momentum, "train.momentum", 0, 1)
+    number(t.weight_decay, "train.weight_decay", 0)
+    need(t.schedule in ("constant", "cosine"),
+         f"train.schedule={t.schedule!r}: use 'constant' or 'cosine'.")
+    number(t.warmup_epochs, "train.warmup_epochs", 0, t.epochs)
+    need(t.compute_dtype in ("float32", "bfloat16", "float16"),
+         f"train.compute_dtype={t.compute_dtype!r}: use float32, bfloat16 or float16.")
+    number(t.checkpoint_seconds, "train.checkpoint_seconds", 0)
+
+    unknown = [x for x in s.strategies if x not in groups.STRATEGIES]
+    need(not unknown, f"search.strategies has unknown {unknown}; choose from "
+                      f"{', '.join(groups.STRATEGIES)}.")
+    need(len(s.strategies) > 0, "search.strategies is empty; choose from "
+                                f"{', '.join(groups.STRATEGIES)}.")
+    need("topk" not in s.strategies or "layerwise" in s.strategies,
+         "search.strategies has 'topk' but no 'layerwise': topk trains the k best layers of "
+         "the layer-wise ranking, so add 'layerwise'.")
+    positive_int(s.max_layers, "search.max_layers", allow_none=True)
+    for k in s.topk:
+        positive_int(k, "search.topk entry")
+    if "topk" in s.strategies and s.max_layers is not None and s.topk:
+        need(max(s.topk) <= s.max_layers,
+             f"search.topk asks for k={max(s.topk)} but layerwise ranks only "
+             f"search.max_layers={s.max_layers} layers; raise max_layers.")
+    if "blocks" in s.strategies:
+        try:
+            groups.blocks([], boundaries(s.block_boundaries))
+        except ValueError as e:
+            raise ConfigError(f"search.block_boundaries: {e}") from None
+    positive_int(s.max_blocks, "search.max_blocks", allow_none=True)
+    positive_int(s.window, "search.window")
+    positive_int(s.stride, "search.stride", allow_none=True)
+    positive_int(s.max_windows, "search.max_windows", allow_none=True)
+    if m.weights == "demo":
+        positive_int(config.demo.pretrain_epochs, "demo.pretrain_epochs")
+        number(config.demo.pretrain_learning_rate, "demo.pretrain_learning_rate", 0,
+               low_open=True)
+
+
+def build_module(config, num_classes: int | None):
+    options = {k: v for k, v in config.model.options.items() if v is not None}
+    return models.create(config.model.name, num_classes=num_classes, width=config.model.width,
+                         dropout_rate=config.model.dropout_rate,
+                         dtype=jnp.dtype(config.train.compute_dtype), **options)
+
+
+def boundaries(text: str):
+    """'pooling,activation' -> ('pooling', 'activation'); 'units' stays as it is."""
+    return "units" if text.strip() == "units" else tuple(
+        kind.strip() for kind in text.split(",") if kind.strip())
+
+
+def candidates(config, table, strategy: str, layerwise_ranking=None) -> list[Group]:
+    s = config.search
+    if strategy == "classifier_only":
+        return groups.classifier_only()
+    if strategy == "full":
+        return groups.full(table)
+    if strategy == "layerwise":
+        return groups.layerwise(table, s.max_layers)
+    if strategy == "topk":
+        return groups.topk(layerwise_ranking, s.topk, table)
+    if strategy == "blocks":
+        return groups.blocks(table, boundaries(s.block_boundaries), s.max_blocks)
+    if strategy == "window":
+        return groups.windows(table, s.window, s.stride, s.max_windows)
+    raise ConfigError(f"Unknown strategy {strategy!r}.")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a search trains. topk's candidates are known only after layerwise has run (they
+    are the k best layers of its ranking): `planned` lacks them until `fill_topk`."""
+    strategies: list[str]             # in the order they run
+    planned: dict[str, list[Group]]   # strategy -> candidates
+    top_unit: str | None              # the lowest unit any candidate but `full` trains
+    first_unit: str                   # where `full` starts
+    seeds: int
+    topk: tuple[int, ...]
+
+    def from_unit(self, strategy: str) -> str:
+        return self.first_unit if strategy == "full" else self.top_unit
+
+    @property
+    def shared(self) -> list[Group]:
+        """The candidates that share the top engine (all but full's; topk's once known)."""
+        return [g for s, gs in self.planned.items() if s != "full" for g in gs]
+
+    @property
+    def topk_names(self) -> list[str]:
+        return [groups.topk_candidate(k) for k in self.topk] if "topk" in self.strategies else []
+
+    @property
+    def runs(self) -> int:
+        count = sum(len(gs) for s, gs in self.planned.items() if s != "topk")
+        return (count + len(self.topk_names)) * self.seeds
+
+    @property
+    def from_units(self) -> set[str]:
+        """The distinct lowest trainable units: one train-step compilation each."""
+        return {self.from_unit(s) for s in self.strategies}
+
+
+def make_plan(config, table, first_unit: str) -> Plan:
+    strategies = [s for s in groups.SEARCH_ORDER if s in config.search.strategies]
+    planned = {s: candidates(config, table, s) for s in strategies if s != "topk"}
+    # One lowest unit for every candidate except `full`: one compilation serves them all.
+    # topk's layers come from layerwise's, so layerwise's reach bounds theirs.
+    shared = [g for s, gs in planned.items() if s != "full" for g in gs]
+    top_unit = groups.lowest_unit(table, shared) if shared else None
+    return Plan(strategies, planned, top_unit, first_unit, config.train.seeds,
+                tuple(config.search.topk))
+
+
+def prefix_bytes_per_image(table, unit: str | None) -> int | None:
+    """Bytes of the prefix cache per image for an engine from `unit` (float32 output of the
+    unit below), or None when nothing is cached (the first unit)."""
+    units = list(dict.fromkeys(r.unit for r in table))
+    if unit is None or units.index(unit) == 0:
+        return None
+    below = units[units.index(unit) - 1]
+    last = [r for r in table if r.unit == below][-1]
+    return math.prod(last.output_shape[1:]) * 4
+
+
+def describe(config, plan: Plan, table) -> str:
+    """The plan in words, for --dry_run."""
+    c = config
+    lines = [f"Plan: {c.model.name} (width {c.model.width}, {c.model.input_size} px, weights "
+             f"{c.model.weights}) on {c.data.name}; {c.train.epochs} epochs x {c.train.seeds} "
+             f"seed(s) per candidate, batch {c.data.batch_size}.",
+             f"Strategies, in the order they run: {', '.join(plan.strategies)}."]
+    for strategy in plan.strategies:
+        if strategy == "topk":
+            lines.append(f"  topk: k in {list(plan.topk)}: the k best layers of the layer-wise "
+                         f"ranking (known once layerwise has run)")
+            continue
+        lines.append(f"  {strategy}: {len(plan.planned[strategy])} candidate(s)")
+        for g in plan.planned[strategy]:
+            shown = ", ".join(g.layers) if len(g.layers) <= 6 else \
+                f"{', '.join(g.layers[:3])}, ... {g.layers[-1]} ({len(g.layers)} layers)"
+            lines.append(f"    {g.candidate}: {shown or 'head only'}")
+    lines.append(f"Runs: {plan.runs} ({plan.runs // plan.seeds} candidates x {plan.seeds} "
+                 f"seed(s)).")
+    for unit in sorted(plan.from_units, key=lambda u: u != plan.top_unit):
+        users = "full" if unit == plan.first_unit and unit != plan.top_unit else \
+            "every candidate but full"
+        per_image = prefix_bytes_per_image(table, unit) if c.train.prefix_cache and not (
+            c.data.augment_flip or c.data.augment_crop) else None
+        cache = (f"prefix cache {per_image:,} bytes per image" if per_image else
+                 "no prefix cache (nothing frozen below it, or augmentation/prefix_cache off)")
+        lines.append(f"Lowest trainable unit {unit} ({users}): {cache}.")
+    lines.append(f"Train-step compilations: {len(plan.from_units)}.")
+    return "\n".join(lines)

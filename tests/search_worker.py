@@ -1,0 +1,52 @@
+"""One process of a 2-process search on localhost (CPU collectives over gloo), for
+tests/test_multiprocess.py:
+
+    python tests/search_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR [DIE_AFTER_SAVES]
+
+Runs configs/tiny.py (every strategy) through the command line's launcher. With
+DIE_AFTER_SAVES=N, process 0 kills itself (SIGKILL, as a preempted VM dies) right after its N-th
+epoch checkpoint; the test then kills the other process the same way.
+"""
+import os
+import signal
+import sys
+
+EXIT_UNSUPPORTED = 77  # the platform cannot run CPU multi-process collectives at all
+
+
+def main(argv):
+    port, process_id, num_processes = (int(a) for a in argv[1:4])
+    workdir = argv[4]
+    die_after = int(argv[5]) if len(argv) > 5 else None
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                                   num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=120)
+    except Exception as e:  # setup only: a failure later is a bug, not the platform
+        print(f"UNSUPPORTED: {type(e).__name__}: {e}", flush=True)
+        return EXIT_UNSUPPORTED
+    import logging
+
+    from blockft_jax import checkpoint, launch
+    from configs import tiny
+    logging.getLogger().setLevel(logging.INFO)
+    if die_after is not None and process_id == 0:
+        original, saves = checkpoint.Checkpoint.save, []
+
+        def preempted(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            saves.append(1)
+            if len(saves) == die_after:
+                self.ckptr.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.Checkpoint.save = preempted
+    return launch.run(tiny.get_config(), workdir)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.exit(main(sys.argv))

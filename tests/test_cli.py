@@ -1,0 +1,175 @@
+"""The command line as users type it: relative paths, no --workdir, --dry_run of every README
+command, bad values, and the errors users see (one line when they can fix it, a traceback and
+where the log is when they cannot)."""
+import errno
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from blockft_jax import launch, search
+from blockft_jax.workdir import Workdir
+from configs import tiny
+
+ROOT = Path(__file__).parents[1]
+FAST = ["--config.train.epochs=1", "--config.search.strategies=('classifier_only','layerwise')"]
+
+
+def run_cli(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "blockft_jax.main", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def user_dir(tmp_path) -> Path:
+    """A directory laid out as a user's checkout: configs/ beside where they type."""
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    return tmp_path
+
+
+def rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+
+
+def test_relative_and_default_workdir_with_a_resume(tmp_path):
+    """No --workdir: results go to runs/<config name>; killed mid-search (kill -9) and rerun
+    with the relative --workdir typed out, the search resumes there and finishes."""
+    cwd = user_dir(tmp_path)
+    args = ["--config", "configs/tiny.py", *FAST]
+    process = subprocess.Popen([sys.executable, "-m", "blockft_jax.main", *args], cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = cwd / "runs" / "tiny" / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not (
+            results.exists() and results.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    output = process.communicate()[0]
+    assert results.exists(), output
+    assert f"Results go to {cwd / 'runs' / 'tiny'}" in output
+    before = rows(cwd / "runs" / "tiny")
+    resumed = run_cli(*args, "--workdir", "runs/tiny", cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = rows(cwd / "runs" / "tiny")
+    assert after[:len(before)] == before and len(after) == 1 + tiny.get_config().search.max_layers
+    assert (cwd / "runs" / "tiny" / "models" / "layerwise" / "model.json").exists()
+    assert (cwd / "runs" / "tiny" / "summary.json").exists()
+
+
+def readme_commands() -> list[str]:
+    """Every `python -m blockft_jax.main ...` command of the README, continuation lines
+    joined."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines()
+            if line.strip().startswith("python -m blockft_jax.main")]
+
+
+def test_every_readme_command_dry_runs(tmp_path):
+    commands = readme_commands()
+    assert len(commands) >= 3, commands
+    for command in commands:
+        argv = shlex.split(command.split("#")[0])[3:]
+        result = run_cli(*argv, "--dry_run", cwd=ROOT)
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+        assert "Plan:" in result.stdout and "Runs:" in result.stdout, command
+        assert "Lowest trainable unit" in result.stdout, command
+
+
+def test_dry_run_prints_the_plan_without_data_or_training(tmp_path):
+    result = run_cli("--config", "configs/tiny.py", "--dry_run",
+                     "--workdir", str(tmp_path / "wd"), cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for expected in ("Strategies, in the order they run: classifier_only, layerwise, topk, "
+                     "blocks, window, full", "layerwise:", "Runs: 10", "bytes per image",
+                     "Train-step compilations: 2", f"Results would go to {tmp_path / 'wd'}"):
+        assert expected in out, (expected, out)
+    assert not (tmp_path / "wd").exists()  # nothing written, nothing trained
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.data.batch_size=0", "data.batch_size=0"),
+    ("--config.train.learning_rate=-1", "train.learning_rate=-1"),
+    ("--config.train.epochs=0", "train.epochs=0"),
+    ("--config.data.splits=(0.5,0.5,0.5)", "data.splits"),
+    ("--config.model.options.minimalistic=True", "minimalistic"),
+    ("--config.search.window=0", "search.window=0"),
+    ("--config.train.optimizer=lion", "train.optimizer='lion'"),
+])
+def test_bad_values_are_one_line(override, message, tmp_path):
+    result = run_cli("--config", "configs/tiny.py", override, "--dry_run", cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+
+
+def test_documented_model_options_work_from_the_command_line():
+    result = run_cli("--config", "configs/mobilenet_v3_small.py",
+                     "--config.model.options.minimalistic=True", "--dry_run", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mobilenet_v3_small" in result.stdout
+
+
+def test_cli_refuses_a_config_typo_and_checks_before_any_work(tmp_path):
+    typo = run_cli("--config", "configs/tiny.py", "--config.train.epoks=3",
+                   "--workdir", str(tmp_path / "a"), cwd=ROOT)
+    assert typo.returncode != 0 and "epoks" in typo.stderr
+    bad = run_cli("--config", "configs/tiny.py", "--config.model.name=resnet18",
+                  "--workdir", str(tmp_path / "b"), cwd=ROOT)
+    assert bad.returncode == 2
+    assert "model.name='resnet18' is unknown" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_names_the_log(tmp_path, monkeypatch,
+                                                                  caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("XLA fell over")
+
+    monkeypatch.setattr(search, "run", broken)
+    with caplog.at_level(logging.INFO):
+        status = launch.run(tiny.get_config(), str(tmp_path / "wd"))
+    assert status == 1
+    assert any(r.exc_info for r in caplog.records), "no traceback logged"
+    last = caplog.records[-1].getMessage()
+    assert "XLA fell over" in last and str(tmp_path / "wd" / "search.log") in last
+    logged = (tmp_path / "wd" / "search.log").read_text()
+    assert "Traceback" in logged and "XLA fell over" in logged
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, caplog):
+    config = tiny.get_config()
+    config.train.epochs = 1
+    config.search.strategies = ("classifier_only", "layerwise")
+    original = Workdir.append_result
+    calls = []
+
+    def full_disk(self, row):
+        calls.append(row)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "results.jsonl"))
+        original(self, row)
+
+    monkeypatch.setattr(Workdir, "append_result", full_disk)
+    with caplog.at_level(logging.INFO):
+        status = launch.run(config, str(tmp_path / "wd"))
+    assert status == 2
+    last = caplog.records[-1].getMessage()
+    assert "disk is full" in last and str(tmp_path / "wd" / "results.jsonl") in last
+    assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)
+    kept = rows(tmp_path / "wd")
+    assert len(kept) == 2  # whole rows, nothing torn
+    monkeypatch.setattr(Workdir, "append_result", original)
+    assert launch.run(config, str(tmp_path / "wd")) == 0
+    finished = rows(tmp_path / "wd")
+    assert finished[:2] == kept and len(finished) == 1 + config.search.max_layers

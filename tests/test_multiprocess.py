@@ -1,0 +1,81 @@
+"""The search end to end on 2 processes (localhost, gloo): every strategy, and kill -9 of both
+processes mid-search then a restart, which must end with the uninterrupted run's summary and
+saved models. Process 0 decides and writes; the others never read what it writes."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_search import assert_same_models
+
+WORKER = Path(__file__).with_name("search_worker.py")
+ROOT = Path(__file__).parents[1]
+TIMEOUT = 600
+EXIT_UNSUPPORTED = 77
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(workdir: Path, die_after: int | None = None) -> list[subprocess.Popen]:
+    port = free_port()
+    extra = [] if die_after is None else [str(die_after)]
+    return [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), "2",
+                              str(workdir), *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def finish(processes) -> list[str]:
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in processes]
+    if any(p.returncode == EXIT_UNSUPPORTED for p in processes):
+        pytest.skip("CPU multi-process collectives are not available here")
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 0, out[-4000:]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_processes")
+    return workdir, finish(start(workdir))
+
+
+def test_two_process_search_runs_every_strategy_with_one_log(uninterrupted):
+    workdir, (leader, other) = uninterrupted
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["strategies"]) == {"classifier_only", "full", "layerwise", "topk",
+                                          "blocks", "window"}
+    assert "comparisons" in summary
+    rows = (workdir / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 10
+    # One copy of the search's progress: process 0's.
+    assert "[10/10]" in leader and "Winner:" in leader
+    assert "[1/10]" not in other and "Winner:" not in other
+
+
+def test_kill_both_processes_and_restart_gives_the_same_summary_and_models(uninterrupted,
+                                                                           tmp_path):
+    whole, _ = uninterrupted
+    processes = start(tmp_path, die_after=7)
+    leader = processes[0]
+    leader_output = leader.communicate(timeout=TIMEOUT)[0]
+    if leader.returncode == EXIT_UNSUPPORTED:
+        pytest.skip("CPU multi-process collectives are not available here")
+    assert leader.returncode == -signal.SIGKILL, leader_output[-4000:]
+    processes[1].send_signal(signal.SIGKILL)  # the other process of the preempted slice
+    processes[1].communicate(timeout=60)
+    done = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert 0 < len(done) < 10
+    assert (tmp_path / "checkpoints" / "current.json").exists()
+    finish(start(tmp_path))
+    assert (json.loads((tmp_path / "summary.json").read_text()) ==
+            json.loads((whole / "summary.json").read_text()))
+    assert_same_models(whole, tmp_path)
