@@ -442,7 +442,8 @@ def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
 def evaluate(cohort: Cohort, state: CohortState, split: data_lib.Split | train.DeviceSplit,
              batch_size: int) -> list[dict]:
     """train.evaluate for every run of the cohort, one vmapped step per batch:
-    [{'accuracy', 'loss'}] per run."""
+    [{'accuracy', 'loss', 'predicted'}] per run (`predicted`: every example's class, in
+    order)."""
     e = cohort.engine
     live = {"params": state.runs["params"], "batch_stats": state.runs["batch_stats"]}
     if isinstance(split, train.DeviceSplit):
@@ -463,7 +464,10 @@ def evaluate(cohort: Cohort, state: CohortState, split: data_lib.Split | train.D
             for key in totals:
                 totals[key] += float(out[key][i])
         n = max(totals["count"], 1.0)
-        results.append({"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n})
+        # Batches in split order, the last one padded at its end: the first len(split) rows.
+        predicted = np.concatenate([out["predicted"][i] for out in outs])[:len(split)]
+        results.append({"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n,
+                        "predicted": predicted})
     return results
 
 
@@ -505,6 +509,7 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
     for i in range(n):
         if best[i] is not None and best_variables[i] is None:
             raise ValueError(f"Run {i} resumes after a best epoch but has no best_variables.")
+    predictions = [None] * n
     status = ["ok"] * n
     started = time.perf_counter()
     finished = [None] * n
@@ -530,14 +535,18 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
             tested = evaluate(cohort, state, test, batch_size) if test is not None else None
             host = cohort.host_variables(state)
             for i in improved:
+                predictions[i] = {"validation": val[i]["predicted"], "test": None}
                 if tested is not None:
                     records[i]["test_accuracy"] = tested[i]["accuracy"]
+                    predictions[i]["test"] = tested[i]["predicted"]
                 best[i], best_variables[i] = records[i], host[i]
         for i, record in records.items():
             histories[i].append(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, state, histories, best_variables)
     total = time.perf_counter() - started
+    _predict_resumed_best(cohort, variables, padded, best_variables, predictions, validation,
+                          test, batch_size)
     results = []
     for i in range(n):
         history = histories[i]
@@ -550,5 +559,24 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
             test_accuracy=b.get("test_accuracy"), final_val_accuracy=final["val_accuracy"],
             train_seconds=finished[i] if finished[i] is not None else total,
             steps=int(final.get("step", 0)), history=history, best_variables=best_variables[i],
-            final_variables={"params": run["params"], "batch_stats": run["batch_stats"]}))
+            final_variables={"params": run["params"], "batch_stats": run["batch_stats"]},
+            predictions=predictions[i]))
     return results
+
+
+def _predict_resumed_best(cohort, variables, runs, best_variables, predictions, validation,
+                          test, batch_size) -> None:
+    """Predictions of the runs whose best epoch came before a resume, from their best
+    variables (as train.fit gives them), all in one cohort evaluation."""
+    missing = [i for i, p in enumerate(predictions) if p is None and best_variables[i] is not None]
+    if not missing:
+        return
+    starts = [best_variables[i] if i in missing else run.variables
+              for i, run in enumerate(runs[:len(predictions)])]
+    starts += [runs[0].variables] * (cohort.size - len(starts))
+    state = cohort.init(variables, starts)
+    evaluated = {name: None if split is None else evaluate(cohort, state, split, batch_size)
+                 for name, split in (("validation", validation), ("test", test))}
+    for i in missing:
+        predictions[i] = {name: None if out is None else out[i]["predicted"]
+                          for name, out in evaluated.items()}

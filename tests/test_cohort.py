@@ -116,6 +116,8 @@ def assert_same_result(got: train.FitResult, want: train.FitResult, variables, l
     assert got.val_accuracy == want.val_accuracy
     assert got.test_accuracy == want.test_accuracy
     assert got.final_val_accuracy == want.final_val_accuracy
+    for split in ("validation", "test"):  # every example's class at the best epoch
+        np.testing.assert_array_equal(got.predictions[split], want.predictions[split])
     assert len(got.history) == len(want.history)
     for g, w in zip(got.history, want.history):
         assert g.keys() == w.keys()
@@ -240,29 +242,31 @@ def test_a_diverging_run_disturbs_no_other(cohort, engine, variables, table, spl
 
 
 def test_checkpoint_and_resume(cohort, engine, variables, table, splits, reference, starts):
-    """Each run's state taken out after epoch 1 (as a checkpoint would store it) and given back
-    as its resume: the cohort finishes as if never interrupted."""
+    """Each run's state taken out after an epoch (as a checkpoint would store it) and given
+    back as its resume: the cohort finishes as if never interrupted -- also when resumed after
+    the last epoch, where the best epoch's predictions come from its saved variables."""
     saved = {}
 
     def on_epoch_end(epoch, state, histories, best_variables):
-        if epoch == 1:
-            for i in range(len(histories)):
-                saved[i] = {"state": jax.device_get(cohort.run_state(state, i)),
-                            "start_epoch": epoch, "history": copy.deepcopy(histories[i]),
-                            "best_variables": best_variables[i]}
+        for i in range(len(histories)):
+            saved[epoch, i] = {"state": jax.device_get(cohort.run_state(state, i)),
+                               "start_epoch": epoch, "history": copy.deepcopy(histories[i]),
+                               "best_variables": best_variables[i]}
 
     runs = RUNS[4:]
     cohort_lib.fit_cohort(cohort, variables, [make_run(starts, table, *r) for r in runs],
-                          splits["train"], splits["validation"], splits["test"], epochs=1,
+                          splits["train"], splits["validation"], splits["test"], epochs=EPOCHS,
                           batch_size=BATCH, on_epoch_end=on_epoch_end)
     # A run's state is a plain Engine state: what checkpoint.Checkpoint saves and restores.
     template = engine.init_state(variables)
-    assert jax.tree.structure(saved[0]["state"]) == jax.tree.structure(template)
-    resumed = [make_run(starts, table, *r, resume=saved[i]) for i, r in enumerate(runs)]
-    results = cohort_lib.fit_cohort(cohort, variables, resumed, splits["train"],
-                                    splits["validation"], splits["test"], epochs=EPOCHS,
-                                    batch_size=BATCH)
-    check(results, runs, reference, variables, engine)
+    assert jax.tree.structure(saved[1, 0]["state"]) == jax.tree.structure(template)
+    for epoch in (1, EPOCHS):
+        resumed = [make_run(starts, table, *r, resume=saved[epoch, i])
+                   for i, r in enumerate(runs)]
+        results = cohort_lib.fit_cohort(cohort, variables, resumed, splits["train"],
+                                        splits["validation"], splits["test"], epochs=EPOCHS,
+                                        batch_size=BATCH)
+        check(results, runs, reference, variables, engine)
     assert cohort.compilations["train"] == 1
 
 
