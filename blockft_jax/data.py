@@ -35,10 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from blockft_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem the user can fix (unknown dataset, missing download, bad option, empty
     class folder, too little memory, ...); the message says what was wrong and what to do."""
 

@@ -48,9 +48,7 @@ class Search:
 
     def __post_init__(self):
         c = self.config
-        self.dataset = data_lib.load_dataset(
-            c.data.name, image_size=c.model.input_size, data_dir=c.data.data_dir,
-            splits=tuple(c.data.splits), seed=c.data.split_seed, **_data_options(c))
+        self.dataset = data_lib.load_from_config(c)
         self.module = build_module(c, len(self.dataset.class_names))
         self.shape = (c.model.input_size, c.model.input_size, 3)
         self.table = models.layer_table(self.module, self.shape)
@@ -70,7 +68,7 @@ class Search:
         if self.wd.writer:
             results.write_labels(self.predictions_dir, self.dataset.validation.labels,
                                  self.dataset.test.labels if len(self.dataset.test) else None)
-            if getattr(self.dataset, "skipped", None):
+            if self.dataset.skipped:
                 write_atomic(self.wd.path / "skipped_files.txt", "".join(
                     f"{path}\t{reason}\n" for path, reason in self.dataset.skipped))
 
@@ -172,15 +170,6 @@ class Search:
     def _depth(self, group: Group) -> int:
         """How far below the output the group reaches (0 = the top layer; -1 = head only)."""
         return max((self.depth[name] for name in group.layers), default=-1)
-
-
-def _data_options(c) -> dict:
-    options = {"train_per_class": c.data.train_per_class}
-    if c.data.name == "image_folder":
-        options["path"] = c.data.path
-    if c.data.name == "digits" and c.data.classes is not None:
-        options["classes"] = tuple(c.data.classes)
-    return options
 
 
 def run(config, workdir, *, start_over: bool = False) -> dict:

@@ -173,3 +173,50 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, ca
     assert launch.run(config, str(tmp_path / "wd")) == 0
     finished = rows(tmp_path / "wd")
     assert finished[:2] == kept and len(finished) == 1 + config.search.max_layers
+
+
+def photo_folder(root: Path, classes=("cat", "dog", "owl"), per_class=12) -> Path:
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+def image_folder_config(path: str):
+    config = tiny.get_config()
+    config.data.name, config.data.path = "image_folder", path
+    config.data.classes, config.data.train_per_class = None, None
+    config.train.epochs = 1
+    config.search.strategies = ("classifier_only", "layerwise")
+    return config
+
+
+def test_image_folder_with_broken_files_skips_them_and_lists_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    photos = photo_folder(tmp_path / "photos")
+    (photos / "dog" / "empty.png").write_bytes(b"")
+    good = (photos / "cat" / "0.png").read_bytes()
+    (photos / "cat" / "cut.png").write_bytes(good[: len(good) // 3])
+    assert launch.run(image_folder_config("photos"), "runs/photos") == 0
+    listed = (tmp_path / "runs" / "photos" / "skipped_files.txt").read_text()
+    assert str(photos / "dog" / "empty.png") in listed and str(photos / "cat" / "cut.png") in listed
+    assert len(listed.splitlines()) == 2
+    assert (tmp_path / "runs" / "photos" / "summary.json").exists()
+
+
+def test_image_folder_with_an_unreadable_class_is_one_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    photos = photo_folder(tmp_path / "photos")
+    for file in (photos / "owl").iterdir():
+        file.write_bytes(b"not an image")
+    with caplog.at_level(logging.INFO):
+        assert launch.run(image_folder_config("photos"), "runs/photos") == 2
+    last = caplog.records[-1].getMessage()
+    assert "owl" in last and "\n" not in last
+    assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)
+    assert not (tmp_path / "runs" / "photos" / "results.jsonl").exists()
