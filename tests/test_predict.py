@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from blockft_jax import checkpoint, data, models, predict
@@ -24,25 +25,39 @@ def coloured_images(n, size, seed=0):
     return np.clip(colours + rng.integers(-20, 21, (n, size, size, 3)), 0, 255).astype(np.uint8)
 
 
-def randomised(module, variables, size, seed=0):
-    """Random BatchNorm statistics, scales and offsets (as tests/keras_oracle.py does), so
-    inference-mode BatchNorm is really exercised; the head is scaled and centred on a few
-    coloured images, so the classes' probabilities differ from image to image."""
+def random_variables(module, size, seed=0):
+    """Random variables of keras_oracle's kind, drawn from the module's shapes (no compiled
+    init): He-like kernels, BatchNorm statistics, scales and offsets away from their defaults
+    (so inference-mode BatchNorm is really exercised). The head is then centred on a few
+    coloured images and scaled up (at most 20x, so rounding noise stays far below the tests'
+    tolerance), so the classes' probabilities differ from image to image where the random
+    backbone lets them."""
     rng = np.random.default_rng(seed)
-    params = {layer: dict(p) for layer, p in variables["params"].items()}
-    stats = {}
-    for layer, s in variables["batch_stats"].items():
-        stats[layer] = {"mean": rng.normal(0.0, 0.1, s["mean"].shape).astype(np.float32),
-                        "var": rng.uniform(0.5, 1.5, s["var"].shape).astype(np.float32)}
-        params[layer] = {"scale": rng.uniform(0.7, 1.3, s["mean"].shape).astype(np.float32),
-                         "bias": rng.normal(0.0, 0.1, s["mean"].shape).astype(np.float32)}
-    head = params["head"] = {"kernel": np.asarray(params["head"]["kernel"]) * 20,
-                             "bias": np.zeros_like(params["head"]["bias"])}
-    variables = {"params": params, "batch_stats": stats}
-    preprocessing = type(module).preprocessing
-    logits = jax.jit(lambda v, x: module.apply(v, data.preprocess(x, preprocessing)))(
-        variables, coloured_images(8, size, seed + 1))
-    head["bias"] = -np.asarray(logits).mean(axis=0)
+    shapes = traverse_util.flatten_dict(models.variable_shapes(module, (size, size, 3)))
+    flat = {}
+    for path, spec in shapes.items():
+        shape = spec.shape
+        if path[-1] == "var":
+            value = rng.uniform(0.5, 1.5, shape)
+        elif path[-1] == "scale":
+            value = rng.uniform(0.7, 1.3, shape)
+        elif path[-1] in ("mean", "bias"):
+            value = rng.normal(0.0, 0.1, shape)
+        else:  # kernels; a depthwise kernel (kh, kw, 1, in*m) has fan-in kh*kw too
+            value = rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
+        flat[path] = value.astype(np.float32)
+    variables = traverse_util.unflatten_dict(flat)
+    variables.setdefault("batch_stats", {})
+    head = variables["params"]["head"]
+    head["bias"] = np.zeros_like(head["bias"])
+    # The logits less their row mean (softmax's normaliser cancels), then centred per class.
+    log_p = np.log(np.maximum(np.asarray(predict._probabilities(
+        module, type(module).preprocessing, variables, coloured_images(4, size, seed + 1))),
+        1e-30))
+    logits = log_p - log_p.mean(axis=1, keepdims=True)
+    scale = min(1.0 / max(float((logits - logits.mean(axis=0)).std()), 1e-9), 20.0)
+    head["kernel"] = head["kernel"] * scale
+    head["bias"] = (-logits.mean(axis=0) * scale).astype(np.float32)
     return variables
 
 
@@ -55,8 +70,7 @@ def make_saved_model(path, name="mobilenet_v2", *, size=32, width=1.0, dropout_r
     module = models.create(name, num_classes=len(class_names), width=width,
                            dropout_rate=dropout_rate,
                            **{k: v for k, v in options.items() if v is not None})
-    variables = randomised(module, models.init_variables(module, (size, size, 3),
-                                                         jax.random.key(seed)), size, seed)
+    variables = random_variables(module, size, seed)
     meta = {"strategy": "layerwise", "candidate": "layerwise:x", "layers": ["x"], "seed": 0,
             "model": {"name": name, "width": width, "input_size": size, "weights": "random",
                       "dropout_rate": dropout_rate, "options": options},

@@ -1,0 +1,94 @@
+"""export: the .keras file is Keras's own application model, classifies like predict, and
+loads in a process that never imports blockft_jax."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from blockft_jax import export, predict  # noqa: E402
+from test_predict import REPO, coloured_images, make_saved_model  # noqa: E402
+
+
+def _logits(probabilities):
+    """Logits up to a per-row constant (removed): log-probabilities less their row mean."""
+    log_p = np.log(np.maximum(probabilities.astype(np.float64), 1e-37))
+    return log_p - log_p.mean(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("name, width, options", [
+    ("mobilenet_v2", 0.35, {}),
+    ("resnet50_v2", 1.0, {}),
+    # A depth multiplier of 2: the depthwise kernels' (kh,kw,1,in*m) -> (kh,kw,in,m) order.
+    ("mobilenet_v1", 0.25, {"depth_multiplier": 2, "depthwise_impl": "native"}),
+    # Keras's own Rescaling inside the model ('raw' preprocessing) and a Keras option.
+    ("mobilenet_v3_small", 0.75, {"minimalistic": True, "include_preprocessing": None}),
+])
+def test_keras_model_classifies_like_predict(tmp_path, name, width, options):
+    make_saved_model(tmp_path / "m", name, width=width, dropout_rate=0.2, options=options)
+    saved = predict.load(tmp_path / "m")
+    model = export.keras_model(saved)
+    images = coloured_images(4, 32, seed=5)
+    expected = saved.probabilities(images)
+    got = model.predict(images, verbose=0)  # uint8 in
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # Probabilities near 0 or 1 hide differences: compare the logits they imply, too.
+    np.testing.assert_allclose(_logits(got), _logits(expected), atol=1e-3)
+    assert model.get_layer("head").activation is keras.activations.softmax
+    assert model.get_layer("head_dropout").rate == 0.2
+    keras_name = {"mobilenet_v1": "MobileNet", "mobilenet_v2": "MobileNetV2",
+                  "resnet50_v2": "ResNet50V2", "mobilenet_v3_small": "MobileNetV3Small"}[name]
+    reference = getattr(keras.applications, keras_name)(**export.keras_arguments(saved.meta))
+    backbone_weights = [w for w in model.weights if not w.path.startswith("head")]
+    assert [tuple(w.shape) for w in backbone_weights] == [tuple(w.shape)
+                                                          for w in reference.weights]
+
+
+def test_vgg16_file_loads_without_blockft_jax(tmp_path):
+    """Caffe preprocessing (BGR, mean subtracted) is built-in layers only: a fresh process
+    loads the file with Keras alone and gets predict's probabilities."""
+    make_saved_model(tmp_path / "work" / "models" / "full", "vgg16", dropout_rate=0.0)
+    images = coloured_images(3, 32, seed=7)
+    np.save(tmp_path / "images.npy", images)
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "blockft_jax.export", "--model", "work/models/full", "--out",
+         "exported/vgg16.keras"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"Wrote {tmp_path / 'exported' / 'vgg16.keras'}"
+    assert os.listdir(tmp_path / "exported") == ["vgg16.keras"]
+    load = ("import sys, numpy as np, keras\n"
+            "model = keras.saving.load_model('exported/vgg16.keras')\n"
+            "assert not [m for m in sys.modules if m.startswith('blockft_jax')]\n"
+            "np.save('keras.npy', model.predict(np.load('images.npy'), verbose=0))\n")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, "-c", load], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = predict.load(tmp_path / "work" / "models" / "full").probabilities(images)
+    np.testing.assert_allclose(np.load(tmp_path / "keras.npy"), expected, atol=1e-4)
+
+
+def test_export_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    make_saved_model(tmp_path / "tiny", "mobilenet_v2", width=0.35, options={"blocks": 2})
+    cases = {
+        "Model option blocks=2 has no counterpart in keras.applications.MobileNetV2":
+            ["--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "x.keras")],
+        "--out must end in .keras": ["--model", str(tmp_path / "tiny"), "--out",
+                                     str(tmp_path / "x.h5")],
+        "is not a saved model": ["--model", str(tmp_path), "--out", str(tmp_path / "x.keras")],
+    }
+    for message, argv in cases.items():
+        assert export.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x.keras").exists()
+
+    monkeypatch.setitem(sys.modules, "keras", None)  # as if Keras were not installed
+    with pytest.raises(export.ExportError, match=r"pip install -e '\.\[keras\]'"):
+        export._import_keras()
