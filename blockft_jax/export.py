@@ -21,6 +21,7 @@ import numpy as np
 from flax import traverse_util
 
 from blockft_jax import models, predict
+from blockft_jax.errors import UserError
 from blockft_jax.weights import ALIASES, KERAS_VARIABLES
 
 # Options that choose how the Flax model computes, not what: Keras has no use for them.
@@ -32,7 +33,7 @@ KERAS_OPTIONS = {"mobilenet_v1": {"depth_multiplier"},
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # as data.preprocess('caffe')
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The saved model cannot be written as a Keras model; the message says why and what to
     do."""
 
