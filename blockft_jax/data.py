@@ -367,10 +367,10 @@ class _Progress:
 def _load_tfds(name: str, *, image_size, data_dir, image_key: str | None = None,
                label_key: str | None = None, tfds_splits=None, download: bool = True
                ) -> _Loaded:
+    requested = _check_tfds_splits(tfds_splits)
     tf, tfds = _import_tfds()
     data_dir = (data_dir or os.environ.get("TFDS_DATA_DIR")
                 or os.path.expanduser("~/tensorflow_datasets"))
-    requested = _check_tfds_splits(tfds_splits)
     builder = _tfds_builder(tfds, name, data_dir)
     image_key, label_key = _feature_keys(tfds, builder, name, image_key, label_key)
     class_names = [str(n) for n in builder.info.features[label_key].names]
@@ -383,7 +383,10 @@ def _load_tfds(name: str, *, image_size, data_dir, image_key: str | None = None,
 
     _ensure_prepared(builder, name, data_dir, download)
     parts = _tfds_parts(builder, name, requested)
-    _check_memory(builder, name, parts.values(), image_size)
+    counts = [_num_examples(builder, split) for split in parts.values()]
+    if None not in counts:  # unknown only when TFDS is mocked without metadata
+        _check_memory(sum(counts), image_size, name, "or read part of the dataset with "
+                      "data.tfds_splits (e.g. ('train[:20%]', None, None))")
     decoded = {}
     for part, split in parts.items():
         examples = builder.as_dataset(split=split, shuffle_files=False, decoders=(
@@ -601,21 +604,17 @@ def available_memory() -> int | None:
         return None
 
 
-def _check_memory(builder, name: str, splits, image_size: int) -> None:
+def _check_memory(images: int, image_size: int, what: str, read_less: str) -> None:
     """Refuses before decoding when the arrays cannot fit: they are held twice for a moment
-    while the splits are carved."""
-    counts = [_num_examples(builder, s) for s in splits]
-    if None in counts:
-        return
-    images = sum(counts)
+    (while the splits are carved, or the decoded images stacked)."""
     need = 2 * images * image_size * image_size * 3
     available = available_memory()
     if available is not None and need > available:
         raise DataError(
-            f"{name} at {image_size} px needs about {need / 2**30:.1f} GiB of memory "
+            f"{what} at {image_size} px needs about {need / 2**30:.1f} GiB of memory "
             f"({images:,} images x {image_size}x{image_size}x3 bytes, twice while splitting) "
-            f"but {available / 2**30:.1f} GiB is available; lower model.input_size, or read "
-            "part of the dataset with data.tfds_splits (e.g. ('train[:20%]', None, None)).")
+            f"but {available / 2**30:.1f} GiB is available; lower model.input_size, "
+            f"{read_less}.")
 
 
 def _tfds_on_disk(builder, splits) -> bool:
@@ -659,8 +658,13 @@ def _load_image_folder(*, image_size, data_dir, path: str | None = None) -> _Loa
         except UnreadableImageError as e:
             return None, str(e)
 
+    _check_memory(len(files), image_size, str(root), "or use fewer images")
+    progress, results = _Progress(str(root), len(files)), []
     with concurrent.futures.ThreadPoolExecutor() as pool:  # PIL releases the GIL when decoding
-        results = list(pool.map(read, files))
+        for result in pool.map(read, files):
+            results.append(result)
+            progress.update(len(results))
+    progress.finish(len(results))
     labels = np.asarray(labels, np.int32)
     keep = [i for i, (image, _) in enumerate(results) if image is not None]
     skipped = [(str(file), reason) for file, (_, reason) in zip(files, results) if reason]

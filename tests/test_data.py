@@ -107,10 +107,12 @@ def test_tfds_explicit_splits(tmp_path):
             data.load_dataset("beans", image_size=8, data_dir=tfds_dir, tfds_splits=bad)
 
 
-def test_tfds_cache_never_holds_mocked_data(tmp_path, monkeypatch):
-    with tfds.testing.mock_data(num_examples=60):  # no metadata: train only, as tf_flowers
+def test_tfds_cache_never_holds_mocked_data(tmp_path, monkeypatch, caplog):
+    with tfds.testing.mock_data(num_examples=60), caplog.at_level(logging.INFO):
+        # No metadata: the split names are unknown, so train only, as tf_flowers has.
         mocked = data.load_dataset("tf_flowers", image_size=16, data_dir=str(tmp_path / "m"))
         assert not (tmp_path / "m").exists()  # fake images never reach a cache
+        assert "tf_flowers train: 60 images decoded and resized" in caplog.text
         # Caching happens when the data files are really there; pretend they are.
         monkeypatch.setattr(data, "_tfds_on_disk", lambda builder, splits: True)
         first = data.load_dataset("tf_flowers", image_size=16, data_dir=str(tmp_path / "a"))
@@ -334,7 +336,7 @@ def test_image_folder_skips_unreadable_files_with_one_warning(tmp_path, caplog):
     assert all(name in message for name in expected)
 
 
-def test_image_folder_errors(tmp_path):
+def test_image_folder_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="data.path"):
         data.load_dataset("image_folder", image_size=8)
     with pytest.raises(DataError, match="not a directory"):
@@ -353,6 +355,10 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "c").mkdir()
     with pytest.raises(DataError, match=f"Class folder\\(s\\) {tmp_path / 'b'}, {tmp_path / 'c'} "
                                         "have no readable image; add images to them or remove"):
+        data.load_dataset("image_folder", image_size=8, path=str(tmp_path))
+    monkeypatch.setattr(data, "available_memory", lambda: 1000)
+    with pytest.raises(DataError, match="9 images x 8x8x3 bytes.*lower model.input_size, or "
+                                        "use fewer images"):
         data.load_dataset("image_folder", image_size=8, path=str(tmp_path))
 
 
