@@ -254,9 +254,10 @@ def test_checkpoint_and_resume(cohort, engine, variables, table, splits, referen
                                "best_variables": best_variables[i]}
 
     runs = RUNS[4:]
-    cohort_lib.fit_cohort(cohort, variables, [make_run(starts, table, *r) for r in runs],
-                          splits["train"], splits["validation"], splits["test"], epochs=EPOCHS,
-                          batch_size=BATCH, on_epoch_end=on_epoch_end)
+    uninterrupted = cohort_lib.fit_cohort(
+        cohort, variables, [make_run(starts, table, *r) for r in runs], splits["train"],
+        splits["validation"], splits["test"], epochs=EPOCHS, batch_size=BATCH,
+        on_epoch_end=on_epoch_end)
     # A run's state is a plain Engine state: what checkpoint.Checkpoint saves and restores.
     template = engine.init_state(variables)
     assert jax.tree.structure(saved[1, 0]["state"]) == jax.tree.structure(template)
@@ -267,7 +268,32 @@ def test_checkpoint_and_resume(cohort, engine, variables, table, splits, referen
                                         splits["validation"], splits["test"], epochs=EPOCHS,
                                         batch_size=BATCH)
         check(results, runs, reference, variables, engine)
+        for got, want in zip(results, uninterrupted):  # and bitwise as the cohort itself
+            assert_same_bits(got, want)
     assert cohort.compilations["train"] == 1
+
+
+def assert_same_bits(got: train.FitResult, want: train.FitResult):
+    assert got.history == want.history
+    for a, b in zip(jax.tree.leaves(jax.device_get((got.final_variables, got.best_variables))),
+                    jax.tree.leaves(jax.device_get((want.final_variables,
+                                                    want.best_variables)))):
+        assert np.array_equal(a, b)
+
+
+def test_a_run_does_not_depend_on_its_slot_or_cohort_mates(cohort, variables, table, splits,
+                                                          starts):
+    """Bitwise: a run's arithmetic is its own whatever runs share its cohort and wherever it
+    sits, so a resumed search may regroup runs."""
+    def fit(runs):
+        return cohort_lib.fit_cohort(cohort, variables, [make_run(starts, table, *r) for r in runs],
+                                     splits["train"], splits["validation"], splits["test"],
+                                     epochs=2, batch_size=BATCH)
+
+    first = fit(RUNS[:4])
+    regrouped = fit([RUNS[5], RUNS[2], RUNS[0], RUNS[7]])
+    assert_same_bits(regrouped[2], first[0])
+    assert_same_bits(regrouped[1], first[2])
 
 
 def test_steps_compiled_ahead_on_a_thread_are_reused(engine, variables, table, splits):
@@ -312,7 +338,9 @@ def test_cohort_size_rule(engine, variables, table):
     assert size(0, 10, budget=int(2.5 * per_run)) == 2
     assert size(0, 10, budget=per_run // 2) == 1     # never less than one run
     assert size(0, 10, budget=1000 * per_run) == 10  # no more than the runs left
-    assert size(0, 500, budget=1000 * per_run) == cohort_lib.MAX_COHORT
+    # On CPU, no more than the runs whose live state (x4) fits in the last-level cache.
+    cache_cap = cohort_lib.last_level_cache_bytes() // (4 * live)
+    assert size(0, 500, budget=1000 * per_run) == min(cohort_lib.MAX_COHORT, cache_cap)
     assert size(0, 500) >= 1                         # CPU: a share of the host's memory
     with pytest.raises(ValueError, match="parallel"):
         size(-1, 10)
