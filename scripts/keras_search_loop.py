@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """The offline demo's search as a Keras user would write it: the baseline for the demo's speed.
 
-    python scripts/keras_search_loop.py [--backend tensorflow|jax] [--runs N] [--config configs/demo.py]
+    python scripts/keras_search_loop.py [--backend tensorflow|jax] [--runs N] [--config FILE]
 
 The same runs as `python -m blockft_jax.main --config configs/demo.py` (candidates derived from
 blockft_jax: `search.candidates` on the layer table, in the search's strategy order; top-k from
 this loop's own layer-wise ranking, `results.rank`), each (candidate, seed) trained by a plain
 Keras loop: one keras.applications.MobileNetV2(alpha, include_top=False, weights=None) + global
-average pooling + Dense head, built once; per run its weights are set to the demo backbone
-(blockft_jax's `pretrained.demo_backbone`, mapped into Keras by layer name) and a fresh head
-drawn from the seed, `trainable` set per layer (the run's layers and the head: Keras runs a
+average pooling + Dense head, built once; per run its weights are set to the config's starting
+backbone (blockft_jax's `pretrained.load`: for the demo, its backbone pretrained on digits 0-4;
+mapped into Keras by layer name, checked once on logits) and a fresh head drawn from the seed, `trainable` set per layer (the run's layers and the head: Keras runs a
 frozen BatchNorm in inference mode, as blockft_jax does), then compile (Adam, the config's
 learning rate) and fit with validation_data for the config's epochs and batch size, keeping
 the best epoch's weights (EarlyStopping(restore_best_weights) with patience = epochs: the
@@ -23,7 +23,7 @@ the candidate: every run compiles and fits the same model). Setup (data, backbon
 model) is timed separately.
 
 `--backend` picks Keras's backend (KERAS_BACKEND, set before Keras is imported; default
-tensorflow). The demo backbone is read from blockft_jax's cache (pretrained once there, about a
+tensorflow). The demo backbone is read from blockft_jax's cache (pretrained there once, about a
 minute on a 2-core CPU, if no demo search ran before).
 """
 from __future__ import annotations
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=BACKENDS, default="tensorflow")
     parser.add_argument("--runs", type=int, default=None,
                         help="train only the first N runs and extrapolate the whole search")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.py"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.py"),
+                        help="a config file (default: the offline demo's)")
     return parser.parse_args(argv)
 
 
@@ -123,15 +124,15 @@ def main(argv=None) -> None:
 
     config = load_config(args.config)
     c = config
-    dataset = data_lib.load_dataset(
-        c.data.name, image_size=c.model.input_size, data_dir=c.data.data_dir,
-        splits=tuple(c.data.splits), seed=c.data.split_seed,
-        train_per_class=c.data.train_per_class,
-        **({"classes": tuple(c.data.classes)} if c.data.classes is not None else {}))
+    dataset = data_lib.load_from_config(c)  # the search's own images and splits
     module = search.build_module(c, len(dataset.class_names))
     shape = (c.model.input_size, c.model.input_size, 3)
     table = models.layer_table(module, shape)
-    backbone = jax.device_get(pretrained.demo_backbone(c, module))
+    # The config's starting weights (the demo's: its backbone pretrained on digits 0-4); the
+    # head is drawn per run.
+    start = jax.device_get(pretrained.load(c, module))
+    backbone = {k: {name: v for name, v in tree.items() if name != models.HEAD_UNIT}
+                for k, tree in start.items()}
 
     import keras  # after KERAS_BACKEND
 
@@ -152,7 +153,8 @@ def main(argv=None) -> None:
     start_weights = {layer.name: keras_weights(layer, backbone) for layer in weighted
                      if layer.name != models.HEAD_UNIT}
     check_mapping(keras, model, module, backbone, dataset.validation.images[:8], shape)
-    preprocess = getattr(keras.applications, KERAS_APPLICATION_MODULE[c.model.name]).preprocess_input
+    application = getattr(keras.applications, KERAS_APPLICATION_MODULE[c.model.name])
+    preprocess = application.preprocess_input
     x = {name: preprocess(getattr(dataset, name).images.astype(np.float32))
          for name in ("train", "validation", "test")}
     y = {name: getattr(dataset, name).labels.astype(np.int32)
