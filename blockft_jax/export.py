@@ -72,9 +72,9 @@ def keras_arguments(meta: dict) -> dict:
 
 def keras_model(model: predict.SavedModel):
     """The Keras model (functional, not compiled) with the saved model's weights."""
-    keras = _import_keras()
     meta, name, size = model.meta, model.meta["model"]["name"], model.input_size
-    arguments = keras_arguments(meta)
+    arguments = keras_arguments(meta)  # refuses what Keras cannot build before importing it
+    keras = _import_keras()
     inputs = keras.Input((size, size, 3), name="image")
     x = _preprocessing(keras, model.preprocessing)(inputs)
     # Built on our input tensor, the application's layers join this one graph (one flat model).

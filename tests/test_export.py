@@ -10,7 +10,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from blockft_jax import export, predict  # noqa: E402
-from test_predict import REPO, coloured_images, make_saved_model  # noqa: E402
+from test_predict import coloured_images, make_saved_model  # noqa: E402
 
 
 def _logits(probabilities):
@@ -47,19 +47,15 @@ def test_keras_model_classifies_like_predict(tmp_path, name, width, options):
                                                           for w in reference.weights]
 
 
-def test_vgg16_file_loads_without_blockft_jax(tmp_path):
+def test_vgg16_file_loads_without_blockft_jax(tmp_path, monkeypatch, capsys):
     """Caffe preprocessing (BGR, mean subtracted) is built-in layers only: a fresh process
     loads the file with Keras alone and gets predict's probabilities."""
     make_saved_model(tmp_path / "work" / "models" / "full", "vgg16", dropout_rate=0.0)
     images = coloured_images(3, 32, seed=7)
     np.save(tmp_path / "images.npy", images)
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-m", "blockft_jax.export", "--model", "work/models/full", "--out",
-         "exported/vgg16.keras"], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"Wrote {tmp_path / 'exported' / 'vgg16.keras'}"
+    monkeypatch.chdir(tmp_path)  # relative paths, as users type them
+    assert export.main(["--model", "work/models/full", "--out", "exported/vgg16.keras"]) == 0
+    assert capsys.readouterr().out.strip() == f"Wrote {tmp_path / 'exported' / 'vgg16.keras'}"
     assert os.listdir(tmp_path / "exported") == ["vgg16.keras"]
     load = ("import sys, numpy as np, keras\n"
             "model = keras.saving.load_model('exported/vgg16.keras')\n"
