@@ -200,9 +200,14 @@ def test_padded_last_cohort(cohort, engine, variables, table, splits, reference,
     assert cohort.compilations["train"] == 1
 
 
-def test_host_fed_splits(engine, variables, table, host_splits, reference, starts):
+@pytest.fixture(scope="module")
+def fed_cohort(engine):
+    return cohort_lib.Cohort(engine, 4)
+
+
+def test_host_fed_splits(fed_cohort, engine, variables, table, host_splits, reference, starts):
     """The fed path (host cache, batches of every run's own order sent per step)."""
-    fed = cohort_lib.Cohort(engine, 4)
+    fed = fed_cohort
     results = cohort_lib.fit_cohort(
         fed, variables, [make_run(starts, table, *r) for r in RUNS[4:]], host_splits["train"],
         host_splits["validation"], host_splits["test"], epochs=EPOCHS, batch_size=BATCH)
@@ -271,6 +276,26 @@ def test_checkpoint_and_resume(cohort, engine, variables, table, splits, referen
         for got, want in zip(results, uninterrupted):  # and bitwise as the cohort itself
             assert_same_bits(got, want)
     assert cohort.compilations["train"] == 1
+
+
+@pytest.mark.parametrize("path", ["device_cache", "fed_cached"])
+def test_train_loop_copies_no_host_data_quietly(request, path, variables, table, splits,
+                                                host_splits, starts):
+    """Under jax.transfer_guard('disallow') a cohort's epochs and evaluation run: every
+    transfer (orders, batches, flags, indices) is an explicit placement."""
+    cohort = request.getfixturevalue("cohort" if path == "device_cache" else "fed_cohort")
+    inputs = splits if path == "device_cache" else host_splits
+    runs = [make_run(starts, table, *r) for r in RUNS[:4]]
+    state = cohort.init(variables, [r.variables for r in runs])
+    masks, bn_modes, rngs = cohort.stack_inputs(runs)
+    with jax.transfer_guard("disallow"):
+        for epoch in range(2):
+            state, losses, _, _ = cohort_lib.train_epoch(
+                cohort, state, masks, bn_modes, inputs["train"], BATCH, [r.seed for r in runs],
+                epoch, rngs, [True] * 4)
+        evaluated = cohort_lib.evaluate(cohort, state, inputs["validation"], BATCH)
+    assert np.all(np.isfinite(losses))
+    assert all(e["predicted"].shape == (len(inputs["validation"]),) for e in evaluated)
 
 
 def assert_same_bits(got: train.FitResult, want: train.FitResult):
