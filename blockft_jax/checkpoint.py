@@ -108,3 +108,79 @@ def load_model(path) -> tuple[dict, dict]:
                                 f"WORKDIR/models/<strategy> directory of a finished search.")
     meta = json.loads((path / MODEL_META).read_text())
     return ocp.StandardCheckpointer().restore(path / "variables"), meta
+
+
+class CohortCheckpoint:
+    """A cohort's runs (`cohort.Cohort`), saved together after an epoch: the cohort state (the
+    frozen variables once, every run's live state) with each run's history and the variables of
+    its best epoch so far. current.json names the runs; a rerun resumes them only as the same
+    cohort (the search forms its cohorts in plan order with a fixed size, so it does)."""
+
+    def __init__(self, path: Path, keys: list[tuple[str, int]]):
+        self.path, self.keys = Path(path).absolute(), [list(k) for k in keys]
+        self.ckptr = ocp.StandardCheckpointer()
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.parent / "current.json"
+
+    def _epochs(self) -> list[int]:
+        return sorted(int(p.name[5:]) for p in self.path.glob("epoch*") if p.name[5:].isdigit())
+
+    def _saved_epoch(self) -> dict | None:
+        if not self.meta_path.exists():
+            return None
+        meta = json.loads(self.meta_path.read_text())
+        if meta.get("cohort") != self.keys:
+            return None
+        epochs = [e for e in self._epochs() if e <= meta["epoch"]]
+        if not epochs:
+            return None
+        epoch = epochs[-1]
+        histories = [[h for h in history if h["epoch"] <= epoch]
+                     for history in meta["histories"]]
+        best = [i for i, h in enumerate(histories) if h and _best_is_finite(h)]
+        return {"epoch": epoch, "histories": histories, "best": best}
+
+    def restore(self, cohort, template_state, like_variables) -> list[dict] | None:
+        """Per run, what `cohort.fit_cohort` resumes from ({'state', 'start_epoch', 'history',
+        'best_variables'}), or None when there is nothing to resume."""
+        saved = multihost.broadcast_json(self._saved_epoch)
+        if saved is None:
+            return None
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+        target = {"shared": abstract(template_state.shared),
+                  "runs": abstract(template_state.runs),
+                  "best": {str(i): abstract(like_variables) for i in saved["best"]}}
+        restored = self.ckptr.restore(self.path / f"epoch{saved['epoch']}", target)
+        state = type(template_state)(*(jax.device_put(restored[k], s) for k, s in (
+            ("shared", jax.tree.leaves(template_state.shared)[0].sharding),
+            ("runs", jax.tree.leaves(template_state.runs)[0].sharding))))
+        log.info("Resuming a cohort of %d runs after epoch %d", len(self.keys), saved["epoch"])
+        best = {int(i): jax.device_get(v) for i, v in restored["best"].items()}
+        return [{"state": cohort.run_state(state, i), "start_epoch": saved["epoch"],
+                 "history": history, "best_variables": best.get(i)}
+                for i, history in enumerate(saved["histories"])]
+
+    def save(self, state, histories: list[list[dict]], epoch: int, best_variables) -> None:
+        self.ckptr.wait_until_finished()
+        if multihost.is_leader():
+            write_atomic(self.meta_path, json.dumps({"cohort": self.keys, "epoch": epoch,
+                                                     "histories": histories}))
+            for old in self._epochs()[:-1]:
+                shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
+        best = {str(i): b for i, b in enumerate(best_variables) if b is not None}
+        self.ckptr.save(self.path / f"epoch{epoch}",
+                        {"shared": state.shared, "runs": state.runs, "best": best}, force=True)
+
+    def clear(self) -> None:
+        self.ckptr.wait_until_finished()
+        if multihost.is_leader():
+            self.meta_path.unlink(missing_ok=True)
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _best_is_finite(history: list[dict]) -> bool:
+    """Whether a run's history has a best epoch (a diverged first epoch has none)."""
+    import math
+    return any(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in history)

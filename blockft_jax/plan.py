@@ -74,10 +74,12 @@ def validate(config) -> None:
          f"data.batch_size={d.batch_size} must be a multiple of the {devices} devices "
          f"(each takes an equal share of every batch).")
     positive_int(d.train_per_class, "data.train_per_class", allow_none=True)
-    need(d.tfds_splits is None or (len(d.tfds_splits) == 3 and all(
-        isinstance(x, str) and x for x in d.tfds_splits)),
+    need(d.tfds_splits is None or (
+        len(d.tfds_splits) == 3 and isinstance(d.tfds_splits[0], str) and d.tfds_splits[0]
+        and all(x is None or (isinstance(x, str) and x) for x in d.tfds_splits[1:])),
         f"data.tfds_splits={d.tfds_splits!r}: use three TFDS split strings (train, "
-        f"validation, test), e.g. ('train[:80%]', 'train[80%:]', 'test'), or None.")
+        f"validation, test), e.g. ('train[:80%]', 'train[80%:]', 'test'); validation or test "
+        f"may be None (carved from train); or None for all.")
 
     positive_int(t.epochs, "train.epochs")
     positive_int(t.seeds, "train.seeds")
@@ -100,6 +102,9 @@ def validate(config) -> None:
     need("topk" not in s.strategies or "layerwise" in s.strategies,
          "search.strategies has 'topk' but no 'layerwise': topk trains the k best layers of "
          "the layer-wise ranking, so add 'layerwise'.")
+    need(isinstance(s.parallel, int) and s.parallel >= 0,
+         f"search.parallel={s.parallel!r}: use 0 (as many runs at once as memory allows), 1 "
+         f"(one at a time) or a cohort size.")
     positive_int(s.max_layers, "search.max_layers", allow_none=True)
     for k in s.topk:
         positive_int(k, "search.topk entry")

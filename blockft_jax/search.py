@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ import numpy as np
 
 from blockft_jax import data as data_lib
 from blockft_jax import groups, models, multihost, pretrained, report, results, scalars, train, weights
-from blockft_jax.checkpoint import Checkpoint, save_model
+from blockft_jax import cohort as cohort_lib
+from blockft_jax.checkpoint import Checkpoint, CohortCheckpoint, save_model
 from blockft_jax.groups import Group
 from blockft_jax.plan import ConfigError, build_module, candidates, make_plan, validate
 from blockft_jax.results import rank
@@ -58,6 +58,7 @@ class Search:
         self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
         self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
         self.engines: dict[str, tuple[train.Engine, dict]] = {}
+        self.cohorts: dict[str, cohort_lib.Cohort | None] = {}  # None: one run at a time
         # One background thread compiles the engines' steps, one engine after another.
         self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self.compiling: dict = {}  # from_unit -> future of that engine's compilation
@@ -94,13 +95,17 @@ class Search:
                       "test": self.dataset.test}
             # The cache lives in device memory when it fits: the steps gather their batches.
             on_device = engine.cache_fits_on_device(sum(map(len, splits.values())))
+            size = self.cohort_size(engine, on_device and engine.feature_bytes(
+                sum(map(len, splits.values()))))
+            self.cohorts[from_unit] = cohort_lib.Cohort(engine, size) if size > 1 else None
             # Compiles while the prefix features are computed and, for `full`'s engine
             # (created at the start of the search), while the other candidates train.
             any_mask = groups.param_mask(self.variables["params"], self.table, [])
             any_bn = groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn)
             self.compiling[from_unit] = self.compiler.submit(
-                engine.compile_steps, self.variables, any_mask, any_bn, c.data.batch_size,
-                self.shape, {k: len(v) for k, v in splits.items()} if on_device else None)
+                (self.cohorts[from_unit] or engine).compile_steps, self.variables, any_mask,
+                any_bn, c.data.batch_size, self.shape,
+                {k: len(v) for k, v in splits.items()} if on_device else None)
             if cached:
                 started = time.perf_counter()
                 splits = {k: engine.features(self.variables, v, c.data.batch_size)
@@ -114,34 +119,77 @@ class Search:
             self.engines[from_unit] = (engine, splits)
         return self.engines[from_unit]
 
+    def cohort_size(self, engine: train.Engine, cache_bytes: int) -> int:
+        """How many runs of `engine` train at once (`search.parallel`; 0: as memory allows,
+        cohort.cohort_size's rule). Decided once per search and kept in cohorts.json, so a
+        resumed search forms the same cohorts (and compiles the same programs)."""
+        c = self.config
+        runs = (len(self.plan.planned["full"]) if engine.from_unit == self.plan.first_unit
+                and engine.from_unit != self.plan.top_unit else
+                len(self.plan.shared) + len(self.plan.topk_names)) * c.train.seeds
+
+        def decide() -> int:
+            path = self.wd.path / "cohorts.json"
+            kept = json.loads(path.read_text()) if path.exists() else {}
+            if engine.from_unit not in kept:
+                kept[engine.from_unit] = cohort_lib.cohort_size(
+                    engine, self.variables, c.search.parallel, runs,
+                    batch_size=c.data.batch_size, cache_bytes=int(cache_bytes or 0))
+                write_atomic(path, json.dumps(kept, indent=2))
+            return kept[engine.from_unit]
+
+        size = multihost.broadcast_json(decide)
+        log.info("Runs from unit %s: %d, trained %s", engine.from_unit, runs,
+                 "one at a time" if size == 1 else f"in cohorts of {size}")
+        return size
+
+    def ready(self, from_unit: str):
+        """The engine, its inputs and its cohort (None: one run at a time), compiled."""
+        engine, splits = self.engine_for(from_unit)
+        if from_unit in self.compiling:
+            with self.clock.waiting():
+                self.compiling.pop(from_unit).result()
+        return engine, splits, self.cohorts[from_unit]
+
+    def candidate_inputs(self, group: Group):
+        """A candidate's parameter mask and BN modes."""
+        return (groups.param_mask(self.variables["params"], self.table, group.layers),
+                groups.bn_modes(self.table, group.layers, freeze_bn=self.config.train.freeze_bn))
+
+    def scalar_writer(self, group: Group, seed: int):
+        return (scalars.ScalarWriter(self.wd.path / "tensorboard" /
+                                     f"{results.slug(group.candidate)}-seed{seed}")
+                if self.wd.writer else None)
+
+    def checkpoint_due(self):
+        """A clock: true after an epoch once train.checkpoint_seconds have passed."""
+        last = [time.perf_counter()]
+
+        def due() -> bool:
+            if time.perf_counter() - last[0] < self.config.train.checkpoint_seconds:
+                return False
+            last[0] = time.perf_counter()
+            return True
+        return due
+
     # -- one candidate -------------------------------------------------------------------------
     def run_candidate(self, group: Group, seed: int, from_unit: str):
         """Trains one (candidate, seed), resuming its checkpoint if there is one; returns
         (results row, its train.FitResult, its Checkpoint)."""
         c = self.config
-        engine, splits = self.engine_for(from_unit)
-        if from_unit in self.compiling:
-            with self.clock.waiting():
-                self.compiling.pop(from_unit).result()
-        mask = groups.param_mask(self.variables["params"], self.table, group.layers)
-        bn = groups.bn_modes(self.table, group.layers, freeze_bn=c.train.freeze_bn)
+        engine, splits, _ = self.ready(from_unit)
+        mask, bn = self.candidate_inputs(group)
         ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed)
         start = self.start_variables(seed)
         fresh = engine.init_state(start)
         resume = ckpt.restore(fresh) or {"state": fresh}
-        writer = (scalars.ScalarWriter(self.wd.path / "tensorboard" /
-                                       f"{results.slug(group.candidate)}-seed{seed}")
-                  if self.wd.writer else None)
-
-        last_save = [time.perf_counter()]
+        writer = self.scalar_writer(group, seed)
+        due = self.checkpoint_due()
 
         def on_epoch_end(epoch, state, history, best_variables):
-            if writer is not None:
-                writer.scalars({k: v for k, v in history[-1].items()
-                                if isinstance(v, (int, float)) and k != "epoch"}, epoch)
-            if time.perf_counter() - last_save[0] >= c.train.checkpoint_seconds:
+            _write_scalars(writer, history[-1], epoch)
+            if due():
                 ckpt.save(state, history, epoch, best_variables)
-                last_save[0] = time.perf_counter()
 
         try:
             result = train.fit(engine, start, mask, bn, splits["train"],
@@ -151,13 +199,61 @@ class Search:
         finally:
             if writer is not None:
                 writer.close()
+        return self.row(group, seed, result), result, ckpt
+
+    # -- a cohort of candidates ----------------------------------------------------------------
+    def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str):
+        """Trains (candidate, seed) runs together as one cohort, resuming its checkpoint if
+        there is one; returns ([(results row, train.FitResult)], its CohortCheckpoint)."""
+        c = self.config
+        engine, splits, cohort = self.ready(from_unit)
+        starts = [self.start_variables(seed) for _, seed in runs]
+        ckpt = CohortCheckpoint(self.wd.path / "checkpoints" / "current",
+                                [(g.candidate, seed) for g, seed in runs])
+        template = cohort.init(self.variables, starts + [starts[0]] * (cohort.size - len(runs)))
+        resumes = ckpt.restore(cohort, template, self.variables) or [None] * len(runs)
+        for resume in resumes:  # a run that diverged before the interruption stays finished
+            if resume and any(not (math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]))
+                              for h in resume["history"]):
+                resume["start_epoch"] = c.train.epochs
+        members = [cohort_lib.Run(*self.candidate_inputs(g), seed, resume=resume,
+                                  variables=start)
+                   for (g, seed), resume, start in zip(runs, resumes, starts)]
+        writers = [self.scalar_writer(g, seed) for g, seed in runs]
+        due = self.checkpoint_due()
+
+        def on_epoch_end(epoch, state, histories, best_variables):
+            for writer, history in zip(writers, histories):
+                if history and history[-1]["epoch"] == epoch:
+                    _write_scalars(writer, history[-1], epoch)
+            if due():
+                ckpt.save(state, histories, epoch, best_variables)
+
+        try:
+            fitted = cohort_lib.fit_cohort(
+                cohort, self.variables, members, splits["train"], splits["validation"],
+                splits["test"], epochs=c.train.epochs, batch_size=c.data.batch_size,
+                on_epoch_end=on_epoch_end)
+        finally:
+            for writer in writers:
+                if writer is not None:
+                    writer.close()
+        return [(self.row(g, seed, result), result)
+                for (g, seed), result in zip(runs, fitted)], ckpt
+
+    def row(self, group: Group, seed: int, result: train.FitResult) -> dict:
+        """The results.jsonl row of a finished run."""
+        # A run that diverged before an interruption resumes with that history, inactive.
+        diverged = result.status == "diverged" or any(
+            not (math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]))
+            for h in result.history)
         return {"strategy": group.strategy, "candidate": group.candidate,
                 "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
                 "epochs": result.epochs, "best_epoch": result.best_epoch,
                 "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                 "final_val_accuracy": result.final_val_accuracy, "val_loss": result.val_loss,
                 "train_seconds": round(result.train_seconds, 3), "steps": result.steps,
-                "status": result.status}, result, ckpt
+                "status": "diverged" if diverged else "ok"}
 
     def start_variables(self, seed: int) -> dict:
         """The pretrained backbone with a head drawn from `seed`: seeds differ in their head
@@ -218,7 +314,7 @@ class CompileClock:
 def _run(config, wd: Workdir) -> dict:
     started = time.perf_counter()
     with CompileClock() as clock:
-        summary, counts = _search(config, wd, clock)
+        summary, counts, training = _search(config, wd, clock)
     total = time.perf_counter() - started
     log.info("Compilation: %.1f s in all; %.1f s of it held up this run's %.1f s (%.1f%%), "
              "the rest ran alongside training", clock.seconds, clock.blocking, total,
@@ -227,11 +323,12 @@ def _run(config, wd: Workdir) -> dict:
         _append_jsonl(wd.path / "runs.jsonl", {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(total, 1),
             "compile_seconds": round(clock.seconds, 1),
-            "compile_blocking_seconds": round(clock.blocking, 1), "compilations": counts})
+            "compile_blocking_seconds": round(clock.blocking, 1), "compilations": counts,
+            "training_seconds": round(training, 1)})
     return summary
 
 
-def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict]:
+def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float]:
     search = Search(config, wd, clock)
     plan = search.plan
     done = finished_keys(search.rows)
@@ -247,17 +344,26 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict]:
         search.engine_for(plan.top_unit)
     if "full" in plan.strategies and to_do([g.candidate for g in plan.planned["full"]]):
         search.engine_for(plan.first_unit)
-    for strategy in plan.strategies:
-        if strategy == "topk":  # the k best of layerwise's ranking, the same on every process
-            ranking = [c["layers"][0] for c in rank([r for r in search.rows
-                                                     if r["strategy"] == "layerwise"])]
-            plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
-        for group in plan.planned[strategy]:
-            _run_seeds(search, group, plan.from_unit(strategy), progress)
+    # Runs in plan order, each engine's together (trained one at a time or in cohorts); topk
+    # after layerwise's runs (it needs their ranking), full's last.
+    runs = lambda strategies: [(g, seed) for s in strategies for g in plan.planned[s]
+                               for seed in range(config.train.seeds)]
+    top = [s for s in plan.strategies if s not in ("topk", "full")]
+    training = 0.0  # seconds in the runs' training (fits), for runs.jsonl
+    if top:
+        training += _train_runs(search, runs(top), plan.top_unit, progress)
+    if "topk" in plan.strategies:  # the k best of layerwise's ranking, the same on every process
+        ranking = [c["layers"][0] for c in rank([r for r in search.rows
+                                                 if r["strategy"] == "layerwise"])]
+        plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
+        training += _train_runs(search, runs(["topk"]), plan.top_unit, progress)
+    if "full" in plan.strategies:
+        training += _train_runs(search, runs(["full"]), plan.first_unit, progress)
 
     # Distinct train steps the plan compiles (one per lowest trainable unit): a fact of the
     # plan, so a resumed search reports the same. This process's real counts go to runs.jsonl.
-    counts = {u: e.compilations for u, (e, _) in search.engines.items()}
+    counts = {u: {**e.compilations, **(search.cohorts[u].compilations if search.cohorts[u]
+                                       else {})} for u, (e, _) in search.engines.items()}
     for unit, count in counts.items():
         if count["train"] > 1:
             log.warning("The train step from unit %s compiled %d times", unit, count["train"])
@@ -269,7 +375,7 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict]:
         report.write(wd.path)
     log.info("Done. Winner: %s (validation %.3f); report: %s", summary["winner"]["candidate"],
              summary["winner"]["val_accuracy"]["mean"], wd.path / "report.md")
-    return summary, counts
+    return summary, counts, training
 
 
 def _summarize(search: Search) -> dict:
@@ -282,40 +388,68 @@ def _summarize(search: Search) -> dict:
         return results.summarize(*args)
 
 
-def _run_seeds(search: Search, group: Group, from_unit: str, progress: "Progress") -> None:
-    """All seeds of one candidate; then, if it is its strategy's best so far, its variables
-    (best seed, best epoch) become models/<strategy>/."""
-    wd, config = search.wd, search.config
-    for seed in range(config.train.seeds):
-        if (group.candidate, seed) in finished_keys(search.rows):
-            continue
-        row, result, ckpt = search.run_candidate(group, seed, from_unit)
-        if wd.writer:  # before the row: a row always has its model and predictions
-            if result.best_variables is not None:
-                weights.save_variables(wd.path / "pending" / f"seed{seed}.msgpack",
-                                       result.best_variables)
-            predictions = result.predictions or {
-                "validation": np.full(len(search.dataset.validation), -1), "test": None}
-            results.write_predictions(search.predictions_dir, group.candidate, seed,
-                                      predictions["validation"], predictions["test"])
-        row = search.add_result(row)
+def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
+                progress: "Progress") -> float:
+    """Trains the (candidate, seed) runs of one engine that are not finished, in order: one at
+    a time, or in cohorts of the engine's size (the last one padded). A candidate whose seeds
+    are all finished may become its strategy's saved model (models/<strategy>/). Returns the
+    seconds spent training (the fits, compilation they waited for included)."""
+    todo = [(g, seed) for g, seed in runs if (g.candidate, seed) not in finished_keys(search.rows)]
+    if todo:
+        search.engine_for(from_unit)
+    size = search.cohorts[from_unit].size if search.cohorts.get(from_unit) else 1
+    training = 0.0
+    for start in range(0, len(todo), size):
+        chunk = todo[start:start + size]
+        started = time.perf_counter()
+        if size == 1:
+            row, result, ckpt = search.run_candidate(*chunk[0], from_unit)
+            finished = [(row, result)]
+        else:
+            finished, ckpt = search.run_cohort(chunk, from_unit)
+        training += time.perf_counter() - started
+        for (group, seed), (row, result) in zip(chunk, finished):
+            _record(search, group, seed, row, result, progress)
         ckpt.clear()
-        progress.finished(row)
-    _promote(search, group)
+        for group in dict.fromkeys(g for g, _ in chunk):
+            _promote(search, group)
+    for group in dict.fromkeys(g for g, _ in runs):  # after an interruption between the two
+        _promote(search, group)
+    return training
+
+
+def _record(search: Search, group: Group, seed: int, row: dict, result: train.FitResult,
+            progress: "Progress") -> None:
+    """A finished run: its best variables (pending/) and predictions, then its row."""
+    wd = search.wd
+    if wd.writer:  # before the row: a row always has its model and predictions
+        if result.best_variables is not None:
+            weights.save_variables(_pending(wd, group.candidate, seed), result.best_variables)
+        predictions = result.predictions or {
+            "validation": np.full(len(search.dataset.validation), -1), "test": None}
+        results.write_predictions(search.predictions_dir, group.candidate, seed,
+                                  predictions["validation"], predictions["test"])
+    progress.finished(search.add_result(row))
+
+
+def _pending(wd: Workdir, candidate: str, seed: int) -> Path:
+    """Where a finished run's best variables wait until its candidate's seeds are all done."""
+    return wd.path / "pending" / f"{results.slug(candidate)}-seed{seed}.msgpack"
 
 
 def _promote(search: Search, group: Group) -> None:
-    """Saves the candidate as models/<strategy>/ when it leads its strategy. Decided from the
-    rows every process shares; process 0 reads the variables it wrote and sends them to all
-    (orbax saves collectively); only process 0 deletes."""
+    """Once all its seeds are finished, saves the candidate as models/<strategy>/ when it leads
+    its strategy. Decided from the rows every process shares; process 0 reads the variables it
+    wrote and sends them to all (orbax saves collectively); only process 0 deletes."""
     wd = search.wd
-    pending = wd.path / "pending"
     rows = [r for r in search.rows if r["strategy"] == group.strategy]
+    mine = [r for r in rows if r["candidate"] == group.candidate]
+    if len(mine) < search.config.train.seeds:
+        return
     ranking = rank(rows)
-    if ranking and ranking[0]["candidate"] == group.candidate:
-        mine = [r for r in rows if r["candidate"] == group.candidate]
+    if ranking[0]["candidate"] == group.candidate:
         best_seed = max(mine, key=lambda r: r["val_accuracy"])["seed"]
-        source = pending / f"seed{best_seed}.msgpack"
+        source = _pending(wd, group.candidate, best_seed)
         # Absent when an earlier run saved this model and then stopped before removing pending/.
         if multihost.broadcast_json(source.exists):
             variables = multihost.broadcast_arrays(lambda: weights.load_variables(source),
@@ -323,7 +457,14 @@ def _promote(search: Search, group: Group) -> None:
             save_model(wd.path / "models" / group.strategy, variables,
                        model_meta(search, group, best_seed))
     if wd.writer:
-        shutil.rmtree(pending, ignore_errors=True)
+        for seed in range(search.config.train.seeds):
+            _pending(wd, group.candidate, seed).unlink(missing_ok=True)
+
+
+def _write_scalars(writer, record: dict, epoch: int) -> None:
+    if writer is not None:
+        writer.scalars({k: v for k, v in record.items()
+                        if isinstance(v, (int, float)) and k != "epoch"}, epoch)
 
 
 def model_meta(search: Search, group: Group, seed: int) -> dict:

@@ -62,6 +62,9 @@ def get_config():
     config.train.checkpoint_seconds = 0.0
 
     config.search = ml_collections.ConfigDict()
+    # Runs of one engine (same lowest trainable unit) trained at once, vmapped: 0 = as many as
+    # memory allows (the rule in blockft_jax/cohort.py), 1 = one at a time, N = up to N.
+    config.search.parallel = 0
     config.search.strategies = ("classifier_only", "full", "layerwise", "topk", "blocks",
                                 "window")
     config.search.max_layers = 10

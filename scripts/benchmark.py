@@ -5,6 +5,7 @@
       --images 192 --epochs 5 --frameworks blockft_jax,keras_tf,keras_jax [--no-cache] [--width 1.0]
   python scripts/benchmark.py --all ...    # every row of ROWS, every framework, markdown table
   python scripts/benchmark.py --input-check --mock-data --no-cache ...   # input pipeline check
+  python scripts/benchmark.py --search [--keras-runs N]   # the demo search: cohorts vs one at a time vs Keras
 
 The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
 with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
@@ -40,6 +41,16 @@ Per framework it reports images/s, warm-up (compile) seconds, peak resident memo
 (ru_maxrss of the subprocess) and the ratios blockft_jax/keras_tf and blockft_jax/keras_jax.
 The output of a single row ends with one line per framework: `<framework> images_per_s=<x>`
 (`nan` where that framework failed; its error is printed above).
+
+`--search` times whole searches instead: the offline demo (`configs/demo.py`, the command the
+README gives) with `--config.search.parallel=1` (one run at a time) and with the default
+(candidate-parallel cohorts), each in a fresh workdir with an empty JAX compilation cache (its
+own `JAX_COMPILATION_CACHE_DIR`), then each again with that cache filled; and the same runs as a
+hand-written Keras loop (`scripts/keras_search_loop.py`, Keras on TensorFlow: per run set
+`trainable`, compile, fit with validation). The demo backbone is pretrained (or read from its
+cache) before any timing. Per search: wall seconds of the command, and its training seconds
+(the fits, from `runs.jsonl`); ratios against one at a time and against the Keras loop.
+`--keras-runs N` times only the first N Keras runs and extrapolates (labelled as such).
 """
 from __future__ import annotations
 
@@ -550,6 +561,95 @@ def print_all_table(args, frameworks, table):
              else "Trained sets matched Keras's in every row where both ran."))
 
 
+# --- whole searches --------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def timed_search(args, workdir: str, cache: str, extra: list[str]) -> dict:
+    """One `python -m blockft_jax.main` search in a subprocess: wall seconds, and the
+    training seconds and compile figures its runs.jsonl records."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "blockft_jax.main", "--config",
+                           args.search_config, "--workdir", workdir, *args.search_override,
+                           *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"search failed ({' '.join(extra)}):\n{done.stderr[-3000:]}")
+    with open(os.path.join(workdir, "runs.jsonl")) as f:
+        record = json.loads(f.read().splitlines()[-1])
+    with open(os.path.join(workdir, "summary.json")) as f:
+        winner = json.load(f)["winner"]
+    return {"wall_s": wall, "training_s": record["training_seconds"],
+            "compile_s": record["compile_seconds"],
+            "compile_blocking_s": record["compile_blocking_seconds"],
+            "winner": f"{winner['candidate']} {winner['val_accuracy']['mean']:.3f}"}
+
+
+def search_benchmark(args) -> None:
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix="blockft_search_bench_")
+    # The demo backbone, pretrained once and cached, before anything is timed.
+    warm = subprocess.run([sys.executable, "-m", "blockft_jax.main", "--config",
+                           args.search_config, "--workdir", os.path.join(scratch, "warm"),
+                           *args.search_override, "--config.train.epochs=1",
+                           "--config.search.strategies=('classifier_only',)"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if warm.returncode != 0:
+        raise SystemExit(f"warm-up failed:\n{warm.stderr[-3000:]}")
+    settings = {"one at a time": ["--config.search.parallel=1"], "cohorts (default)": []}
+    rows = {}
+    for cache_state in ("empty", "filled"):
+        for name, extra in settings.items():
+            cache = os.path.join(scratch, f"cache-{len(extra)}")
+            workdir = os.path.join(scratch, f"{cache_state}-{len(extra)}")
+            rows[(name, cache_state)] = timed_search(args, workdir, cache, extra)
+            print(f"{name}, {cache_state} compilation cache: {rows[(name, cache_state)]}",
+                  file=sys.stderr, flush=True)
+    keras_runs_s = keras_total = math.nan
+    if not args.no_keras:
+        keras = [sys.executable, os.path.join(ROOT, "scripts", "keras_search_loop.py"),
+                 "--backend", "tensorflow", "--config", args.search_config] + (
+                     [] if args.keras_runs is None else ["--runs", str(args.keras_runs)])
+        started = time.perf_counter()
+        done = subprocess.run(keras, cwd=ROOT, capture_output=True, text=True)
+        keras_total = time.perf_counter() - started
+        if done.returncode != 0:
+            raise SystemExit(f"Keras loop failed:\n{done.stderr[-3000:]}")
+        keras_runs_s = _keras_runs_seconds(done.stdout, extrapolated=args.keras_runs is not None)
+
+    base = rows[("one at a time", "empty")]
+    print(f"## The search of {args.search_config} {' '.join(args.search_override)}, "
+          f"one command\n")
+    print("| search | compilation cache | wall s | training s | compile s (waited) | winner |"
+          " wall vs one at a time | training vs one at a time | vs Keras loop (runs) |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|")
+    for (name, cache_state), r in rows.items():
+        one = rows[("one at a time", cache_state)]
+        print(f"| {name} | {cache_state} | {r['wall_s']:.1f} | {r['training_s']:.1f} | "
+              f"{r['compile_s']:.1f} ({r['compile_blocking_s']:.1f}) | {r['winner']} | "
+              f"{one['wall_s'] / r['wall_s']:.2f}x | {one['training_s'] / r['training_s']:.2f}x "
+              f"| {keras_runs_s / r['wall_s']:.1f}x |")
+    label = "EXTRAPOLATED from the first %d runs" % args.keras_runs if args.keras_runs else \
+        "all runs"
+    print(f"\nKeras loop (Keras on TensorFlow, {label}): {keras_runs_s:.1f} s of runs "
+          f"({keras_total:.1f} s with its setup); the last column is that over the search's "
+          f"whole wall time.")
+    print(f"search_wall_ratio={base['wall_s'] / rows[('cohorts (default)', 'empty')]['wall_s']:.2f}")
+    print(f"search_training_ratio="
+          f"{base['training_s'] / rows[('cohorts (default)', 'empty')]['training_s']:.2f}")
+    print(f"keras_loop_ratio={keras_runs_s / rows[('cohorts (default)', 'empty')]['wall_s']:.1f}")
+
+
+def _keras_runs_seconds(stdout: str, extrapolated: bool) -> float:
+    """The Keras loop's run seconds from its output (the extrapolated total with --runs)."""
+    import re
+    key = "EXTRAPOLATED" if extrapolated else "Keras loop ("
+    line = next(l for l in stdout.splitlines() if l.startswith(key))
+    return float(re.search(r"([0-9.]+) s", line.split(":", 1)[1]).group(1))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -580,6 +680,17 @@ def main(argv=None):
     parser.add_argument("--mock-data", action="store_true",
                         help="with --input-check: tfds.testing.mock_data stands in for "
                              "tf_flowers (offline)")
+    parser.add_argument("--search", action="store_true",
+                        help="the demo search: default (cohorts) vs --config.search.parallel=1 "
+                             "vs a hand-written Keras loop")
+    parser.add_argument("--keras-runs", type=int, default=None,
+                        help="with --search: time only the first N Keras runs, extrapolate")
+    parser.add_argument("--search-config", default="configs/demo.py",
+                        help="with --search: the config file searched (default: the demo)")
+    parser.add_argument("--search-override", action="append", default=[],
+                        help="with --search: a --config.x=y override for every search")
+    parser.add_argument("--no-keras", action="store_true",
+                        help="with --search: skip the Keras loop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker-timeout", type=float, default=3600.0,
                         help="seconds allowed to each framework's subprocess")
@@ -598,6 +709,9 @@ def main(argv=None):
                         (args.images, "--images"), (args.epochs, "--epochs")):
         if value < 1:
             parser.error(f"{name} must be >= 1")
+
+    if args.search:
+        return search_benchmark(args)
 
     if args.input_check:
         if args.model not in models.MODEL_NAMES:

@@ -5,7 +5,7 @@ tests/test_multiprocess.py:
 
 Runs configs/tiny.py (every strategy) through the command line's launcher. With
 DIE_AFTER_SAVES=N, process 0 kills itself (SIGKILL, as a preempted VM dies) right after its N-th
-epoch checkpoint; the test then kills the other process the same way.
+epoch checkpoint (of a run or a cohort); the test then kills the other process the same way.
 """
 import os
 import signal
@@ -34,16 +34,19 @@ def main(argv):
     from configs import tiny
     logging.getLogger().setLevel(logging.INFO)
     if die_after is not None and process_id == 0:
-        original, saves = checkpoint.Checkpoint.save, []
+        saves = []
 
-        def preempted(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            saves.append(1)
-            if len(saves) == die_after:
-                self.ckptr.wait_until_finished()
-                os.kill(os.getpid(), signal.SIGKILL)
+        def preempting(original):  # a run's and a cohort's checkpoints count alike
+            def save(self, *args, **kwargs):
+                original(self, *args, **kwargs)
+                saves.append(1)
+                if len(saves) == die_after:
+                    self.ckptr.wait_until_finished()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return save
 
-        checkpoint.Checkpoint.save = preempted
+        for cls in (checkpoint.Checkpoint, checkpoint.CohortCheckpoint):
+            cls.save = preempting(cls.save)
     return launch.run(tiny.get_config(), workdir)
 
 

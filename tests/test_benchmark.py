@@ -40,3 +40,20 @@ def test_input_pipeline_check_on_mock_tf_flowers():
     assert "tf_flowers (TFDS mock data) loaded by data.load_dataset" in out
     assert rate(out, "pipeline") > 0 and rate(out, "device_resident") > 0
     assert re.search(r"^ratio pipeline/device_resident = \d", out, re.M), out
+
+
+def test_search_level_benchmark_on_the_tiny_search():
+    """--search end to end (Keras loop aside: the tiny model's `blocks` option has no Keras
+    counterpart): one at a time and cohorts, empty and filled compilation caches, ratios."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--search", "--no-keras", "--search-config",
+         "configs/tiny.py", "--search-override=--config.train.epochs=1",
+         "--search-override=--config.search.strategies=('classifier_only','layerwise')"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for name in ("one at a time", "cohorts (default)"):
+        for cache in ("empty", "filled"):
+            assert f"| {name} | {cache} |" in out, out
+    ratio = float(re.search(r"^search_wall_ratio=(\S+)$", out, re.M).group(1))
+    assert math.isfinite(ratio) and ratio > 0, out

@@ -64,7 +64,7 @@ def test_two_process_search_runs_every_strategy_with_one_log(uninterrupted):
 def test_kill_both_processes_and_restart_gives_the_same_summary_and_models(uninterrupted,
                                                                            tmp_path):
     whole, _ = uninterrupted
-    processes = start(tmp_path, die_after=7)
+    processes = start(tmp_path, die_after=3)
     leader = processes[0]
     leader_output = leader.communicate(timeout=TIMEOUT)[0]
     if leader.returncode == EXIT_UNSUPPORTED:

@@ -197,24 +197,34 @@ def test_resume_after_a_checkpoint_past_the_best_epoch_saves_the_best_model(tmp_
     assert_same_models(tmp_path / "whole", tmp_path / "cut")
 
 
-def test_resume_after_interruption_gives_the_same_summary(finished, tmp_path, monkeypatch):
+def test_resume_mid_cohort_gives_the_same_summary_and_models(finished, tmp_path, monkeypatch):
+    """Killed after the first epoch checkpoint of a cohort (several runs trained at once, the
+    search's default), then rerun: the same summary and the same saved models, bitwise."""
     _, uninterrupted = finished
-    saves = {"n": 0}
-    original = checkpoint.Checkpoint.save
+    saved = []
+    originals = {cls: cls.save for cls in (checkpoint.Checkpoint, checkpoint.CohortCheckpoint)}
 
-    def preempted(self, *args, **kwargs):  # dies right after the 5th epoch checkpoint
-        original(self, *args, **kwargs)
-        saves["n"] += 1
-        if saves["n"] == 5:
-            raise KeyboardInterrupt
+    def preempting(cls):
+        def save(self, *args, **kwargs):
+            originals[cls](self, *args, **kwargs)
+            saved.append(cls)
+            if len(saved) == 1:  # after the first epoch of the first cohort
+                self.ckptr.wait_until_finished()
+                raise KeyboardInterrupt
+        return save
 
-    monkeypatch.setattr(checkpoint.Checkpoint, "save", preempted)
+    for cls in originals:
+        monkeypatch.setattr(cls, "save", preempting(cls))
     with pytest.raises(KeyboardInterrupt):
         search.run(tiny_config(), tmp_path)
-    monkeypatch.setattr(checkpoint.Checkpoint, "save", original)
-    done_before = len((tmp_path / "results.jsonl").read_text().splitlines())
-    assert 0 < done_before < 10
-    assert (tmp_path / "checkpoints" / "current.json").exists()
+    for cls, original in originals.items():
+        monkeypatch.setattr(cls, "save", original)
+    assert saved[-1] is checkpoint.CohortCheckpoint
+    meta = json.loads((tmp_path / "checkpoints" / "current.json").read_text())
+    assert len(meta["cohort"]) > 1, meta["cohort"]
+    done_before = len((tmp_path / "results.jsonl").read_text().splitlines()) if (
+        tmp_path / "results.jsonl").exists() else 0
+    assert done_before < 10
     resumed = search.run(tiny_config(), tmp_path)
     assert resumed == uninterrupted
     assert_same_models(finished[0], tmp_path)
