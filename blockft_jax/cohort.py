@@ -315,13 +315,15 @@ class Cohort:
             self.train_step.lower(shared, runs, masks, bns, fed(images.shape[1:], images.dtype),
                                   fed((), jnp.int32), fed((), jnp.float32), rngs,
                                   active).compile()
-            self.eval_step.lower(shared, evaluated, like(images, batch),
-                                 jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch),
-                                 jax.ShapeDtypeStruct((batch_size,), jnp.float32,
+            size = train.eval_batch_size(batch_size)
+            eval_images = jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype)
+            self.eval_step.lower(shared, evaluated, like(eval_images, batch),
+                                 jax.ShapeDtypeStruct((size,), jnp.int32, sharding=batch),
+                                 jax.ShapeDtypeStruct((size,), jnp.float32,
                                                       sharding=batch)).compile()
             return
 
-        def split(n):  # a DeviceSplit's arrays and one epoch's batch order and mask
+        def split(n, batch_size=batch_size):  # a DeviceSplit's arrays, an epoch's order, mask
             steps = -(-n // batch_size)
             return (jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype, sharding=repl),
                     jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
@@ -335,7 +337,9 @@ class Cohort:
                                        active).compile()
         index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
         for n in sorted(set(sizes.values())):
-            self.eval_step_gathered.lower(shared, evaluated, *split(n), index).compile()
+            self.eval_step_gathered.lower(shared, evaluated,
+                                          *split(n, train.eval_batch_size(batch_size)),
+                                          index).compile()
 
 
 # --- how many runs at once ---------------------------------------------------------------------
@@ -486,8 +490,9 @@ def evaluate(cohort: Cohort, state: CohortState, split: data_lib.Split | train.D
              batch_size: int) -> list[dict]:
     """train.evaluate for every run of the cohort, one vmapped step per batch:
     [{'accuracy', 'loss', 'predicted'}] per run (`predicted`: every example's class, in
-    order)."""
+    order). `batch_size` is the training batch; evaluation's is train.eval_batch_size of it."""
     e = cohort.engine
+    batch_size = train.eval_batch_size(batch_size)
     live = {"params": state.runs["params"], "batch_stats": state.runs["batch_stats"]}
     if isinstance(split, train.DeviceSplit):
         order, weights = e.device_order(split, batch_size, shuffle_rng=None)
@@ -575,21 +580,20 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
             elif best[i] is None or record["val_accuracy"] > best[i]["val_accuracy"]:
                 improved.append(i)
         if improved:
-            tested = evaluate(cohort, state, test, batch_size) if test is not None else None
+            # The test split is measured once, at the end, from each run's best variables:
+            # the same numbers as at its best epoch, without a test pass of all K runs
+            # whenever any one of them improves.
             host = cohort.host_variables(state)
             for i in improved:
                 predictions[i] = {"validation": val[i]["predicted"], "test": None}
-                if tested is not None:
-                    records[i]["test_accuracy"] = tested[i]["accuracy"]
-                    predictions[i]["test"] = tested[i]["predicted"]
                 best[i], best_variables[i] = records[i], host[i]
         for i, record in records.items():
             histories[i].append(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, state, histories, best_variables)
     total = time.perf_counter() - started
-    _predict_resumed_best(cohort, variables, padded, best_variables, predictions, validation,
-                          test, batch_size)
+    _evaluate_best(cohort, variables, padded, best, best_variables, predictions, validation,
+                   test, batch_size)
     results = []
     for i in range(n):
         history = histories[i]
@@ -607,19 +611,26 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
     return results
 
 
-def _predict_resumed_best(cohort, variables, runs, best_variables, predictions, validation,
-                          test, batch_size) -> None:
-    """Predictions of the runs whose best epoch came before a resume, from their best
-    variables (as train.fit gives them), all in one cohort evaluation."""
-    missing = [i for i, p in enumerate(predictions) if p is None and best_variables[i] is not None]
-    if not missing:
+def _evaluate_best(cohort, variables, runs, best, best_variables, predictions, validation,
+                   test, batch_size) -> None:
+    """From each run's best variables, in one cohort evaluation per split: the test split
+    (accuracy into its best epoch's record, and predictions), and the validation predictions
+    of runs whose best epoch came before a resume. A run's numbers do not depend on its slot
+    or cohort-mates, so they are those its best epoch gave."""
+    with_best = [i for i in range(len(predictions)) if best_variables[i] is not None]
+    missing = [i for i in with_best if predictions[i] is None]
+    if not missing and (test is None or not with_best):
         return
-    starts = [best_variables[i] if i in missing else run.variables
+    starts = [best_variables[i] if i in with_best else run.variables
               for i, run in enumerate(runs[:len(predictions)])]
     starts += [runs[0].variables] * (cohort.size - len(starts))
     state = cohort.init(variables, starts)
-    evaluated = {name: None if split is None else evaluate(cohort, state, split, batch_size)
-                 for name, split in (("validation", validation), ("test", test))}
-    for i in missing:
-        predictions[i] = {name: None if out is None else out[i]["predicted"]
-                          for name, out in evaluated.items()}
+    if missing:
+        validated = evaluate(cohort, state, validation, batch_size)
+        for i in missing:
+            predictions[i] = {"validation": validated[i]["predicted"], "test": None}
+    if test is not None:
+        tested = evaluate(cohort, state, test, batch_size)
+        for i in with_best:
+            best[i]["test_accuracy"] = tested[i]["accuracy"]
+            predictions[i]["test"] = tested[i]["predicted"]

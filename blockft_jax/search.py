@@ -124,9 +124,10 @@ class Search:
         cohort.cohort_size's rule). Decided once per search and kept in cohorts.json, so a
         resumed search forms the same cohorts (and compiles the same programs)."""
         c = self.config
-        runs = (len(self.plan.planned["full"]) if engine.from_unit == self.plan.first_unit
-                and engine.from_unit != self.plan.top_unit else
-                len(self.plan.shared) + len(self.plan.topk_names)) * c.train.seeds
+        plan = self.plan
+        runs = c.train.seeds * sum(len(plan.topk_names) if s == "topk" else len(plan.planned[s])
+                                   for s in plan.strategies
+                                   if plan.from_unit(s) == engine.from_unit)
 
         def decide() -> int:
             path = self.wd.path / "cohorts.json"
