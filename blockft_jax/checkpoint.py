@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -21,15 +22,14 @@ from blockft_jax.workdir import write_atomic
 log = logging.getLogger(__name__)
 
 
-class Checkpoint:
-    """The running (candidate, seed)'s train state, saved after an epoch with the variables of
-    its best epoch so far, so an interrupted search continues from its last saved epoch and
-    still knows its best one. Saves are asynchronous: training goes on while one is written.
-    Orbax renames a checkpoint into place only when it is complete, so the newest `epoch<N>`
-    directory is always whole; current.json names the candidate and holds the history."""
+class _EpochCheckpoints:
+    """What the run and the cohort checkpoints share: `epoch<N>` orbax directories under
+    `path`, written asynchronously (training goes on while one is written; orbax renames it
+    into place only when complete, so the newest is always whole), only the newest kept, and
+    current.json beside them saying whose they are."""
 
-    def __init__(self, path: Path, candidate: str, seed: int):
-        self.path, self.candidate, self.seed = Path(path).absolute(), candidate, seed
+    def __init__(self, path: Path):
+        self.path = Path(path).absolute()
         self.ckptr = ocp.StandardCheckpointer()
 
     @property
@@ -38,6 +38,30 @@ class Checkpoint:
 
     def _epochs(self) -> list[int]:
         return sorted(int(p.name[5:]) for p in self.path.glob("epoch*") if p.name[5:].isdigit())
+
+    def _write(self, meta: dict, epoch: int, tree) -> None:
+        self.ckptr.wait_until_finished()  # the previous epoch's save
+        if multihost.is_leader():
+            write_atomic(self.meta_path, json.dumps(meta))
+            for old in self._epochs()[:-1]:
+                shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
+        self.ckptr.save(self.path / f"epoch{epoch}", tree, force=True)
+
+    def clear(self) -> None:
+        self.ckptr.wait_until_finished()
+        if multihost.is_leader():
+            self.meta_path.unlink(missing_ok=True)
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+class Checkpoint(_EpochCheckpoints):
+    """The running (candidate, seed)'s train state, saved after an epoch with the variables of
+    its best epoch so far, so an interrupted search continues from its last saved epoch and
+    still knows its best one; current.json names the candidate and holds the history."""
+
+    def __init__(self, path: Path, candidate: str, seed: int):
+        super().__init__(path)
+        self.candidate, self.seed = candidate, seed
 
     def _saved_epoch(self) -> dict | None:
         """{'epoch', 'history'} of the newest whole checkpoint of this run, or None."""
@@ -68,20 +92,8 @@ class Checkpoint:
     def save(self, state, history: list[dict], epoch: int, best_variables) -> None:
         """`state` after `epoch` epochs, with `best_variables` (those of the best epoch so far,
         which train.fit tracks)."""
-        self.ckptr.wait_until_finished()  # the previous epoch's save
-        if multihost.is_leader():
-            write_atomic(self.meta_path, json.dumps({"candidate": self.candidate,
-                                                     "seed": self.seed, "history": history}))
-            for old in self._epochs()[:-1]:
-                shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
-        self.ckptr.save(self.path / f"epoch{epoch}", {"state": state, "best": best_variables},
-                        force=True)
-
-    def clear(self) -> None:
-        self.ckptr.wait_until_finished()
-        if multihost.is_leader():
-            self.meta_path.unlink(missing_ok=True)
-            shutil.rmtree(self.path, ignore_errors=True)
+        self._write({"candidate": self.candidate, "seed": self.seed, "history": history},
+                    epoch, {"state": state, "best": best_variables})
 
 
 MODEL_META = "model.json"
@@ -110,22 +122,15 @@ def load_model(path) -> tuple[dict, dict]:
     return ocp.StandardCheckpointer().restore(path / "variables"), meta
 
 
-class CohortCheckpoint:
+class CohortCheckpoint(_EpochCheckpoints):
     """A cohort's runs (`cohort.Cohort`), saved together after an epoch: the cohort state (the
     frozen variables once, every run's live state) with each run's history and the variables of
     its best epoch so far. current.json names the runs; a rerun resumes them only as the same
     cohort (the search forms its cohorts in plan order with a fixed size, so it does)."""
 
     def __init__(self, path: Path, keys: list[tuple[str, int]]):
-        self.path, self.keys = Path(path).absolute(), [list(k) for k in keys]
-        self.ckptr = ocp.StandardCheckpointer()
-
-    @property
-    def meta_path(self) -> Path:
-        return self.path.parent / "current.json"
-
-    def _epochs(self) -> list[int]:
-        return sorted(int(p.name[5:]) for p in self.path.glob("epoch*") if p.name[5:].isdigit())
+        super().__init__(path)
+        self.keys = [list(k) for k in keys]
 
     def _saved_epoch(self) -> dict | None:
         if not self.meta_path.exists():
@@ -163,24 +168,11 @@ class CohortCheckpoint:
                 for i, history in enumerate(saved["histories"])]
 
     def save(self, state, histories: list[list[dict]], epoch: int, best_variables) -> None:
-        self.ckptr.wait_until_finished()
-        if multihost.is_leader():
-            write_atomic(self.meta_path, json.dumps({"cohort": self.keys, "epoch": epoch,
-                                                     "histories": histories}))
-            for old in self._epochs()[:-1]:
-                shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
         best = {str(i): b for i, b in enumerate(best_variables) if b is not None}
-        self.ckptr.save(self.path / f"epoch{epoch}",
-                        {"shared": state.shared, "runs": state.runs, "best": best}, force=True)
-
-    def clear(self) -> None:
-        self.ckptr.wait_until_finished()
-        if multihost.is_leader():
-            self.meta_path.unlink(missing_ok=True)
-            shutil.rmtree(self.path, ignore_errors=True)
+        self._write({"cohort": self.keys, "epoch": epoch, "histories": histories}, epoch,
+                    {"shared": state.shared, "runs": state.runs, "best": best})
 
 
 def _best_is_finite(history: list[dict]) -> bool:
     """Whether a run's history has a best epoch (a diverged first epoch has none)."""
-    import math
     return any(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in history)
