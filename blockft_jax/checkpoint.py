@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from blockft_jax import multihost
+from blockft_jax import multihost, train
 from blockft_jax.workdir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -144,15 +143,17 @@ class CohortCheckpoint(_EpochCheckpoints):
         epoch = epochs[-1]
         histories = [[h for h in history if h["epoch"] <= epoch]
                      for history in meta["histories"]]
-        best = [i for i, h in enumerate(histories) if h and _best_is_finite(h)]
+        best = [i for i, h in enumerate(histories) if any(map(train.finite, h))]
         return {"epoch": epoch, "histories": histories, "best": best}
 
-    def restore(self, cohort, template_state, like_variables) -> list[dict] | None:
+    def restore(self, cohort, make_template, like_variables) -> list[dict] | None:
         """Per run, what `cohort.fit_cohort` resumes from ({'state', 'start_epoch', 'history',
-        'best_variables'}), or None when there is nothing to resume."""
+        'best_variables'}), or None when there is nothing to resume. `make_template()` gives
+        a CohortState shaped like the saved one (built only when there is one)."""
         saved = multihost.broadcast_json(self._saved_epoch)
         if saved is None:
             return None
+        template_state = make_template()
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
         target = {"shared": abstract(template_state.shared),
                   "runs": abstract(template_state.runs),
@@ -172,7 +173,3 @@ class CohortCheckpoint(_EpochCheckpoints):
         self._write({"cohort": self.keys, "epoch": epoch, "histories": histories}, epoch,
                     {"shared": state.shared, "runs": state.runs, "best": best})
 
-
-def _best_is_finite(history: list[dict]) -> bool:
-    """Whether a run's history has a best epoch (a diverged first epoch has none)."""
-    return any(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in history)

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 
 from blockft_jax import data as data_lib
-from blockft_jax import groups, models, multihost, pretrained, report, results, scalars, train, weights
+from blockft_jax import (groups, models, multihost, pretrained, report, results, scalars, train,
+                         weights)
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, CohortCheckpoint, save_model
 from blockft_jax.groups import Group
@@ -211,11 +212,11 @@ class Search:
         starts = [self.start_variables(seed) for _, seed in runs]
         ckpt = CohortCheckpoint(self.wd.path / "checkpoints" / "current",
                                 [(g.candidate, seed) for g, seed in runs])
-        template = cohort.init(self.variables, starts + [starts[0]] * (cohort.size - len(runs)))
+        template = lambda: cohort.init(self.variables,
+                                       starts + [starts[0]] * (cohort.size - len(runs)))
         resumes = ckpt.restore(cohort, template, self.variables) or [None] * len(runs)
         for resume in resumes:  # a run that diverged before the interruption stays finished
-            if resume and any(not (math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]))
-                              for h in resume["history"]):
+            if resume and not all(map(train.finite, resume["history"])):
                 resume["start_epoch"] = c.train.epochs
         members = [cohort_lib.Run(*self.candidate_inputs(g), seed, resume=resume,
                                   variables=start)
@@ -245,9 +246,7 @@ class Search:
     def row(self, group: Group, seed: int, result: train.FitResult) -> dict:
         """The results.jsonl row of a finished run."""
         # A run that diverged before an interruption resumes with that history, inactive.
-        diverged = result.status == "diverged" or any(
-            not (math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]))
-            for h in result.history)
+        diverged = result.status == "diverged" or not all(map(train.finite, result.history))
         return {"strategy": group.strategy, "candidate": group.candidate,
                 "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
                 "epochs": result.epochs, "best_epoch": result.best_epoch,

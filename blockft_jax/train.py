@@ -438,6 +438,11 @@ def recalibrate_bn(module: Backbone, variables, images: np.ndarray) -> dict:
 
 # --- fitting one candidate --------------------------------------------------------------------
 
+def finite(record: dict) -> bool:
+    """Whether an epoch's history record is finite (not the epoch a run diverged)."""
+    return math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])
+
+
 @dataclasses.dataclass
 class FitResult:
     status: str                    # 'ok' or 'diverged'
