@@ -66,6 +66,8 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
                  jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
         log.info("Results go to %s (log: %s)", workdir, log_path)
         search.run(config, workdir, start_over=start_over)
+        if distributed:
+            leave_distributed()
     except UserError as e:
         log.debug("Traceback", exc_info=True)
         log.error("error: %s", e)
@@ -83,6 +85,15 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
                   "traceback is above and in %s.", type(e).__name__, e, log_path)
         return 1
     return 0
+
+
+def leave_distributed() -> None:
+    """Every process waits for the others, then disconnects: process 0 hosts the coordination
+    service, and leaving while another process still talks to it aborts at exit."""
+    from blockft_jax import multihost
+    if jax.process_count() > 1:
+        multihost.barrier("search finished")
+        jax.distributed.shutdown()
 
 
 def _disk_full(error: BaseException) -> str | None:

@@ -47,7 +47,11 @@ def main(argv):
 
         for cls in (checkpoint.Checkpoint, checkpoint.CohortCheckpoint):
             cls.save = preempting(cls.save)
-    return launch.run(tiny.get_config(), workdir)
+    status = launch.run(tiny.get_config(), workdir)
+    # Leave together: process 0 hosts the coordination service, and exiting while the other
+    # process still talks to it aborts the process (a check failure in its shutdown).
+    launch.leave_distributed()
+    return status
 
 
 if __name__ == "__main__":
