@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 
+from blockft_jax import multihost
 from blockft_jax.errors import UserError
 
 log = logging.getLogger("blockft_jax")
@@ -46,7 +47,7 @@ def dry_run(config) -> str:
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,
         dry_run_only: bool = False) -> int:
     """Runs the search (or prints its plan); returns a process exit status."""
-    from blockft_jax import multihost, search
+    from blockft_jax import search
     if distributed:
         jax.distributed.initialize()  # TPU pods and SLURM find their peers themselves
     if not multihost.is_leader():  # one copy of the search's progress: process 0's
@@ -90,7 +91,6 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
 def leave_distributed() -> None:
     """Every process waits for the others, then disconnects: process 0 hosts the coordination
     service, and leaving while another process still talks to it aborts at exit."""
-    from blockft_jax import multihost
     if jax.process_count() > 1:
         multihost.barrier("search finished")
         jax.distributed.shutdown()

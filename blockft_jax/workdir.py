@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from blockft_jax import multihost
 from blockft_jax.errors import UserError
 
 RESULTS = "results.jsonl"
@@ -37,13 +38,13 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class Workdir:
-    """On several hosts every process runs the search and reads the workdir (which must be
-    shared storage, e.g. a gcsfuse or NFS mount); only process 0 writes to it."""
+    """On several hosts every process runs the search (the workdir must be shared storage,
+    e.g. a gcsfuse or NFS mount); only process 0 reads its decisions and writes to it, and the
+    others get its answers by broadcast (`multihost`)."""
 
     def __init__(self, path: str | os.PathLike):
-        import jax
         self.path = Path(path)
-        self.writer = jax.process_index() == 0
+        self.writer = multihost.is_leader()
         self._lock_file = None
 
     # -- ownership -----------------------------------------------------------------------------
@@ -81,8 +82,6 @@ class Workdir:
         results is refused, or with `start_over` the earlier contents are moved to
         archive/<time>/ (never deleted); other differences (RESUME_NEUTRAL) resume. Decided on
         process 0, which alone writes."""
-        from blockft_jax import multihost
-
         def decide() -> dict:
             stored = self.path / CONFIG
             if not stored.exists():
