@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -122,14 +123,18 @@ def load_model(path) -> tuple[dict, dict]:
 
 
 class CohortCheckpoint(_EpochCheckpoints):
-    """A cohort's runs (`cohort.Cohort`), saved together after an epoch: the cohort state (the
-    frozen variables once, every run's live state) with each run's history and the variables of
-    its best epoch so far. current.json names the runs; a rerun resumes them only as the same
-    cohort (the search forms its cohorts in plan order with a fixed size, so it does)."""
+    """A cohort's runs (`cohort.Cohort`), saved together after an epoch: every run's live state
+    (its trained layers, their optimizer state, its step) with its history and the live layers
+    of its best epoch so far. The frozen variables are not saved: they are the search's
+    starting weights, never changed by training, and a rerun loads them again (so a checkpoint
+    costs the live layers, never a copy of the whole model per run). current.json names the
+    runs; a rerun resumes them only as the same cohort (the search forms its cohorts in plan
+    order with a fixed size, so it does)."""
 
-    def __init__(self, path: Path, keys: list[tuple[str, int]]):
+    def __init__(self, path: Path, keys: list[tuple[str, int]], cohort):
         super().__init__(path)
         self.keys = [list(k) for k in keys]
+        self.cohort = cohort
 
     def _saved_epoch(self) -> dict | None:
         if not self.meta_path.exists():
@@ -143,33 +148,48 @@ class CohortCheckpoint(_EpochCheckpoints):
         epoch = epochs[-1]
         histories = [[h for h in history if h["epoch"] <= epoch]
                      for history in meta["histories"]]
-        best = [i for i, h in enumerate(histories) if any(map(train.finite, h))]
+        best = [i for i, h in enumerate(histories) if train.best_record(h) is not None]
         return {"epoch": epoch, "histories": histories, "best": best}
 
-    def restore(self, cohort, make_template, like_variables) -> list[dict] | None:
+    def restore(self, make_template) -> list[dict] | None:
         """Per run, what `cohort.fit_cohort` resumes from ({'state', 'start_epoch', 'history',
-        'best_variables'}), or None when there is nothing to resume. `make_template()` gives
-        a CohortState shaped like the saved one (built only when there is one)."""
+        'best_variables'}), or None when there is nothing to resume. `make_template()` gives a
+        CohortState of the same runs (built only when there is a checkpoint; its frozen
+        variables are the ones the runs resume with)."""
         saved = multihost.broadcast_json(self._saved_epoch)
         if saved is None:
             return None
         template_state = make_template()
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-        target = {"shared": abstract(template_state.shared),
-                  "runs": abstract(template_state.runs),
-                  "best": {str(i): abstract(like_variables) for i in saved["best"]}}
+        live_like = {"params": template_state.runs["params"],
+                     "batch_stats": template_state.runs["batch_stats"]}
+        one_run = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), live_like)
+        target = {"runs": abstract(template_state.runs),
+                  "best": {str(i): one_run for i in saved["best"]}}
         restored = self.ckptr.restore(self.path / f"epoch{saved['epoch']}", target)
-        state = type(template_state)(*(jax.device_put(restored[k], s) for k, s in (
-            ("shared", jax.tree.leaves(template_state.shared)[0].sharding),
-            ("runs", jax.tree.leaves(template_state.runs)[0].sharding))))
+        state = type(template_state)(template_state.shared, jax.device_put(
+            restored["runs"], self.cohort.replicated))
         log.info("Resuming a cohort of %d runs after epoch %d", len(self.keys), saved["epoch"])
-        best = {int(i): jax.device_get(v) for i, v in restored["best"].items()}
-        return [{"state": cohort.run_state(state, i), "start_epoch": saved["epoch"],
+        shared = jax.device_get(template_state.shared)
+        best = {int(i): self.cohort.whole(shared, jax.device_get(live))
+                for i, live in restored["best"].items()}
+        return [{"state": self.cohort.run_state(state, i), "start_epoch": saved["epoch"],
                  "history": history, "best_variables": best.get(i)}
                 for i, history in enumerate(saved["histories"])]
 
     def save(self, state, histories: list[list[dict]], epoch: int, best_variables) -> None:
-        best = {str(i): b for i, b in enumerate(best_variables) if b is not None}
+        """The cohort's live state after `epoch` epochs, with each run's `histories` and the
+        live layers of its `best_variables` (host copies, as fit_cohort keeps them)."""
+        best = {str(i): self.cohort.live_variables(b) for i, b in enumerate(best_variables)
+                if b is not None}
         self._write({"cohort": self.keys, "epoch": epoch, "histories": histories}, epoch,
-                    {"shared": state.shared, "runs": state.runs, "best": best})
+                    {"runs": state.runs, "best": best})
 
+
+def cohort_checkpoint_bytes(cohort, variables) -> int:
+    """Bytes of array data one CohortCheckpoint of `cohort` writes, from shapes alone: every
+    run's live state (CohortState.runs) and every run's best live layers."""
+    nbytes = lambda tree: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                              for x in jax.tree.leaves(tree))
+    best = cohort.live_variables(variables)
+    return nbytes(cohort.abstract_runs(variables)) + cohort.size * nbytes(best)

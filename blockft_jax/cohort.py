@@ -126,13 +126,13 @@ class Cohort:
                 "opt_state": state["opt_state"], "step": state["step"]}
 
     @staticmethod
-    def _whole(shared, run) -> dict:
+    def whole(shared, run) -> dict:
         """{'params', 'batch_stats'} of one run: the shared frozen layers and its live ones."""
         return {"params": {**shared["params"], **run["params"]},
                 "batch_stats": {**shared["batch_stats"], **run["batch_stats"]}}
 
     def _engine_state(self, shared, run) -> dict:
-        return {**self._whole(shared, run), "opt_state": run["opt_state"], "step": run["step"]}
+        return {**self.whole(shared, run), "opt_state": run["opt_state"], "step": run["step"]}
 
     def _live_inputs(self, mask, bn_modes):
         """Only the live entries of a mask and BN modes: the step reads no others."""
@@ -184,7 +184,7 @@ class Cohort:
     def _eval_fn(self, shared, live, images, labels, weights):
         # Evaluation has no order to shuffle: every run sees the same batch.
         def one(shared, live, images, labels, weights):
-            return self.engine._eval_step(self._whole(shared, live), images, labels, weights)
+            return self.engine._eval_step(self.whole(shared, live), images, labels, weights)
 
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
             None, 0, None, None, None))(shared, live, images, labels, weights))
@@ -192,7 +192,7 @@ class Cohort:
     def _eval_gathered_fn(self, shared, live, split_images, split_labels, order, weights,
                           index):
         def one(shared, live, split_images, split_labels, order, weights, index):
-            return self.engine._eval_step_gathered(self._whole(shared, live), split_images,
+            return self.engine._eval_step_gathered(self.whole(shared, live), split_images,
                                                    split_labels, order, weights, index)
 
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
@@ -205,7 +205,14 @@ class Cohort:
 
     # -- building, stacking and taking apart cohort states -------------------------------------
 
-    def _live_variables(self, variables) -> dict:
+    def abstract_runs(self, variables) -> dict:
+        """Shapes and dtypes of the runs' part of a cohort state for `variables` (nothing is
+        computed): every run's live params and BN statistics, optimizer state and step."""
+        stacked = lambda x: jax.ShapeDtypeStruct((self.size, *x.shape), x.dtype)
+        return jax.eval_shape(self._init_runs_fn,
+                              jax.tree.map(stacked, self.live_variables(variables)))
+
+    def live_variables(self, variables) -> dict:
         live = self.engine._live
         return {"params": live(variables["params"]),
                 "batch_stats": live(variables.get("batch_stats", {}))}
@@ -245,7 +252,7 @@ class Cohort:
         fetched = {}  # runs that start from the same variables fetch them once
         for s in starts:
             if id(s) not in fetched:
-                fetched[id(s)] = host(self._live_variables(variables if s is None else s))
+                fetched[id(s)] = host(self.live_variables(variables if s is None else s))
         live = [fetched[id(s)] for s in starts]
         stack = lambda *xs: np.stack(xs)
         runs = self._init_runs(e.place(jax.tree.map(stack, *live)))
@@ -267,7 +274,7 @@ class Cohort:
         entries are one host copy, shared by all runs)."""
         shared, live = jax.device_get((state.shared, {"params": state.runs["params"],
                                                       "batch_stats": state.runs["batch_stats"]}))
-        return [self._whole(shared, jax.tree.map(lambda x: np.array(x[i]), live))
+        return [self.whole(shared, jax.tree.map(lambda x: np.array(x[i]), live))
                 for i in range(self.size)]
 
     def stack_inputs(self, runs: Sequence[Run]) -> tuple[dict, dict, jax.Array]:
@@ -299,8 +306,8 @@ class Cohort:
         if e.cached:
             images = jax.eval_shape(e._prefix, variables, images)
         shared = jax.tree.map(lambda x: like(x, repl), self.shared_part(variables))
-        live = jax.tree.map(stacked, self._live_variables(variables))
-        runs = jax.tree.map(lambda x: like(x, repl), jax.eval_shape(self._init_runs_fn, live))
+        live = jax.tree.map(stacked, self.live_variables(variables))
+        runs = jax.tree.map(lambda x: like(x, repl), self.abstract_runs(variables))
         evaluated = {"params": runs["params"], "batch_stats": runs["batch_stats"]}
         masks, bns = jax.tree.map(lambda x: stacked(jnp.asarray(x)),
                                   self._live_inputs(mask, bn_modes))
@@ -553,12 +560,13 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
     start_epochs = [r.get("start_epoch", 0) for r in resumes]
     histories = [list(r.get("history") or []) for r in resumes]
     best_variables = [r.get("best_variables") for r in resumes]
-    best = [max(h, key=lambda h: h["val_accuracy"], default=None) for h in histories]
+    best = [train.best_record(h) for h in histories]
     for i in range(n):
         if best[i] is not None and best_variables[i] is None:
             raise ValueError(f"Run {i} resumes after a best epoch but has no best_variables.")
     predictions = [None] * n
-    status = ["ok"] * n
+    # A run that diverged before an interruption is finished: it stays diverged.
+    status = ["diverged" if train.diverged(h) else "ok" for h in histories]
     started = time.perf_counter()
     finished = [None] * n
     for epoch in range(min(start_epochs, default=epochs), epochs):
@@ -568,16 +576,16 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
         state, train_losses, train_accuracies, steps = train_epoch(
             cohort, state, masks, bn_modes, train_split, batch_size, seeds, epoch, rngs, active)
         val = evaluate(cohort, state, validation, batch_size)
-        records, improved = {}, []
+        improved = []
         for i in (i for i in range(n) if active[i]):
             record = {"epoch": epoch + 1, "train_loss": train_losses[i],
                       "train_accuracy": train_accuracies[i],
                       "val_accuracy": val[i]["accuracy"], "val_loss": val[i]["loss"],
                       "step": steps[i]}
-            records[i] = record
-            if not math.isfinite(train_losses[i]) or not math.isfinite(val[i]["loss"]):
+            histories[i].append(record)
+            if not train.finite(record):
                 status[i], finished[i] = "diverged", time.perf_counter() - started
-            elif best[i] is None or record["val_accuracy"] > best[i]["val_accuracy"]:
+            elif train.best_record(histories[i]) is record:
                 improved.append(i)
         if improved:
             # The test split is measured once, at the end, from each run's best variables:
@@ -586,9 +594,7 @@ def fit_cohort(cohort: Cohort, variables, runs: Sequence[Run | tuple],
             host = cohort.host_variables(state)
             for i in improved:
                 predictions[i] = {"validation": val[i]["predicted"], "test": None}
-                best[i], best_variables[i] = records[i], host[i]
-        for i, record in records.items():
-            histories[i].append(record)
+                best[i], best_variables[i] = histories[i][-1], host[i]
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, state, histories, best_variables)
     total = time.perf_counter() - started

@@ -211,13 +211,9 @@ class Search:
         engine, splits, cohort = self.ready(from_unit)
         starts = [self.start_variables(seed) for _, seed in runs]
         ckpt = CohortCheckpoint(self.wd.path / "checkpoints" / "current",
-                                [(g.candidate, seed) for g, seed in runs])
-        template = lambda: cohort.init(self.variables,
-                                       starts + [starts[0]] * (cohort.size - len(runs)))
-        resumes = ckpt.restore(cohort, template, self.variables) or [None] * len(runs)
-        for resume in resumes:  # a run that diverged before the interruption stays finished
-            if resume and not all(map(train.finite, resume["history"])):
-                resume["start_epoch"] = c.train.epochs
+                                [(g.candidate, seed) for g, seed in runs], cohort)
+        resumes = ckpt.restore(lambda: cohort.init(self.variables, starts + [starts[0]] * (
+            cohort.size - len(runs)))) or [None] * len(runs)
         members = [cohort_lib.Run(*self.candidate_inputs(g), seed, resume=resume,
                                   variables=start)
                    for (g, seed), resume, start in zip(runs, resumes, starts)]
@@ -245,15 +241,13 @@ class Search:
 
     def row(self, group: Group, seed: int, result: train.FitResult) -> dict:
         """The results.jsonl row of a finished run."""
-        # A run that diverged before an interruption resumes with that history, inactive.
-        diverged = result.status == "diverged" or not all(map(train.finite, result.history))
         return {"strategy": group.strategy, "candidate": group.candidate,
                 "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
                 "epochs": result.epochs, "best_epoch": result.best_epoch,
                 "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                 "final_val_accuracy": result.final_val_accuracy, "val_loss": result.val_loss,
                 "train_seconds": round(result.train_seconds, 3), "steps": result.steps,
-                "status": "diverged" if diverged else "ok"}
+                "status": result.status}
 
     def start_variables(self, seed: int) -> dict:
         """The pretrained backbone with a head drawn from `seed`: seeds differ in their head

@@ -443,6 +443,22 @@ def finite(record: dict) -> bool:
     return math.isfinite(record["train_loss"]) and math.isfinite(record["val_loss"])
 
 
+def best_record(history: list[dict]) -> dict | None:
+    """The one rule for a run's best epoch, used by training, resume and checkpoints alike:
+    the highest validation accuracy among its finite epochs, the first of equal ones; None
+    when no epoch is finite (a run that diverged in its first epoch has no best epoch)."""
+    best = None
+    for record in history:
+        if finite(record) and (best is None or record["val_accuracy"] > best["val_accuracy"]):
+            best = record
+    return best
+
+
+def diverged(history: list[dict]) -> bool:
+    """Whether a run's history holds the epoch it diverged in (its last: it stopped there)."""
+    return any(not finite(record) for record in history)
+
+
 @dataclasses.dataclass
 class FitResult:
     status: str                    # 'ok' or 'diverged'
@@ -545,12 +561,13 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | Devic
     state = engine.init_state(variables) if state is None else state
     history = list(history or [])
     rng = jax.random.key(seed)
-    best = max(history, key=lambda h: h["val_accuracy"], default=None)
+    best = best_record(history)
     if best is not None and best_variables is None:
         raise ValueError("Resuming after a best epoch needs its variables (best_variables).")
     predictions = None
-    status, started = "ok", time.perf_counter()
-    for epoch in range(start_epoch, epochs):
+    # A run that diverged before an interruption is finished: it stays diverged.
+    status, started = "diverged" if diverged(history) else "ok", time.perf_counter()
+    for epoch in range(start_epoch, epochs if status == "ok" else start_epoch):
         state, train_loss, train_accuracy = train_epoch(engine, state, mask, bn_modes, train,
                                                         batch_size, seed, epoch, rng)
         current = {"params": state["params"], "batch_stats": state["batch_stats"]}
@@ -559,17 +576,17 @@ def fit(engine: Engine, variables, mask, bn_modes, train: data_lib.Split | Devic
                   "train_accuracy": train_accuracy,
                   "val_accuracy": val["accuracy"], "val_loss": val["loss"],
                   "step": int(jax.device_get(state["step"]))}
-        if not math.isfinite(train_loss) or not math.isfinite(val["loss"]):
+        history.append(record)
+        if not finite(record):
             status = "diverged"
-            history.append(record)
-            break
-        if best is None or record["val_accuracy"] > best["val_accuracy"]:
+        elif best_record(history) is record:
             predictions = {"validation": val["predicted"], "test": None}
             best = record
             best_variables = jax.device_get(current)
-        history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, state, history, best_variables)
+        if status == "diverged":
+            break
     if best_variables is not None and (predictions is None or test is not None):
         # The test split is measured once, from the best epoch's variables: the numbers that
         # epoch gives (the same compiled step over the same batches), without a test pass at

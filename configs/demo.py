@@ -30,10 +30,6 @@ def get_config():
     # came out distinguishable (full 0.484 / 0.610), with 4 they do. Cohorts make seeds cheap.
     config.train.seeds = 4
     config.train.learning_rate = 3e-3
-    # A demo candidate trains in about a second, less than an orbax save of its state takes
-    # (measured 0.3-1 s): checkpoint at most every 20 s. An interrupted candidate restarts
-    # from its last checkpoint or its start, with the same result.
-    config.train.checkpoint_seconds = 20.0
 
     config.search.max_layers = 8
     config.search.topk = (2, 3, 4)

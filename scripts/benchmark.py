@@ -6,6 +6,7 @@
   python scripts/benchmark.py --all ...    # every row of ROWS, every framework, markdown table
   python scripts/benchmark.py --input-check --mock-data --no-cache ...   # input pipeline check
   python scripts/benchmark.py --search [--keras-runs N]   # the demo search: cohorts vs one at a time vs Keras
+  python scripts/benchmark.py --checkpoints   # the demo search's checkpoint cost; checkpoint sizes
 
 The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
 with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
@@ -51,6 +52,11 @@ hand-written Keras loop (`scripts/keras_search_loop.py`, Keras on TensorFlow: pe
 cache) before any timing. Per search: wall seconds of the command, and its training seconds
 (the fits, from `runs.jsonl`); ratios against one at a time and against the Keras loop.
 `--keras-runs N` times only the first N Keras runs and extrapolates (labelled as such).
+
+`--checkpoints` times the same search (`--search-config`) with a checkpoint after every epoch
+(`train.checkpoint_seconds=0`), at the default spacing and with none, one after the other with
+one filled compilation cache, and prints the cost of each against none; then the bytes one
+checkpoint of a cohort of 8 writes for the demo, MobileNetV2 and VGG16 at 224 px (from shapes).
 """
 from __future__ import annotations
 
@@ -587,10 +593,8 @@ def timed_search(args, workdir: str, cache: str, extra: list[str]) -> dict:
             "winner": f"{winner['candidate']} {winner['val_accuracy']['mean']:.3f}"}
 
 
-def search_benchmark(args) -> None:
-    import tempfile
-    scratch = tempfile.mkdtemp(prefix="blockft_search_bench_")
-    # The demo backbone, pretrained once and cached, before anything is timed.
+def warm_up(args, scratch: str) -> None:
+    """The demo backbone, pretrained once and cached, before anything is timed."""
     warm = subprocess.run([sys.executable, "-m", "blockft_jax.main", "--config",
                            args.search_config, "--workdir", os.path.join(scratch, "warm"),
                            *args.search_override, "--config.train.epochs=1",
@@ -598,6 +602,12 @@ def search_benchmark(args) -> None:
                           capture_output=True, text=True)
     if warm.returncode != 0:
         raise SystemExit(f"warm-up failed:\n{warm.stderr[-3000:]}")
+
+
+def search_benchmark(args) -> None:
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix="blockft_search_bench_")
+    warm_up(args, scratch)
     settings = {"one at a time": ["--config.search.parallel=1"], "cohorts (default)": []}
     rows = {}
     for cache_state in args.cache_states.split(","):
@@ -643,6 +653,79 @@ def search_benchmark(args) -> None:
     print(f"keras_loop_ratio={keras_runs_s / cohorts['wall_s']:.1f}")
 
 
+# --- checkpoints -----------------------------------------------------------------------------
+
+# (config file, overrides) whose cohort checkpoints are sized: the demo, and two models at 224 px.
+CHECKPOINT_MODELS = (("configs/demo.py", {}), ("configs/mobilenet_v2.py", {}),
+                     ("configs/vgg16.py", {}))
+CHECKPOINT_SPACINGS = (("none", 1e9), ("default", None), ("every epoch", 0.0))
+
+
+def checkpoint_bytes_table(cohort_size: int) -> list[str]:
+    """Bytes one checkpoint of a cohort of `cohort_size` runs writes, per engine of each
+    CHECKPOINT_MODELS search (from shapes: nothing is trained), against the layout that stored
+    the frozen variables once and each run's best variables whole."""
+    import importlib
+
+    from blockft_jax import checkpoint, models, plan, train
+    from blockft_jax import cohort as cohort_lib
+
+    nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize
+                              for x in __import__("jax").tree.leaves(tree))
+    lines = [f"| search | engine (runs from unit) | live layers | checkpoint of {cohort_size} runs |"
+             f" before (frozen once + best whole) |", "|---|---|---:|---:|---:|"]
+    for path, overrides in CHECKPOINT_MODELS:
+        sys.path.insert(0, ROOT)
+        config = importlib.import_module(path[:-3].replace("/", ".")).get_config()
+        module = plan.build_module(config, num_classes=5)
+        shape = (config.model.input_size,) * 2 + (3,)
+        table = models.layer_table(module, shape)
+        variables = models.variable_shapes(module, shape)
+        search_plan = plan.make_plan(config, table, module.unit_names()[0])
+        tx = train.make_optimizer(config.train, 100)
+        for unit in sorted(search_plan.from_units, key=lambda u: u == search_plan.first_unit):
+            engine = train.Engine(module, tx, unit, train.data_mesh(), table=table)
+            cohort = cohort_lib.Cohort(engine, cohort_size)
+            now = checkpoint.cohort_checkpoint_bytes(cohort, variables)
+            before = (nbytes(cohort.abstract_runs(variables)) +
+                      nbytes(cohort.shared_part(variables)) + cohort_size * nbytes(variables))
+            who = "full" if unit == search_plan.first_unit else "every candidate but full"
+            lines.append(f"| {path} ({config.model.name}, {config.model.input_size} px) | "
+                         f"{who} ({unit}) | {len(engine.live)} | {now / 2**20:,.1f} MB | "
+                         f"{before / 2**20:,.1f} MB |")
+    return lines
+
+
+def checkpoint_benchmark(args) -> None:
+    """The search of --search-config with a checkpoint after every epoch, at the default
+    spacing and never, one after the other with the same (filled) compilation cache; then the
+    bytes a checkpoint writes."""
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix="blockft_checkpoint_bench_")
+    warm_up(args, scratch)
+    cache = os.path.join(scratch, "cache")
+    timed_search(args, os.path.join(scratch, "fill-cache"), cache, [])  # compiles, untimed
+    rows = {}
+    for name, seconds in CHECKPOINT_SPACINGS:
+        extra = [] if seconds is None else [f"--config.train.checkpoint_seconds={seconds}"]
+        rows[name] = timed_search(args, os.path.join(scratch, name.replace(" ", "-")), cache,
+                                  extra)
+        print(f"checkpoints {name}: {rows[name]}", file=sys.stderr, flush=True)
+    none = rows["none"]
+    print(f"## Checkpoints: the search of {args.search_config} {' '.join(args.search_override)}"
+          f", one command, filled compilation cache\n")
+    print("| checkpoints | wall s | training s | cost vs none (wall) | winner |")
+    print("|---|---:|---:|---:|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['wall_s']:.1f} | {r['training_s']:.1f} | "
+              f"{100 * (r['wall_s'] / none['wall_s'] - 1):+.1f}% | {r['winner']} |")
+    print()
+    print("\n".join(checkpoint_bytes_table(8)))
+    for name, r in rows.items():
+        print(f"checkpoint_cost_{name.replace(' ', '_')}="
+              f"{100 * (r['wall_s'] / none['wall_s'] - 1):.1f}%")
+
+
 def _keras_runs_seconds(stdout: str, extrapolated: bool) -> float:
     """The Keras loop's run seconds from its output (the extrapolated total with --runs)."""
     import re
@@ -684,6 +767,9 @@ def main(argv=None):
     parser.add_argument("--search", action="store_true",
                         help="the demo search: default (cohorts) vs --config.search.parallel=1 "
                              "vs a hand-written Keras loop")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="the demo search with checkpoints every epoch, at the default "
+                             "spacing and never; the bytes a checkpoint writes")
     parser.add_argument("--keras-runs", type=int, default=None,
                         help="with --search: time only the first N Keras runs, extrapolate")
     parser.add_argument("--search-config", default="configs/demo.py",
@@ -716,6 +802,8 @@ def main(argv=None):
 
     if args.search:
         return search_benchmark(args)
+    if args.checkpoints:
+        return checkpoint_benchmark(args)
 
     if args.input_check:
         if args.model not in models.MODEL_NAMES:
