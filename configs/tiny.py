@@ -19,6 +19,8 @@ def get_config():
     config.train.epochs = 2
     config.train.seeds = 1
     config.train.learning_rate = 1e-3
+    # Tests interrupt searches right after a checkpoint: one after every epoch.
+    config.train.checkpoint_seconds = 0.0
 
     config.search.max_layers = 3
     config.search.topk = (2,)
