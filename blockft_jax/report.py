@@ -96,7 +96,6 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
     searched = {k: v for k, v in summary["strategies"].items()
                 if k not in ("classifier_only", "full")}
     comparisons = summary.get("comparisons") or []
@@ -124,7 +123,7 @@ def plot(summary: dict, path: Path) -> None:
             if base in summary["strategies"]:
                 ax.axhline(summary["strategies"][base]["selected"]["val_accuracy"]["mean"],
                            linestyle=style, color="grey", label=LABELS[base])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths and k are counts
+        ax.set_xticks(sorted(set(x)))  # depths and k count layers: ticks where candidates are
         ax.set_title(LABELS[strategy])
         ax.set_xlabel("k (layers)" if strategy == "topk" else "depth below the output (layers)")
         ax.grid(alpha=0.3)
