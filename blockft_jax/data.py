@@ -477,7 +477,7 @@ def check_tfds_name(name: str) -> str:
     close = difflib.get_close_matches(parsed.name, tfds.list_builders(
         with_community_datasets=False), n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise DataError(f"data.name={name!r}: TFDS has no such dataset.{hint} Any TFDS "
+    raise DataError(f"Unknown dataset {name!r}: TFDS has no such dataset.{hint} Any TFDS "
                     "image-classification dataset works (e.g. tf_flowers, beans, cats_vs_dogs), "
                     "or image_folder (data.path: one subfolder per class) or digits.")
 
