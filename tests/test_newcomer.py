@@ -264,3 +264,22 @@ def test_adamw_is_adam_with_weight_decay():
     plain, _ = tx.update(grads, tx.init(params), params, mask=mask)
     assert not np.array_equal(plain["conv"]["kernel"], updates["adamw"]["conv"]["kernel"])
     assert np.array_equal(plain["conv"]["bias"], updates["adamw"]["conv"]["bias"])
+
+
+def test_an_unexpected_error_names_only_a_log_that_exists(tmp_path, monkeypatch, caplog):
+    """A bug in a dry run keeps its traceback; no log was written, so none is named."""
+    import logging
+
+    from blockft_jax import launch, plan
+    from configs import tiny
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(plan, "describe", broken)
+    with caplog.at_level(logging.INFO):
+        assert launch.run(tiny.get_config(), str(tmp_path / "wd"), dry_run_only=True) == 1
+    assert any(r.exc_info for r in caplog.records), "no traceback logged"
+    last = caplog.records[-1].getMessage()
+    assert "RuntimeError: a bug" in last and last.endswith("the traceback is above.")
+    assert not (tmp_path / "wd").exists()
