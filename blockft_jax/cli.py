@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import NoReturn
 
@@ -165,7 +166,7 @@ def load_config_file(path: str):
             return f"--config {path}: the file has no get_config() function."
         config = module.get_config(*([argument] if argument else []))
     except Exception as e:  # the file's own error: say where, in one line
-        line = next((f" (line {frame.lineno})" for frame in _frames(e)
+        line = next((f" (line {frame.lineno})" for frame in traceback.extract_tb(e.__traceback__)
                      if Path(frame.filename).resolve() == Path(file).resolve()), "")
         text = _first_line(e)
         if isinstance(e, SyntaxError) and e.lineno:
@@ -187,7 +188,7 @@ def has_key(config, key: str) -> bool:
 
 
 def config_keys(config, prefix: str = "") -> list[str]:
-    """Every key, dotted (`train.epochs`), in the config's order; sections too."""
+    """Every key, dotted (`train.epochs`), sorted within each section; sections too."""
     keys = []
     for name in config.keys():
         value = config[name]
@@ -240,11 +241,6 @@ def configs_importable(argv: list[str]) -> None:
     path = _config_argument(argv)
     if path:
         sys.path.insert(0, str(Path(path.partition(":")[0]).expanduser().absolute().parent.parent))
-
-
-def _frames(error: BaseException):
-    import traceback
-    return traceback.extract_tb(error.__traceback__)
 
 
 def _first_line(error: BaseException) -> str:

@@ -169,6 +169,7 @@ def copy_tree_atomic(source: Path, target: Path) -> None:
     partial = target.with_name(f".{target.name}.tmp{os.getpid()}")
     old = target.with_name(f".{target.name}.old{os.getpid()}")
     _remove(partial)
+    _remove(old)
     shutil.copytree(source, partial)
     if target.exists():
         os.replace(target, old)
