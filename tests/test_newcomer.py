@@ -234,6 +234,16 @@ def test_verbosity_brings_back_other_libraries_notices(checkout):
     assert quiet.returncode == loud.returncode == 0, (quiet.stderr, loud.stderr)
     assert quiet.stderr == "", quiet.stderr
     assert "Unable to initialize backend" in loud.stderr, loud.stderr
+    # TensorFlow (TFDS datasets' input pipeline) prints its C++ notices when it is imported.
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    importing = ("import os; from blockft_jax import cli; cli.setup_logging({}); "
+                 "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL')); import tensorflow")
+    tf_quiet, tf_loud = (subprocess.run([sys.executable, "-c", importing.format(verbosity)],
+                                        cwd=checkout, env=env, capture_output=True, text=True)
+                         for verbosity in ("", "0"))
+    assert tf_quiet.returncode == tf_loud.returncode == 0, (tf_quiet.stderr, tf_loud.stderr)
+    assert tf_quiet.stderr == "", tf_quiet.stderr
+    assert (tf_quiet.stdout, tf_loud.stdout) == ("1\n", "None\n")  # --verbosity: TF's default
 
 
 def test_adamw_is_accepted(checkout):
