@@ -718,7 +718,7 @@ def image_folder_classes(path) -> list[tuple[Path, list[Path]]]:
 
 
 def _closest_folder(path: Path) -> str:
-    """' (did you mean 'photos'?)' when a folder beside `path` has a similar name."""
+    """'; did you mean .../photos?' when a folder beside `path` has a similar name."""
     import difflib
     try:
         siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
