@@ -137,7 +137,9 @@ def load_dataset(name: str, *, image_size: int, data_dir: str | None = None,
     if "path" in options:
         options["path"] = _absolute(options["path"])
     loaded = loader(image_size=image_size, data_dir=_absolute(data_dir), **options)
-    return _assemble(loaded, name, fractions, seed, train_per_class)
+    dataset = _assemble(loaded, name, fractions, seed, train_per_class)
+    _log_found(loaded, dataset, options.get("path") or name, fractions, seed, train_per_class)
+    return dataset
 
 
 def load_from_config(config) -> Dataset:
@@ -146,24 +148,29 @@ def load_from_config(config) -> Dataset:
     (digits), splits, split_seed and train_per_class."""
     d = config.data
     get = lambda key: d.get(key) if hasattr(d, "get") else getattr(d, key, None)
-    name = d.name
-    kind = name if name in LOCAL_DATASETS else "tfds"
-    applies_to = {"path": "image_folder", "classes": "digits", "image_key": "tfds",
-                  "label_key": "tfds", "tfds_splits": "tfds"}
     options = {"train_per_class": get("train_per_class")}
-    ignored = []
-    for key, used_by in applies_to.items():
-        value = get(key)
-        if value is None:
-            continue
-        if used_by != kind:
-            ignored.append(f"data.{key}")
-        else:
-            options[key] = tuple(value) if key in ("classes", "tfds_splits") else value
-    if ignored:
-        log.warning("%s: not used by data.name=%r; ignored.", ", ".join(ignored), name)
-    return load_dataset(name, image_size=config.model.input_size, data_dir=get("data_dir"),
+    for key in _APPLIES_TO:
+        if get(key) is not None and key not in unused_keys(d):
+            options[key] = tuple(get(key)) if key in ("classes", "tfds_splits") else get(key)
+    if unused_keys(d):
+        log.warning("%s: not used by data.name=%r; ignored.", ", ".join(
+            f"data.{key}" for key in unused_keys(d)), d.name)
+    return load_dataset(d.name, image_size=config.model.input_size, data_dir=get("data_dir"),
                         splits=tuple(d.splits), seed=d.split_seed, **options)
+
+
+# The data keys that only some datasets use.
+_APPLIES_TO = {"path": "image_folder", "classes": "digits", "image_key": "tfds",
+               "label_key": "tfds", "tfds_splits": "tfds"}
+
+
+def unused_keys(data_config) -> list[str]:
+    """The keys of config.data that are set but that its data.name does not use."""
+    kind = data_config.name if data_config.name in LOCAL_DATASETS else "tfds"
+    get = lambda key: (data_config.get(key) if hasattr(data_config, "get")
+                       else getattr(data_config, key, None))
+    return [key for key, used_by in _APPLIES_TO.items()
+            if get(key) is not None and used_by != kind]
 
 
 def _absolute(path: str | None) -> str | None:
@@ -210,6 +217,30 @@ def _assemble(loaded: _Loaded, name: str, fractions, seed: int, train_per_class)
                             "in data.splits or use a larger dataset.")
     return Dataset(split["train"], split["validation"], split["test"], list(loaded.class_names),
                    name, list(loaded.skipped))
+
+
+def _log_found(loaded: _Loaded, dataset: Dataset, source: str, fractions, seed: int,
+               train_per_class) -> None:
+    """What a Keras user reads first: how many images in which classes, and the splits."""
+    found = sum(len(labels) for _, labels in loaded.parts.values())
+    names = dataset.class_names
+    shown = ", ".join(names) if len(names) <= 12 else f"{', '.join(names[:10])}, ... {names[-1]}"
+    skipped = f"; {len(loaded.skipped)} unreadable file(s) skipped" if loaded.skipped else ""
+    log.info("Found %s images in %d classes (%s) in %s%s", f"{found:,}", len(names), shown,
+             source, skipped)
+    own = [part for part in ("validation", "test") if part in loaded.parts]
+    carved = [part for part in ("validation", "test") if part not in own]
+    how = []
+    if own:
+        how.append(f"{' and '.join(own)}: the dataset's own")
+    if carved:
+        how.append(f"{' and '.join(carved)} carved from train, stratified by class "
+                   f"(data.splits {'/'.join(f'{f:g}' for f in fractions)}, "
+                   f"data.split_seed {seed})")
+    if train_per_class is not None:
+        how.append(f"train keeps {train_per_class} per class")
+    log.info("Splits: train %s, validation %s, test %s images; %s", f"{len(dataset.train):,}",
+             f"{len(dataset.validation):,}", f"{len(dataset.test):,}", "; ".join(how))
 
 
 def _carve(labels, fractions, seed, train_per_class, class_names):
@@ -337,25 +368,31 @@ def _chunks(iterable: Iterable, size: int) -> Iterator[list]:
 
 
 class _Progress:
-    """Logs 'what: done/total images (pct), rate' every 10% or every 30 seconds."""
+    """Logs 'what: done/total images (pct), rate' every 10% or every 30 seconds, once the work
+    has taken `quiet_seconds` (a small folder decodes in a blink: the line saying what was
+    found is enough), and one line when it ends."""
 
-    def __init__(self, what: str, total: int | None, every_seconds: float = 30.0):
-        self.what, self.total, self.every = what, total, every_seconds
+    def __init__(self, what: str, total: int | None, every_seconds: float = 30.0,
+                 quiet_seconds: float = 2.0):
+        self.what, self.total, self.every, self.quiet = what, total, every_seconds, quiet_seconds
         self.start = self.last_time = time.perf_counter()
-        self.last_tenth = 0
+        self.last_tenth, self.logged = 0, None
 
     def update(self, done: int) -> None:
         now = time.perf_counter()
         tenth = done * 10 // self.total if self.total else 0
+        if now - self.start < self.quiet:
+            return
         if tenth > self.last_tenth or now - self.last_time >= self.every:
             self.last_tenth, self.last_time = tenth, now
             self._log(done, now)
 
     def finish(self, done: int) -> None:
-        if not self.total or done * 10 // self.total == self.last_tenth:  # not yet logged
+        if self.logged != done:
             self._log(done, time.perf_counter())
 
     def _log(self, done: int, now: float) -> None:
+        self.logged = done
         rate = done / max(now - self.start, 1e-9)
         of = f"/{self.total:,} ({100 * done // self.total}%)" if self.total else ""
         log.info("%s: %s%s images decoded and resized, %.0f images/s", self.what,
@@ -414,6 +451,35 @@ def _import_tfds():
 def _one_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def check_tfds_name(name: str) -> str:
+    """The TFDS builder's name for `name` (e.g. 'cats_vs_dogs' for 'cats_vs_dogs:4.*.*'),
+    checked without TensorFlow, data or network; DataError with the closest names TFDS has when
+    it has no such dataset. Namespaced (community) names are left to TFDS itself."""
+    import difflib
+
+    from tensorflow_datasets.core import naming
+    from tensorflow_datasets.core.registered import DatasetNotFoundError
+    import tensorflow_datasets as tfds
+    try:
+        parsed, _ = naming.parse_builder_name_kwargs(name)
+    except Exception as e:  # TFDS's own parser: a malformed name
+        raise DataError(f"data.name={name!r} is not a dataset name TFDS can read "
+                        f"({_one_line(e, 120)}).") from None
+    if parsed.namespace:
+        return parsed.name
+    try:
+        tfds.builder_cls(parsed.name)
+        return parsed.name
+    except DatasetNotFoundError:
+        pass
+    close = difflib.get_close_matches(parsed.name, tfds.list_builders(
+        with_community_datasets=False), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise DataError(f"Unknown dataset {name!r}: TFDS has no such dataset.{hint} Any TFDS "
+                    "image-classification dataset works (e.g. tf_flowers, beans, cats_vs_dogs), "
+                    "or image_folder (data.path: one subfolder per class) or digits.")
 
 
 def _tfds_builder(tfds, name: str, data_dir: str):
@@ -628,16 +694,17 @@ def _tfds_on_disk(builder, splits) -> bool:
 
 # image_folder -------------------------------------------------------------------------------
 
-def _load_image_folder(*, image_size, data_dir, path: str | None = None) -> _Loaded:
-    """One subfolder per class (sorted names: Keras's order; hidden ones ignored), images
-    found recursively. Files that are not readable images are skipped with one warning."""
-    del data_dir  # the folder is `path`
-    if path is None:
-        raise DataError("image_folder needs data.path: a directory with one subfolder per "
-                        "class.")
+def image_folder_classes(path) -> list[tuple[Path, list[Path]]]:
+    """(class folder, its image files by suffix) for each class of an image folder: one
+    subfolder per class (sorted names: Keras's order; hidden ones ignored), images found
+    recursively. Nothing is decoded. Raises DataError when the layout is wrong; a class
+    without image files is listed with none (the loader says which classes lack images)."""
     root = Path(path)
     if not root.is_dir():
-        raise DataError(f"image_folder path {str(root)!r} is not a directory.")
+        what = "it is a file" if root.exists() else "it does not exist"
+        raise DataError(f"data.path={str(root)!r} is not a directory ({what}"
+                        f"{_closest_folder(root)}); point it at a directory with one subfolder "
+                        "per class (e.g. photos/cats/1.jpg, photos/dogs/2.jpg).")
     class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
                         key=lambda d: d.name)
     if not class_dirs:
@@ -646,9 +713,32 @@ def _load_image_folder(*, image_size, data_dir, path: str | None = None) -> _Loa
     if len(class_dirs) == 1:
         raise DataError(f"{str(root)!r} has only one class subfolder ({class_dirs[0].name!r}); "
                         "a classifier needs two or more: one subfolder per class.")
-    files, labels = [], []
-    for label, class_dir in enumerate(class_dirs):
-        found = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [(d, sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            for d in class_dirs]
+
+
+def _closest_folder(path: Path) -> str:
+    """'; did you mean .../photos?' when a folder beside `path` has a similar name."""
+    import difflib
+    try:
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+    return f"; did you mean {str(path.parent / close[0])!r}?" if close else ""
+
+
+def _load_image_folder(*, image_size, data_dir, path: str | None = None) -> _Loaded:
+    """An image folder (see image_folder_classes), decoded. Files that are not readable images
+    are skipped with one warning."""
+    del data_dir  # the folder is `path`
+    if path is None:
+        raise DataError("image_folder needs data.path: a directory with one subfolder per "
+                        "class.")
+    root = Path(path)
+    class_dirs, files, labels = [], [], []
+    for label, (class_dir, found) in enumerate(image_folder_classes(root)):
+        class_dirs.append(class_dir)
         files += found
         labels += [label] * len(found)
 

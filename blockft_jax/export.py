@@ -1,6 +1,6 @@
 """A saved model as a Keras 3 `.keras` file: Keras's own application model with these weights.
 
-    python -m blockft_jax.export --model runs/x/models/layerwise --out flowers.keras
+    python -m blockft_jax.export --model runs/x --out flowers.keras     # the search's winner
 
 The file holds the `keras.applications` backbone (built as Keras builds it, include_top=False,
 with the same width and options), global average pooling, dropout and a Dense layer `head`
@@ -11,7 +11,6 @@ optional extra: pip install -e '.[keras]'.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from flax import traverse_util
 
-from blockft_jax import models, predict
+from blockft_jax import cli, models, predict
 from blockft_jax.errors import UserError
 from blockft_jax.weights import ALIASES, KERAS_VARIABLES
 
@@ -151,7 +150,8 @@ def _preprocess_layer(keras_model_) -> str:
 
 
 def export(model_dir, out) -> Path:
-    """Writes the saved model `model_dir` (WORKDIR/models/<strategy>) to `out` (.keras)."""
+    """Writes the saved model `model_dir` (a workdir: its winner; or WORKDIR/models/<strategy>)
+    to `out` (.keras)."""
     out = Path(out).expanduser().absolute()
     if out.suffix != ".keras":
         raise ExportError(f"--out must end in .keras (Keras 3's model file), got {out.name!r}.")
@@ -164,12 +164,13 @@ def export(model_dir, out) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m blockft_jax.export",
         description="Write a saved model as a Keras 3 .keras file (raw RGB 0-255 in, "
                     "softmax probabilities out).")
     parser.add_argument("--model", required=True,
-                        help="a saved model: WORKDIR/models/<strategy> of a finished search")
+                        help="a search's workdir (its winner: WORKDIR/models/best) or a saved "
+                             "model's folder (WORKDIR/models/<strategy>)")
     parser.add_argument("--out", required=True, help="the .keras file to write")
     args = parser.parse_args(argv)
     try:
@@ -182,4 +183,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cli.setup_logging()
     sys.exit(main())

@@ -35,43 +35,47 @@ def resolve_paths(config) -> None:
         config.model.weights = absolute(config.model.weights)
 
 
-def dry_run(config) -> str:
-    """The plan of the search `config` describes, without data, weights or training."""
+def dry_run(config, inputs: list[str]) -> str:
+    """The plan of the search `config` describes (checked: `plan.check`), and what it reads,
+    without loading images or weights and without training."""
     from blockft_jax import models, plan
-    plan.validate(config)
     module = plan.build_module(config, num_classes=2)  # the head's size changes nothing here
     table = models.layer_table(module, (config.model.input_size, config.model.input_size, 3))
-    return plan.describe(config, plan.make_plan(config, table, module.unit_names()[0]), table)
+    described = plan.describe(config, plan.make_plan(config, table, module.unit_names()[0]), table)
+    return "\n".join([*inputs, described])
 
 
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,
         dry_run_only: bool = False) -> int:
     """Runs the search (or prints its plan); returns a process exit status."""
-    from blockft_jax import search
+    from blockft_jax import plan, search
     if distributed:
         jax.distributed.initialize()  # TPU pods and SLURM find their peers themselves
     if not multihost.is_leader():  # one copy of the search's progress: process 0's
-        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("blockft_jax").setLevel(logging.WARNING)
     workdir = Path(workdir).expanduser().absolute()
-    log_path = workdir / LOG_FILE
+    log_file = None
     try:
         resolve_paths(config)
+        # Every value and every input checked before the workdir is touched: a mistake leaves
+        # no trace there, and the rerun after fixing it starts as if it were the first.
+        inputs = plan.check(config)
         if dry_run_only:
-            print(dry_run(config))
+            print(dry_run(config, inputs))
             print(f"Results would go to {workdir}.")
             return 0
         if multihost.is_leader():
-            _log_to_file(log_path)
+            log_file = _log_to_file(workdir / LOG_FILE)
         _use_compilation_cache()
         log.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
-        log.info("Results go to %s (log: %s)", workdir, log_path)
+        log.info("Results go to %s (log: %s)", workdir, workdir / LOG_FILE)
         search.run(config, workdir, start_over=start_over)
         if distributed:
             leave_distributed()
     except UserError as e:
         log.debug("Traceback", exc_info=True)
-        log.error("error: %s", e)
+        log.error("error: %s", " ".join(str(e).split()))
         return 2
     except Exception as e:
         full = _disk_full(e)
@@ -82,9 +86,15 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
                       "the search resumes.", full)
             return 2
         log.exception("Unexpected error")
-        log.error("error: %s: %s. This is not a problem with your config or data; the "
-                  "traceback is above and in %s.", type(e).__name__, e, log_path)
+        where = (f"the traceback is above and in {log_file.baseFilename}" if log_file
+                 else "the traceback is above")
+        log.error("error: %s: %s. This looks like a bug or a machine problem, not a mistake in "
+                  "your config or data; %s.", type(e).__name__, e, where)
         return 1
+    finally:
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
     return 0
 
 
@@ -107,11 +117,12 @@ def _disk_full(error: BaseException) -> str | None:
     return None
 
 
-def _log_to_file(path: Path) -> None:
+def _log_to_file(path: Path) -> logging.FileHandler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    return handler
 
 
 def _use_compilation_cache() -> None:

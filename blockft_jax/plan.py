@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import jax
@@ -18,6 +19,8 @@ from blockft_jax.groups import Group
 
 # model.weights values that are not files.
 WEIGHT_SOURCES = ("imagenet", "random", "demo")
+# 'adamw' is 'adam': with train.weight_decay > 0 both decay weights decoupled, as AdamW does.
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 class ConfigError(UserError, ValueError):
@@ -50,7 +53,7 @@ def validate(config) -> None:
     number(m.width, "model.width", 0, low_open=True)
     positive_int(m.input_size, "model.input_size")
     need(m.input_size >= 32, f"model.input_size={m.input_size}: the backbones need >= 32.")
-    need(m.weights in WEIGHT_SOURCES or Path(m.weights).exists(),
+    need(isinstance(m.weights, str) and (m.weights in WEIGHT_SOURCES or Path(m.weights).exists()),
          f"model.weights={m.weights!r}: no such file. Use {', '.join(map(repr, WEIGHT_SOURCES))}"
          f" or a path to a Keras .h5/.weights.h5 file or a converted .msgpack.")
     number(m.dropout_rate, "model.dropout_rate", 0, 0.99)
@@ -83,7 +86,8 @@ def validate(config) -> None:
 
     positive_int(t.epochs, "train.epochs")
     positive_int(t.seeds, "train.seeds")
-    need(t.optimizer in ("adam", "sgd"), f"train.optimizer={t.optimizer!r}: use 'adam' or 'sgd'.")
+    need(t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r}: use "
+                                    f"{', '.join(map(repr, OPTIMIZERS))}.")
     number(t.learning_rate, "train.learning_rate", 0, low_open=True)
     number(t.momentum, "train.momentum", 0, 1)
     number(t.weight_decay, "train.weight_decay", 0)
@@ -125,6 +129,50 @@ def validate(config) -> None:
         positive_int(config.demo.pretrain_epochs, "demo.pretrain_epochs")
         number(config.demo.pretrain_learning_rate, "demo.pretrain_learning_rate", 0,
                low_open=True)
+
+
+def check(config) -> list[str]:
+    """Every value of the config (`validate`) and what it reads (`check_inputs`), before any
+    work; returns the inputs' lines for --dry_run."""
+    validate(config)
+    return check_inputs(config)
+
+
+def check_inputs(config) -> list[str]:
+    """What the search will read, checked without loading images or weights: the image folder
+    (its classes and their image files), the TFDS dataset's name, the weights file. Returns the
+    lines --dry_run prints; raises a UserError saying what to fix."""
+    from blockft_jax import data
+    d, m = config.data, config.model
+    if d.name == "image_folder":
+        classes = data.image_folder_classes(d.path)
+        empty = [str(folder) for folder, files in classes if not files]
+        if empty:
+            raise data.DataError(f"Class folder(s) {', '.join(empty)} have no image files "
+                                 f"({'/'.join(sorted(x[1:] for x in data.IMAGE_SUFFIXES))}); "
+                                 "add images to them or remove them.")
+        files = sum(len(f) for _, f in classes)
+        counts = ", ".join(f"{folder.name} ({len(f):,})" for folder, f in classes)
+        lines = [f"Data: image folder {d.path}: {len(classes)} classes, {files:,} image files "
+                 f"(decoded on the first run): {counts}."]
+    elif d.name == "digits":
+        lines = [f"Data: scikit-learn's digits {tuple(d.classes or range(10))} (bundled)."]
+    else:
+        builder = data.check_tfds_name(d.name)
+        data_dir = d.data_dir or os.environ.get("TFDS_DATA_DIR") or str(
+            Path("~/tensorflow_datasets").expanduser())
+        where = (f"in {data_dir}" if "://" in data_dir else
+                 f"found in {data_dir}" if (Path(data_dir) / builder).is_dir() else
+                 f"not in {data_dir} yet: downloaded there on the first run")
+        lines = [f"Data: TFDS dataset {d.name} ({where})."]
+    lines += [f"Note: data.{key} is set but data.name={d.name!r} does not use it."
+              for key in data.unused_keys(d)]
+    lines.append("Weights: " + {
+        "imagenet": f"Keras's ImageNet file for {m.name} (downloaded once, then cached).",
+        "random": "random initialisation (nothing pretrained).",
+        "demo": "the demo backbone (pretrained on digits 0-4 once, then cached)."}.get(
+            m.weights, f"{m.weights}."))
+    return lines
 
 
 def build_module(config, num_classes: int | None):

@@ -1,21 +1,22 @@
 """Classify images with a model a search saved.
 
-    python -m blockft_jax.predict --model runs/x/models/layerwise photos/ cat.jpg > labels.csv
+    python -m blockft_jax.predict --model runs/x photos/ cat.jpg > labels.csv
 
 prints CSV: `path,class,probability` (the top class), plus `class_2,probability_2,...` with
-`--top K`. Folders are searched recursively for jpg/jpeg/png/bmp/gif files. Images are decoded
-and resized exactly as the training images were (`data.read_image`) and preprocessed as the
-model expects. An unreadable image is named on stderr and skipped; the exit status is 0 when
-at least one image was classified, 2 otherwise (with one line saying why).
+`--top K`. `--model` takes a search's workdir (its winner, WORKDIR/models/best) or a saved
+model's folder (WORKDIR/models/<strategy>). Folders are searched recursively for
+jpg/jpeg/png/bmp/gif files. Images are decoded and resized exactly as the training images were
+(`data.read_image`) and preprocessed as the model expects. An unreadable image is named on
+stderr and skipped; the exit status is 0 when at least one image was classified, 2 otherwise
+(with one line saying why).
 
 From Python:
 
-    model = predict.load("runs/x/models/layerwise")
+    model = predict.load("runs/x")                 # or "runs/x/models/layerwise"
     probabilities = model.probabilities(images)   # uint8 (N, size, size, 3) RGB -> (N, classes)
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import dataclasses
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockft_jax import checkpoint, data, models
+from blockft_jax import checkpoint, cli, data, models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,29 @@ def _probabilities(module, preprocessing, variables, images):
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
+def model_path(path) -> Path:
+    """The saved model `path` names: a saved model's directory itself (WORKDIR/models/best,
+    WORKDIR/models/<strategy>), or a search's workdir, meaning its winner (models/best).
+    FileNotFoundError naming the saved models there when it names none."""
+    path = Path(path)
+    if (path / checkpoint.MODEL_META).exists():
+        return path
+    if (path / "models" / "best" / checkpoint.MODEL_META).exists():
+        return path / "models" / "best"
+    folder = path / "models" if (path / "models").is_dir() else path
+    saved = sorted(str(p.parent) for p in folder.glob(f"*/{checkpoint.MODEL_META}"))
+    if saved:
+        raise FileNotFoundError(f"{path} is not a saved model (no {checkpoint.MODEL_META}) and "
+                                f"has no models/best; pass one of: {', '.join(saved)}.")
+    raise FileNotFoundError(f"{path} is not a saved model (no {checkpoint.MODEL_META}); pass "
+                            "a search's workdir (its winner, WORKDIR/models/best) or "
+                            "WORKDIR/models/<strategy>.")
+
+
 def load(path) -> SavedModel:
-    """Rebuilds a saved model (checkpoint.save_model's directory) for inference."""
+    """Rebuilds a saved model for inference: `path` is a saved model's directory
+    (checkpoint.save_model's) or a search's workdir (its winner; see model_path)."""
+    path = model_path(path)
     variables, meta = checkpoint.load_model(path)
     missing = [key for key in ("model", "class_names", "input_size", "preprocessing")
                if key not in meta] or ([] if "name" in meta["model"] else ["model.name"])
@@ -152,15 +174,18 @@ def csv_rows(files: Sequence[Path], probabilities: np.ndarray, class_names: Sequ
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m blockft_jax.predict",
-        description="Classify images with a saved model; CSV on stdout.")
+        description="Classify images with a saved model; CSV on stdout (path, class, "
+                    "probability).")
     parser.add_argument("--model", required=True,
-                        help="a saved model: WORKDIR/models/<strategy> of a finished search")
+                        help="a search's workdir (its winner: WORKDIR/models/best) or a saved "
+                             "model's folder (WORKDIR/models/<strategy>)")
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="image files or folders (searched recursively)")
-    parser.add_argument("--top", type=int, default=1, help="classes per image (default 1)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    parser.add_argument("--top", type=int, default=1, help="classes per image")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=32,
+                        help="images per batch")
     args = parser.parse_args(argv)
 
     def fail(message: str) -> int:
@@ -168,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     if args.batch_size < 1:
-        return fail(f"--batch-size must be at least 1, got {args.batch_size}.")
+        return fail(f"--batch_size must be at least 1, got {args.batch_size}.")
     try:
         model = load(args.model)
     except (FileNotFoundError, ValueError) as e:
@@ -192,4 +217,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cli.setup_logging()
     sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import jax
@@ -42,6 +43,23 @@ def load(config, module) -> dict:
     return weights.load_keras(path, module, shape)
 
 
+def _progress(epochs: int, every_seconds: float = 5.0):
+    """train.fit's epoch hook for the pretraining: a line when `every_seconds` have passed
+    since the last one, and after the last epoch."""
+    started = last = time.perf_counter()
+
+    def log_epoch(epoch, state, history, best_variables):
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every_seconds or epoch == epochs:
+            last = now
+            # Validation waits for the BN statistics recalibrated at the end (recalibrate_bn).
+            log.info("Demo backbone: epoch %d/%d, train loss %.3f, train accuracy %.3f "
+                     "(%.0f s so far)", epoch, epochs, history[-1]["train_loss"],
+                     history[-1]["train_accuracy"], now - started)
+    return log_epoch
+
+
 def demo_backbone(config, module) -> dict:
     """A backbone trained on digits 0-4 (all their training images), cached by model config.
     The search then fine-tunes it on a few examples of digits 5-9: a genuine transfer task."""
@@ -59,7 +77,8 @@ def demo_backbone(config, module) -> dict:
     log.info("Pretraining the demo backbone on digits %s (once; cached at %s)", DEMO_CLASSES, path)
     digits = data_lib.load_dataset("digits", image_size=config.model.input_size,
                                    classes=DEMO_CLASSES, seed=config.data.split_seed)
-    net = module.clone(num_classes=len(DEMO_CLASSES))
+    # Without dropout, whatever the search's: the backbone depends only on its cache key.
+    net = module.clone(num_classes=len(DEMO_CLASSES), dropout_rate=0.0)
     variables = models.init_variables(net, digits.train.images.shape[1:], jax.random.key(1))
     table = models.layer_table(net, digits.train.images.shape[1:])
     everything = groups.full(table)[0].layers
@@ -72,7 +91,8 @@ def demo_backbone(config, module) -> dict:
                           train.data_mesh(), table=table)
     result = train.fit(engine, variables, groups.param_mask(variables["params"], table, everything),
                        groups.bn_modes(table, everything), digits.train, digits.validation, None,
-                       epochs=config.demo.pretrain_epochs, batch_size=batch, seed=0)
+                       epochs=config.demo.pretrain_epochs, batch_size=batch, seed=0,
+                       on_epoch_end=_progress(config.demo.pretrain_epochs))
     trained = train.recalibrate_bn(net, result.final_variables, digits.train.images)
     accuracy = train.evaluate(engine, trained, digits.validation, batch)["accuracy"]
     log.info("Demo backbone: %.1f%% validation accuracy on digits 0-4", 100 * accuracy)

@@ -7,6 +7,7 @@ differences with their 95% intervals), rebuilt from summary.json:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from blockft_jax import results
@@ -122,6 +123,7 @@ def plot(summary: dict, path: Path) -> None:
             if base in summary["strategies"]:
                 ax.axhline(summary["strategies"][base]["selected"]["val_accuracy"]["mean"],
                            linestyle=style, color="grey", label=LABELS[base])
+        ax.set_xticks(sorted(set(x)))  # depths and k count layers: ticks where candidates are
         ax.set_title(LABELS[strategy])
         ax.set_xlabel("k (layers)" if strategy == "topk" else "depth below the output (layers)")
         ax.grid(alpha=0.3)
@@ -172,14 +174,21 @@ def write(workdir) -> None:
     plot(summary, workdir / "report.png")
 
 
-def main(argv=None) -> None:
-    import argparse
-    parser = argparse.ArgumentParser(description="Rebuild report.md and report.png.")
-    parser.add_argument("--workdir", required=True)
+def main(argv=None) -> int:
+    from blockft_jax import cli
+    parser = cli.ArgumentParser(prog="python -m blockft_jax.report",
+                                description="Rebuild report.md and report.png from a search's "
+                                            "summary.json.")
+    parser.add_argument("--workdir", required=True, help="the search's workdir")
     args = parser.parse_args(argv)
-    write(args.workdir)
-    print(f"wrote {Path(args.workdir) / 'report.md'} and report.png")
+    try:
+        write(args.workdir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {Path(args.workdir) / 'report.md'} and report.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

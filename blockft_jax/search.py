@@ -29,9 +29,11 @@ from blockft_jax import (groups, models, multihost, pretrained, report, results,
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, CohortCheckpoint, save_model
 from blockft_jax.groups import Group
-from blockft_jax.plan import ConfigError, build_module, candidates, make_plan, validate
+from blockft_jax.plan import (ConfigError, build_module, candidates, check, make_plan,
+                              validate)
 from blockft_jax.results import rank
-from blockft_jax.workdir import Workdir, finished_keys, jsonable, write_atomic
+from blockft_jax.workdir import (Workdir, copy_tree_atomic, finished_keys, jsonable,
+                                 write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -264,14 +266,27 @@ class Search:
 
 def run(config, workdir, *, start_over: bool = False) -> dict:
     """Runs (or resumes) the search that `config` describes in `workdir`; returns the summary."""
-    validate(config)
+    check(config)  # every value and input, before the workdir is touched
     wd = Workdir(workdir)
     wd.lock()
     try:
         wd.claim(jsonable(config), start_over)
-        return _run(config, wd)
+        summary = _run(config, wd)
     finally:
         wd.unlock()
+    winner, best = summary["winner"], summary.get("best_model")
+    log.info("Done. Winner: %s (validation %.3f); its model: %s; report: %s",
+             winner["candidate"], winner["val_accuracy"]["mean"],
+             _shown(wd.path / best) if best else "not saved", _shown(wd.path / "report.md"))
+    return summary
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current directory when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 class CompileClock:
@@ -364,12 +379,29 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
     log.info("Compilations in this run: %s", counts)
     search.compiler.shutdown(cancel_futures=True)
     summary = multihost.broadcast_json(lambda: _summarize(search))
+    summary["best_model"] = _save_best(search, summary["winner"])
     wd.write_json("summary.json", summary)
     if wd.writer:
         report.write(wd.path)
-    log.info("Done. Winner: %s (validation %.3f); report: %s", summary["winner"]["candidate"],
-             summary["winner"]["val_accuracy"]["mean"], wd.path / "report.md")
     return summary, counts, training
+
+
+BEST_MODEL = "models/best"
+
+
+def _save_best(search: Search, winner: dict) -> str | None:
+    """models/best: a copy, file for file, of the winner's saved model (models/<its
+    strategy>/), so the search's answer is one path away; its path in the workdir, or None when
+    that model is missing. Process 0 copies (plain files: no collective save)."""
+    source = search.wd.path / "models" / winner["strategy"] / "model.json"
+    if not multihost.broadcast_json(lambda: source.exists() and json.loads(
+            source.read_text())["candidate"] == winner["candidate"]):
+        log.warning("The winner's model (%s) is not in %s: no %s", winner["candidate"],
+                    source.parent, BEST_MODEL)
+        return None
+    if search.wd.writer:
+        copy_tree_atomic(source.parent, search.wd.path / BEST_MODEL)
+    return BEST_MODEL
 
 
 def _summarize(search: Search) -> dict:

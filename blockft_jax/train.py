@@ -65,7 +65,8 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
 
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformationExtraArgs:
     """Adam/AdamW or SGD with momentum from `cfg` (the config's `train` block). Weight decay
-    applies to kernels only (never to BN parameters or biases) and only to trained params."""
+    applies to kernels only (never to BN parameters or biases) and only to trained params;
+    'adamw' is 'adam' (with weight decay, both are AdamW: decoupled decay)."""
     lr = learning_rate_schedule(cfg, total_steps)
     wd = cfg.get("weight_decay", 0.0)
 
@@ -74,13 +75,13 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformationExtraAr
             lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
     name = cfg.get("optimizer", "adam")
-    if name == "adam":
+    if name in ("adam", "adamw"):
         inner = optax.adamw(lr, weight_decay=wd, mask=decays) if wd else optax.adam(lr)
     elif name == "sgd":
         parts = [optax.add_decayed_weights(wd, mask=decays)] if wd else []
         inner = optax.chain(*parts, optax.sgd(lr, momentum=cfg.get("momentum", 0.9)))
     else:
-        raise ValueError(f"train.optimizer={name!r}: use 'adam' or 'sgd'.")
+        raise ValueError(f"train.optimizer={name!r}: use 'adam', 'adamw' or 'sgd'.")
     return masked(inner)
 
 

@@ -19,6 +19,10 @@ RESULTS = "results.jsonl"
 CONFIG = "config.json"
 # Config keys that cannot change a search's results: a rerun that changes only these resumes.
 RESUME_NEUTRAL = ("train.checkpoint_seconds", "train.prefix_cache", "data.data_dir")
+# What a search leaves before its first run trains. All but the log (kept) and the lock follow
+# from its config, so a search that trained nothing gives way to a rerun with another config.
+BEFORE_TRAINING = (CONFIG, "cohorts.json", "predictions", "skipped_files.txt")
+KEPT = ("search.log", ".lock", "archive")
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ class Workdir:
 
     def unlock(self) -> None:
         if self._lock_file is not None:
+            self._lock_file.truncate(0)  # names no process once it is free
+            self._lock_file.flush()
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
@@ -80,8 +86,9 @@ class Workdir:
     def claim(self, config_dict: dict, start_over: bool) -> None:
         """Ties the workdir to one config. A config that differs in keys that can change
         results is refused, or with `start_over` the earlier contents are moved to
-        archive/<time>/ (never deleted); other differences (RESUME_NEUTRAL) resume. Decided on
-        process 0, which alone writes."""
+        archive/<time>/ (never deleted); other differences (RESUME_NEUTRAL) resume. A search
+        that trained nothing (it stopped at a mistake before its first run) gives way to the
+        new config. Decided on process 0, which alone writes."""
         def decide() -> dict:
             stored = self.path / CONFIG
             if not stored.exists():
@@ -91,7 +98,9 @@ class Workdir:
                              if previous.get(k) != current.get(k))
             blocking = [k for k in changed if k not in RESUME_NEUTRAL]
             if blocking:
-                return {"action": "archive" if start_over else "refuse", "changed": blocking}
+                action = ("archive" if start_over else "restart" if not self.trained()
+                          else "refuse")
+                return {"action": action, "changed": blocking}
             return {"action": "resume", "changed": changed}
 
         decision = multihost.broadcast_json(decide)
@@ -102,12 +111,28 @@ class Workdir:
                 f"--start_over to archive the earlier results and start again.")
         if decision["action"] == "archive":
             self.archive()
+        if decision["action"] == "restart":
+            log.info("%s holds a search that trained nothing, with %s different: starting "
+                     "afresh with this config", self.path, ", ".join(decision["changed"]))
+            if self.writer:
+                for name in BEFORE_TRAINING:
+                    _remove(self.path / name)
         if decision.get("changed") and decision["action"] == "resume":
             log.info("Resuming with %s changed (they do not change results)",
                      ", ".join(decision["changed"]))
         if self.writer:
             write_atomic(self.path / CONFIG, json.dumps(config_dict, indent=2, sort_keys=True))
         multihost.barrier("workdir claimed")
+
+    def trained(self) -> bool:
+        """Whether any run of the search here has trained (or holds anything beyond what a
+        search writes before its first run)."""
+        if not self.path.is_dir():
+            return False
+        predictions = self.path / "predictions"
+        return (any(e.name not in BEFORE_TRAINING + KEPT for e in self.path.iterdir())
+                or (predictions.is_dir() and any(p.name != "labels.npz"
+                                                 for p in predictions.iterdir())))
 
     def archive(self) -> Path:
         if not self.writer:
@@ -136,6 +161,27 @@ class Workdir:
     def write_json(self, name: str, value: Any) -> None:
         if self.writer:
             write_atomic(self.path / name, json.dumps(value, indent=2) + "\n")
+
+
+def copy_tree_atomic(source: Path, target: Path) -> None:
+    """`target` becomes a copy of directory `source`, whole: copied beside it, then renamed
+    into place (a crash leaves the old copy, or a stray temporary one, never half of one)."""
+    partial = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    old = target.with_name(f".{target.name}.old{os.getpid()}")
+    _remove(partial)
+    _remove(old)
+    shutil.copytree(source, partial)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(partial, target)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def jsonable(config) -> dict:

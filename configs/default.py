@@ -48,7 +48,8 @@ def get_config():
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 10
     config.train.seeds = 3
-    config.train.optimizer = "adam"       # 'adam' or 'sgd'
+    # 'adam', 'adamw' (the same: with weight_decay both are AdamW, decoupled decay) or 'sgd'.
+    config.train.optimizer = "adam"
     config.train.learning_rate = 1e-4
     config.train.momentum = 0.9           # sgd
     config.train.weight_decay = 0.0       # kernels only, trained layers only

@@ -74,11 +74,15 @@ def readme_commands() -> list[str]:
 
 
 def test_every_readme_command_dry_runs(tmp_path):
+    """In a fresh checkout, with the made-up photos of the README's walkthrough."""
+    cwd = user_dir(tmp_path)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "example_photos.py")], cwd=cwd,
+                   check=True, capture_output=True)
     commands = readme_commands()
-    assert len(commands) >= 3, commands
+    assert len(commands) >= 5, commands
     for command in commands:
         argv = shlex.split(command.split("#")[0])[3:]
-        result = run_cli(*argv, "--dry_run", cwd=ROOT)
+        result = run_cli(*argv, "--dry_run", cwd=cwd)
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert "Plan:" in result.stdout and "Runs:" in result.stdout, command
         assert "Lowest trainable unit" in result.stdout, command

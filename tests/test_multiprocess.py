@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from test_newcomer import assert_best_is_the_winner
 from test_search import assert_same_models
 
 WORKER = Path(__file__).with_name("search_worker.py")
@@ -59,6 +60,7 @@ def test_two_process_search_runs_every_strategy_with_one_log(uninterrupted):
     # One copy of the search's progress: process 0's.
     assert "[10/10]" in leader and "Winner:" in leader
     assert "[1/10]" not in other and "Winner:" not in other
+    assert_best_is_the_winner(workdir)  # models/best, copied by process 0
 
 
 def test_kill_both_processes_and_restart_gives_the_same_summary_and_models(uninterrupted,

@@ -159,7 +159,7 @@ def test_main_exit_status_2_with_one_line(saved, tmp_path, capsys):
         "no image files": [str(path), str(tmp_path / "none")],
         "is not a saved model": [str(tmp_path), str(tmp_path / "photos")],
         "--top must be between 1 and 3": [str(path), str(tmp_path / "photos"), "--top", "4"],
-        "--batch-size must be at least 1": [str(path), str(tmp_path / "photos"),
+        "--batch_size must be at least 1": [str(path), str(tmp_path / "photos"),
                                             "--batch-size", "0"],
     }
     for message, (model, *rest) in cases.items():

@@ -90,3 +90,20 @@ def test_one_seed_says_training_randomness_is_left_out(tmp_path):
     text = report.markdown(summary)
     assert "200 validation examples and 1 seed," in text
     assert "With one seed these intervals leave out training randomness" in text
+
+
+def test_report_png_counts_whole_layers(tmp_path, monkeypatch):
+    """The accuracy panels' x axes are counts of layers: no tick at k = 2.5."""
+    import matplotlib.figure
+    summary = workdir_with(tmp_path)
+    topk = summary["strategies"]["topk"]["ranking"]
+    topk.append({**topk[0], "candidate": "topk:3", "layers": topk[0]["layers"] + ["x"]})
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *args, **kwargs: figures.append(self))
+    report.plot(summary, tmp_path / "report.png")
+    axes = {ax.get_title(): ax for ax in figures[0].get_axes()}
+    for title in ("Top-k layers", "Layer-wise"):
+        low, high = axes[title].get_xlim()
+        ticks = [t for t in axes[title].get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), (title, ticks)
