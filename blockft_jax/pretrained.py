@@ -44,26 +44,27 @@ def load(config, module) -> dict:
 
 
 def _progress(epochs: int, every_seconds: float = 5.0):
-    """train.fit's epoch hook for the pretraining: a line when `every_seconds` have passed
+    """The pretraining's epoch hook (cohort.fit's): a line when `every_seconds` have passed
     since the last one, and after the last epoch."""
     started = last = time.perf_counter()
 
-    def log_epoch(epoch, state, history, best_variables):
+    def log_epoch(epoch, state, histories):
         nonlocal last
         now = time.perf_counter()
         if now - last >= every_seconds or epoch == epochs:
             last = now
+            record = histories[0][-1]
             # Validation waits for the BN statistics recalibrated at the end (recalibrate_bn).
             log.info("Demo backbone: epoch %d/%d, train loss %.3f, train accuracy %.3f "
-                     "(%.0f s so far)", epoch, epochs, history[-1]["train_loss"],
-                     history[-1]["train_accuracy"], now - started)
+                     "(%.0f s so far)", epoch, epochs, record["train_loss"],
+                     record["train_accuracy"], now - started)
     return log_epoch
 
 
 def demo_backbone(config, module) -> dict:
     """A backbone trained on digits 0-4 (all their training images), cached by model config.
     The search then fine-tunes it on a few examples of digits 5-9: a genuine transfer task."""
-    from blockft_jax import train  # here, to keep the import graph one-way
+    from blockft_jax import cohort as cohort_lib, train  # here: a one-way import graph
 
     options = {k: v for k, v in config.model.options.items() if v is not None}
     key = json.dumps({"model": config.model.name, "width": config.model.width,
@@ -89,12 +90,15 @@ def demo_backbone(config, module) -> dict:
         cfg.learning_rate, cfg.epochs = config.demo.pretrain_learning_rate, config.demo.pretrain_epochs
     engine = train.Engine(net, train.make_optimizer(cfg, steps), net.unit_names()[0],
                           train.data_mesh(), table=table)
-    result = train.fit(engine, variables, groups.param_mask(variables["params"], table, everything),
-                       groups.bn_modes(table, everything), digits.train, digits.validation, None,
-                       epochs=config.demo.pretrain_epochs, batch_size=batch, seed=0,
-                       on_epoch_end=_progress(config.demo.pretrain_epochs))
+    cohort = cohort_lib.Cohort(engine, 1)  # one run: a cohort of one
+    run = cohort_lib.Run(groups.param_mask(variables["params"], table, everything),
+                         groups.bn_modes(table, everything), seed=0)
+    result, = cohort_lib.fit(cohort, variables, [run], digits.train, digits.validation, None,
+                             epochs=config.demo.pretrain_epochs, batch_size=batch,
+                             on_epoch_end=_progress(config.demo.pretrain_epochs))
     trained = train.recalibrate_bn(net, result.final_variables, digits.train.images)
-    accuracy = train.evaluate(engine, trained, digits.validation, batch)["accuracy"]
+    accuracy = cohort_lib.evaluate(cohort, cohort.shared_part(trained), jax.tree.map(
+        lambda x: x[None], cohort.live_variables(trained)), digits.validation, batch)[0]["accuracy"]
     log.info("Demo backbone: %.1f%% validation accuracy on digits 0-4", 100 * accuracy)
     backbone = {c: {k: v for k, v in trained[c].items() if k != HEAD_UNIT} for c in trained}
     weights.save_variables(path, backbone)

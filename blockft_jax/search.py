@@ -1,8 +1,8 @@
 """The block-wise search: every strategy's candidates, trained, persisted, ranked.
 
-Candidates are trained one after another with the same compiled step; each finished
-(candidate, seed) is appended to results.jsonl, the running one is checkpointed after its epochs,
-and a rerun of the same command resumes where the last one stopped.
+The runs (candidate, seed) of each engine train in cohorts (`cohort.fit`, the one training
+loop); each finished run is appended to results.jsonl, the running cohort is checkpointed after
+its epochs, and a rerun of the same command resumes where the last one stopped.
 
 On several processes (a pod) every process trains, and process 0 decides: the rows of
 results.jsonl live in memory, read once by process 0 and broadcast, and each new row is process
@@ -24,10 +24,10 @@ import jax
 import numpy as np
 
 from blockft_jax import data as data_lib
-from blockft_jax import (groups, models, multihost, pretrained, report, results, scalars, train,
-                         weights)
+from blockft_jax import (groups, models, multihost, placement, pretrained, report, results,
+                         scalars, streams, train, weights)
 from blockft_jax import cohort as cohort_lib
-from blockft_jax.checkpoint import Checkpoint, CohortCheckpoint, save_model
+from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.groups import Group
 from blockft_jax.plan import (ConfigError, build_module, candidates, check, make_plan,
                               validate)
@@ -37,10 +37,40 @@ from blockft_jax.workdir import (Workdir, copy_tree_atomic, finished_keys, jsona
 
 log = logging.getLogger(__name__)
 
-# fold_in(key(seed), this) draws a run's head; key(seed) itself drives its dropout (train.fit).
-HEAD_INIT_STREAM = 1
+COHORTS = "cohorts.json"
 
 __all__ = ["run", "Search", "ConfigError", "build_module", "candidates", "validate"]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """An engine, its inputs (the prefix cache when it has one), and where its runs go: the
+    placement decided from its compiled steps (None until `Search.ready`)."""
+    engine: train.Engine
+    splits: dict
+    runs: int
+    cohorts: dict                    # cohort size -> Cohort (the compiled ones)
+    compiled: dict                   # (size, eval multiple) -> program bytes and flops
+    compiling: concurrent.futures.Future | None
+    cache_on_device: bool
+    caps: dict
+    placement: placement.Placement | None = None
+
+    @property
+    def cohort(self) -> cohort_lib.Cohort:
+        return self.cohorts[self.placement.cohort_size]
+
+    def compilations(self) -> dict:
+        """Steps this process traced and compiled for this engine."""
+        counts = {kind: sum(c.compilations[kind] for c in self.cohorts.values())
+                  for kind in ("train", "eval")}
+        return {**counts, "features": self.engine.compilations["features"]}
+
+    def flops_per_run(self) -> float | None:
+        """The compiled train step's flops per run, once it has compiled."""
+        if self.compiling is not None and self.compiling.done():
+            return self.compiling.result().get("flops")
+        return next((m.get("flops") for m in self.compiled.values()), None)
 
 
 @dataclasses.dataclass
@@ -60,15 +90,16 @@ class Search:
         self.mesh = train.data_mesh()
         self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
         self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
-        self.engines: dict[str, tuple[train.Engine, dict]] = {}
-        self.cohorts: dict[str, cohort_lib.Cohort | None] = {}  # None: one run at a time
+        self.engines: dict[str, Prepared] = {}
         # One background thread compiles the engines' steps, one engine after another.
         self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
-        self.compiling: dict = {}  # from_unit -> future of that engine's compilation
         self.depth = {r.name: i for i, r in enumerate(reversed(groups.backbone_layers(self.table)))}
         # The finished runs: read once, on process 0, and the same on every process.
         self.rows: list[dict] = multihost.broadcast_json(self.wd.results)
         self.predictions_dir = self.wd.path / results.PREDICTIONS_DIR
+        self.progress = Progress(self.plan.runs, len(finished_keys(self.rows)),
+                                 c.train.epochs, flops=lambda unit: self.engines[unit]
+                                 .flops_per_run() if unit in self.engines else None)
         if self.wd.writer:
             results.write_labels(self.predictions_dir, self.dataset.validation.labels,
                                  self.dataset.test.labels if len(self.dataset.test) else None)
@@ -83,77 +114,148 @@ class Search:
         self.wd.append_result(row)
         return row
 
-    # -- engines: at most two train-step compilations per search -------------------------------
-    def engine_for(self, from_unit: str):
-        """The engine (and its train/validation/test inputs) for a lowest trainable unit."""
-        if from_unit not in self.engines:
-            c = self.config
-            augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
-            first = from_unit == self.module.unit_names()[0]
-            cached = c.train.prefix_cache and not any(augment.values()) and not first
-            engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
-                                  augment=None if cached else augment, table=self.table,
-                                  prefix_chunk_bytes=train.default_prefix_chunk_bytes())
-            splits = {"train": self.dataset.train, "validation": self.dataset.validation,
-                      "test": self.dataset.test}
-            # The cache lives in device memory when it fits: the steps gather their batches.
-            on_device = engine.cache_fits_on_device(sum(map(len, splits.values())))
-            size = self.cohort_size(engine, on_device and engine.feature_bytes(
-                sum(map(len, splits.values()))))
-            self.cohorts[from_unit] = cohort_lib.Cohort(engine, size) if size > 1 else None
-            # Compiles while the prefix features are computed and, for `full`'s engine
-            # (created at the start of the search), while the other candidates train.
-            any_mask = groups.param_mask(self.variables["params"], self.table, [])
-            any_bn = groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn)
-            self.compiling[from_unit] = self.compiler.submit(
-                (self.cohorts[from_unit] or engine).compile_steps, self.variables, any_mask,
-                any_bn, c.data.batch_size, self.shape,
-                {k: len(v) for k, v in splits.items()} if on_device else None)
-            if cached:
-                started = time.perf_counter()
-                splits = {k: engine.features(self.variables, v, c.data.batch_size)
-                          for k, v in splits.items()}
-                nbytes = sum(s.images.nbytes for s in splits.values())
-                if on_device:
-                    splits = {k: engine.to_device(v) for k, v in splits.items()}
-                log.info("Prefix cache: units below %s computed once per image (%.1f MB in "
-                         "%s memory, %.1f s)", from_unit, nbytes / 2**20,
-                         "device" if on_device else "host", time.perf_counter() - started)
-            self.engines[from_unit] = (engine, splits)
-        return self.engines[from_unit]
-
-    def cohort_size(self, engine: train.Engine, cache_bytes: int) -> int:
-        """How many runs of `engine` train at once (`search.parallel`; 0: as memory allows,
-        cohort.cohort_size's rule). Decided once per search and kept in cohorts.json, so a
-        resumed search forms the same cohorts (and compiles the same programs)."""
+    # -- engines: one train-step compilation each -----------------------------------------------
+    def prepare(self, from_unit: str, runs: int) -> Prepared:
+        """The engine for a lowest trainable unit, its inputs, and its steps compiling in the
+        background for the largest cohort worth having (`runs` of it to train)."""
+        if from_unit in self.engines:
+            return self.engines[from_unit]
         c = self.config
-        plan = self.plan
-        runs = c.train.seeds * sum(len(plan.topk_names) if s == "topk" else len(plan.planned[s])
-                                   for s in plan.strategies
-                                   if plan.from_unit(s) == engine.from_unit)
+        augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
+        first = from_unit == self.module.unit_names()[0]
+        cached = c.train.prefix_cache and not any(augment.values()) and not first
+        engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
+                              augment=None if cached else augment, table=self.table,
+                              prefix_chunk_bytes=train.default_prefix_chunk_bytes())
+        splits = {"train": self.dataset.train, "validation": self.dataset.validation,
+                  "test": self.dataset.test}
+        images = sum(map(len, splits.values()))
+        kept = self.kept_placement(from_unit)
 
-        def decide() -> int:
-            path = self.wd.path / "cohorts.json"
-            kept = json.loads(path.read_text()) if path.exists() else {}
-            if engine.from_unit not in kept:
-                kept[engine.from_unit] = cohort_lib.cohort_size(
-                    engine, self.variables, c.search.parallel, runs,
-                    batch_size=c.data.batch_size, cache_bytes=int(cache_bytes or 0))
-                write_atomic(path, json.dumps(kept, indent=2))
-            return kept[engine.from_unit]
+        def start() -> dict:  # on process 0
+            if kept is not None:
+                return {"cache_on_device": kept.cache_on_device, "size": kept.cohort_size,
+                        "multiple": kept.eval_batch_multiple, "caps": kept.figures.get("caps")}
+            size, caps = placement.largest_cohort(engine, self.variables, c.search.parallel,
+                                                  runs)
+            on_device = cached and placement.cache_on_device(
+                engine.feature_bytes(images), self.mesh, placement.free_memory(self.mesh))
+            return {"cache_on_device": on_device, "size": size,
+                    "multiple": cohort_lib.EVAL_BATCH_MULTIPLE, "caps": caps}
 
-        size = multihost.broadcast_json(decide)
-        log.info("Runs from unit %s: %d, trained %s", engine.from_unit, runs,
-                 "one at a time" if size == 1 else f"in cohorts of {size}")
-        return size
+        begun = multihost.broadcast_json(start)
+        cohort = cohort_lib.Cohort(engine, begun["size"])
+        sizes = {k: len(v) for k, v in splits.items()} if begun["cache_on_device"] else None
+        log.info("Compiling the steps for runs from unit %s (%d at once; in the background)",
+                 from_unit, cohort.size)
+        compiling = self.compiler.submit(self.compile, cohort, sizes, begun["multiple"])
+        prepared = Prepared(engine, splits, runs, {cohort.size: cohort}, {}, compiling,
+                            begun["cache_on_device"], begun["caps"], kept)
+        if cached:
+            started = time.perf_counter()
+            prepared.splits = {k: engine.features(self.variables, v, c.data.batch_size)
+                               for k, v in splits.items()}
+            nbytes = sum(s.images.nbytes for s in prepared.splits.values())
+            if prepared.cache_on_device:
+                prepared.splits = {k: engine.to_device(v) for k, v in prepared.splits.items()}
+            log.info("Prefix cache: units below %s computed once per image (%.1f MB in "
+                     "%s memory, %.1f s)", from_unit, nbytes / 2**20,
+                     "device" if prepared.cache_on_device else "host",
+                     time.perf_counter() - started)
+        self.engines[from_unit] = prepared
+        return prepared
 
-    def ready(self, from_unit: str):
-        """The engine, its inputs and its cohort (None: one run at a time), compiled."""
-        engine, splits = self.engine_for(from_unit)
-        if from_unit in self.compiling:
+    def compile(self, cohort: cohort_lib.Cohort, device_split_sizes, multiple: int) -> dict:
+        """A cohort's steps compiled ahead (any candidate's mask: only structure matters):
+        their memory by XLA's plan, and the train step's flops per run."""
+        c = self.config
+        any_mask = groups.param_mask(self.variables["params"], self.table, [])
+        any_bn = groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn)
+        return cohort.compile_steps(self.variables, any_mask, any_bn, c.data.batch_size,
+                                    self.shape, device_split_sizes, multiple)
+
+    def kept_placement(self, from_unit: str) -> placement.Placement | None:
+        """The placement cohorts.json keeps for this engine, when it was decided for this kind
+        of machine (then a resumed search forms the same cohorts); else None."""
+        def decide():
+            path = self.wd.path / COHORTS
+            kept = (json.loads(path.read_text()) if path.exists() else {}).get(from_unit)
+            if isinstance(kept, dict) and kept.get("machine") == placement.machine(self.mesh):
+                return kept
+            return None
+        kept = multihost.broadcast_json(decide)
+        return placement.Placement(**kept) if kept else None
+
+    def ready(self, from_unit: str) -> Prepared:
+        """The engine with its placement decided (process 0, from its compiled steps) and its
+        cohort's steps compiled."""
+        prepared = self.engines[from_unit]
+        if prepared.compiling is not None:
             with self.clock.waiting():
-                self.compiling.pop(from_unit).result()
-        return engine, splits, self.cohorts[from_unit]
+                memory = prepared.compiling.result()
+            prepared.compiling = None
+            first = next(iter(prepared.cohorts.values()))
+            multiple = (prepared.placement.eval_batch_multiple if prepared.placement
+                        else cohort_lib.EVAL_BATCH_MULTIPLE)
+            prepared.compiled[first.size, multiple] = memory
+        if prepared.placement is None:
+            prepared.placement = placement.Placement(**multihost.broadcast_json(
+                lambda: self._decide(prepared).to_json()))
+            self._keep(from_unit, prepared.placement)
+        p = prepared.placement
+        if p.cohort_size not in prepared.cohorts:
+            prepared.cohorts[p.cohort_size] = cohort_lib.Cohort(prepared.engine, p.cohort_size)
+        if (p.cohort_size, p.eval_batch_multiple) not in prepared.compiled:
+            with self.clock.waiting():
+                prepared.compiled[p.cohort_size, p.eval_batch_multiple] = self.compile(
+                    prepared.cohort, self._split_sizes(prepared), p.eval_batch_multiple)
+        log.info(placement.describe(from_unit, p, prepared.runs))
+        return prepared
+
+    def _split_sizes(self, prepared: Prepared) -> dict | None:
+        return ({k: len(v) for k, v in prepared.splits.items()} if prepared.cache_on_device
+                else None)
+
+    def _decide(self, prepared: Prepared) -> placement.Placement:
+        """Process 0's placement of an engine's runs, from its compiled steps and the memory
+        free now."""
+        engine = prepared.engine
+        cache = engine.feature_bytes(sum(map(len, prepared.splits.values()))) \
+            if prepared.cache_on_device else 0
+        live = placement.live_state_bytes(engine, self.variables)
+        frozen = sum(x.nbytes for x in jax.tree.leaves(
+            cohort_lib.Cohort(engine, 1).shared_part(self.variables)))
+
+        def compile_for(size: int, multiple: int) -> dict:
+            if (size, multiple) not in prepared.compiled:
+                cohort = prepared.cohorts.setdefault(size, cohort_lib.Cohort(engine, size))
+                prepared.compiled[size, multiple] = self.compile(
+                    cohort, self._split_sizes(prepared), multiple)
+            return prepared.compiled[size, multiple]
+
+        size, multiple, figures = placement.fit_to_memory(
+            compile_for, max(prepared.cohorts), free=placement.free_memory(self.mesh),
+            # Beside the programs: each run's best variables, and the whole cache (counted
+            # again: a program's arguments hold only one split of it).
+            resident=lambda k: k * live + cache, fixed=frozen + cache,
+            cpu=placement.on_cpu(self.mesh))
+        figures["caps"] = prepared.caps
+        return placement.Placement(size, prepared.cache_on_device, multiple,
+                                   placement.machine(self.mesh), figures)
+
+    def _keep(self, from_unit: str, decided: placement.Placement) -> None:
+        if not self.wd.writer:
+            return
+        path = self.wd.path / COHORTS
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        kept[from_unit] = decided.to_json()
+        write_atomic(path, json.dumps(kept, indent=2))
+
+    def release(self, from_unit: str) -> None:
+        """Frees the inputs of an engine whose runs are all done (its prefix cache in device
+        memory): the next engine's placement sees that memory free."""
+        if from_unit in self.engines:
+            self.engines[from_unit].splits = {}
 
     def candidate_inputs(self, group: Group):
         """A candidate's parameter mask and BN modes."""
@@ -176,63 +278,41 @@ class Search:
             return True
         return due
 
-    # -- one candidate -------------------------------------------------------------------------
-    def run_candidate(self, group: Group, seed: int, from_unit: str):
-        """Trains one (candidate, seed), resuming its checkpoint if there is one; returns
-        (results row, its train.FitResult, its Checkpoint)."""
-        c = self.config
-        engine, splits, _ = self.ready(from_unit)
-        mask, bn = self.candidate_inputs(group)
-        ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", group.candidate, seed)
-        start = self.start_variables(seed)
-        fresh = engine.init_state(start)
-        resume = ckpt.restore(fresh) or {"state": fresh}
-        writer = self.scalar_writer(group, seed)
-        due = self.checkpoint_due()
-
-        def on_epoch_end(epoch, state, history, best_variables):
-            _write_scalars(writer, history[-1], epoch)
-            if due():
-                ckpt.save(state, history, epoch, best_variables)
-
-        try:
-            result = train.fit(engine, start, mask, bn, splits["train"],
-                               splits["validation"], splits["test"], epochs=c.train.epochs,
-                               batch_size=c.data.batch_size, seed=seed,
-                               on_epoch_end=on_epoch_end, **resume)
-        finally:
-            if writer is not None:
-                writer.close()
-        return self.row(group, seed, result), result, ckpt
-
-    # -- a cohort of candidates ----------------------------------------------------------------
+    # -- a cohort of runs ----------------------------------------------------------------------
     def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str):
-        """Trains (candidate, seed) runs together as one cohort, resuming its checkpoint if
-        there is one; returns ([(results row, train.FitResult)], its CohortCheckpoint)."""
+        """Trains (candidate, seed) runs together as one cohort, resuming those its checkpoint
+        holds; returns ([(results row, cohort.FitResult)], its Checkpoint)."""
         c = self.config
-        engine, splits, cohort = self.ready(from_unit)
-        starts = [self.start_variables(seed) for _, seed in runs]
-        ckpt = CohortCheckpoint(self.wd.path / "checkpoints" / "current",
-                                [(g.candidate, seed) for g, seed in runs], cohort)
-        resumes = ckpt.restore(lambda: cohort.init(self.variables, starts + [starts[0]] * (
-            cohort.size - len(runs)))) or [None] * len(runs)
-        members = [cohort_lib.Run(*self.candidate_inputs(g), seed, resume=resume,
-                                  variables=start)
-                   for (g, seed), resume, start in zip(runs, resumes, starts)]
+        prepared = self.engines[from_unit]
+        cohort, splits = prepared.cohort, prepared.splits
+        keys = [(g.candidate, seed) for g, seed in runs]
+        ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", keys, cohort)
+        resumes = ckpt.restore(self.variables)
+        members = [cohort_lib.Run(*self.candidate_inputs(g), seed,
+                                  variables=self.start_variables(seed),
+                                  resume=resumes.get((g.candidate, seed)))
+                   for g, seed in runs]
         writers = [self.scalar_writer(g, seed) for g, seed in runs]
         due = self.checkpoint_due()
+        last = [time.perf_counter()]
 
-        def on_epoch_end(epoch, state, histories, best_variables):
+        def on_epoch_end(epoch, state, histories):
+            now = time.perf_counter()
+            trained = 0
             for writer, history in zip(writers, histories):
                 if history and history[-1]["epoch"] == epoch:
                     _write_scalars(writer, history[-1], epoch)
+                    trained += 1
+            self.progress.epoch(from_unit, keys, histories, epoch, now - last[0], trained)
             if due():
-                ckpt.save(state, histories, epoch, best_variables)
+                ckpt.save(state, histories, epoch)
+            last[0] = time.perf_counter()
 
         try:
-            fitted = cohort_lib.fit_cohort(
+            fitted = cohort_lib.fit(
                 cohort, self.variables, members, splits["train"], splits["validation"],
                 splits["test"], epochs=c.train.epochs, batch_size=c.data.batch_size,
+                eval_batch_multiple=prepared.placement.eval_batch_multiple,
                 on_epoch_end=on_epoch_end)
         finally:
             for writer in writers:
@@ -241,7 +321,7 @@ class Search:
         return [(self.row(g, seed, result), result)
                 for (g, seed), result in zip(runs, fitted)], ckpt
 
-    def row(self, group: Group, seed: int, result: train.FitResult) -> dict:
+    def row(self, group: Group, seed: int, result: cohort_lib.FitResult) -> dict:
         """The results.jsonl row of a finished run."""
         return {"strategy": group.strategy, "candidate": group.candidate,
                 "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
@@ -255,8 +335,7 @@ class Search:
         """The pretrained backbone with a head drawn from `seed`: seeds differ in their head
         as in their data order and dropout, and every candidate of one seed starts from the
         same head, so comparisons between candidates stay paired."""
-        rng = jax.random.fold_in(jax.random.key(seed), HEAD_INIT_STREAM)
-        head = models.init_head(self.module, self.shape, rng)
+        head = models.init_head(self.module, self.shape, streams.head_key(seed))
         return {**self.variables, "params": {**self.variables["params"], models.HEAD_UNIT: head}}
 
     def _depth(self, group: Group) -> int:
@@ -341,38 +420,40 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
     search = Search(config, wd, clock)
     plan = search.plan
     done = finished_keys(search.rows)
-    progress = Progress(plan.runs, len(done))
     log.info("Searching %s: %d candidate runs (%d done), strategies %s, trainable from unit %s",
              config.model.name, plan.runs, len(done), ", ".join(plan.strategies), plan.top_unit)
 
-    # Create the engines up front: each compiles its steps in the background, `full`'s while
+    # Prepare the engines up front: each compiles its steps in the background, `full`'s while
     # the other candidates train.
-    to_do = lambda names: any((name, seed) not in done for name in names
-                              for seed in range(config.train.seeds))
-    if plan.top_unit is not None and to_do([g.candidate for g in plan.shared] + plan.topk_names):
-        search.engine_for(plan.top_unit)
-    if "full" in plan.strategies and to_do([g.candidate for g in plan.planned["full"]]):
-        search.engine_for(plan.first_unit)
-    # Runs in plan order, each engine's together (trained one at a time or in cohorts); topk
-    # after layerwise's runs (it needs their ranking), full's last.
+    seeds = range(config.train.seeds)
+    left = lambda names: sum((name, seed) not in done for name in names for seed in seeds)
+    top_left = left([g.candidate for g in plan.shared] + plan.topk_names)
+    full_left = left([g.candidate for g in plan.planned.get("full", [])])
+    for unit, count in ((plan.top_unit, top_left), (plan.first_unit, full_left)):
+        if unit is not None and count:
+            search.progress.plan(unit, count)
+            search.prepare(unit, count)
+    # Runs in plan order, each engine's together, in cohorts; topk after layerwise's runs (it
+    # needs their ranking), full's last.
     runs = lambda strategies: [(g, seed) for s in strategies for g in plan.planned[s]
-                               for seed in range(config.train.seeds)]
+                               for seed in seeds]
     top = [s for s in plan.strategies if s not in ("topk", "full")]
     training = 0.0  # seconds in the runs' training (fits), for runs.jsonl
     if top:
-        training += _train_runs(search, runs(top), plan.top_unit, progress)
+        training += _train_runs(search, runs(top), plan.top_unit)
     if "topk" in plan.strategies:  # the k best of layerwise's ranking, the same on every process
         ranking = [c["layers"][0] for c in rank([r for r in search.rows
                                                  if r["strategy"] == "layerwise"])]
         plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
-        training += _train_runs(search, runs(["topk"]), plan.top_unit, progress)
+        training += _train_runs(search, runs(["topk"]), plan.top_unit)
+    if plan.top_unit != plan.first_unit:
+        search.release(plan.top_unit)
     if "full" in plan.strategies:
-        training += _train_runs(search, runs(["full"]), plan.first_unit, progress)
+        training += _train_runs(search, runs(["full"]), plan.first_unit)
 
-    # Distinct train steps the plan compiles (one per lowest trainable unit): a fact of the
-    # plan, so a resumed search reports the same. This process's real counts go to runs.jsonl.
-    counts = {u: {**e.compilations, **(search.cohorts[u].compilations if search.cohorts[u]
-                                       else {})} for u, (e, _) in search.engines.items()}
+    # This process's compilations per engine (the plan's count, one train step per engine, is
+    # in summary.json); more than one means a cohort size was compiled and then changed.
+    counts = {unit: p.compilations() for unit, p in search.engines.items()}
     for unit, count in counts.items():
         if count["train"] > 1:
             log.warning("The train step from unit %s compiled %d times", unit, count["train"])
@@ -414,38 +495,34 @@ def _summarize(search: Search) -> dict:
         return results.summarize(*args)
 
 
-def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
-                progress: "Progress") -> float:
-    """Trains the (candidate, seed) runs of one engine that are not finished, in order: one at
-    a time, or in cohorts of the engine's size (the last one padded). A candidate whose seeds
-    are all finished may become its strategy's saved model (models/<strategy>/). Returns the
-    seconds spent training (the fits, compilation they waited for included)."""
+def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str) -> float:
+    """Trains the (candidate, seed) runs of one engine that are not finished, in order, in
+    cohorts of the engine's size (the last one padded). A candidate whose seeds are all
+    finished may become its strategy's saved model (models/<strategy>/). Returns the seconds
+    spent training (the fits, compilation they waited for included)."""
     todo = [(g, seed) for g, seed in runs if (g.candidate, seed) not in finished_keys(search.rows)]
-    if todo:
-        search.engine_for(from_unit)
-    size = search.cohorts[from_unit].size if search.cohorts.get(from_unit) else 1
     training = 0.0
-    for start in range(0, len(todo), size):
-        chunk = todo[start:start + size]
-        started = time.perf_counter()
-        if size == 1:
-            row, result, ckpt = search.run_candidate(*chunk[0], from_unit)
-            finished = [(row, result)]
-        else:
+    if todo:
+        search.progress.plan(from_unit, len(todo))
+        search.prepare(from_unit, len(todo))
+        size = search.ready(from_unit).placement.cohort_size
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
+            started = time.perf_counter()
             finished, ckpt = search.run_cohort(chunk, from_unit)
-        training += time.perf_counter() - started
-        for (group, seed), (row, result) in zip(chunk, finished):
-            _record(search, group, seed, row, result, progress)
-        ckpt.clear()
-        for group in dict.fromkeys(g for g, _ in chunk):
-            _promote(search, group)
+            training += time.perf_counter() - started
+            for (group, seed), (row, result) in zip(chunk, finished):
+                _record(search, group, seed, row, result, from_unit)
+            ckpt.clear()
+            for group in dict.fromkeys(g for g, _ in chunk):
+                _promote(search, group)
     for group in dict.fromkeys(g for g, _ in runs):  # after an interruption between the two
         _promote(search, group)
     return training
 
 
-def _record(search: Search, group: Group, seed: int, row: dict, result: train.FitResult,
-            progress: "Progress") -> None:
+def _record(search: Search, group: Group, seed: int, row: dict,
+            result: cohort_lib.FitResult, from_unit: str) -> None:
     """A finished run: its best variables (pending/) and predictions, then its row."""
     wd = search.wd
     if wd.writer:  # before the row: a row always has its model and predictions
@@ -455,7 +532,7 @@ def _record(search: Search, group: Group, seed: int, row: dict, result: train.Fi
             "validation": np.full(len(search.dataset.validation), -1), "test": None}
         results.write_predictions(search.predictions_dir, group.candidate, seed,
                                   predictions["validation"], predictions["test"])
-    progress.finished(search.add_result(row))
+    search.progress.finished(search.add_result(row), from_unit)
 
 
 def _pending(wd: Workdir, candidate: str, seed: int) -> Path:
@@ -510,20 +587,73 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 class Progress:
-    """Console progress with an ETA for the whole search."""
+    """Console progress: a line per finished run, a line per epoch of a cohort whose epochs
+    take SLOW_EPOCH seconds or more (else one every PERIOD seconds), and an ETA.
 
-    def __init__(self, total: int, done: int):
-        self.total, self.done, self.started, self.ran = total, done, time.perf_counter(), 0
+    The ETA is the run-epochs left on each engine times that engine's seconds per run-epoch,
+    measured: its cohorts' epochs (training and validation) over the run-epochs they trained.
+    An engine not measured yet (full fine-tuning, while the top of the network trains) is
+    estimated from a measured one, scaled by the ratio of their compiled train steps' flops per
+    run. Before the first epoch is measured there is no ETA."""
 
-    def finished(self, row: dict) -> None:
+    SLOW_EPOCH = 2.0
+    PERIOD = 15.0
+
+    def __init__(self, total: int, done: int, epochs: int, flops=lambda unit: None):
+        self.total, self.done, self.epochs = total, done, epochs
+        self.left: dict[str, int] = {}        # run-epochs left per engine
+        self.seconds: dict[str, float] = {}   # measured, per engine
+        self.trained: dict[str, int] = {}     # run-epochs measured, per engine
+        self.flops = flops                    # unit -> compiled train-step flops per run
+        self.last_line = time.perf_counter()
+
+    def plan(self, unit: str, runs: int) -> None:
+        """`runs` of engine `unit` to train (counted once per engine)."""
+        self.left.setdefault(unit, runs * self.epochs)
+
+    def epoch(self, unit: str, keys, histories, epoch: int, seconds: float,
+              trained: int) -> None:
+        self.seconds[unit] = self.seconds.get(unit, 0.0) + seconds
+        self.trained[unit] = self.trained.get(unit, 0) + trained
+        self.left[unit] = max(self.left.get(unit, 0) - trained, 0)
+        now = time.perf_counter()
+        if seconds < self.SLOW_EPOCH and now - self.last_line < self.PERIOD:
+            return
+        self.last_line = now
+        val = [h[-1]["val_accuracy"] for h in histories if h and h[-1]["epoch"] == epoch]
+        names = keys[0][0] + (f" +{len(keys) - 1}" if len(keys) > 1 else "")
+        log.info("  %s: epoch %d/%d of %d run(s) (%s) in %.1f s, validation %s | ETA %s",
+                 unit, epoch, self.epochs, len(keys), names, seconds,
+                 f"{min(val):.3f}-{max(val):.3f}" if val else "-", self.eta())
+
+    def finished(self, row: dict, unit: str) -> None:
         self.done += 1
-        self.ran += 1
-        elapsed = time.perf_counter() - self.started
-        left = (self.total - self.done) * elapsed / self.ran
+        # A run that stopped early (diverged) leaves its remaining epochs untrained.
+        self.left[unit] = max(self.left.get(unit, 0) - (self.epochs - row["epochs"]), 0)
         log.info("[%d/%d] %-40s seed %d: val %.3f test %s (epoch %d, %s) %.1fs | ETA %s",
                  self.done, self.total, row["candidate"], row["seed"], row["val_accuracy"],
                  "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.3f}",
-                 row["best_epoch"], row["status"], row["train_seconds"], _duration(left))
+                 row["best_epoch"], row["status"], row["train_seconds"], self.eta())
+
+    def rate(self, unit: str) -> float | None:
+        """Seconds per run-epoch of an engine: measured, or scaled from a measured one."""
+        if self.trained.get(unit):
+            return self.seconds[unit] / self.trained[unit]
+        measured = [u for u in self.trained if self.trained[u] and self.flops(u)]
+        if not measured or not self.flops(unit):
+            return None
+        known = measured[-1]
+        return self.seconds[known] / self.trained[known] * self.flops(unit) / self.flops(known)
+
+    def eta(self) -> str:
+        seconds = 0.0
+        for unit, left in self.left.items():
+            if left:
+                rate = self.rate(unit)
+                if rate is None:
+                    return "?"
+                seconds += left * rate
+        return _duration(seconds)
 
 
 def _duration(seconds: float) -> str:

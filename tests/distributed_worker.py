@@ -48,6 +48,7 @@ def train_steps(mesh, variables, images, labels, layers):
     import ml_collections
     import numpy as np
 
+    from blockft_jax import cohort as cohort_lib
     from blockft_jax import data, groups, models, train
 
     module = models.create(MODEL["name"], width=MODEL["width"], blocks=MODEL["blocks"],
@@ -58,19 +59,23 @@ def train_steps(mesh, variables, images, labels, layers):
     engine = train.Engine(module, tx, FROM_UNIT, mesh, table=table, prefix_chunk_bytes=1)
     mask = groups.param_mask(variables["params"], table, layers)
     bn_modes = groups.bn_modes(table, layers)
-    state = engine.init_state(variables)
-    losses = []
+    cohort = cohort_lib.Cohort(engine, 1)  # one run: a cohort of one
+    run = cohort_lib.Run(mask, bn_modes, seed=0)
+    state = cohort.init(variables, [run])
+    masks, bns, keys = cohort.stack_inputs([run])
+    active = cohort.place_runs(np.ones(1, bool))
+    runs, losses = state.runs, []
     split = data.Split(images, labels)
     for batch in data.batches(split, BATCH_SIZE, shuffle_rng=np.random.default_rng(0)):
-        gb = data.global_batch(data.process_slice(batch), mesh)
-        assert len(gb.images.sharding.device_set) == mesh.devices.size
-        state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels, gb.mask,
-                                           jax.random.key(0))
-        losses.append(_local(metrics["loss"]))
-    assert engine.compilations["train"] == 1, engine.compilations
+        fed = [cohort.feed(x[None]) for x in (batch.images, batch.labels, batch.mask)]
+        assert len(fed[0].sharding.device_set) == mesh.devices.size
+        runs, metrics = cohort.train_step(state.shared, runs, masks, bns, *fed, keys, active)
+        losses.append(_local(metrics["loss"])[0])
+    assert cohort.compilations["train"] == 1, cohort.compilations
 
-    out = {**flatten(state["params"], "params/"), **flatten(state["batch_stats"], "batch_stats/")}
-    out = {k: _local(v) for k, v in out.items()}
+    one = jax.tree.map(lambda x: _local(x)[0], cohort_lib.live(runs))
+    whole = cohort.whole(jax.tree.map(_local, state.shared), one)
+    out = {**flatten(whole["params"], "params/"), **flatten(whole["batch_stats"], "batch_stats/")}
     out["losses"] = np.asarray(losses)
     out.update(device_cache_epoch(mesh, module, tx, table, variables, split, mask, bn_modes))
     return out
@@ -82,16 +87,21 @@ def device_cache_epoch(mesh, module, tx, table, variables, split, mask, bn_modes
     import jax
     import numpy as np
 
+    from blockft_jax import cohort as cohort_lib
     from blockft_jax import train
     engine = train.Engine(module, tx, FROM_UNIT, mesh, cached=True, table=table)
     cache = engine.to_device(engine.features(variables, split, BATCH_SIZE))
-    state, loss, accuracy = train.train_epoch(engine, engine.init_state(variables), mask,
-                                              bn_modes, cache, BATCH_SIZE, 0, 0,
-                                              jax.random.key(0))
-    current = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    evaluated = train.evaluate(engine, current, cache, BATCH_SIZE)
-    out = {k: _local(v) for k, v in flatten(state["params"], "device_cache/params/").items()}
-    out["device_cache/metrics"] = np.asarray([loss, accuracy, evaluated["loss"],
+    cohort = cohort_lib.Cohort(engine, 1)
+    run = cohort_lib.Run(mask, bn_modes, seed=0)
+    state = cohort.init(variables, [run])
+    masks, bns, keys = cohort.stack_inputs([run])
+    state, losses, accuracies, _ = cohort_lib.train_epoch(cohort, state, masks, bns, cache,
+                                                          BATCH_SIZE, [0], 0, keys, [True])
+    evaluated = cohort_lib.evaluate(cohort, state.shared, cohort_lib.live(state.runs), cache,
+                                    BATCH_SIZE)[0]
+    params = jax.tree.map(lambda x: _local(x)[0], state.runs["params"])
+    out = dict(flatten(params, "device_cache/params/"))
+    out["device_cache/metrics"] = np.asarray([losses[0], accuracies[0], evaluated["loss"],
                                               evaluated["accuracy"]])
     return out
 
@@ -107,7 +117,7 @@ def prefix_features(mesh, variables, images, labels):
     table = models.layer_table(module, images.shape[1:])
     engine = train.Engine(module, tx, FROM_UNIT, mesh, cached=True, table=table,
                           prefix_chunk_bytes=1)
-    assert engine._prefix_chunk(BATCH_SIZE) == mesh.shape["data"]
+    assert engine.prefix_chunk(BATCH_SIZE) == mesh.shape["data"]
     features = engine.features(variables, data.Split(images, labels), BATCH_SIZE)
     assert features.images.shape[0] == len(labels), features.images.shape
     return features.images

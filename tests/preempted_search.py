@@ -27,7 +27,7 @@ def main(argv):
 
     import numpy as np
 
-    from blockft_jax import checkpoint, launch, search, train
+    from blockft_jax import checkpoint, launch, search
     from blockft_jax import cohort as cohort_lib
     from configs import tiny
 
@@ -41,17 +41,13 @@ def main(argv):
         node[leaf] = tuple(value) if isinstance(value, list) else value
 
     training = []  # the (candidate, seed) keys of the runs being trained now
+    run_cohort = search.Search.run_cohort
 
-    def tracking(original, keys_of):
-        def run(self, *args, **kwargs):
-            training[:] = keys_of(*args)
-            return original(self, *args, **kwargs)
-        return run
+    def tracking(self, runs, unit):
+        training[:] = [(g.candidate, seed) for g, seed in runs]
+        return run_cohort(self, runs, unit)
 
-    search.Search.run_cohort = tracking(search.Search.run_cohort,
-                                        lambda runs, unit: [(g.candidate, s) for g, s in runs])
-    search.Search.run_candidate = tracking(search.Search.run_candidate,
-                                           lambda group, seed, unit: [(group.candidate, seed)])
+    search.Search.run_cohort = tracking
     if diverge_at:
         candidate, seed, epoch = diverge_at.rsplit("/", 2)
         target, epoch = (candidate, int(seed)), int(epoch)
@@ -80,30 +76,24 @@ def main(argv):
             return evaluate
 
         cohort_lib.train_epoch = poisoned(cohort_lib.train_epoch, nan_in_run)
-        train.train_epoch = poisoned(train.train_epoch, lambda out, i: (out[0], np.nan, *out[2:]))
         cohort_lib.evaluate = best_looking(cohort_lib.evaluate)
-        train.evaluate = best_looking(train.evaluate)
 
     if kill_at:
-        def preempting(original):
-            def save(self, state, histories, epoch, best_variables):
-                original(self, state, histories, epoch, best_variables)
-                keys = self.keys if hasattr(self, "keys") else [(self.candidate, self.seed)]
-                runs = [tuple(k) for k in keys]
-                if histories and isinstance(histories[0], dict):  # one run's history
-                    histories = [histories]
-                holds_diverged = any(not np.isfinite(r["train_loss"]) for h in histories
-                                     for r in h)
-                if {"full": any(c == "full" for c, _ in runs) and len(runs) > 1,
-                        "top": all(c != "full" for c, _ in runs) and len(runs) > 1,
-                        "diverged": holds_diverged}[kill_at]:
-                    self.ckptr.wait_until_finished()
-                    print(f"KILLED after epoch {epoch} of {runs}", flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return save
+        save = checkpoint.Checkpoint.save
 
-        for cls in (checkpoint.Checkpoint, checkpoint.CohortCheckpoint):
-            cls.save = preempting(cls.save)
+        def preempting(self, state, histories, epoch):
+            save(self, state, histories, epoch)
+            runs = [tuple(k) for k in self.keys]
+            holds_diverged = any(not np.isfinite(r["train_loss"]) for h in histories
+                                 for r in h)
+            if {"full": any(c == "full" for c, _ in runs) and len(runs) > 1,
+                    "top": all(c != "full" for c, _ in runs) and len(runs) > 1,
+                    "diverged": holds_diverged}[kill_at]:
+                self.ckptr.wait_until_finished()
+                print(f"KILLED after epoch {epoch} of {runs}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.Checkpoint.save = preempting
     return launch.run(config, workdir)
 
 

@@ -5,7 +5,7 @@ tests/test_multiprocess.py:
 
 Runs configs/tiny.py (every strategy) through the command line's launcher. With
 DIE_AFTER_SAVES=N, process 0 kills itself (SIGKILL, as a preempted VM dies) right after its N-th
-epoch checkpoint (of a run or a cohort); the test then kills the other process the same way.
+epoch checkpoint; the test then kills the other process the same way.
 """
 import os
 import signal
@@ -36,7 +36,7 @@ def main(argv):
     if die_after is not None and process_id == 0:
         saves = []
 
-        def preempting(original):  # a run's and a cohort's checkpoints count alike
+        def preempting(original):
             def save(self, *args, **kwargs):
                 original(self, *args, **kwargs)
                 saves.append(1)
@@ -45,8 +45,7 @@ def main(argv):
                     os.kill(os.getpid(), signal.SIGKILL)
             return save
 
-        for cls in (checkpoint.Checkpoint, checkpoint.CohortCheckpoint):
-            cls.save = preempting(cls.save)
+        checkpoint.Checkpoint.save = preempting(checkpoint.Checkpoint.save)
     status = launch.run(tiny.get_config(), workdir)
     # Leave together: process 0 hosts the coordination service, and exiting while the other
     # process still talks to it aborts the process (a check failure in its shutdown).

@@ -1,6 +1,7 @@
-"""Candidate-parallel training (blockft_jax.cohort): K runs vmapped give what train.fit gives
-each run alone, with one compilation per engine, shared frozen variables left bitwise
-unchanged, padding and diverging runs that disturb nobody, and checkpoint/resume per run.
+"""The training loop (blockft_jax.cohort): K runs vmapped give what a cohort of one gives each
+run alone, with one compilation per engine, shared frozen variables left bitwise unchanged,
+padding and diverging runs that disturb nobody, the best epoch's variables kept on the device,
+and checkpoint/resume per run.
 
 Float order: the vmapped step batches the live layers' matmuls over the run axis (a batched
 dot instead of K plain ones) and reduces BN statistics over a batched array; XLA:CPU may sum
@@ -8,6 +9,7 @@ in another order there, so losses and parameters agree to float32 rounding (~1e-
 here), not bitwise. Accuracies and best epochs agree exactly."""
 import concurrent.futures
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 
 from blockft_jax import cohort as cohort_lib
-from blockft_jax import groups, models, train
+from blockft_jax import data, groups, models, streams, train
 from blockft_jax.models import HEAD_UNIT
 
 import test_train as base
@@ -79,10 +81,15 @@ def cohort(engine):
     return cohort_lib.Cohort(engine, 4)
 
 
+@pytest.fixture(scope="module")
+def single(engine):
+    """A cohort of one: one run at a time."""
+    return cohort_lib.Cohort(engine, 1)
+
+
 def start_variables(model, variables, seed):
     """The backbone with a head drawn from `seed` (as the search starts each seed's runs)."""
-    head = models.init_head(model, (base.SIZE, base.SIZE, 3),
-                            jax.random.fold_in(jax.random.key(seed), 1))
+    head = models.init_head(model, (base.SIZE, base.SIZE, 3), streams.head_key(seed))
     return {**variables, "params": {**variables["params"], HEAD_UNIT: head}}
 
 
@@ -92,25 +99,24 @@ def starts(model, variables):
 
 
 def make_run(starts, table, layers, seed, resume=None):
-    return cohort_lib.Run(*base.candidate(starts[seed], table, layers), seed, resume,
-                          variables=starts[seed])
+    return cohort_lib.Run(*base.candidate(starts[seed], table, layers), seed,
+                          variables=starts[seed], resume=resume)
 
 
-def fit_alone(engine, starts, table, splits, layers, seed, **resume):
-    run = make_run(starts, table, layers, seed)
-    return train.fit(engine, starts[seed], run.mask, run.bn_modes, splits["train"],
-                     splits["validation"], splits["test"], epochs=EPOCHS, batch_size=BATCH,
-                     seed=seed, **resume)
+def fit(cohort, variables, runs, splits, epochs=EPOCHS, **kwargs):
+    return cohort_lib.fit(cohort, variables, runs, splits["train"], splits["validation"],
+                          splits["test"], epochs=epochs, batch_size=BATCH, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def reference(engine, starts, table, splits):
-    """train.fit of every run, one at a time, each from its seed's head."""
-    return {(layers, seed): fit_alone(engine, starts, table, splits, layers, seed)
+def reference(single, variables, starts, table, splits):
+    """Every run alone (a cohort of one), one at a time, each from its seed's head."""
+    return {(layers, seed): fit(single, variables, [make_run(starts, table, layers, seed)],
+                                splits)[0]
             for layers, seed in RUNS}
 
 
-def assert_same_result(got: train.FitResult, want: train.FitResult, variables, live):
+def assert_same_result(got: cohort_lib.FitResult, want: cohort_lib.FitResult, variables, live):
     assert (got.status, got.epochs, got.best_epoch, got.steps) == \
         (want.status, want.epochs, want.best_epoch, want.steps)
     assert got.val_accuracy == want.val_accuracy
@@ -142,60 +148,91 @@ def check(results, runs, reference, variables, engine):
         assert_same_result(result, reference[(layers, seed)], variables, engine.live)
 
 
-# --- the cohort trains each run as train.fit does -----------------------------------------------
+# --- the cohort trains each run as it trains alone ----------------------------------------------
 
-def test_first_steps_match_one_run_at_a_time(cohort, engine, variables, table, splits, starts):
-    """Per-step losses of four vmapped runs against the engine's own step, run by run."""
-    runs = [make_run(starts, table, layers, seed) for layers, seed in RUNS[:4]]
-    state = cohort.init(variables, [r.variables for r in runs])
-    masks, bn_modes, rngs = cohort.stack_inputs(runs)
+def test_first_steps_match_one_run_at_a_time(cohort, single, engine, variables, table, splits,
+                                            starts):
+    """Per-step losses of four vmapped runs against each run alone (a cohort of one)."""
     train_split = splits["train"]
-    orders = [engine.device_order(train_split, BATCH, np.random.default_rng([r.seed, 0]))
-              for r in runs]
-    stacked = engine.place(jax.tree.map(lambda *xs: np.stack(jax.device_get(xs)), *orders))
-    active = engine.replicate(np.ones(4, bool))
-    losses, runs_state = [], state.runs
-    for _ in range(3):
-        runs_state, metrics = cohort.train_step_gathered(
-            state.shared, runs_state, masks, bn_modes, train_split.images, train_split.labels,
-            *stacked, rngs, active)
-        losses.append(jax.device_get(metrics["loss"]))
+
+    def steps(c, runs):
+        state = c.init(variables, runs)
+        masks, bn_modes, keys = c.stack_inputs(runs)
+        orders, weights = zip(*[data.batch_order(len(train_split), BATCH,
+                                                 shuffle_rng=streams.batch_order(r.seed, 0))
+                                for r in runs])
+        placed = c.place_runs((np.stack(orders), np.stack(weights)))
+        active = c.place_runs(np.ones(len(runs), bool))
+        losses, runs_state = [], state.runs
+        for _ in range(3):
+            runs_state, metrics = c.train_step_gathered(
+                state.shared, runs_state, masks, bn_modes, train_split.images,
+                train_split.labels, *placed, keys, active)
+            losses.append(jax.device_get(metrics["loss"]))
+        return np.asarray(losses), jax.device_get(cohort_lib.live(runs_state))
+
+    runs = [make_run(starts, table, layers, seed) for layers, seed in RUNS[:4]]
+    together, state = steps(cohort, runs)
     for i, run in enumerate(runs):
-        single = engine.init_state(run.variables)
-        mask, bn, rng = engine.place((run.mask, run.bn_modes, jax.random.key(run.seed)))
-        for step in range(3):
-            single, metrics = engine.train_step_gathered(
-                single, mask, bn, train_split.images, train_split.labels, *orders[i], rng)
-            np.testing.assert_allclose(losses[step][i], float(metrics["loss"]), rtol=1e-5)
-        got = cohort.run_state(cohort_lib.CohortState(state.shared, runs_state), i)
-        base.assert_close_states(got, single)
+        alone, one = steps(single, [run])
+        np.testing.assert_allclose(together[:, i], alone[:, 0], rtol=1e-5)
+        base.assert_close_states(jax.tree.map(lambda x: x[i], state),
+                                 jax.tree.map(lambda x: x[0], one))
     assert cohort.compilations["train"] == 1
 
 
-def test_two_cohorts_match_fit_with_one_compilation(cohort, engine, variables, table, splits,
-                                                    reference, starts):
+def test_two_cohorts_match_one_at_a_time_with_one_compilation(cohort, engine, variables, table,
+                                                              splits, reference, starts):
     shared_before = jax.device_get(cohort.shared_part(variables))
     for runs in (RUNS[:4], RUNS[4:]):
-        results = cohort_lib.fit_cohort(
-            cohort, variables, [make_run(starts, table, *r) for r in runs], splits["train"],
-            splits["validation"], splits["test"], epochs=EPOCHS, batch_size=BATCH)
+        results = fit(cohort, variables, [make_run(starts, table, *r) for r in runs], splits)
         check(results, runs, reference, variables, engine)
     assert cohort.compilations == {"train": 1, "eval": 1}
-    # The cohort's steps did not count as the engine's own (train.fit's) compilations.
-    assert engine.compilations["train"] == 1
     np.testing.assert_equal(jax.device_get(cohort.shared_part(variables)), shared_before)
     # Frozen layers are held once, not per run: the stacked state has only live layers.
-    state = cohort.init(variables)
+    state = cohort.init(variables, [make_run(starts, table, *r) for r in RUNS[:4]])
     assert set(state.runs["params"]) == set(engine.live) & set(variables["params"])
     assert set(state.shared["params"]).isdisjoint(engine.live)
-    assert all(x.shape[0] == 4 for x in jax.tree.leaves(state.runs))
+    assert all(x.shape[0] == 4 for x in jax.tree.leaves((state.runs, state.best)))
+
+
+def test_best_variables_are_the_best_epochs(single, variables, table, splits, reference, starts):
+    """The best epoch's variables (kept on the device, fetched once at the end) are the
+    variables a run trained for exactly that many epochs ends with."""
+    (layers, seed), result = next((key, r) for key, r in reference.items()
+                                  if 0 < r.best_epoch < EPOCHS)
+    shorter = fit(single, variables, [make_run(starts, table, layers, seed)], splits,
+                  epochs=result.best_epoch)[0]
+    got, want = base.flat(result.best_variables), base.flat(jax.device_get(
+        shorter.final_variables))
+    assert got.keys() == want.keys()
+    for path, value in want.items():
+        assert np.array_equal(got[path], value), path
+
+
+def test_one_fetch_of_metrics_per_epoch(cohort, variables, table, splits, starts, monkeypatch):
+    """Per epoch the host fetches the train metrics and the validation results, nothing else
+    (no copy of the runs' variables when one improves); the best variables come to the host
+    once, at the end."""
+    fetches = []
+    original = jax.device_get
+
+    def counting(tree):
+        fetches.append(len(jax.tree.leaves(tree)))
+        return original(tree)
+
+    monkeypatch.setattr(cohort_lib.jax, "device_get", counting)
+    at_epoch_end = []
+    fit(cohort, variables, [make_run(starts, table, *r) for r in RUNS[:4]], splits,
+        on_epoch_end=lambda epoch, state, histories: at_epoch_end.append(len(fetches)))
+    assert np.diff(at_epoch_end).tolist() == [2] * (EPOCHS - 1), at_epoch_end
+    # After the loop: the test split's evaluation and the best variables.
+    assert len(fetches) - at_epoch_end[-1] == 2, fetches
 
 
 def test_padded_last_cohort(cohort, engine, variables, table, splits, reference, starts):
     runs = RUNS[1:4]
-    results = cohort_lib.fit_cohort(
-        cohort, variables, [make_run(starts, table, *r) for r in runs], splits["train"],
-        splits["validation"], splits["test"], epochs=EPOCHS, batch_size=BATCH)
+    results = fit(cohort, variables, [make_run(starts, table, *r) for r in runs], splits)
     check(results, runs, reference, variables, engine)
     assert cohort.compilations["train"] == 1
 
@@ -208,37 +245,32 @@ def fed_cohort(engine):
 def test_host_fed_splits(fed_cohort, engine, variables, table, host_splits, reference, starts):
     """The fed path (host cache, batches of every run's own order sent per step)."""
     fed = fed_cohort
-    results = cohort_lib.fit_cohort(
-        fed, variables, [make_run(starts, table, *r) for r in RUNS[4:]], host_splits["train"],
-        host_splits["validation"], host_splits["test"], epochs=EPOCHS, batch_size=BATCH)
+    results = fit(fed, variables, [make_run(starts, table, *r) for r in RUNS[4:]], host_splits)
     check(results, RUNS[4:], reference, variables, engine)
     assert fed.compilations == {"train": 1, "eval": 1}
 
 
-def test_a_diverging_run_disturbs_no_other(cohort, engine, variables, table, splits,
+def test_a_diverging_run_disturbs_no_other(cohort, single, engine, variables, table, splits,
                                            reference, starts):
-    """Run 2 starts from a state with a NaN in its head (as a run blown up by its learning
-    rate would be): it stops after its first epoch, the others train on as if alone."""
-    nan_state = jax.tree.map(np.array, jax.device_get(engine.init_state(starts[RUNS[2][1]])))
-    nan_state["params"][HEAD_UNIT]["kernel"][0, 0] = np.nan
+    """Run 2 starts with a NaN in its head (as a run blown up by its learning rate would be):
+    it stops after its first epoch, the others train on as if alone."""
     runs = [make_run(starts, table, *r) for r in RUNS[:4]]
-    runs[2].resume = {"state": engine.place(nan_state)}
+    poisoned = jax.tree.map(np.array, jax.device_get(runs[2].variables))
+    poisoned["params"][HEAD_UNIT]["kernel"][0, 0] = np.nan
+    runs[2].variables = poisoned
     lengths = []
-    results = cohort_lib.fit_cohort(
-        cohort, variables, runs, splits["train"], splits["validation"], splits["test"],
-        epochs=EPOCHS, batch_size=BATCH,
-        on_epoch_end=lambda epoch, state, histories, best: lengths.append(
-            [len(h) for h in histories]))
+    results = fit(cohort, variables, runs, splits, on_epoch_end=lambda epoch, state, histories:
+                  lengths.append([len(h) for h in histories]))
     check([results[i] for i in (0, 1, 3)], [RUNS[i] for i in (0, 1, 3)], reference, variables,
           engine)
     diverged = results[2]
     assert diverged.status == "diverged" and diverged.epochs == 1
     assert not np.isfinite(diverged.history[0]["train_loss"])
     assert diverged.best_variables is None and diverged.best_epoch == 0
+    assert diverged.test_accuracy is None and diverged.predictions is None
     assert lengths == [[1, 1, 1, 1], [2, 2, 1, 2], [3, 3, 1, 3]]
-    # As train.fit on the same start: and its state stopped changing after that epoch.
-    alone = fit_alone(engine, starts, table, splits, *RUNS[2],
-                      state=engine.place(nan_state))
+    # As alone on the same start: and its state stopped changing after that epoch.
+    alone = fit(single, variables, [dataclasses.replace(runs[2])], splits)[0]
     assert alone.status == "diverged" and alone.epochs == 1
     for got, want in zip(jax.tree.leaves(diverged.final_variables),
                          jax.tree.leaves(alone.final_variables)):
@@ -247,34 +279,37 @@ def test_a_diverging_run_disturbs_no_other(cohort, engine, variables, table, spl
 
 
 def test_checkpoint_and_resume(cohort, engine, variables, table, splits, reference, starts):
-    """Each run's state taken out after an epoch (as a checkpoint would store it) and given
-    back as its resume: the cohort finishes as if never interrupted -- also when resumed after
-    the last epoch, where the best epoch's predictions come from its saved variables."""
+    """Each run's state and best variables taken out after an epoch (as a checkpoint stores
+    them) and given back as its resume: the cohort finishes as if never interrupted -- also
+    when resumed after the last epoch, where the best epoch's predictions come from its saved
+    variables -- and a run that had diverged stays diverged."""
     saved = {}
 
-    def on_epoch_end(epoch, state, histories, best_variables):
+    def on_epoch_end(epoch, state, histories):
+        runs, best = jax.device_get((state.runs, state.best))
         for i in range(len(histories)):
-            saved[epoch, i] = {"state": jax.device_get(cohort.run_state(state, i)),
-                               "start_epoch": epoch, "history": copy.deepcopy(histories[i]),
-                               "best_variables": best_variables[i]}
+            take = lambda tree: jax.tree.map(lambda x: np.array(x[i]), tree)
+            saved[epoch, i] = {"state": take(runs), "best": take(best),
+                               "history": copy.deepcopy(histories[i])}
 
     runs = RUNS[4:]
-    uninterrupted = cohort_lib.fit_cohort(
-        cohort, variables, [make_run(starts, table, *r) for r in runs], splits["train"],
-        splits["validation"], splits["test"], epochs=EPOCHS, batch_size=BATCH,
-        on_epoch_end=on_epoch_end)
-    # A run's state is a plain Engine state: what checkpoint.Checkpoint saves and restores.
-    template = engine.init_state(variables)
-    assert jax.tree.structure(saved[1, 0]["state"]) == jax.tree.structure(template)
+    uninterrupted = fit(cohort, variables, [make_run(starts, table, *r) for r in runs], splits,
+                        on_epoch_end=on_epoch_end)
     for epoch in (1, EPOCHS):
         resumed = [make_run(starts, table, *r, resume=saved[epoch, i])
                    for i, r in enumerate(runs)]
-        results = cohort_lib.fit_cohort(cohort, variables, resumed, splits["train"],
-                                        splits["validation"], splits["test"], epochs=EPOCHS,
-                                        batch_size=BATCH)
+        results = fit(cohort, variables, resumed, splits)
         check(results, runs, reference, variables, engine)
         for got, want in zip(results, uninterrupted):  # and bitwise as the cohort itself
             assert_same_bits(got, want)
+    # A run resumed with a diverged epoch in its history stays diverged; its best epoch is
+    # the best finite one, however its diverged epoch validated.
+    history = copy.deepcopy(saved[2, 0]["history"])
+    history[-1].update(train_loss=float("nan"), val_accuracy=1.0)
+    resumed = fit(cohort, variables, [make_run(starts, table, *runs[0], resume={
+        **saved[2, 0], "history": history})], splits)[0]
+    assert (resumed.status, resumed.epochs, resumed.best_epoch) == ("diverged", 2, 1)
+    assert resumed.val_accuracy == history[0]["val_accuracy"]
     assert cohort.compilations["train"] == 1
 
 
@@ -286,19 +321,21 @@ def test_train_loop_copies_no_host_data_quietly(request, path, variables, table,
     cohort = request.getfixturevalue("cohort" if path == "device_cache" else "fed_cohort")
     inputs = splits if path == "device_cache" else host_splits
     runs = [make_run(starts, table, *r) for r in RUNS[:4]]
-    state = cohort.init(variables, [r.variables for r in runs])
-    masks, bn_modes, rngs = cohort.stack_inputs(runs)
+    state = cohort.init(variables, runs)
+    masks, bn_modes, keys = cohort.stack_inputs(runs)
     with jax.transfer_guard("disallow"):
         for epoch in range(2):
             state, losses, _, _ = cohort_lib.train_epoch(
                 cohort, state, masks, bn_modes, inputs["train"], BATCH, [r.seed for r in runs],
-                epoch, rngs, [True] * 4)
-        evaluated = cohort_lib.evaluate(cohort, state, inputs["validation"], BATCH)
+                epoch, keys, [True] * 4)
+        evaluated = cohort_lib.evaluate(cohort, state.shared, cohort_lib.live(state.runs),
+                                        inputs["validation"], BATCH)
+        state = cohort.keep_best(state, [True, False, True, False])
     assert np.all(np.isfinite(losses))
     assert all(e["predicted"].shape == (len(inputs["validation"]),) for e in evaluated)
 
 
-def assert_same_bits(got: train.FitResult, want: train.FitResult):
+def assert_same_bits(got: cohort_lib.FitResult, want: cohort_lib.FitResult):
     assert got.history == want.history
     for a, b in zip(jax.tree.leaves(jax.device_get((got.final_variables, got.best_variables))),
                     jax.tree.leaves(jax.device_get((want.final_variables,
@@ -310,18 +347,16 @@ def test_a_run_does_not_depend_on_its_slot_or_cohort_mates(cohort, variables, ta
                                                           starts):
     """Bitwise: a run's arithmetic is its own whatever runs share its cohort and wherever it
     sits, so a resumed search may regroup runs."""
-    def fit(runs):
-        return cohort_lib.fit_cohort(cohort, variables, [make_run(starts, table, *r) for r in runs],
-                                     splits["train"], splits["validation"], splits["test"],
-                                     epochs=2, batch_size=BATCH)
+    run = lambda runs: fit(cohort, variables, [make_run(starts, table, *r) for r in runs],
+                           splits, epochs=2)
 
-    first = fit(RUNS[:4])
-    regrouped = fit([RUNS[5], RUNS[2], RUNS[0], RUNS[7]])
+    first = run(RUNS[:4])
+    regrouped = run([RUNS[5], RUNS[2], RUNS[0], RUNS[7]])
     assert_same_bits(regrouped[2], first[0])
     assert_same_bits(regrouped[1], first[2])
 
 
-def test_steps_compiled_ahead_on_a_thread_are_reused(engine, variables, table, splits):
+def test_steps_compiled_ahead_on_a_thread_are_reused(engine, variables, table, splits, starts):
     ahead = cohort_lib.Cohort(engine, 4)  # padded: two real runs
     sizes = {name: len(split) for name, split in splits.items()}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -336,10 +371,8 @@ def test_steps_compiled_ahead_on_a_thread_are_reused(engine, variables, table, s
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        results = cohort_lib.fit_cohort(
-            ahead, variables, [(*base.candidate(variables, table, layers), seed)
-                               for layers, seed in RUNS[:2]],
-            splits["train"], splits["validation"], splits["test"], epochs=1, batch_size=BATCH)
+        results = fit(ahead, variables, [make_run(starts, table, *r) for r in RUNS[:2]], splits,
+                      epochs=1)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert [r.status for r in results] == ["ok", "ok"]
@@ -347,35 +380,28 @@ def test_steps_compiled_ahead_on_a_thread_are_reused(engine, variables, table, s
     assert not [name for name in compiled if name.endswith(("_fn", "<lambda>"))], compiled
 
 
-# --- the cohort size rule ----------------------------------------------------------------------
-
-def test_cohort_size_rule(engine, variables, table):
-    per_run = cohort_lib.run_bytes(engine, variables, BATCH)
-    live = sum(x.nbytes for x in jax.tree.leaves(
-        (engine._live(variables["params"]), engine._live(variables["batch_stats"]))))
-    names = engine.module.unit_names()
-    activations = sum(np.prod(r.output_shape[1:]) for r in table
-                      if names.index(r.unit) >= names.index(FROM_UNIT))
-    assert per_run == 4 * live + 3 * 4 * BATCH * activations
-    size = lambda parallel, runs, budget=None: cohort_lib.cohort_size(
-        engine, variables, parallel, runs, batch_size=BATCH, budget_bytes=budget)
-    assert size(3, 10) == 3 and size(3, 2) == 2 and size(1, 10) == 1
-    assert size(0, 10, budget=int(2.5 * per_run)) == 2
-    assert size(0, 10, budget=per_run // 2) == 1     # never less than one run
-    assert size(0, 10, budget=1000 * per_run) == 10  # no more than the runs left
-    # On CPU, no more than the runs whose live state (x4) fits in the last-level cache.
-    cache_cap = cohort_lib.last_level_cache_bytes() // (4 * live)
-    assert size(0, 500, budget=1000 * per_run) == min(cohort_lib.MAX_COHORT, cache_cap)
-    assert size(0, 500) >= 1                         # CPU: a share of the host's memory
-    with pytest.raises(ValueError, match="parallel"):
-        size(-1, 10)
-
-
-def test_runs_share_the_frozen_layers(cohort, variables, starts):
+def test_runs_share_the_frozen_layers(cohort, variables, table, starts):
     """A run may start from its own live layers (its seed's head), never its own frozen ones:
     those are held once for the whole cohort."""
     assert "Conv1" not in cohort.engine.live
     own = {**starts[0], "params": {**starts[0]["params"], "Conv1": jax.tree.map(
         lambda x: x + 1.0, starts[0]["params"]["Conv1"])}}
+    runs = [make_run(starts, table, (), 0)] * 4
+    runs[0] = dataclasses.replace(runs[0], variables=own)
     with pytest.raises(ValueError, match="params/Conv1"):
-        cohort.init(variables, [own] + [None] * 3)
+        cohort.init(variables, runs)
+
+
+def test_named_random_streams_are_disjoint():
+    """Head initialisation, augmentation and dropout keys are separate fold_ins of the seed's
+    key: none equals another, at any step (the head's key once collided with step 1's)."""
+    seed_key = streams.seed_key(3)
+    keys = {"head": streams.head_key(3)}
+    for step in range(50):
+        keys[f"augment{step}"] = streams.step_key(seed_key, streams.AUGMENT, step)
+        keys[f"dropout{step}"] = streams.step_key(seed_key, streams.DROPOUT, step)
+    data_ = {name: tuple(np.asarray(jax.random.key_data(k)).tolist()) for name, k in keys.items()}
+    assert len(set(data_.values())) == len(data_)
+    # Other seeds draw other orders; the same seed and epoch, the same order.
+    order = lambda seed, epoch: streams.batch_order(seed, epoch).permutation(20).tolist()
+    assert order(3, 0) == order(3, 0) and order(3, 0) != order(3, 1) != order(4, 1)

@@ -8,6 +8,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from blockft_jax import checkpoint, groups, models, search
+from blockft_jax import cohort as cohort_lib
 from blockft_jax.workdir import WorkdirError
 from configs import tiny
 
@@ -176,14 +177,14 @@ def test_resume_after_a_checkpoint_past_the_best_epoch_saves_the_best_model(tmp_
     original = checkpoint.Checkpoint.save
     killed = []
 
-    def preempted(self, state, history, epoch, best_variables):
+    def preempted(self, state, histories, epoch):
         # As with train.checkpoint_seconds > 0, earlier epochs were not saved: the first
         # checkpoint of the run comes after its best epoch, then the process dies.
-        best_epoch = max(history, key=lambda h: h["val_accuracy"])["epoch"]
+        best_epoch = cohort_lib.best_record(histories[0])["epoch"]
         if best_epoch < epoch and not killed:
-            original(self, state, history, epoch, best_variables)
+            original(self, state, histories, epoch)
             self.ckptr.wait_until_finished()
-            killed.append((self.candidate, epoch, best_epoch))
+            killed.append((self.keys[0], epoch, best_epoch))
             raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.Checkpoint, "save", preempted)
@@ -201,27 +202,19 @@ def test_resume_mid_cohort_gives_the_same_summary_and_models(finished, tmp_path,
     """Killed after the first epoch checkpoint of a cohort (several runs trained at once, the
     search's default), then rerun: the same summary and the same saved models, bitwise."""
     _, uninterrupted = finished
-    saved = []
-    originals = {cls: cls.save for cls in (checkpoint.Checkpoint, checkpoint.CohortCheckpoint)}
+    original = checkpoint.Checkpoint.save
 
-    def preempting(cls):
-        def save(self, *args, **kwargs):
-            originals[cls](self, *args, **kwargs)
-            saved.append(cls)
-            if len(saved) == 1:  # after the first epoch of the first cohort
-                self.ckptr.wait_until_finished()
-                raise KeyboardInterrupt
-        return save
+    def preempting(self, *args, **kwargs):  # after the first epoch of the first cohort
+        original(self, *args, **kwargs)
+        self.ckptr.wait_until_finished()
+        raise KeyboardInterrupt
 
-    for cls in originals:
-        monkeypatch.setattr(cls, "save", preempting(cls))
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", preempting)
     with pytest.raises(KeyboardInterrupt):
         search.run(tiny_config(), tmp_path)
-    for cls, original in originals.items():
-        monkeypatch.setattr(cls, "save", original)
-    assert saved[-1] is checkpoint.CohortCheckpoint
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", original)
     meta = json.loads((tmp_path / "checkpoints" / "current.json").read_text())
-    assert len(meta["cohort"]) > 1, meta["cohort"]
+    assert len(meta["runs"]) > 1, meta["runs"]
     done_before = len((tmp_path / "results.jsonl").read_text().splitlines()) if (
         tmp_path / "results.jsonl").exists() else 0
     assert done_before < 10

@@ -1,6 +1,7 @@
-"""The engine's guarantees, on CPU: masks and BN modes are exact, one compilation serves every
-candidate (and can happen ahead, on another thread), the prefix cache and the gradient cut change nothing, data parallelism (one host,
-and two processes) agrees with one device, and bfloat16 compute keeps float32 parameters."""
+"""The engine's guarantees, on CPU, for one run (a cohort of one): masks and BN modes are
+exact, one compilation serves every candidate (and can happen ahead, on another thread), the
+prefix cache and the gradient cut change nothing, data parallelism (one host, and two processes)
+agrees with one device, and bfloat16 compute keeps float32 parameters."""
 import concurrent.futures
 import os
 import pathlib
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from blockft_jax import data, groups, models, train
+from blockft_jax import data, groups, models, placement, train
+from blockft_jax import cohort as cohort_lib
 from blockft_jax.models import HEAD_UNIT
 
 import distributed_worker as worker
@@ -47,16 +49,60 @@ def flat(tree):
     return traverse_util.flatten_dict(jax.device_get(tree))
 
 
-def run(engine, variables, mask, bn_modes, split, state=None):
-    """One epoch over `split` in batches of BATCH (fixed shuffle). Host copies out."""
-    state = engine.init_state(variables) if state is None else state
-    losses = []
+COHORTS = {}
+
+
+def cohort_of(engine) -> cohort_lib.Cohort:
+    """The engine's cohort of one run: a single run is a cohort of one."""
+    if id(engine) not in COHORTS:
+        COHORTS[id(engine)] = (engine, cohort_lib.Cohort(engine, 1))
+    return COHORTS[id(engine)][1]
+
+
+def whole_state(cohort, state):
+    """The one run's whole state (host copies): frozen and live variables, optimizer, step."""
+    shared, runs = jax.device_get((state.shared, state.runs))
+    one = jax.tree.map(lambda x: x[0], runs)
+    return {**cohort.whole(shared, one), "opt_state": one["opt_state"], "step": one["step"]}
+
+
+def run(engine, variables, mask, bn_modes, split):
+    """One epoch over `split` in batches of BATCH (fixed shuffle), one step at a time. Host
+    copies out: the run's whole state, and each step's loss."""
+    cohort = cohort_of(engine)
+    one = cohort_lib.Run(mask, bn_modes, seed=0)
+    state = cohort.init(variables, [one])
+    masks, bns, keys = cohort.stack_inputs([one])
+    active = cohort.place_runs(np.ones(1, bool))
+    runs, losses = state.runs, []
     for batch in data.batches(split, BATCH, shuffle_rng=np.random.default_rng(0)):
-        gb = data.global_batch(data.process_slice(batch), engine.mesh)
-        state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels, gb.mask,
-                                           jax.random.key(0))
-        losses.append(float(metrics["loss"]))
-    return jax.device_get(state), np.asarray(losses)
+        runs, metrics = cohort.train_step(state.shared, runs, masks, bns,
+                                          cohort.feed(batch.images[None]),
+                                          cohort.feed(batch.labels[None]),
+                                          cohort.feed(batch.mask[None]), keys, active)
+        losses.append(float(metrics["loss"][0]))
+    return whole_state(cohort, cohort_lib.CohortState(state.shared, runs, state.best)), \
+        np.asarray(losses)
+
+
+def epochs(engine, variables, mask, bn_modes, split, count):
+    """`count` epochs of one run through cohort.train_epoch (device splits gathered on the
+    device, host splits fed); returns (cohort state, [(loss, accuracy)])."""
+    cohort = cohort_of(engine)
+    one = cohort_lib.Run(mask, bn_modes, seed=0)
+    state = cohort.init(variables, [one])
+    masks, bns, keys = cohort.stack_inputs([one])
+    out = []
+    for epoch in range(count):
+        state, losses, accuracies, _ = cohort_lib.train_epoch(
+            cohort, state, masks, bns, split, BATCH, [0], epoch, keys, [True])
+        out.append((losses[0], accuracies[0]))
+    return state, out
+
+
+def evaluate(engine, state, split):
+    return cohort_lib.evaluate(cohort_of(engine), state.shared, cohort_lib.live(state.runs),
+                               split, BATCH)[0]
 
 
 def candidate(variables, table, layers, freeze_bn=False):
@@ -179,10 +225,11 @@ def test_one_compilation_serves_every_candidate(engine_stem, variables, table, s
 
     def listener(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration" \
-                and "_train_step" in str(kwargs.get("fun_name")):  # 'jit(_train_step)'
+                and "_train_fn" in str(kwargs.get("fun_name")):  # 'jit(_train_fn)'
             seen.append(duration)
 
-    compiled_before = engine_stem.compilations["train"]
+    cohort = cohort_of(engine_stem)
+    compiled_before = cohort.compilations["train"]
     candidates = [(g.layers, False) for g in (groups.layerwise(table, 1)
                                               + groups.blocks(table, "units", max_blocks=1)
                                               + groups.classifier_only())]
@@ -197,10 +244,10 @@ def test_one_compilation_serves_every_candidate(engine_stem, variables, table, s
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
 
-    assert engine_stem.compilations["train"] == 1
+    assert cohort.compilations["train"] == 1
     assert len(seen) == 1 - compiled_before  # XLA compiled it here iff not compiled before
-    if hasattr(engine_stem.train_step, "_cache_size"):
-        assert engine_stem.train_step._cache_size() == 1
+    if hasattr(cohort.train_step, "_cache_size"):
+        assert cohort.train_step._cache_size() == 1
 
 
 # --- 1. masks, BN modes and weight decay ---------------------------------------------------------
@@ -246,7 +293,7 @@ def test_prefix_cache_is_exact(engine_b1, engine_b1_cached, variables, table, sp
     mask, bn_modes = candidate(variables, table, CANDIDATE)
     want, want_losses = run(engine_b1, variables, mask, bn_modes, split)
     got, got_losses = run(cached, variables, mask, bn_modes, features)
-    assert cached.compilations["train"] == cached.compilations["features"] == 1
+    assert cohort_of(cached).compilations["train"] == cached.compilations["features"] == 1
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
     assert_close_states(got, want)
     assert_masked_training(variables, got, table, CANDIDATE, False)
@@ -264,27 +311,21 @@ def test_cache_in_device_memory_trains_and_evaluates_as_on_the_host(model, varia
     mask, bn_modes = candidate(variables, table, CANDIDATE)
     results = []
     for split in (features, on_device):
-        state = engine.init_state(variables)
-        losses = []
-        for epoch in range(2):
-            state, loss, accuracy = train.train_epoch(engine, state, mask, bn_modes, split,
-                                                      BATCH, 0, epoch, jax.random.key(0))
-            losses.append((loss, accuracy))
-        current = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        results.append((jax.device_get(state), losses,
-                        train.evaluate(engine, current, split, BATCH)))
+        state, losses = epochs(engine, variables, mask, bn_modes, split, 2)
+        results.append((whole_state(cohort_of(engine), state), losses,
+                        evaluate(engine, state, split)))
     (want, want_losses, want_eval), (got, got_losses, got_eval) = results
     np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
     assert got_eval["accuracy"] == want_eval["accuracy"]
     np.testing.assert_allclose(got_eval["loss"], want_eval["loss"], rtol=1e-5)
     assert_close_states(got, want)
     assert_masked_training(variables, got, table, CANDIDATE, False)
-    assert engine.compilations["train"] == 2  # the fed step and the gathering one
+    assert cohort_of(engine).compilations["train"] == 2  # the fed step and the gathering one
     with pytest.raises(ValueError, match="prefix cache"):
         make_engine(model, "block_1").to_device(features)
 
 
-def test_cache_fits_on_device_within_a_quarter_of_accelerator_memory():
+def test_cache_on_device_within_a_quarter_of_free_accelerator_memory():
     import types
 
     def mesh(*stats):
@@ -292,10 +333,16 @@ def test_cache_fits_on_device_within_a_quarter_of_accelerator_memory():
                                          memory_stats=lambda s=s: s) for s in stats]
         return types.SimpleNamespace(devices=np.asarray(devices, dtype=object))
 
-    assert train.fits_on_device(10**12, train.data_mesh())  # CPU: host memory either way
-    assert train.fits_on_device(100, mesh({"bytes_limit": 400}, {"bytes_limit": 800}))
-    assert not train.fits_on_device(101, mesh({"bytes_limit": 400}, {"bytes_limit": 800}))
-    assert not train.fits_on_device(1, mesh(None))  # memory unknown: keep it on the host
+    # CPU: host memory either way.
+    assert placement.cache_on_device(10**12, train.data_mesh(), free=1)
+    gpus = mesh({"bytes_limit": 400, "bytes_in_use": 0}, {"bytes_limit": 900,
+                                                           "bytes_in_use": 100})
+    free = placement.free_memory(gpus)
+    assert free == 400
+    assert placement.cache_on_device(100, gpus, free)
+    assert not placement.cache_on_device(101, gpus, free)
+    assert placement.free_memory(mesh(None)) == 0  # memory unknown:
+    assert not placement.cache_on_device(1, mesh(None), 0)  # keep it on the host
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["host_cache", "device_cache"])
@@ -304,13 +351,15 @@ def test_steps_compiled_ahead_on_a_thread_are_reused(model, variables, table, sp
     real steps to trace or compile: same shapes, shardings and structure as the real calls,
     for a cache on the host (fed batches) and in device memory (gathered batches)."""
     engine = make_engine(model, "block_1", cached=True, optimizer="adam", table=table)
+    cohort = cohort_of(engine)
     mask, bn_modes = candidate(variables, table, CANDIDATE)
     validation = synthetic_split(BATCH + 1, seed=5)
     sizes = {"train": len(split), "validation": len(validation)} if on_device else None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(engine.compile_steps, variables, *candidate(variables, table, ()), BATCH,
-                    (SIZE, SIZE, 3), sizes).result()
-    assert engine.compilations == {"train": 1, "eval": 1, "features": 0}
+        memory = pool.submit(cohort.compile_steps, variables, *candidate(variables, table, ()),
+                             BATCH, (SIZE, SIZE, 3), sizes).result()
+    assert cohort.compilations == {"train": 1, "eval": 1}
+    assert memory["train"] > 0 and memory["eval"] > 0 and memory["flops"] > 0
     compiled = []
 
     def listener(event, duration, **kwargs):
@@ -322,14 +371,13 @@ def test_steps_compiled_ahead_on_a_thread_are_reused(model, variables, table, sp
         features, validation = engine.to_device(features), engine.to_device(validation)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        state, _, _ = train.train_epoch(engine, engine.init_state(variables), mask, bn_modes,
-                                        features, BATCH, 0, 0, jax.random.key(0))
-        train.evaluate(engine, {"params": state["params"], "batch_stats": state["batch_stats"]},
-                       validation, BATCH)
+        state, _ = epochs(engine, variables, mask, bn_modes, features, 1)
+        evaluate(engine, state, validation)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert engine.compilations == {"train": 1, "eval": 1, "features": 1}
-    assert not [name for name in compiled if name.endswith(("_step", "_fn"))], compiled
+    assert cohort.compilations == {"train": 1, "eval": 1}
+    assert engine.compilations == {"features": 1}
+    assert not [name for name in compiled if name.endswith(("_fn", "<lambda>"))], compiled
 
 
 def test_prefix_in_micro_batches_changes_nothing(engine_b1, engine_b1_cached, model, variables,
@@ -337,12 +385,12 @@ def test_prefix_in_micro_batches_changes_nothing(engine_b1, engine_b1_cached, mo
     """The frozen prefix run over micro-batches (CPU's cache-friendly default) gives the whole
     batch's features and training, in both the cached and the uncached engine."""
     chunked = make_engine(model, "block_1", cached=True, table=table, prefix_chunk_bytes=1)
-    assert chunked._prefix_chunk(BATCH) == 1 and chunked._prefix_chunk(7) == 1
+    assert chunked.prefix_chunk(BATCH) == 1 and chunked.prefix_chunk(7) == 1
     largest = max(np.prod(r.output_shape[1:]) * 4 for r in table if r.unit == "stem")
     assert make_engine(model, "block_1", table=table,
-                       prefix_chunk_bytes=int(3 * largest))._prefix_chunk(BATCH) == 2
+                       prefix_chunk_bytes=int(3 * largest)).prefix_chunk(BATCH) == 2
     assert make_engine(model, "block_1", table=table,
-                       prefix_chunk_bytes=int(100 * largest))._prefix_chunk(BATCH) is None
+                       prefix_chunk_bytes=int(100 * largest)).prefix_chunk(BATCH) is None
     want = engine_b1_cached.features(variables, split, BATCH)
     got = chunked.features(variables, split, BATCH)
     np.testing.assert_allclose(got.images, want.images, rtol=1e-6, atol=1e-6)
@@ -369,16 +417,11 @@ def test_gradient_cut_changes_nothing_and_saves_work(engine_stem, engine_b1, var
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
     # No backward pass below the cut: the step from block_1 costs fewer FLOPs.
-    gb = data.global_batch(next(data.batches(split, BATCH, shuffle_rng=None)), engine_b1.mesh)
-
-    def flops(engine):
-        args = (engine.init_state(variables), mask, bn_modes, gb.images, gb.labels, gb.mask,
-                jax.random.key(0))
-        cost = engine.train_step.lower(*args).cost_analysis()
-        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
-
+    flops = lambda engine: cohort_of(engine).compile_steps(
+        variables, mask, bn_modes, BATCH, (SIZE, SIZE, 3))["flops"]
     assert flops(engine_b1) < 0.95 * flops(engine_stem)
-    assert engine_stem.compilations["train"] == engine_b1.compilations["train"] == 1
+    assert cohort_of(engine_stem).compilations["train"] == 1
+    assert cohort_of(engine_b1).compilations["train"] == 1
 
 
 def test_live_subset_engine_matches_and_keeps_state_small(engine_b1, model, variables, table,
@@ -565,11 +608,14 @@ def test_train_loop_copies_no_host_data_quietly(engine_b1, model, variables, tab
     if path == "device_cache":
         inputs = engine.to_device(inputs)
     mask, bn_modes = candidate(variables, table, CANDIDATE)
-    state, rng = engine.init_state(variables), jax.random.key(0)
+    cohort = cohort_of(engine)
+    one = cohort_lib.Run(mask, bn_modes, seed=0)
+    state = cohort.init(variables, [one])
+    masks, bns, keys = cohort.stack_inputs([one])
     with jax.transfer_guard("disallow"):
         for epoch in range(2):
-            state, loss, _ = train.train_epoch(engine, state, mask, bn_modes, inputs, BATCH, 0,
-                                               epoch, rng)
-        evaluated = train.evaluate(engine, {"params": state["params"],
-                                            "batch_stats": state["batch_stats"]}, inputs, BATCH)
-    assert np.isfinite(loss) and evaluated["predicted"].shape == (len(split),)
+            state, losses, _, _ = cohort_lib.train_epoch(cohort, state, masks, bns, inputs,
+                                                         BATCH, [0], epoch, keys, [True])
+        evaluated = evaluate(engine, state, inputs)
+        state = cohort.keep_best(state, [True])
+    assert np.isfinite(losses[0]) and evaluated["predicted"].shape == (len(split),)

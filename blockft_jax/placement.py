@@ -1,0 +1,174 @@
+"""Where an engine's runs go and how many train at once: decided once per engine, by process 0,
+from the compiler, and followed by every process.
+
+- The prefix cache lives in device memory when it fits: on CPU always (device memory is the
+  host memory it would take anyway), on an accelerator within a quarter of the free memory.
+- The cohort size K: the real train and eval steps are compiled for the largest cohort worth
+  having (`largest_cohort`: the runs to train, `search.parallel`, and on CPU the runs whose
+  live state fits in the last-level cache), and XLA's own memory plan of those programs
+  (`compiled.memory_analysis()`: arguments, outputs and temporaries) plus what stays resident
+  beside them (the prefix cache, each run's best variables) is compared with the memory
+  available: the device's free memory (`memory_stats()`), or on CPU a quarter of the host
+  memory available now. Too large: K shrinks by the measured bytes per run and the steps are
+  compiled again. The evaluation batch (a multiple of the training batch) shrinks the same way.
+
+The decision is logged with its figures and kept in cohorts.json with the machine it was made
+for; a rerun on the same kind of machine keeps it (so it forms the same cohorts), on another
+it decides again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from blockft_jax import train
+
+log = logging.getLogger(__name__)
+
+MAX_COHORT = 64
+CPU_MEMORY_SHARE = 0.25      # of the host memory available when an engine is placed
+CACHE_SHARE = 0.25           # of an accelerator's free memory the prefix cache may take
+EVAL_BATCH_MULTIPLES = (4, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    cohort_size: int
+    cache_on_device: bool
+    eval_batch_multiple: int
+    machine: dict            # what it was decided for: device kind, count, memory
+    figures: dict            # the numbers behind it (bytes), for the log and cohorts.json
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def local_devices(mesh) -> list:
+    return [d for d in mesh.devices.reshape(-1) if d.process_index == jax.process_index()]
+
+
+def on_cpu(mesh) -> bool:
+    return all(d.platform == "cpu" for d in local_devices(mesh))
+
+
+def machine(mesh) -> dict:
+    """The kind of machine a placement is decided for: its device kind and count, and the
+    memory of its smallest device (the host's on CPU)."""
+    devices = local_devices(mesh)
+    if on_cpu(mesh):
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        memory = min((d.memory_stats() or {}).get("bytes_limit", 0) for d in devices)
+    return {"device": devices[0].device_kind, "devices": int(mesh.devices.size),
+            "processes": jax.process_count(), "memory": int(memory)}
+
+
+def free_memory(mesh) -> int:
+    """Bytes the search may use now: on an accelerator the smallest local device's free
+    memory (bytes_limit - bytes_in_use; 0 when unknown), on CPU a quarter of the host memory
+    available."""
+    if on_cpu(mesh):
+        return int(CPU_MEMORY_SHARE * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    free = []
+    for d in local_devices(mesh):
+        stats = d.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return 0
+        free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return int(min(free))
+
+
+def cache_on_device(cache_bytes: int, mesh, free: int) -> bool:
+    """Whether a prefix cache of `cache_bytes` (whole on every device) goes into device
+    memory: on CPU always; elsewhere within CACHE_SHARE of the free memory."""
+    return on_cpu(mesh) or (free > 0 and cache_bytes <= CACHE_SHARE * free)
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs), or 32 MiB where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=32 * 2**20)
+
+
+def live_state_bytes(engine: train.Engine, variables) -> int:
+    """Bytes of one run's live parameters and BN statistics."""
+    tree = engine.live_part(variables["params"]), engine.live_part(variables.get(
+        "batch_stats", {}))
+    return sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int) -> tuple[int, dict]:
+    """The largest cohort worth compiling, and the caps that set it: the runs to train,
+    `parallel` when >= 1 (0: no cap of its own), MAX_COHORT, and on CPU the runs whose live
+    state (x4: params, two moments, gradients) fits in the last-level cache -- a step reads
+    and writes all of it, and beyond that the per-run step time grows (demo, 2-core EPYC, 32 MiB
+    L3, 4.5 MB per run: 4.9 ms per run-step at K=4-8, 7.1 ms at K=16-38)."""
+    if parallel < 0:
+        raise ValueError(f"parallel={parallel}: use 0 (as memory allows) or a cohort size >= 1.")
+    caps = {"runs": max(int(runs), 1), "maximum": MAX_COHORT}
+    if parallel >= 1:
+        caps["search.parallel"] = parallel
+    elif on_cpu(engine.mesh):
+        caps["CPU cache"] = max(1, last_level_cache_bytes() // max(
+            4 * live_state_bytes(engine, variables), 1))
+    return int(min(caps.values())), caps
+
+
+def fit_to_memory(compile_for: Callable[[int, int], dict], size: int, *, free: int,
+                  resident: Callable[[int], int], fixed: int, cpu: bool) -> tuple[int, int, dict]:
+    """The largest cohort size <= `size` and evaluation multiple whose compiled programs fit:
+    `compile_for(k, multiple)` compiles the real steps and returns their bytes ({'train',
+    'eval'}); `resident(k)` is what stays in memory beside them (best variables, the prefix
+    cache); `fixed` the part of a program that does not grow with k (frozen variables, the
+    cache). The train step sets the cohort size (shrunk by its measured bytes per run), then
+    the evaluation batch shrinks, then the cohort again. Returns (size, eval multiple,
+    figures)."""
+    multiple = EVAL_BATCH_MULTIPLES[0]
+    while True:
+        memory = compile_for(size, multiple)
+        need = {kind: memory[kind] + resident(size) for kind in ("train", "eval")}
+        per_run = {kind: max((need[kind] - fixed) // size, 1) for kind in need}
+        figures = {"free": free, "train": need["train"], "eval": need["eval"],
+                   "per_run": per_run["train"]}
+        if free <= 0 or max(need.values()) <= free:
+            return size, multiple, figures
+        if need["train"] > free and size > 1:
+            size = max(1, min(size - 1, (free - fixed) // per_run["train"]))
+        elif multiple > EVAL_BATCH_MULTIPLES[-1]:
+            multiple = EVAL_BATCH_MULTIPLES[EVAL_BATCH_MULTIPLES.index(multiple) + 1]
+        elif size > 1:
+            size = max(1, min(size - 1, (free - fixed) // per_run["eval"]))
+        else:
+            # One run does not fit by XLA's plan: try it anyway (the plan may be pessimistic,
+            # and on CPU the budget is a share of the memory), and say so.
+            log.warning("One run of this engine needs %.1f MB by XLA's memory plan, more than "
+                        "the %.1f MB %s; trying anyway. If it runs out of memory: lower "
+                        "data.batch_size, or use train.compute_dtype=bfloat16.",
+                        max(need.values()) / 2**20, free / 2**20,
+                        "allowed on CPU" if cpu else "free on the device")
+            return size, multiple, figures
+
+
+def describe(unit: str, placement: Placement, runs: int) -> str:
+    f = placement.figures
+    mb = lambda key: f"{f[key] / 2**20:,.1f} MB" if key in f else "?"
+    return (f"Runs from unit {unit}: {runs}, in cohorts of {placement.cohort_size} "
+            f"(caps {f.get('caps')}); prefix cache "
+            f"{'in device memory' if placement.cache_on_device else 'on the host'}; evaluation "
+            f"batch x{placement.eval_batch_multiple}. Memory by XLA's plan: train {mb('train')}, "
+            f"eval {mb('eval')} ({mb('per_run')} a run) of {mb('free')} available on "
+            f"{placement.machine['devices']} x {placement.machine['device']}")

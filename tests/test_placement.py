@@ -1,0 +1,84 @@
+"""Placement, decided from the compiler: the cohort size and the evaluation batch shrink until
+XLA's memory plan of the real compiled steps fits the memory available, and the caps that bound
+a cohort (runs to train, search.parallel, the CPU's last-level cache)."""
+import logging
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from blockft_jax import cohort as cohort_lib
+from blockft_jax import models, placement, train
+
+import test_train as base
+
+
+@pytest.fixture(scope="module")
+def engine():
+    module = base.create_model()
+    table = models.layer_table(module, (base.SIZE, base.SIZE, 3))
+    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": 1e-3, "epochs": 1})
+    return train.Engine(module, train.make_optimizer(cfg, 10), "block_1", train.data_mesh(),
+                        table=table)
+
+
+@pytest.fixture(scope="module")
+def variables(engine):
+    return models.variable_shapes(engine.module, (base.SIZE, base.SIZE, 3))
+
+
+def test_largest_cohort_caps(engine, variables):
+    live = placement.live_state_bytes(engine, variables)
+    assert live == sum(np.dtype(x.dtype).itemsize * np.prod(x.shape) for x in jax.tree.leaves(
+        (engine.live_part(variables["params"]), engine.live_part(variables["batch_stats"]))))
+    size = lambda parallel, runs: placement.largest_cohort(engine, variables, parallel, runs)[0]
+    assert size(3, 10) == 3 and size(3, 2) == 2 and size(1, 10) == 1
+    # parallel=0: as many as the runs, the maximum and (on CPU) the last-level cache allow.
+    cache_cap = placement.last_level_cache_bytes() // (4 * live)
+    assert size(0, 500) == min(placement.MAX_COHORT, cache_cap, 500)
+    assert size(0, 3) == min(3, cache_cap)
+    with pytest.raises(ValueError, match="parallel"):
+        size(-1, 10)
+
+
+def test_fit_to_memory_shrinks_the_cohort_then_the_evaluation_batch(caplog):
+    compiled = []
+
+    def compile_for(k, multiple):  # 10 MB fixed, 5 MB a run to train, 2 MB x multiple to eval
+        compiled.append((k, multiple))
+        return {"train": 10 + 5 * k, "eval": 10 + 2 * multiple * k}
+
+    resident = lambda k: k  # a run's best variables beside the programs
+    fit = lambda free, size=8: placement.fit_to_memory(compile_for, size, free=free,
+                                                        resident=resident, fixed=10, cpu=False)
+    assert fit(1000)[:2] == (8, 4)            # fits as compiled: one compilation
+    assert compiled == [(8, 4)]
+    compiled.clear()
+    size, multiple, figures = fit(40)         # 10 + 6k <= 40: k = 5
+    assert (size, multiple) == (5, 2) and compiled[0] == (8, 4)
+    assert figures["train"] <= 40 and figures["eval"] <= 40
+    compiled.clear()
+    with caplog.at_level(logging.WARNING):    # one run does not fit: try anyway, and say so
+        assert fit(12)[:2] == (1, 1)
+    assert "trying anyway" in caplog.text
+    assert fit(0)[:2] == (8, 4)               # memory unknown: as compiled
+
+
+def test_compiled_memory_grows_with_the_cohort(engine, variables):
+    """The figures come from XLA's plan of the real steps: more runs, more bytes."""
+    from blockft_jax import groups
+    mask = groups.param_mask(variables["params"], engine.table, [])
+    bn_modes = groups.bn_modes(engine.table, [])
+    memory = {k: cohort_lib.Cohort(engine, k).compile_steps(
+        variables, mask, bn_modes, base.BATCH, (base.SIZE, base.SIZE, 3)) for k in (1, 4)}
+    assert 0 < memory[1]["train"] < memory[4]["train"]
+    assert 0 < memory[1]["eval"] < memory[4]["eval"]
+    assert memory[1]["flops"] == pytest.approx(memory[4]["flops"], rel=0.05)
+
+
+def test_machine_and_free_memory_on_cpu():
+    mesh = train.data_mesh()
+    m = placement.machine(mesh)
+    assert m["devices"] == jax.device_count() and m["memory"] > 0 and m["device"]
+    assert 0 < placement.free_memory(mesh) < m["memory"]
