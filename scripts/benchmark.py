@@ -24,19 +24,23 @@ images/s = epochs x images / wall seconds.
   keras_*      model.fit(x, y, batch_size, epochs=1) to warm up, then model.fit(..., epochs=E)
                timed. Images are preprocessed (Keras's preprocess_input mode) on the host
                beforehand, outside the timed region; fit gets float32 arrays.
-  blockft_jax  a train.Engine from the lowest unit holding a trained layer. Default (the
-               fine-tuning level): with a frozen prefix below that unit, the engine caches the
-               prefix's output (cached=True) and the timed region *includes* computing those
-               features (engine.features) once, since users wait for it. `--no-cache` (the step
-               level): cached=False, every step runs the frozen prefix too. The loop is
-               train.fit's without validation: data.batches (shuffled per epoch) ->
-               data.global_batch -> engine.train_step, metrics fetched once per epoch.
-               uint8 images go to the device and are preprocessed inside the step.
+  blockft_jax  one run (a cohort of one, `cohort.Cohort(engine, 1)`) of a train.Engine from
+               the lowest unit holding a trained layer, set up by blockft_jax.benchmarking (as
+               scripts/gpu_check.py's). Default (the fine-tuning level): with a frozen prefix
+               below that unit, the engine caches the prefix's output (cached=True), where the
+               search would keep it (device memory when `placement.cache_on_device` says so, or
+               as `--cache-in` says), and the timed region *includes* computing those features
+               (engine.features) once, since users wait for it. `--no-cache` (the step level):
+               cached=False, every step runs the frozen prefix too. The loop is the search's
+               without validation: cohort.train_epoch (each epoch shuffled; a device-resident
+               cache's batches gathered on the device, others fed from the host), metrics
+               fetched once per epoch. uint8 images go to the device and are preprocessed
+               inside the step.
   blockft_jax_step  blockft_jax with --no-cache: both levels side by side in one command.
 
 `--input-check` (blockft_jax only) times the input pipeline -- tf_flowers through
-data.load_dataset, then the per-step host work of train.train_epoch -- against synthetic
-batches built on the device once, with the same engine and epochs interleaved.
+data.load_dataset, then the per-step host work of cohort.train_epoch -- against synthetic
+batches placed on the device once (cohort.feed), with the same run and epochs interleaved.
 
 Per framework it reports images/s, warm-up (compile) seconds, peak resident memory
 (ru_maxrss of the subprocess) and the ratios blockft_jax/keras_tf and blockft_jax/keras_jax.
@@ -66,10 +70,13 @@ import functools
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's package (installed or not) and its configs/
+from blockft_jax import benchmarking as bench  # noqa: E402
 
 # blockft_jax_step: blockft_jax at the step level (no prefix cache), as --no-cache makes it.
 FRAMEWORKS = ("blockft_jax", "blockft_jax_step", "keras_tf", "keras_jax")
@@ -78,34 +85,7 @@ OURS = ("blockft_jax", "blockft_jax_step")
 ROWS = (("mobilenet_v2", "block_16"), ("mobilenet_v2", "all"), ("mobilenet_v2", "head"),
         ("mobilenet_v1", "conv_pw_13"), ("mobilenet_v3_large", "expanded_conv_14"),
         ("resnet50_v2", "conv5_block3"), ("vgg16", "block5"))
-NUM_CLASSES = 5
-RESULT_TAG = "BENCHMARK_RESULT "
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-
-# --- shared by the workers --------------------------------------------------------------------
-
-def synthetic_data(n: int, size: int, seed: int):
-    """The same uint8 images and int32 labels in every worker."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    labels = rng.integers(0, NUM_CLASSES, (n,)).astype(np.int32)
-    return images, labels
-
-
-def in_trained_set(name: str, trainable: str) -> bool:
-    """Whether a backbone layer named `name` trains (the head always does)."""
-    return trainable == "all" or (trainable != "head" and name.startswith(trainable))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _emit(result: dict):
-    result["peak_rss_mb"] = peak_rss_mb()
-    print(RESULT_TAG + json.dumps(result), flush=True)
 
 
 # --- keras worker -----------------------------------------------------------------------------
@@ -116,7 +96,7 @@ def run_keras(args) -> dict:
 
     from blockft_jax import models
 
-    images, labels = synthetic_data(args.images, args.size, args.seed)
+    images, labels = bench.synthetic_data(args.images, args.size, args.seed)
     mode = models.model_class(args.model).preprocessing
     x = images.astype(np.float32)
     if mode == "tf":
@@ -133,11 +113,11 @@ def run_keras(args) -> dict:
         kwargs["alpha"] = args.width
     base = getattr(keras.applications, constructor)(**kwargs)
     features = keras.layers.GlobalAveragePooling2D(name="benchmark_avg_pool")(base.output)
-    logits = keras.layers.Dense(NUM_CLASSES, name="benchmark_head")(features)
+    logits = keras.layers.Dense(bench.NUM_CLASSES, name="benchmark_head")(features)
     model = keras.Model(base.inputs, logits)
     head = {"benchmark_avg_pool", "benchmark_head"}
     for layer in model.layers:
-        layer.trainable = layer.name in head or in_trained_set(layer.name, args.trainable)
+        layer.trainable = layer.name in head or bench.in_trained_set(layer.name, args.trainable)
     trained = [l.name for l in model.layers
                if l.trainable and l.weights and l.name not in head]
     if args.trainable not in ("head", "all") and not trained:
@@ -169,133 +149,61 @@ def run_keras(args) -> dict:
 
 # --- blockft_jax worker -----------------------------------------------------------------------
 
-def random_variables(module, shape, seed):
-    """Variables like `module.init`'s (LeCun-normal kernels, zero biases, unit BN), drawn with
-    numpy from `jax.eval_shape`: compiling the whole model's init costs tens of seconds on CPU
-    and is not what this benchmark measures (throughput does not depend on the values)."""
-    import numpy as np
-    from flax import traverse_util
-
-    from blockft_jax import models
-
-    rng = np.random.default_rng(seed)
-    abstract = models.variable_shapes(module, shape)
-    flat = {}
-    for path, leaf in traverse_util.flatten_dict(dict(abstract)).items():
-        if path[-1] == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            value = rng.normal(0.0, np.sqrt(1.0 / fan_in), leaf.shape)
-        elif path[-1] in ("scale", "var"):
-            value = np.ones(leaf.shape)
-        else:  # biases, BN offsets and moving means
-            value = np.zeros(leaf.shape)
-        flat[path] = np.asarray(value, leaf.dtype)
-    variables = traverse_util.unflatten_dict(flat)
-    variables.setdefault("batch_stats", {})  # as weights.py: the same structure without BN
-    return variables
-
-
-def blockft_setup(args):
-    """The engine and the candidate for `--model`/`--trainable`, as a namespace."""
-    import types
-
-    import jax
-    import ml_collections
-
-    from blockft_jax import groups, models, train
-
-    module = models.create(args.model, num_classes=NUM_CLASSES, width=args.width)
-    shape = (args.size, args.size, 3)
-    table = models.layer_table(module, shape)
-    variables = random_variables(module, shape, args.seed)
-    backbone = groups.backbone_layers(table)
-    layers = tuple(r.name for r in backbone if in_trained_set(r.name, args.trainable))
-    if args.trainable not in ("head", "all") and not layers:
-        raise ValueError(f"No weighted layer of {args.model} starts with {args.trainable!r}; "
-                         f"its top layers: {[r.name for r in backbone[-8:]]}")
-    group = groups.Group("benchmark", f"benchmark:{args.trainable}", layers)
-    from_unit = groups.lowest_unit(table, [group])
-    first_unit = module.unit_names()[0]
-    cached = not args.no_cache and from_unit != first_unit
-
-    steps_per_epoch = math.ceil(args.images / args.batch)
-    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": 1e-3,
-                                     "epochs": args.epochs + 1})
-    tx = train.make_optimizer(cfg, (args.epochs + 1) * steps_per_epoch)
-    mesh = train.data_mesh()
-    engine = train.Engine(module, tx, from_unit, mesh, cached=cached, table=table,
-                          prefix_chunk_bytes=train.default_prefix_chunk_bytes())
-    mask = groups.param_mask(variables["params"], table, layers)
-    bn_modes = groups.bn_modes(table, layers)
-    return types.SimpleNamespace(module=module, table=table, variables=variables, layers=layers,
-                                 from_unit=from_unit, cached=cached, engine=engine, mask=mask,
-                                 bn_modes=bn_modes, rng=jax.random.key(args.seed))
+def blockft_job(args) -> bench.Job:
+    return bench.setup(args.model, args.trainable, size=args.size, width=args.width,
+                       seed=args.seed, cache=not args.no_cache)
 
 
 def run_blockft(args) -> dict:
     import jax
-    import numpy as np
-    from flax import traverse_util
 
-    from blockft_jax import data, train
+    from blockft_jax import data, placement
 
-    images, labels = synthetic_data(args.images, args.size, args.seed)
-    split = data.Split(images, labels)
-    job = blockft_setup(args)
-    module, table, variables, layers = job.module, job.table, job.variables, job.layers
-    engine, mask, bn_modes, rng = job.engine, job.mask, job.bn_modes, job.rng
-    from_unit, cached = job.from_unit, job.cached
+    split = data.Split(*bench.synthetic_data(args.images, args.size, args.seed))
+    job = blockft_job(args)
+    engine = job.engine
 
-    def one_epoch(state, inputs, epoch):
-        """train.fit's epoch, without validation: what a user waits for per epoch."""
-        state, loss, _ = train.train_epoch(engine, state, mask, bn_modes, inputs, args.batch,
-                                           args.seed, epoch, rng)
-        return state, loss
-
-    # Warm-up: compiles init_state, the prefix (when cached) and the train step.
+    # Warm-up: compiles the cohort's init, the prefix (when cached) and the train step.
     started = time.perf_counter()
-    state = jax.block_until_ready(engine.init_state(variables))
-    parts = {"init_state": time.perf_counter() - started}
-    on_device = cached and (args.cache_in == "device" or args.cache_in == "auto" and
-                            engine.cache_fits_on_device(len(split)))
+    runs = job.start(1)  # one run: a cohort of one
+    jax.block_until_ready(runs.state)
+    parts = {"init": time.perf_counter() - started}
+    on_device = job.cached and (args.cache_in == "device" or args.cache_in == "auto" and
+                                placement.cache_on_device(engine.feature_bytes(len(split)),
+                                                          engine.mesh,
+                                                          placement.free_memory(engine.mesh)))
 
     def cache():  # the prefix cache, where the search would keep it (or --cache-in says)
-        features = engine.features(variables, split, args.batch)
+        features = engine.features(job.variables, split, args.batch)
         return engine.to_device(features) if on_device else features
 
-    inputs = cache() if cached else split
-    parts["features"] = time.perf_counter() - started - parts["init_state"]
-    state, _ = one_epoch(state, inputs, 0)
-    jax.block_until_ready(state)
+    inputs = cache() if job.cached else split
+    parts["features"] = time.perf_counter() - started - parts["init"]
+    runs.epoch(inputs, args.batch, 0)
+    jax.block_until_ready(runs.state)
     compile_s = time.perf_counter() - started
-    parts["epoch"] = compile_s - parts["init_state"] - parts["features"]
+    parts["epoch"] = compile_s - parts["init"] - parts["features"]
 
-    # Timed: (prefix features, when cached) + E epochs.
+    # Timed: (prefix features, when cached) + E epochs, as the search trains them (without
+    # validation): cohort.train_epoch, metrics fetched once per epoch.
     started = time.perf_counter()
     features_s = 0.0
-    if cached:
+    if job.cached:
         inputs = jax.block_until_ready(cache())
         features_s = time.perf_counter() - started
-    losses = []
-    for epoch in range(1, args.epochs + 1):
-        state, loss = one_epoch(state, inputs, epoch)
-        losses.append(loss)
-    jax.block_until_ready(state)
+    losses = [runs.epoch(inputs, args.batch, epoch)[0] for epoch in range(1, args.epochs + 1)]
+    jax.block_until_ready(runs.state)
     wall = time.perf_counter() - started
 
-    flat_mask = traverse_util.flatten_dict(jax.device_get(mask))
-    flat_params = traverse_util.flatten_dict(variables["params"])
-    trainable_params = int(sum(np.size(flat_params[k]) for k, m in flat_mask.items() if m))
     return {"images_per_s": args.epochs * args.images / wall, "compile_s": compile_s,
-            "timed_s": wall, "features_s": features_s, "cached": cached,
-            "cache_in": ("device" if on_device else "host") if cached else None,
+            "timed_s": wall, "features_s": features_s, "cached": job.cached,
+            "cache_in": ("device" if on_device else "host") if job.cached else None,
             "warmup_parts": parts,
-            "level": "fine-tuning (prefix cache)" if cached else "step",
-            "from_unit": from_unit, "units": len(module.unit_names()),
-            "compilations": dict(engine.compilations), "losses": losses,
-            "trained_layers": list(layers),
-            "batch_stat_bn": [k for k, v in bn_modes.items() if bool(v)],
-            "trainable_params": trainable_params,
+            "level": "fine-tuning (prefix cache)" if job.cached else "step",
+            "from_unit": job.from_unit, "units": job.units,
+            "compilations": runs.compilations, "losses": losses,
+            "trained_layers": list(job.layers), "batch_stat_bn": job.batch_stat_bn,
+            "trainable_params": job.trainable_params,
             "versions": {"jax": jax.__version__, "device": str(jax.devices()[0]),
                          "device_count": jax.device_count()}}
 
@@ -314,7 +222,8 @@ def pipeline_data(args):
         if len(train.labels) < args.images:
             raise ValueError(f"tf_flowers' train split has {len(train.labels)} images; "
                              f"--images {args.images} asks for more.")
-        return data.Split(train.images[:args.images], train.labels[:args.images] % NUM_CLASSES), \
+        return data.Split(train.images[:args.images],
+                          train.labels[:args.images] % bench.NUM_CLASSES), \
             time.perf_counter() - started
 
     if not args.mock_data:
@@ -326,69 +235,58 @@ def pipeline_data(args):
 
 
 def run_input_check(args) -> dict:
-    """One engine, two inputs, epochs interleaved: (a) the input pipeline -- tf_flowers images
-    loaded by data.load_dataset, then train.train_epoch's per-step host work (shuffle, gather,
-    pad, data.global_batch); (b) synthetic batches built on the device once and reused. The
+    """One run (a cohort of one), two inputs, epochs interleaved: (a) the input pipeline --
+    tf_flowers images loaded by data.load_dataset, then cohort.train_epoch's per-step host work
+    (shuffle, gather, feed); (b) synthetic batches placed on the device once and reused. The
     steps and the metrics fetch are the same; only the input differs."""
     import jax
 
-    from blockft_jax import data, train
+    from blockft_jax import data
 
-    job = blockft_setup(args)
+    job = blockft_job(args)
     engine = job.engine
     split, load_s = pipeline_data(args)
+    synthetic = data.Split(*bench.synthetic_data(args.images, args.size, args.seed))
     if job.cached:
         split = engine.features(job.variables, split, args.batch)
-    synthetic = data.Split(*synthetic_data(args.images, args.size, args.seed))
-    if job.cached:
         synthetic = engine.features(job.variables, synthetic, args.batch)
-    resident = [data.global_batch(b, engine.mesh)
+    runs = job.start(1)
+    resident = [runs.feed(b.images[None], b.labels[None], b.mask[None])
                 for b in data.batches(synthetic, args.batch, shuffle_rng=None)]
 
-    def device_epoch(state):  # train.train_epoch's loop, minus the input pipeline
-        metrics = []
-        for gb in resident:
-            state, step_metrics = engine.train_step(state, job.mask, job.bn_modes, gb.images,
-                                                    gb.labels, gb.mask, job.rng)
-            metrics.append(step_metrics)
-        jax.device_get(metrics)
-        return state
+    def device_epoch():  # cohort.train_epoch's loop, minus the input pipeline
+        jax.device_get([runs.step(fed) for fed in resident])
 
-    def pipeline_epoch(state, epoch):
-        return train.train_epoch(engine, state, job.mask, job.bn_modes, split, args.batch,
-                                 args.seed, epoch, job.rng)[0]
+    def pipeline_epoch(epoch):
+        runs.epoch(split, args.batch, epoch)
 
-    state = engine.init_state(job.variables)
-    state = jax.block_until_ready(device_epoch(pipeline_epoch(state, 0)))  # warm-up
+    pipeline_epoch(0)  # warm-up
+    device_epoch()
+    jax.block_until_ready(runs.state)
     seconds = {"pipeline": 0.0, "device_resident": 0.0}
     for epoch in range(1, args.epochs + 1):
         started = time.perf_counter()
-        state = jax.block_until_ready(pipeline_epoch(state, epoch))
+        pipeline_epoch(epoch)
+        jax.block_until_ready(runs.state)
         seconds["pipeline"] += time.perf_counter() - started
         started = time.perf_counter()
-        state = jax.block_until_ready(device_epoch(state))
+        device_epoch()
+        jax.block_until_ready(runs.state)
         seconds["device_resident"] += time.perf_counter() - started
     rates = {k: args.epochs * args.images / v for k, v in seconds.items()}
     return {"images_per_s": rates["pipeline"], "device_resident_images_per_s":
             rates["device_resident"], "pipeline_ratio": rates["pipeline"] / rates["device_resident"],
             "load_s": load_s, "mock_data": args.mock_data, "cached": job.cached,
-            "from_unit": job.from_unit, "compilations": dict(engine.compilations)}
+            "from_unit": job.from_unit, "compilations": runs.compilations}
 
 
 def worker(args):
-    try:
-        if args.input_check:
-            result = run_input_check(args)
-        elif args.worker == "blockft_jax":
-            result = run_blockft(args)
-        else:
-            result = run_keras(args)
-        result["ok"] = True
-    except Exception as e:  # report, don't crash: the parent prints it and goes on
-        import traceback
-        traceback.print_exc()
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    _emit(result)
+    if args.input_check:
+        bench.report(lambda: run_input_check(args))
+    elif args.worker == "blockft_jax":
+        bench.report(lambda: run_blockft(args))
+    else:
+        bench.report(lambda: run_keras(args))
 
 
 # --- parent -----------------------------------------------------------------------------------
@@ -407,30 +305,9 @@ def launch(framework: str, model: str, trainable: str, args) -> dict:
         cmd.append("--input-check")
     if args.mock_data:
         cmd.append("--mock-data")
-    env = dict(os.environ)
-    env.pop("KERAS_BACKEND", None)
-    if framework in KERAS_BACKEND:
-        env["KERAS_BACKEND"] = KERAS_BACKEND[framework]
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     print(f"[{model} {trainable}] running {framework} ...", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                              timeout=args.worker_timeout)
-    except subprocess.TimeoutExpired as e:
-        return {"ok": False, "error": f"timed out after {args.worker_timeout} s",
-                "log": (e.stderr or "")[-3000:] if isinstance(e.stderr, str) else ""}
-    result = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG):])
-    if result is None:
-        result = {"ok": False, "error": f"the worker exited with status {proc.returncode} "
-                                        "without a result"}
-    if not result.get("ok"):
-        result["log"] = proc.stderr[-3000:]
-    result["process_s"] = time.perf_counter() - started
-    return result
+    return bench.launch(cmd, env=bench.worker_env(KERAS_BACKEND=KERAS_BACKEND.get(framework)),
+                        timeout=args.worker_timeout)
 
 
 def ratio(results, a, b) -> float:
@@ -569,8 +446,6 @@ def print_all_table(args, frameworks, table):
 
 # --- whole searches --------------------------------------------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def timed_search(args, workdir: str, cache: str, extra: list[str]) -> dict:
     """One `python -m blockft_jax.main` search in a subprocess: wall seconds, and the
@@ -675,7 +550,6 @@ def checkpoint_bytes_table(cohort_size: int) -> list[str]:
     lines = [f"| search | engine (runs from unit) | live layers | checkpoint of {cohort_size} runs |"
              f" before (frozen once + best whole) |", "|---|---|---:|---:|---:|"]
     for path, overrides in CHECKPOINT_MODELS:
-        sys.path.insert(0, ROOT)
         config = importlib.import_module(path[:-3].replace("/", ".")).get_config()
         module = plan.build_module(config, num_classes=5)
         shape = (config.model.input_size,) * 2 + (3,)
