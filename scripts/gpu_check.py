@@ -13,16 +13,20 @@ Rows: for each model of `--models` and each trained set of `--trainable`:
   all   full fine-tuning (every layer)
   or a Keras layer-name prefix (e.g. block_16), as scripts/benchmark.py's --trainable.
 
-blockft_jax  the package's real engine, exactly as scripts/benchmark.py's `run_blockft` at
-             `--no-cache` (the step level): models.create(..., dtype=bfloat16) (params stay
-             float32), layer_table, random_variables, groups.Group/lowest_unit/param_mask/bn_modes,
-             train.make_optimizer (Adam 1e-3), train.Engine(module, tx, from_unit, mesh,
-             cached=False, table=table): every step runs the frozen units below the lowest
-             trained unit too. One device-resident batch (data.global_batch once) is reused every
-             step, so the host loop is not measured. FLOPs per step: XLA's cost analysis of the
-             compiled train step (`compiled.cost_analysis()`; the lowered, pre-optimisation
-             count is printed too and used where the compiled one is missing or under half of it:
-             XLA:GPU has under-counted library calls before).
+blockft_jax  one run of the package's real engine (a cohort of one: cohort.Cohort(engine, 1)),
+             set up by blockft_jax.benchmarking as scripts/benchmark.py's at `--no-cache` (the
+             step level): models.create(..., dtype=bfloat16) (params stay float32),
+             layer_table, random variables, groups' mask and BN modes, Adam 1e-3,
+             train.Engine(..., cached=False): every step runs the frozen units below the lowest
+             trained unit too. One batch, placed on the device once (cohort.feed), is reused
+             every step (cohort.train_step), so the host loop is not measured. FLOPs per step:
+             XLA's cost analysis of the compiled train step (`compiled.cost_analysis()`; the
+             lowered, pre-optimisation count is printed too and used where the compiled one is
+             missing or under half of it: XLA:GPU has under-counted library calls before).
+blockft_jax_cohort  the same, for `--cohort` K runs (seeds 0..K-1) in one vmapped step, the
+             search's main path: each run its own batch. images/s is all runs' (K x batch per
+             step), printed per run too; FLOPs and MFU are the whole step's. Timed on every row
+             but `all` (a search trains many top-of-network candidates in cohorts, one full).
 torch        torchvision's model (mobilenet_v2; torchvision has no ResNet50V2: resnet50, i.e. v1
              post-activation bottlenecks: slightly different layers), a new Linear head of 5
              classes (no dropout, as blockft_jax's default), random weights, channels_last,
@@ -33,15 +37,18 @@ torch        torchvision's model (mobilenet_v2; torchvision has no ResNet50V2: r
              per step: torch.utils.flop_counter.FlopCounterMode over one eager step (convolutions
              and matmuls only).
 
-Both: a warm-up of `--warmup` steps (the first compiles; reported as compile_s), then `--steps`
+All: a warm-up of `--warmup` steps (the first compiles; reported as compile_s), then `--steps`
 steps timed (synchronised at both ends only): images/s = steps x batch / seconds. MFU = achieved
 FLOP/s / the card's peak dense bf16 FLOP/s, from a small table by device name (or
 `--peak-flops`); the assumed peak is printed. Each framework runs in its own subprocess, one after
-the other, with its own interpreter (`--python-jax`, `--python-torch`; default this one).
+the other, with its own interpreter (`--python-jax`, `--python-torch`; default this one); under
+`--time-limit` each gets an equal share of what is left of its row.
 
 The output ends, per row, with parseable lines:
   gpu_check model=M trainable=T framework=F images_per_s=X mfu=Y step_ms=... compile_s=... ...
+                 (blockft_jax*: ... runs=K per_run_images_per_s=X ok=yes|no)
   ratio model=M trainable=T blockft_jax/torch=R target=1.2 met=yes|no
+  cohort model=M trainable=T runs=K aggregate/single=R per_run/single=R
 (`nan` where a framework failed or timed out; its error is printed above).
 """
 from __future__ import annotations
@@ -50,20 +57,21 @@ import argparse
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
 
-FRAMEWORKS = ("blockft_jax", "torch")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's package, installed or not
+from blockft_jax import benchmarking as bench  # noqa: E402  (standard library only: torch's too)
+
+# Run in this order: the cohort, an addition beside the comparison, gets what time is left.
+FRAMEWORKS = ("blockft_jax", "torch", "blockft_jax_cohort")
 MODELS = ("mobilenet_v2", "resnet50_v2")
 TOP = {"mobilenet_v2": "block_16", "resnet50_v2": "conv5_block3"}
 TORCH_ARCH = {"mobilenet_v2": "mobilenet_v2", "resnet50_v2": "resnet50"}
 TORCH_TOP = {"mobilenet_v2": "features[17]", "resnet50_v2": "layer4[2]"}
-NUM_CLASSES = 5
 TARGET_RATIO = 1.2
-RESULT_TAG = "GPU_CHECK_RESULT "
-HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s by device name: (lower-case substring of the
 # name, label, FLOP/s). Order matters: the first match wins.
@@ -93,21 +101,12 @@ def peak_flops(device_name: str, override: float | None):
     return None, "unknown device (no MFU)"
 
 
-def in_trained_set(name: str, trainable: str) -> bool:
-    """scripts/benchmark.py's rule: whether a backbone layer named `name` trains."""
-    return trainable == "all" or (trainable != "head" and name.startswith(trainable))
-
-
 _T0 = time.perf_counter()
 
 
 def _progress(message: str):
     """A worker's progress, on stderr: shown by the parent when the worker fails or times out."""
     print(f"[{time.perf_counter() - _T0:6.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def _emit(result: dict):
-    print(RESULT_TAG + json.dumps(result), flush=True)
 
 
 def _flops(cost) -> float:
@@ -122,79 +121,26 @@ def _flops(cost) -> float:
 
 # --- blockft_jax worker -----------------------------------------------------------------------
 
-def _random_variables():
-    """scripts/benchmark.py's random_variables (imported, not duplicated); if that script cannot
-    be imported, models.init_variables (same structure, compiled init)."""
-    import importlib.util
-    try:
-        spec = importlib.util.spec_from_file_location("_blockft_benchmark",
-                                                      os.path.join(HERE, "benchmark.py"))
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        return bench.random_variables, "scripts/benchmark.py random_variables"
-    except Exception as e:  # the benchmark script is edited independently of this one
-        from blockft_jax import models
-        print(f"note: scripts/benchmark.py unusable ({type(e).__name__}: {e}); "
-              "using models.init_variables", file=sys.stderr)
-        return (lambda module, shape, seed: models.init_variables(module, shape)), \
-            "models.init_variables"
-
-
-def _train_config(values: dict):
-    try:
-        import ml_collections
-        return ml_collections.ConfigDict(values)
-    except ImportError:  # make_optimizer only reads it: a dict with attribute access will do
-        class Config(dict):
-            __getattr__ = dict.__getitem__
-        return Config(values)
-
-
-def run_blockft(a: dict) -> dict:
+def run_blockft(a: dict, k: int) -> dict:
+    """`k` runs of the row's candidate in one cohort (1: the single run), each stepping on
+    its own batch placed on the device once."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import traverse_util
-
-    from blockft_jax import data, groups, models, train
 
     started = time.perf_counter()
-    dtype = jnp.bfloat16 if a["dtype"] == "bfloat16" else jnp.float32
-    module = models.create(a["model"], num_classes=NUM_CLASSES, width=a["width"], dtype=dtype)
-    shape = (a["size"], a["size"], 3)
-    table = models.layer_table(module, shape)
-    random_variables, variables_from = _random_variables()
-    variables = random_variables(module, shape, a["seed"])
-    backbone = groups.backbone_layers(table)
-    layers = tuple(r.name for r in backbone if in_trained_set(r.name, a["trainable"]))
-    if a["trainable"] not in ("head", "all") and not layers:
-        raise ValueError(f"No weighted layer of {a['model']} starts with {a['trainable']!r}; "
-                         f"its top layers: {[r.name for r in backbone[-8:]]}")
-    group = groups.Group("gpu_check", f"gpu_check:{a['trainable']}", layers)
-    from_unit = groups.lowest_unit(table, [group])
-    total_steps = a["warmup"] + a["steps"]
-    tx = train.make_optimizer(_train_config({"optimizer": "adam", "learning_rate": 1e-3,
-                                             "epochs": 1}), total_steps)
-    mesh = train.data_mesh()
-    engine = train.Engine(module, tx, from_unit, mesh, cached=False, table=table)
-    mask = groups.param_mask(variables["params"], table, layers)
-    bn_modes = groups.bn_modes(table, layers)
-    rng = jax.random.key(a["seed"])
-
-    # One device-resident batch, reused every step (the host loop is not measured).
-    np_rng = np.random.default_rng(a["seed"])
-    batch = data.Batch(np_rng.integers(0, 256, (a["batch"], *shape), dtype=np.uint8),
-                       np_rng.integers(0, NUM_CLASSES, (a["batch"],)).astype(np.int32),
-                       np.ones((a["batch"],), np.float32))
-    gb = jax.block_until_ready(data.global_batch(data.process_slice(batch), mesh))
-    state = jax.block_until_ready(engine.init_state(variables))
+    job = bench.setup(a["model"], a["trainable"], size=a["size"], width=a["width"],
+                      seed=a["seed"], dtype=a["dtype"], cache=False)
+    runs = job.start(k)
+    images, labels = bench.synthetic_data(k * a["batch"], a["size"], a["seed"])
+    fed = runs.feed(images.reshape(k, a["batch"], *images.shape[1:]),
+                    labels.reshape(k, a["batch"]))
+    jax.block_until_ready((runs.state, fed))
     setup_s = time.perf_counter() - started
-    _progress(f"blockft_jax set up (from_unit={from_unit}, {len(layers)} layers) on "
-              f"{jax.devices()[0]}; compiling the train step ...")
+    _progress(f"blockft_jax set up ({k} run(s), from_unit={job.from_unit}, "
+              f"{len(job.layers)} layers) on {jax.devices()[0]}; compiling the train step ...")
 
     # Compile (ahead of time, for the cost analysis; the jitted step reuses the executable).
     t0 = time.perf_counter()
-    lowered = engine.train_step.lower(state, mask, bn_modes, gb.images, gb.labels, gb.mask, rng)
+    lowered = runs.lower(fed)
     compiled = lowered.compile()
     lower_compile_s = time.perf_counter() - t0
     _progress(f"compiled in {lower_compile_s:.1f} s; warm-up steps ...")
@@ -211,47 +157,43 @@ def run_blockft(a: dict) -> dict:
     memory = {}
     try:
         m = compiled.memory_analysis()
-        memory = {k: int(getattr(m, k)) for k in ("temp_size_in_bytes", "argument_size_in_bytes",
-                                                   "output_size_in_bytes") if hasattr(m, k)}
+        memory = {field: int(getattr(m, field)) for field in (
+            "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+            if hasattr(m, field)}
     except Exception:
         pass
 
     t0 = time.perf_counter()
     for _ in range(a["warmup"]):
-        state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels, gb.mask,
-                                           rng)
-    jax.block_until_ready((state, metrics))
+        metrics = runs.step(fed)
+    jax.block_until_ready((runs.state, metrics))
     warmup_s = time.perf_counter() - t0
     _progress(f"warm-up {warmup_s:.1f} s; timing {a['steps']} steps ...")
 
     t0 = time.perf_counter()
     for _ in range(a["steps"]):
-        state, metrics = engine.train_step(state, mask, bn_modes, gb.images, gb.labels, gb.mask,
-                                           rng)
-    jax.block_until_ready(state)
+        metrics = runs.step(fed)
+    jax.block_until_ready(runs.state)
     wall = time.perf_counter() - t0
-    loss = float(jax.device_get(metrics["loss"]))
+    loss = float(jax.device_get(metrics["loss"])[0])
 
-    flat_mask = traverse_util.flatten_dict(jax.device_get(mask))
-    flat_params = traverse_util.flatten_dict(variables["params"])
-    trainable_params = int(sum(np.size(flat_params[k]) for k, v in flat_mask.items() if v))
     device = jax.devices()[0]
     name = getattr(device, "device_kind", str(device))
     peak, peak_label = peak_flops(name, a.get("peak_flops"))
     step_s = wall / a["steps"]
-    return {"images_per_s": a["steps"] * a["batch"] / wall, "step_ms": 1e3 * step_s,
+    per_run = a["steps"] * a["batch"] / wall
+    return {"images_per_s": k * per_run, "per_run_images_per_s": per_run, "runs": k,
+            "step_ms": 1e3 * step_s,
             "compile_s": lower_compile_s + warmup_s, "lower_compile_s": lower_compile_s,
             "warmup_s": warmup_s, "setup_s": setup_s, "timed_s": wall,
             "flops_per_step": flops, "flops_source": flops_source,
             "flops_compiled": flops_compiled, "flops_lowered": flops_lowered,
             "mfu": flops / step_s / peak if peak and math.isfinite(flops) else float("nan"),
             "peak_flops": peak, "peak_label": peak_label, "device_name": name,
-            "loss": loss, "level": "step (no prefix cache)", "from_unit": from_unit,
-            "units": len(module.unit_names()), "compilations": dict(engine.compilations),
-            "trained_layers": list(layers),
-            "batch_stat_bn": [k for k, v in bn_modes.items() if bool(v)],
-            "trainable_params": trainable_params, "variables_from": variables_from,
-            "memory": memory,
+            "loss": loss, "level": "step (no prefix cache)", "from_unit": job.from_unit,
+            "units": job.units, "compilations": runs.compilations,
+            "trained_layers": list(job.layers), "batch_stat_bn": job.batch_stat_bn,
+            "trainable_params": job.trainable_params, "memory": memory,
             "versions": {"jax": jax.__version__, "backend": jax.default_backend(),
                          "device": str(device), "device_count": jax.device_count()}}
 
@@ -349,16 +291,16 @@ def run_torch(a: dict) -> dict:
     arch = TORCH_ARCH[a["model"]]
     if arch == "mobilenet_v2":
         net = torchvision.models.mobilenet_v2(weights=None, width_mult=a["width"])
-        net.classifier = nn.Linear(net.last_channel, NUM_CLASSES)
+        net.classifier = nn.Linear(net.last_channel, bench.NUM_CLASSES)
     else:
         if a["width"] != 1.0:
             print("note: --width does not apply to resnet50", file=sys.stderr)
         net = torchvision.models.resnet50(weights=None)
-        net.fc = nn.Linear(net.fc.in_features, NUM_CLASSES)
+        net.fc = nn.Linear(net.fc.in_features, bench.NUM_CLASSES)
     keras_names = torch_keras_names(arch, net)
     head = "classifier" if arch == "mobilenet_v2" else "fc"
     trained = [n for n, ks in keras_names.items()
-               if n == head or any(in_trained_set(k, a["trainable"]) for k in ks)]
+               if n == head or any(bench.in_trained_set(k, a["trainable"]) for k in ks)]
     for p in net.parameters():
         p.requires_grad_(False)
     for n in trained:
@@ -389,7 +331,7 @@ def run_torch(a: dict) -> dict:
     opt = torch.optim.Adam(params, lr=1e-3, **opt_kwargs)
     images = torch.randint(0, 256, (a["batch"], a["size"], a["size"], 3), dtype=torch.uint8,
                            device=device)
-    labels = torch.randint(0, NUM_CLASSES, (a["batch"],), device=device)
+    labels = torch.randint(0, bench.NUM_CLASSES, (a["batch"],), device=device)
     amp = a["dtype"] == "bfloat16"
 
     def sync():
@@ -468,54 +410,23 @@ def run_torch(a: dict) -> dict:
 
 
 def worker(fw: str, a: dict):
-    try:
-        result = run_blockft(a) if fw == "blockft_jax" else run_torch(a)
-        result["ok"] = True
-    except Exception as e:  # report, don't crash: the parent prints it and goes on
-        import traceback
-        traceback.print_exc()
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    _emit(result)
+    if fw == "torch":
+        bench.report(lambda: run_torch(a))
+    else:
+        bench.report(lambda: run_blockft(a, a["cohort"] if fw == "blockft_jax_cohort" else 1))
 
 
 # --- parent -----------------------------------------------------------------------------------
 
 def launch(fw: str, a: dict, python: str, timeout: float) -> dict:
     """Runs one framework in its own subprocess (own session: killed whole on timeout)."""
-    env = dict(os.environ)
-    root = os.path.dirname(HERE)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    if fw == "blockft_jax":
-        if a["device"] == "cpu":
-            env["JAX_PLATFORMS"] = "cpu"
-        elif a["device"] == "cuda":
-            env["JAX_PLATFORMS"] = "cuda"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    platforms = None
+    if fw != "torch" and a["device"] != "auto":
+        platforms = a["device"]  # 'cpu' or 'cuda'
     cmd = [python, os.path.abspath(__file__), "--worker", fw, "--worker-args", json.dumps(a)]
     print(f"[{a['model']} {a['trainable']}] running {fw} ({python}, time limit {timeout:.0f} s)"
           " ...", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=max(timeout, 1.0))
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        timed_out = True
-    result = None
-    for line in (out or "").splitlines():
-        if line.startswith(RESULT_TAG):
-            result = json.loads(line[len(RESULT_TAG):])
-    if result is None:
-        result = {"ok": False, "error": (f"timed out after {timeout:.0f} s" if timed_out else
-                                         f"the worker exited with status {proc.returncode} "
-                                         "without a result")}
-    if not result.get("ok"):
-        result["log"] = ((err or "") + (out or ""))[-4000:]
-    result["process_s"] = time.perf_counter() - started
-    return result
+    return bench.launch(cmd, env=bench.worker_env(JAX_PLATFORMS=platforms), timeout=timeout)
 
 
 def _g(value, spec=".4g"):
@@ -547,15 +458,21 @@ def print_row(model, trainable, frameworks, results, args):
               f"process {r['process_s']:.1f} s, final loss {r['loss']:.4f}")
         print(f"      device {r['device_name']!r}; peak {_g(r['peak_flops'])} FLOP/s "
               f"({r['peak_label']}); versions {r['versions']}")
+        images_per_step = args.batch * r.get("runs", 1)
         print(f"      FLOPs/step {_g(r['flops_per_step'])} ({r['flops_source']}), "
-              f"{_g(r['flops_per_step'] / args.batch / 1e9)} GFLOP/image; MFU {_g(r['mfu'])}"
+              f"{_g(r['flops_per_step'] / images_per_step / 1e9)} GFLOP/image; "
+              f"MFU {_g(r['mfu'])}"
               + (f"; memory {r['memory']}" if r.get("memory") else ""))
-        if fw == "blockft_jax":
+        if fw == "blockft_jax_cohort":
+            print(f"      {r['runs']} runs in one vmapped step: "
+                  f"{r['per_run_images_per_s']:.1f} images/s per run, "
+                  f"{r['images_per_s']:.1f} in all")
+        if fw != "torch":
             print(f"      engine: from_unit={r['from_unit']} of {r['units']} units, "
                   f"{r['level']}, compilations={r['compilations']}, lower+compile "
                   f"{r['lower_compile_s']:.1f} s + {args.warmup} warm-up steps "
                   f"{r['warmup_s']:.1f} s; flops compiled {_g(r['flops_compiled'])}, lowered "
-                  f"{_g(r['flops_lowered'])}; variables from {r['variables_from']}")
+                  f"{_g(r['flops_lowered'])}")
             layers = r["trained_layers"]
             print(f"      trained Keras layers ({len(layers)} + head): "
                   + (", ".join(layers) if len(layers) <= 12 else
@@ -594,20 +511,35 @@ def print_row(model, trainable, frameworks, results, args):
         r = results[fw]
         ok = r.get("ok")
         get = lambda k, spec=".4g": _g(r.get(k) if ok else None, spec)
-        extra = f" torch_model={TORCH_ARCH[model]}" if fw == "torch" else ""
+        extra = (f" torch_model={TORCH_ARCH[model]}" if fw == "torch" else
+                 f" runs={r.get('runs', 'nan') if ok else 'nan'} "
+                 f"per_run_images_per_s={get('per_run_images_per_s', '.2f')}")
         print(f"gpu_check model={model} trainable={trainable} framework={fw} "
               f"images_per_s={get('images_per_s', '.2f')} mfu={get('mfu')} "
               f"step_ms={get('step_ms', '.3f')} compile_s={get('compile_s', '.1f')} "
               f"trainable_params={r.get('trainable_params', 'nan') if ok else 'nan'} "
               f"flops_per_step={get('flops_per_step')} batch={args.batch} size={args.size} "
               f"dtype={args.dtype}{extra} ok={'yes' if ok else 'no'}")
-    if set(FRAMEWORKS) <= set(frameworks):
-        ratio = (ours["images_per_s"] / theirs["images_per_s"]
-                 if ours.get("ok") and theirs.get("ok") else float("nan"))
+    rate = lambda r, key="images_per_s": r[key] if r.get("ok") else float("nan")
+    if {"blockft_jax", "torch"} <= set(frameworks):
+        ratio = rate(ours) / rate(theirs)
         met = "nan" if not math.isfinite(ratio) else ("yes" if ratio >= TARGET_RATIO else "no")
         print(f"ratio model={model} trainable={trainable} blockft_jax/torch={_g(ratio, '.3f')} "
               f"target={TARGET_RATIO} met={met}")
+    if {"blockft_jax", "blockft_jax_cohort"} <= set(frameworks):
+        cohort = results["blockft_jax_cohort"]
+        print(f"cohort model={model} trainable={trainable} runs={args.cohort} "
+              f"aggregate/single={_g(rate(cohort) / rate(ours), '.3f')} "
+              f"per_run/single={_g(rate(cohort, 'per_run_images_per_s') / rate(ours), '.3f')}")
     print(flush=True)
+
+
+def row_frameworks(frameworks, trainable: str, cohort: int) -> list[str]:
+    """The frameworks a row runs, in FRAMEWORKS order. Full fine-tuning ('all') gets no cohort
+    row: a search trains many top-of-network candidates in cohorts but one full candidate, and
+    K full runs would take most of the check's time."""
+    return [fw for fw in FRAMEWORKS if fw in frameworks and (
+        fw != "blockft_jax_cohort" or cohort > 0 and trainable != "all")]
 
 
 def main(argv=None):
@@ -625,6 +557,9 @@ def main(argv=None):
     parser.add_argument("--width", type=float, default=1.0, help="MobileNetV2's alpha/width_mult")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--cohort", type=int, default=8,
+                        help="runs in blockft_jax_cohort's vmapped step (rows other than "
+                             "'all'); 0: no cohort row")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--python-jax", default=sys.executable)
     parser.add_argument("--python-torch", default=sys.executable)
@@ -657,6 +592,8 @@ def main(argv=None):
                         (args.warmup, "--warmup")):
         if value < 1:
             parser.error(f"{name} must be >= 1")
+    if args.cohort < 0:
+        parser.error("--cohort must be >= 0")
     trainables = [t.strip() for t in args.trainable.split(",") if t.strip()]
 
     rows = [(model, TOP[model] if t == "top" else t) for model in models for t in trainables]
@@ -664,25 +601,24 @@ def main(argv=None):
         row_deadline = None
         if deadline is not None:  # an equal share of what is left to each row left
             row_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(rows) - index)
+        row = row_frameworks(frameworks, trainable, args.cohort)
         results = {}
-        for fw in frameworks:
+        for position, fw in enumerate(row):
             a = {"model": model, "trainable": trainable, "batch": args.batch,
                  "size": args.size, "steps": args.steps, "warmup": args.warmup,
                  "width": args.width, "dtype": args.dtype, "device": args.device,
                  "torch_compile": not args.no_torch_compile, "peak_flops": args.peak_flops,
-                 "seed": args.seed}
+                 "seed": args.seed, "cohort": args.cohort}
             timeout = args.worker_timeout
-            if row_deadline is not None:
+            if row_deadline is not None:  # an equal share of what is left of the row
                 left = row_deadline - time.monotonic() - 1.0
-                # blockft_jax first: it may use up to 60% of the row's time, torch the rest
-                share = 0.6 if fw == "blockft_jax" and "torch" in frameworks else 1.0
-                timeout = min(timeout, share * left)
+                timeout = min(timeout, left / (len(row) - position))
             if timeout < 5:
                 results[fw] = {"ok": False, "error": "skipped: --time-limit used up"}
                 continue
-            python = args.python_jax if fw == "blockft_jax" else args.python_torch
+            python = args.python_torch if fw == "torch" else args.python_jax
             results[fw] = launch(fw, a, python, timeout)
-        print_row(model, trainable, frameworks, results, args)
+        print_row(model, trainable, row, results, args)
 
 
 if __name__ == "__main__":

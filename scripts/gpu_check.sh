@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU check: blockft_jax vs PyTorch (torchvision) step-level training throughput and MFU,
 # MobileNetV2 and ResNet50V2 at 224 px, batch 256, bfloat16 (scripts/gpu_check.py's defaults),
-# rows 'top' (top block + head) and 'all' (full fine-tuning). Run from the repository root:
+# rows 'top' (top block + head; also a cohort of 8 runs in one vmapped step) and 'all' (full
+# fine-tuning). Run from the repository root:
 #
 #   bash scripts/gpu_check.sh [extra gpu_check.py options, e.g. --steps 30]
 #
@@ -73,17 +74,17 @@ elif ! timeout 120 "$PY" -c 'import flax, optax' 2>/dev/null; then
   echo "!!! to install them). Carry a 'pip install --target build/gpu_deps flax optax ...' folder."
   FRAMEWORKS=torch
 elif ! timeout 120 "$PY" -c 'import blockft_jax.train' 2>/dev/null; then
-  FRAMEWORKS=blockft_jax,torch
+  FRAMEWORKS=blockft_jax,blockft_jax_cohort,torch
   echo "=== import blockft_jax failed with PYTHONPATH=$PYTHONPATH; trying pip install --no-deps -e ."
   timeout 120 "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" || true
   timeout 120 "$PY" -c 'import blockft_jax.train' || { echo "!!! blockft_jax cannot be imported"; FRAMEWORKS=torch; }
 else
-  FRAMEWORKS=blockft_jax,torch
+  FRAMEWORKS=blockft_jax,blockft_jax_cohort,torch
 fi
 if [ -z "${GPU_CHECK_FRAMEWORKS:-}" ] && ! timeout 120 "$PY" -c 'import torch, torchvision' 2>/dev/null; then
   echo "!!! torch/torchvision cannot be imported with $PY: torch rows cannot run"
   [ "$FRAMEWORKS" = torch ] && { echo "!!! nothing can run"; exit 1; }
-  FRAMEWORKS=blockft_jax
+  FRAMEWORKS=blockft_jax,blockft_jax_cohort
 fi
 echo "=== frameworks: $FRAMEWORKS; setup took $(( $(date +%s) - START )) s"
 
@@ -115,7 +116,7 @@ done
 
 echo
 echo "=== summary ($(( $(date +%s) - START )) s in all)"
-grep -E '^(gpu_check|ratio) ' "$ROWS_LOG" || echo "(no result lines)"
+grep -E '^(gpu_check|ratio|cohort) ' "$ROWS_LOG" || echo "(no result lines)"
 rm -f "$ROWS_LOG"
 exec >&- 2>&-
 wait "$TEE_PID" 2>/dev/null

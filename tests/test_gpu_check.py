@@ -1,5 +1,6 @@
-"""scripts/gpu_check.py: its blockft_jax side end to end on CPU (a smoke test; the real figures
-need a GPU), and the helpers that pick the peak FLOP/s and read XLA's cost analysis."""
+"""scripts/gpu_check.py: its blockft_jax side end to end on CPU, one run and a cohort (a smoke
+test; the real figures need a GPU), which frameworks a row runs, and the helpers that pick the
+peak FLOP/s and read XLA's cost analysis."""
 import importlib.util
 import math
 import os
@@ -20,26 +21,50 @@ def load_script():
     return module
 
 
-def test_blockft_row_on_cpu():
-    cmd = [sys.executable, SCRIPT, "--device", "cpu", "--frameworks", "blockft_jax",
-           "--models", "mobilenet_v2", "--trainable", "block_16", "--batch", "2", "--size", "32",
-           "--steps", "1", "--warmup", "1", "--width", "0.35"]
+def test_blockft_rows_on_cpu():
+    """The single run and a cohort of 2 runs (one vmapped step), both at the step level."""
+    cmd = [sys.executable, SCRIPT, "--device", "cpu", "--frameworks",
+           "blockft_jax,blockft_jax_cohort", "--cohort", "2", "--models", "mobilenet_v2",
+           "--trainable", "top", "--batch", "2", "--size", "32", "--steps", "1", "--warmup", "1",
+           "--width", "0.35"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    line = re.search(r"^gpu_check model=mobilenet_v2 trainable=block_16 framework=blockft_jax "
-                     r"images_per_s=(\S+) mfu=(\S+) .*\bok=yes$", out, re.M)
-    assert line, out + proc.stderr
-    images_per_s = float(line.group(1))
-    assert math.isfinite(images_per_s) and images_per_s > 0
-    assert line.group(2) == "nan"  # no peak FLOP/s for a CPU
+    rows = {}
+    for framework, runs in (("blockft_jax", 1), ("blockft_jax_cohort", 2)):
+        line = re.search(rf"^gpu_check model=mobilenet_v2 trainable=block_16 "
+                         rf"framework={framework} images_per_s=(\S+) mfu=(\S+) .* runs={runs} "
+                         rf"per_run_images_per_s=(\S+) ok=yes$", out, re.M)
+        assert line, out + proc.stderr
+        images_per_s, per_run = float(line.group(1)), float(line.group(3))
+        assert math.isfinite(images_per_s) and images_per_s > 0
+        assert per_run == pytest.approx(images_per_s / runs, rel=1e-3)
+        assert line.group(2) == "nan"  # no peak FLOP/s for a CPU
+        flops = float(re.search(r"flops_per_step=(\S+)", line.group(0)).group(1))
+        assert flops > 0
+        rows[framework] = flops
+    # The cohort's step is both runs' work: about twice one run's FLOPs.
+    assert rows["blockft_jax_cohort"] == pytest.approx(2 * rows["blockft_jax"], rel=0.2)
+    ratios = re.search(r"^cohort model=mobilenet_v2 trainable=block_16 runs=2 "
+                       r"aggregate/single=(\S+) per_run/single=(\S+)$", out, re.M)
+    assert ratios and all(math.isfinite(float(x)) and float(x) > 0 for x in ratios.groups()), out
     # The step level (no prefix cache) from the top block, training exactly Keras's block_16*.
     assert "from_unit=block_16" in out and "step (no prefix cache)" in out
-    assert "'train': 1" in out  # compiled once: the jitted step reused the AOT executable
-    assert "trained Keras layers (6 + head): block_16_expand, block_16_expand_BN" in out
-    flops = float(re.search(r"flops_per_step=(\S+)", line.group(0)).group(1))
-    assert flops > 0
+    # Compiled once each: the jitted step reused the AOT executable.
+    assert out.count("'train': 1") == 2, out
+    assert out.count("trained Keras layers (6 + head): block_16_expand, block_16_expand_BN") == 2
+    assert "2 runs in one vmapped step" in out
+
+
+def test_rows_run_in_order_and_full_fine_tuning_has_no_cohort_row():
+    gc = load_script()
+    every = ["blockft_jax_cohort", "torch", "blockft_jax"]
+    # The cohort last: under --time-limit it gets what the comparison with torch left.
+    assert gc.row_frameworks(every, "block_16", 8) == ["blockft_jax", "torch",
+                                                       "blockft_jax_cohort"]
+    assert gc.row_frameworks(every, "all", 8) == ["blockft_jax", "torch"]
+    assert gc.row_frameworks(every, "block_16", 0) == ["blockft_jax", "torch"]
 
 
 def test_peak_table_and_cost_analysis_forms():
