@@ -420,13 +420,12 @@ def worker(fw: str, a: dict):
 
 def launch(fw: str, a: dict, python: str, timeout: float) -> dict:
     """Runs one framework in its own subprocess (own session: killed whole on timeout)."""
-    platforms = None
-    if fw != "torch" and a["device"] != "auto":
-        platforms = a["device"]  # 'cpu' or 'cuda'
+    # JAX on the device asked for ('cpu' or 'cuda'); with 'auto', as this environment says.
+    platforms = {"JAX_PLATFORMS": a["device"]} if fw != "torch" and a["device"] != "auto" else {}
     cmd = [python, os.path.abspath(__file__), "--worker", fw, "--worker-args", json.dumps(a)]
     print(f"[{a['model']} {a['trainable']}] running {fw} ({python}, time limit {timeout:.0f} s)"
           " ...", file=sys.stderr, flush=True)
-    return bench.launch(cmd, env=bench.worker_env(JAX_PLATFORMS=platforms), timeout=timeout)
+    return bench.launch(cmd, env=bench.worker_env(**platforms), timeout=timeout)
 
 
 def _g(value, spec=".4g"):
