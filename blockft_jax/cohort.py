@@ -1,28 +1,22 @@
 """The training loop: K (candidate, seed) runs of one engine trained at once; a single run is a
 cohort of one.
 
-A small run (the demo's: 4 steps an epoch of a few-layer top) leaves the machine mostly to
-overheads: per-step dispatch, and per-epoch host work (evaluation, fetches). Vmapping the
-engine's train step over a leading *run* axis shares them among K runs. Each run keeps its own
-trainable state -- the engine's live parameters (`Engine.live`), their optimizer state, the live
-BatchNorms' statistics and its step counter -- its own mask, BN modes and seed (batch order,
-augmentation and dropout keys: `streams`), and its best epoch's live variables, on the device.
-The runs share, unbatched (vmap `in_axes=None`), the frozen variables (layers outside
-`Engine.live`: one copy, never K) and the data (the prefix cache).
-
-The mask and BN modes of each run are stacked on axis 0, as data: one compilation serves every
-cohort of an engine. The cohort size K is fixed per engine (`placement`); a short last cohort
-is padded with inactive runs (repeats of its first run whose state is never updated and whose
-results are dropped), so no cohort brings a new shape. Runs are laid out over the mesh's 'runs'
-axis, each run's batch over its 'data' axis.
+Vmapping the engine's train step over a leading *run* axis shares per-step dispatch and
+per-epoch host work (evaluation, fetches) among K runs. Each run keeps its own trainable state
+-- the engine's live parameters (`Engine.live`), their optimizer state, the live BatchNorms'
+statistics, its step -- its own mask, BN modes and seed (`streams`), and its best epoch's live
+variables, all on the device. The runs share, unbatched, the frozen variables (one copy, never
+K) and the data (the prefix cache). Masks and BN modes are data: one compilation serves every
+cohort of an engine. The cohort size K is fixed per engine (`placement`); a short last cohort is
+padded with inactive runs whose state never changes and whose results are dropped. Runs spread
+over the mesh's 'runs' axis, each run's batch over its 'data' axis.
 
 A run's results do not depend on its slot or its cohort-mates (bitwise; tested), so a resumed
-search may regroup runs; between cohorts of different sizes they agree up to float rounding
-(the batched arithmetic may sum in another order, ~1e-7 relative per step).
+search may regroup runs; cohorts of different sizes agree up to float rounding (batched
+arithmetic may sum in another order, ~1e-7 relative per step).
 
-    cohort = Cohort(engine, 6)
-    results = fit(cohort, variables, [Run(mask, bn, seed), ...], train, validation, test,
-                  epochs=30, batch_size=25)   # one FitResult per run
+    results = fit(Cohort(engine, 6), variables, [Run(mask, bn, seed), ...], train, validation,
+                  test, epochs=30, batch_size=25)   # one FitResult per run
 """
 from __future__ import annotations
 
@@ -451,7 +445,6 @@ def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
     """One epoch of every run, each in its own order (`streams.batch_order(seed, epoch)`):
     (state, train losses, train accuracies, steps), one entry per run. Metrics are fetched
     once, at the end: the host prepares the next step while the device runs this one."""
-    e = cohort.engine
     orders, weights = zip(*[data_lib.batch_order(len(split), batch_size,
                                                  shuffle_rng=streams.batch_order(seed, epoch))
                             for seed in seeds])

@@ -18,7 +18,9 @@ it decides again.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -28,10 +30,13 @@ from typing import Callable
 import jax
 import numpy as np
 
-from blockft_jax import train
+from blockft_jax import cohort as cohort_lib
+from blockft_jax import multihost, train
+from blockft_jax.workdir import write_atomic
 
 log = logging.getLogger(__name__)
 
+COHORTS = "cohorts.json"   # the decisions, per engine (lowest trainable unit), in the workdir
 MAX_COHORT = 64
 CPU_MEMORY_SHARE = 0.25      # of the host memory available when an engine is placed
 CACHE_SHARE = 0.25           # of an accelerator's free memory the prefix cache may take
@@ -48,6 +53,38 @@ class Placement:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """An engine, its inputs (the prefix cache when it has one), its cohorts compiled so far,
+    and where its runs go: the placement decided from its compiled steps (None until decided)."""
+    engine: train.Engine
+    splits: dict
+    runs: int
+    cohorts: dict                    # cohort size -> Cohort (the compiled ones)
+    compiled: dict                   # (size, eval multiple) -> program bytes and flops
+    compiling: concurrent.futures.Future | None
+    cache_on_device: bool
+    caps: dict
+    placement: Placement | None = None
+    announced: bool = False          # its placement logged
+
+    @property
+    def cohort(self) -> cohort_lib.Cohort:
+        return self.cohorts[self.placement.cohort_size]
+
+    def compilations(self) -> dict:
+        """Steps this process traced and compiled for this engine."""
+        counts = {kind: sum(c.compilations[kind] for c in self.cohorts.values())
+                  for kind in ("train", "eval")}
+        return {**counts, "features": self.engine.compilations["features"]}
+
+    def flops_per_run(self) -> float | None:
+        """The compiled train step's flops per run, once it has compiled."""
+        if self.compiling is not None and self.compiling.done():
+            return self.compiling.result().get("flops")
+        return next((m.get("flops") for m in self.compiled.values()), None)
 
 
 def local_devices(mesh) -> list:
@@ -161,6 +198,60 @@ def fit_to_memory(compile_for: Callable[[int, int], dict], size: int, *, free: i
                         max(need.values()) / 2**20, free / 2**20,
                         "allowed on CPU" if cpu else "free on the device")
             return size, multiple, figures
+
+
+def first(engine: train.Engine, variables, parallel: int, runs: int, cache_bytes: int,
+          kept: Placement | None) -> dict:
+    """Process 0's start, before anything is compiled: where the prefix cache goes
+    (`cache_bytes`; 0: no cache), the cohort size to compile first (the largest worth having)
+    and the evaluation multiple; or, with a `kept` placement, its own."""
+    if kept is not None:
+        return {"cache_on_device": kept.cache_on_device, "size": kept.cohort_size,
+                "multiple": kept.eval_batch_multiple, "caps": kept.figures.get("caps")}
+    size, caps = largest_cohort(engine, variables, parallel, runs)
+    on_device = bool(cache_bytes) and cache_on_device(cache_bytes, engine.mesh,
+                                                      free_memory(engine.mesh))
+    return {"cache_on_device": on_device, "size": size, "multiple": EVAL_BATCH_MULTIPLES[0],
+            "caps": caps}
+
+
+def decide(engine: train.Engine, variables, compile_for: Callable[[int, int], dict],
+           size: int, cache_bytes: int, caps: dict) -> Placement:
+    """Process 0's placement of an engine's runs: the cohort size (at most `size`) and
+    evaluation multiple whose compiled steps (`compile_for(k, multiple)`) fit the memory free
+    now, beside each run's best variables and the prefix cache in device memory
+    (`cache_bytes`, counted again: a program's arguments hold only one split of it)."""
+    live = live_state_bytes(engine, variables)
+    frozen = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(
+        (engine.frozen_part(variables["params"]),
+         engine.frozen_part(variables.get("batch_stats", {})))))
+    size, multiple, figures = fit_to_memory(
+        compile_for, size, free=free_memory(engine.mesh), resident=lambda k: k * live +
+        cache_bytes, fixed=frozen + cache_bytes, cpu=on_cpu(engine.mesh))
+    return Placement(size, bool(cache_bytes), multiple, machine(engine.mesh),
+                     {**figures, "caps": caps})
+
+
+def kept(workdir: Path, unit: str, mesh) -> Placement | None:
+    """The placement cohorts.json keeps for engine `unit`, when it was decided for this kind
+    of machine (then a resumed search forms the same cohorts); else None: decide again.
+    Read on process 0, the same on every process."""
+    def read():
+        path = Path(workdir) / COHORTS
+        decided = (json.loads(path.read_text()) if path.exists() else {}).get(unit)
+        if isinstance(decided, dict) and decided.get("machine") == machine(mesh):
+            return decided
+        return None
+    decided = multihost.broadcast_json(read)
+    return Placement(**decided) if decided else None
+
+
+def keep(workdir: Path, unit: str, decided: Placement) -> None:
+    """Records engine `unit`'s placement in cohorts.json (on process 0)."""
+    path = Path(workdir) / COHORTS
+    kept_ = json.loads(path.read_text()) if path.exists() else {}
+    kept_[unit] = decided.to_json()
+    write_atomic(path, json.dumps(kept_, indent=2))
 
 
 def describe(unit: str, placement: Placement, runs: int) -> str:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from blockft_jax import data as data_lib
 from blockft_jax import groups, models, weights
@@ -96,10 +98,22 @@ def demo_backbone(config, module) -> dict:
     result, = cohort_lib.fit(cohort, variables, [run], digits.train, digits.validation, None,
                              epochs=config.demo.pretrain_epochs, batch_size=batch,
                              on_epoch_end=_progress(config.demo.pretrain_epochs))
-    trained = train.recalibrate_bn(net, result.final_variables, digits.train.images)
+    trained = recalibrate_bn(net, result.final_variables, digits.train.images)
     accuracy = cohort_lib.evaluate(cohort, cohort.shared_part(trained), jax.tree.map(
         lambda x: x[None], cohort.live_variables(trained)), digits.validation, batch)[0]["accuracy"]
     log.info("Demo backbone: %.1f%% validation accuracy on digits 0-4", 100 * accuracy)
     backbone = {c: {k: v for k, v in trained[c].items() if k != HEAD_UNIT} for c in trained}
     weights.save_variables(path, backbone)
     return backbone
+
+
+def recalibrate_bn(module: models.Backbone, variables, images: np.ndarray) -> dict:
+    """Sets every BN's moving statistics to the statistics of `images` under the current
+    weights. Training from scratch with Keras's BN momentum (0.999) leaves the moving averages
+    far from the real statistics after a few hundred steps; this makes inference-mode BN match
+    the trained network (used for the demo's pretraining)."""
+    x = data_lib.preprocess(jnp.asarray(images), type(module).preprocessing)
+    _, state = jax.jit(lambda v, x: module.apply(v, x, train=True,
+                                                 mutable=["batch_stats", "bn_batch_stats"]))(
+        variables, x)
+    return dict(variables, batch_stats=jax.tree.map(jnp.asarray, dict(state["bn_batch_stats"])))

@@ -11,16 +11,12 @@ results.jsonl live in memory, read once by process 0 and broadcast, and each new
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import logging
-import math
-import threading
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from blockft_jax import data as data_lib
@@ -28,6 +24,7 @@ from blockft_jax import (groups, models, multihost, placement, pretrained, repor
                          scalars, streams, train, weights)
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, save_model
+from blockft_jax.progress import CompileClock, Progress
 from blockft_jax.groups import Group
 from blockft_jax.plan import (ConfigError, build_module, candidates, check, make_plan,
                               validate)
@@ -37,40 +34,7 @@ from blockft_jax.workdir import (Workdir, copy_tree_atomic, finished_keys, jsona
 
 log = logging.getLogger(__name__)
 
-COHORTS = "cohorts.json"
-
 __all__ = ["run", "Search", "ConfigError", "build_module", "candidates", "validate"]
-
-
-@dataclasses.dataclass
-class Prepared:
-    """An engine, its inputs (the prefix cache when it has one), and where its runs go: the
-    placement decided from its compiled steps (None until `Search.ready`)."""
-    engine: train.Engine
-    splits: dict
-    runs: int
-    cohorts: dict                    # cohort size -> Cohort (the compiled ones)
-    compiled: dict                   # (size, eval multiple) -> program bytes and flops
-    compiling: concurrent.futures.Future | None
-    cache_on_device: bool
-    caps: dict
-    placement: placement.Placement | None = None
-
-    @property
-    def cohort(self) -> cohort_lib.Cohort:
-        return self.cohorts[self.placement.cohort_size]
-
-    def compilations(self) -> dict:
-        """Steps this process traced and compiled for this engine."""
-        counts = {kind: sum(c.compilations[kind] for c in self.cohorts.values())
-                  for kind in ("train", "eval")}
-        return {**counts, "features": self.engine.compilations["features"]}
-
-    def flops_per_run(self) -> float | None:
-        """The compiled train step's flops per run, once it has compiled."""
-        if self.compiling is not None and self.compiling.done():
-            return self.compiling.result().get("flops")
-        return next((m.get("flops") for m in self.compiled.values()), None)
 
 
 @dataclasses.dataclass
@@ -90,7 +54,7 @@ class Search:
         self.mesh = train.data_mesh()
         self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
         self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
-        self.engines: dict[str, Prepared] = {}
+        self.engines: dict[str, placement.Prepared] = {}
         # One background thread compiles the engines' steps, one engine after another.
         self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         self.depth = {r.name: i for i, r in enumerate(reversed(groups.backbone_layers(self.table)))}
@@ -115,7 +79,7 @@ class Search:
         return row
 
     # -- engines: one train-step compilation each -----------------------------------------------
-    def prepare(self, from_unit: str, runs: int) -> Prepared:
+    def prepare(self, from_unit: str, runs: int) -> placement.Prepared:
         """The engine for a lowest trainable unit, its inputs, and its steps compiling in the
         background for the largest cohort worth having (`runs` of it to train)."""
         if from_unit in self.engines:
@@ -130,26 +94,16 @@ class Search:
         splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                   "test": self.dataset.test}
         images = sum(map(len, splits.values()))
-        kept = self.kept_placement(from_unit)
-
-        def start() -> dict:  # on process 0
-            if kept is not None:
-                return {"cache_on_device": kept.cache_on_device, "size": kept.cohort_size,
-                        "multiple": kept.eval_batch_multiple, "caps": kept.figures.get("caps")}
-            size, caps = placement.largest_cohort(engine, self.variables, c.search.parallel,
-                                                  runs)
-            on_device = cached and placement.cache_on_device(
-                engine.feature_bytes(images), self.mesh, placement.free_memory(self.mesh))
-            return {"cache_on_device": on_device, "size": size,
-                    "multiple": cohort_lib.EVAL_BATCH_MULTIPLE, "caps": caps}
-
+        kept = placement.kept(self.wd.path, from_unit, self.mesh)
+        start = lambda: placement.first(engine, self.variables, c.search.parallel, runs,
+                                        engine.feature_bytes(images) if cached else 0, kept)
         begun = multihost.broadcast_json(start)
         cohort = cohort_lib.Cohort(engine, begun["size"])
         sizes = {k: len(v) for k, v in splits.items()} if begun["cache_on_device"] else None
         log.info("Compiling the steps for runs from unit %s (%d at once; in the background)",
                  from_unit, cohort.size)
         compiling = self.compiler.submit(self.compile, cohort, sizes, begun["multiple"])
-        prepared = Prepared(engine, splits, runs, {cohort.size: cohort}, {}, compiling,
+        prepared = placement.Prepared(engine, splits, runs, {cohort.size: cohort}, {}, compiling,
                             begun["cache_on_device"], begun["caps"], kept)
         if cached:
             started = time.perf_counter()
@@ -174,19 +128,7 @@ class Search:
         return cohort.compile_steps(self.variables, any_mask, any_bn, c.data.batch_size,
                                     self.shape, device_split_sizes, multiple)
 
-    def kept_placement(self, from_unit: str) -> placement.Placement | None:
-        """The placement cohorts.json keeps for this engine, when it was decided for this kind
-        of machine (then a resumed search forms the same cohorts); else None."""
-        def decide():
-            path = self.wd.path / COHORTS
-            kept = (json.loads(path.read_text()) if path.exists() else {}).get(from_unit)
-            if isinstance(kept, dict) and kept.get("machine") == placement.machine(self.mesh):
-                return kept
-            return None
-        kept = multihost.broadcast_json(decide)
-        return placement.Placement(**kept) if kept else None
-
-    def ready(self, from_unit: str) -> Prepared:
+    def ready(self, from_unit: str) -> placement.Prepared:
         """The engine with its placement decided (process 0, from its compiled steps) and its
         cohort's steps compiled."""
         prepared = self.engines[from_unit]
@@ -201,7 +143,8 @@ class Search:
         if prepared.placement is None:
             prepared.placement = placement.Placement(**multihost.broadcast_json(
                 lambda: self._decide(prepared).to_json()))
-            self._keep(from_unit, prepared.placement)
+            if self.wd.writer:
+                placement.keep(self.wd.path, from_unit, prepared.placement)
         p = prepared.placement
         if p.cohort_size not in prepared.cohorts:
             prepared.cohorts[p.cohort_size] = cohort_lib.Cohort(prepared.engine, p.cohort_size)
@@ -209,22 +152,18 @@ class Search:
             with self.clock.waiting():
                 prepared.compiled[p.cohort_size, p.eval_batch_multiple] = self.compile(
                     prepared.cohort, self._split_sizes(prepared), p.eval_batch_multiple)
-        log.info(placement.describe(from_unit, p, prepared.runs))
+        if not prepared.announced:
+            log.info(placement.describe(from_unit, p, prepared.runs))
+            prepared.announced = True
         return prepared
 
-    def _split_sizes(self, prepared: Prepared) -> dict | None:
+    def _split_sizes(self, prepared: placement.Prepared) -> dict | None:
         return ({k: len(v) for k, v in prepared.splits.items()} if prepared.cache_on_device
                 else None)
 
-    def _decide(self, prepared: Prepared) -> placement.Placement:
-        """Process 0's placement of an engine's runs, from its compiled steps and the memory
-        free now."""
+    def _decide(self, prepared: placement.Prepared) -> placement.Placement:
+        """Process 0's placement of an engine's runs, from its compiled steps."""
         engine = prepared.engine
-        cache = engine.feature_bytes(sum(map(len, prepared.splits.values()))) \
-            if prepared.cache_on_device else 0
-        live = placement.live_state_bytes(engine, self.variables)
-        frozen = sum(x.nbytes for x in jax.tree.leaves(
-            cohort_lib.Cohort(engine, 1).shared_part(self.variables)))
 
         def compile_for(size: int, multiple: int) -> dict:
             if (size, multiple) not in prepared.compiled:
@@ -233,23 +172,10 @@ class Search:
                     cohort, self._split_sizes(prepared), multiple)
             return prepared.compiled[size, multiple]
 
-        size, multiple, figures = placement.fit_to_memory(
-            compile_for, max(prepared.cohorts), free=placement.free_memory(self.mesh),
-            # Beside the programs: each run's best variables, and the whole cache (counted
-            # again: a program's arguments hold only one split of it).
-            resident=lambda k: k * live + cache, fixed=frozen + cache,
-            cpu=placement.on_cpu(self.mesh))
-        figures["caps"] = prepared.caps
-        return placement.Placement(size, prepared.cache_on_device, multiple,
-                                   placement.machine(self.mesh), figures)
-
-    def _keep(self, from_unit: str, decided: placement.Placement) -> None:
-        if not self.wd.writer:
-            return
-        path = self.wd.path / COHORTS
-        kept = json.loads(path.read_text()) if path.exists() else {}
-        kept[from_unit] = decided.to_json()
-        write_atomic(path, json.dumps(kept, indent=2))
+        cache = engine.feature_bytes(sum(map(len, prepared.splits.values()))) \
+            if prepared.cache_on_device else 0
+        return placement.decide(engine, self.variables, compile_for, max(prepared.cohorts),
+                                cache, prepared.caps)
 
     def release(self, from_unit: str) -> None:
         """Frees the inputs of an engine whose runs are all done (its prefix cache in device
@@ -366,37 +292,6 @@ def _shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-class CompileClock:
-    """Seconds JAX spends tracing, lowering and compiling while it is installed: in all
-    (`seconds`, background compilations included), and holding up the thread that installed it
-    (`blocking`: compiling on that thread or waiting for a background compilation)."""
-
-    def __init__(self):
-        self.seconds = self.blocking = 0.0
-        self.thread = threading.current_thread()
-
-    def _listen(self, event: str, duration: float, **kwargs) -> None:
-        if event.startswith("/jax/core/compile/"):
-            self.seconds += duration
-            if threading.current_thread() is self.thread:
-                self.blocking += duration
-
-    @contextlib.contextmanager
-    def waiting(self):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.blocking += time.perf_counter() - started
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def _run(config, wd: Workdir) -> dict:
@@ -584,81 +479,3 @@ def model_meta(search: Search, group: Group, seed: int) -> dict:
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-class Progress:
-    """Console progress: a line per finished run, a line per epoch of a cohort whose epochs
-    take SLOW_EPOCH seconds or more (else one every PERIOD seconds), and an ETA.
-
-    The ETA is the run-epochs left on each engine times that engine's seconds per run-epoch,
-    measured: its cohorts' epochs (training and validation) over the run-epochs they trained.
-    An engine not measured yet (full fine-tuning, while the top of the network trains) is
-    estimated from a measured one, scaled by the ratio of their compiled train steps' flops per
-    run. Before the first epoch is measured there is no ETA."""
-
-    SLOW_EPOCH = 2.0
-    PERIOD = 15.0
-
-    def __init__(self, total: int, done: int, epochs: int, flops=lambda unit: None):
-        self.total, self.done, self.epochs = total, done, epochs
-        self.left: dict[str, int] = {}        # run-epochs left per engine
-        self.seconds: dict[str, float] = {}   # measured, per engine
-        self.trained: dict[str, int] = {}     # run-epochs measured, per engine
-        self.flops = flops                    # unit -> compiled train-step flops per run
-        self.last_line = time.perf_counter()
-
-    def plan(self, unit: str, runs: int) -> None:
-        """`runs` of engine `unit` to train (counted once per engine)."""
-        self.left.setdefault(unit, runs * self.epochs)
-
-    def epoch(self, unit: str, keys, histories, epoch: int, seconds: float,
-              trained: int) -> None:
-        self.seconds[unit] = self.seconds.get(unit, 0.0) + seconds
-        self.trained[unit] = self.trained.get(unit, 0) + trained
-        self.left[unit] = max(self.left.get(unit, 0) - trained, 0)
-        now = time.perf_counter()
-        if seconds < self.SLOW_EPOCH and now - self.last_line < self.PERIOD:
-            return
-        self.last_line = now
-        val = [h[-1]["val_accuracy"] for h in histories if h and h[-1]["epoch"] == epoch]
-        names = keys[0][0] + (f" +{len(keys) - 1}" if len(keys) > 1 else "")
-        log.info("  %s: epoch %d/%d of %d run(s) (%s) in %.1f s, validation %s | ETA %s",
-                 unit, epoch, self.epochs, len(keys), names, seconds,
-                 f"{min(val):.3f}-{max(val):.3f}" if val else "-", self.eta())
-
-    def finished(self, row: dict, unit: str) -> None:
-        self.done += 1
-        # A run that stopped early (diverged) leaves its remaining epochs untrained.
-        self.left[unit] = max(self.left.get(unit, 0) - (self.epochs - row["epochs"]), 0)
-        log.info("[%d/%d] %-40s seed %d: val %.3f test %s (epoch %d, %s) %.1fs | ETA %s",
-                 self.done, self.total, row["candidate"], row["seed"], row["val_accuracy"],
-                 "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.3f}",
-                 row["best_epoch"], row["status"], row["train_seconds"], self.eta())
-
-    def rate(self, unit: str) -> float | None:
-        """Seconds per run-epoch of an engine: measured, or scaled from a measured one."""
-        if self.trained.get(unit):
-            return self.seconds[unit] / self.trained[unit]
-        measured = [u for u in self.trained if self.trained[u] and self.flops(u)]
-        if not measured or not self.flops(unit):
-            return None
-        known = measured[-1]
-        return self.seconds[known] / self.trained[known] * self.flops(unit) / self.flops(known)
-
-    def eta(self) -> str:
-        seconds = 0.0
-        for unit, left in self.left.items():
-            if left:
-                rate = self.rate(unit)
-                if rate is None:
-                    return "?"
-                seconds += left * rate
-        return _duration(seconds)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"

@@ -356,15 +356,3 @@ def _weighted_loss(logits, labels, weights):
 def _counts(logits, labels, weights):
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {"correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
-
-
-def recalibrate_bn(module: Backbone, variables, images: np.ndarray) -> dict:
-    """Sets every BN's moving statistics to the statistics of `images` under the current
-    weights. Training from scratch with Keras's BN momentum (0.999) leaves the moving averages
-    far from the real statistics after a few hundred steps; this makes inference-mode BN match
-    the trained network (used for the demo's pretraining)."""
-    x = data_lib.preprocess(jnp.asarray(images), type(module).preprocessing)
-    _, state = jax.jit(lambda v, x: module.apply(v, x, train=True,
-                                                 mutable=["batch_stats", "bn_batch_stats"]))(
-        variables, x)
-    return dict(variables, batch_stats=jax.tree.map(jnp.asarray, dict(state["bn_batch_stats"])))

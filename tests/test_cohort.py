@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from blockft_jax import cohort as cohort_lib
-from blockft_jax import data, groups, models, streams, train
+from blockft_jax import data, models, streams, train
 from blockft_jax.models import HEAD_UNIT
 
 import test_train as base

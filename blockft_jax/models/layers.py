@@ -215,7 +215,7 @@ class BatchNormalization(KerasLayer):
                 count = jnp.maximum(jnp.sum(w) * (x32.size // (x32.shape[0] * c)), 1.0)
                 batch_mean = jnp.sum(x32 * w, axes) / count
                 batch_var = jnp.sum(jnp.square(x32 - batch_mean) * w, axes) / count
-            # Exposed for BN recalibration (train.recalibrate_bn); free unless asked for.
+            # Exposed for BN recalibration (pretrained.recalibrate_bn); free unless asked for.
             self.sow("bn_batch_stats", "mean", batch_mean, reduce_fn=lambda _, b: b)
             self.sow("bn_batch_stats", "var", batch_var, reduce_fn=lambda _, b: b)
             m = self.momentum
