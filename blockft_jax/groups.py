@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from blockft_jax.models import HEAD_UNIT, LayerRecord
@@ -128,16 +127,17 @@ def param_mask(params, table, layers: Iterable[str]) -> Any:
     if unknown:
         raise ValueError(f"Layers {unknown[:5]} are not weighted layers of this model.")
     flat = traverse_util.flatten_dict(params)
+    # Host booleans: the loop stacks and places them once per cohort.
     return traverse_util.unflatten_dict(
-        {path: jnp.asarray(path[0] in layers or path[0] == HEAD_UNIT) for path in flat})
+        {path: np.asarray(path[0] in layers or path[0] == HEAD_UNIT) for path in flat})
 
 
-def bn_modes(table, layers: Iterable[str], *, freeze_bn: bool = False) -> dict[str, jax.Array]:
+def bn_modes(table, layers: Iterable[str], *, freeze_bn: bool = False) -> dict[str, np.ndarray]:
     """{BN layer: use batch statistics?} for every BatchNorm: Keras's rule, a BN trains (batch
     statistics, moving averages updated) exactly when it is in the trained group; with
     `freeze_bn` every BN stays in inference mode."""
     layers = set(layers)
-    return {r.name: jnp.asarray(not freeze_bn and r.name in layers)
+    return {r.name: np.asarray(not freeze_bn and r.name in layers)
             for r in table if r.kind == "batchnorm"}
 
 

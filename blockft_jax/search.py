@@ -431,32 +431,45 @@ def _record(search: Search, group: Group, seed: int, row: dict,
 
 
 def _pending(wd: Workdir, candidate: str, seed: int) -> Path:
-    """Where a finished run's best variables wait until its candidate's seeds are all done."""
+    """Where a finished run's best variables wait: until its candidate's seeds are all done,
+    and then, for the leading candidate's best seed, until its strategy is finished."""
     return wd.path / "pending" / f"{results.slug(candidate)}-seed{seed}.msgpack"
 
 
 def _promote(search: Search, group: Group) -> None:
-    """Once all its seeds are finished, saves the candidate as models/<strategy>/ when it leads
-    its strategy. Decided from the rows every process shares; process 0 reads the variables it
+    """Once all seeds of `group` are finished: of its strategy's finished candidates, the leader
+    keeps its best seed's variables in pending/ and the others' are deleted; once every
+    candidate of the strategy is finished, the leader is saved as models/<strategy>/ (one save
+    per strategy). Decided from the rows every process shares; process 0 reads the variables it
     wrote and sends them to all (orbax saves collectively); only process 0 deletes."""
-    wd = search.wd
-    rows = [r for r in search.rows if r["strategy"] == group.strategy]
-    mine = [r for r in rows if r["candidate"] == group.candidate]
-    if len(mine) < search.config.train.seeds:
+    wd, seeds = search.wd, search.config.train.seeds
+    by_candidate: dict[str, list[dict]] = {}
+    for r in search.rows:
+        if r["strategy"] == group.strategy:
+            by_candidate.setdefault(r["candidate"], []).append(r)
+    finished = {c: rs for c, rs in by_candidate.items() if len(rs) >= seeds}
+    if group.candidate not in finished:
         return
-    ranking = rank(rows)
-    if ranking[0]["candidate"] == group.candidate:
-        best_seed = max(mine, key=lambda r: r["val_accuracy"])["seed"]
-        source = _pending(wd, group.candidate, best_seed)
-        # Absent when an earlier run saved this model and then stopped before removing pending/.
-        if multihost.broadcast_json(source.exists):
-            variables = multihost.broadcast_arrays(lambda: weights.load_variables(source),
-                                                   like=search.variables)
-            save_model(wd.path / "models" / group.strategy, variables,
-                       model_meta(search, group, best_seed))
+    leader = rank([r for rs in finished.values() for r in rs])[0]["candidate"]
+    best_seed = max(finished[leader], key=lambda r: r["val_accuracy"])["seed"]
     if wd.writer:
-        for seed in range(search.config.train.seeds):
-            _pending(wd, group.candidate, seed).unlink(missing_ok=True)
+        for candidate in finished:
+            for seed in range(seeds):
+                if (candidate, seed) != (leader, best_seed):
+                    _pending(wd, candidate, seed).unlink(missing_ok=True)
+    planned = search.plan.planned[group.strategy]
+    if not {g.candidate for g in planned} <= set(finished):
+        return
+    source = _pending(wd, leader, best_seed)
+    # Absent when an earlier run saved this model and then stopped before removing pending/.
+    if multihost.broadcast_json(source.exists):
+        variables = multihost.broadcast_arrays(lambda: weights.load_variables(source),
+                                               like=search.variables)
+        winner = next(g for g in planned if g.candidate == leader)
+        save_model(wd.path / "models" / group.strategy, variables,
+                   model_meta(search, winner, best_seed))
+        if wd.writer:
+            source.unlink(missing_ok=True)
 
 
 def _write_scalars(writer, record: dict, epoch: int) -> None:
