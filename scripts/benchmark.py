@@ -165,7 +165,7 @@ def run_blockft(args) -> dict:
 
     # Warm-up: compiles the cohort's init, the prefix (when cached) and the train step.
     started = time.perf_counter()
-    runs = job.start(1)  # one run: a cohort of one
+    runs = job.start(args.runs)  # --runs 1: one run, a cohort of one
     jax.block_until_ready(runs.state)
     parts = {"init": time.perf_counter() - started}
     on_device = job.cached and (args.cache_in == "device" or args.cache_in == "auto" and
@@ -195,7 +195,9 @@ def run_blockft(args) -> dict:
     jax.block_until_ready(runs.state)
     wall = time.perf_counter() - started
 
-    return {"images_per_s": args.epochs * args.images / wall, "compile_s": compile_s,
+    # With --runs K, every run trains on every image: K x the images (per run: / K).
+    return {"images_per_s": args.runs * args.epochs * args.images / wall,
+            "compile_s": compile_s, "runs": args.runs,
             "timed_s": wall, "features_s": features_s, "cached": job.cached,
             "cache_in": ("device" if on_device else "host") if job.cached else None,
             "warmup_parts": parts,
@@ -298,7 +300,8 @@ def launch(framework: str, model: str, trainable: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker,
            "--model", model, "--trainable", trainable, "--batch", str(args.batch),
            "--size", str(args.size), "--images", str(args.images), "--epochs", str(args.epochs),
-           "--width", str(args.width), "--seed", str(args.seed), "--cache-in", args.cache_in]
+           "--width", str(args.width), "--seed", str(args.seed), "--cache-in", args.cache_in,
+           "--runs", str(args.runs)]
     if no_cache:
         cmd.append("--no-cache")
     if args.input_check:
@@ -371,7 +374,8 @@ def print_row(model, trainable, args, frameworks, results, file=None):
         if r.get("ok"):
             note = ""
             if fw in OURS:
-                note = (f"{r['level']}, from_unit={r['from_unit']}, "
+                note = (f"{r['level']}, from_unit={r['from_unit']}, {r['runs']} run(s) "
+                        f"vmapped ({r['images_per_s'] / r['runs']:.2f} images/s per run), "
                         f"compilations={r['compilations']}")
                 if r["cached"]:
                     note += (f", cache in {r['cache_in']} memory, features "
@@ -560,7 +564,7 @@ def checkpoint_bytes_table(cohort_size: int) -> list[str]:
         for unit in sorted(search_plan.from_units, key=lambda u: u == search_plan.first_unit):
             engine = train.Engine(module, tx, unit, train.data_mesh(), table=table)
             cohort = cohort_lib.Cohort(engine, cohort_size)
-            now = checkpoint.cohort_checkpoint_bytes(cohort, variables)
+            now = checkpoint.checkpoint_bytes(cohort, variables)
             before = (nbytes(cohort.abstract_runs(variables)) +
                       nbytes(cohort.shared_part(variables)) + cohort_size * nbytes(variables))
             who = "full" if unit == search_plan.first_unit else "every candidate but full"
@@ -655,6 +659,9 @@ def main(argv=None):
     parser.add_argument("--cache-states", default="empty,filled",
                         help="with --search: the JAX compilation cache states to time "
                              "(empty, filled or both)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="blockft_jax: K runs of the row in one cohort (vmapped); images/s "
+                             "counts every run's images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker-timeout", type=float, default=3600.0,
                         help="seconds allowed to each framework's subprocess")
