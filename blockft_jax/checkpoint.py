@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from blockft_jax import cohort as cohort_lib
-from blockft_jax import multihost
+from blockft_jax import multihost, train
 from blockft_jax.workdir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,5 @@ def load_model(path) -> tuple[dict, dict]:
 def checkpoint_bytes(cohort, variables) -> int:
     """Bytes of array data one Checkpoint of `cohort` writes, from shapes alone: every run's
     live state (CohortState.runs) and every run's best live layers."""
-    nbytes = lambda tree: sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                              for x in jax.tree.leaves(tree))
-    return nbytes(cohort.abstract_runs(variables)) + cohort.size * nbytes(
+    return train.tree_bytes(cohort.abstract_runs(variables)) + cohort.size * train.tree_bytes(
         cohort.live_variables(variables))

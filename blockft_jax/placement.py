@@ -22,13 +22,11 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 
 from blockft_jax import cohort as cohort_lib
 from blockft_jax import multihost, train
@@ -143,9 +141,8 @@ def last_level_cache_bytes() -> int:
 
 def live_state_bytes(engine: train.Engine, variables) -> int:
     """Bytes of one run's live parameters and BN statistics."""
-    tree = engine.live_part(variables["params"]), engine.live_part(variables.get(
-        "batch_stats", {}))
-    return sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(tree))
+    return train.tree_bytes((engine.live_part(variables["params"]),
+                             engine.live_part(variables.get("batch_stats", {}))))
 
 
 def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int) -> tuple[int, dict]:
@@ -222,9 +219,8 @@ def decide(engine: train.Engine, variables, compile_for: Callable[[int, int], di
     now, beside each run's best variables and the prefix cache in device memory
     (`cache_bytes`, counted again: a program's arguments hold only one split of it)."""
     live = live_state_bytes(engine, variables)
-    frozen = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(
-        (engine.frozen_part(variables["params"]),
-         engine.frozen_part(variables.get("batch_stats", {})))))
+    frozen = train.tree_bytes((engine.frozen_part(variables["params"]),
+                               engine.frozen_part(variables.get("batch_stats", {}))))
     size, multiple, figures = fit_to_memory(
         compile_for, size, free=free_memory(engine.mesh), resident=lambda k: k * live +
         cache_bytes, fixed=frozen + cache_bytes, cpu=on_cpu(engine.mesh))

@@ -104,6 +104,11 @@ def mesh(devices=None, *, runs: int = 1) -> Mesh:
     return Mesh(devices.reshape(runs, -1), ("runs", "data"))
 
 
+def tree_bytes(tree) -> int:
+    """Bytes of a tree's arrays (or shapes), from their shapes and dtypes alone."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def default_prefix_chunk_bytes() -> int | None:
     """Micro-batching of the frozen prefix: on CPU, about half of a server's L3 cache per
     micro-batch (16 MiB; measured on a 32 MiB-L3 EPYC); off on accelerators."""
