@@ -1,4 +1,5 @@
-"""What survives a process: the running cohort's checkpoint, and the saved models.
+"""What survives a process: the running cohort's checkpoint, the runs parked between the rungs
+of a halving search, and the saved models.
 
 Both are orbax checkpoints. On several processes every process takes part in an orbax save or
 restore (each writes or reads its share); metadata files are written by process 0 only, and
@@ -14,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import serialization
 
 from blockft_jax import cohort as cohort_lib
 from blockft_jax import multihost, train
@@ -107,6 +109,49 @@ class Checkpoint:
         if multihost.is_leader():
             self.meta_path.unlink(missing_ok=True)
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def park(stem: Path, stopped: dict, record: dict) -> None:
+    """A run that stopped at a rung of a halving search, until it goes on or is pruned, in two
+    files written atomically by process 0: `<stem>.msgpack`, where it stopped (its live state
+    and its best epoch's live variables: `cohort.FitResult.stopped`), then `<stem>.json`, its
+    history and `record` (its results row and predictions as they stand). The .json is written
+    last: a run is parked once it exists."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    arrays = stem.with_suffix(".msgpack")
+    tmp = arrays.with_suffix(".tmp")
+    tmp.write_bytes(serialization.msgpack_serialize(
+        {"state": serialization.to_state_dict(stopped["state"]),
+         "best": serialization.to_state_dict(stopped["best"])}))
+    tmp.replace(arrays)
+    write_atomic(stem.with_suffix(".json"), json.dumps({**record,
+                                                         "history": stopped["history"]}))
+
+
+def parked(stem: Path) -> dict | None:
+    """The record of a parked run (`park`), with its history; None when it is not parked."""
+    path = Path(stem).with_suffix(".json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def unpark(stem: Path, like: dict) -> dict:
+    """Where a parked run stopped ({'state', 'best', 'history'}: what `cohort.Run.resume`
+    takes); `like`: host arrays shaped as one run's {'state', 'best'}. Read on process 0 and
+    sent to every process."""
+    def read():
+        raw = serialization.msgpack_restore(Path(stem).with_suffix(".msgpack").read_bytes())
+        return {k: serialization.from_state_dict(like[k], raw[k]) for k in like}
+    arrays = multihost.broadcast_arrays(read, like=like)
+    history = multihost.broadcast_json(lambda: parked(stem)["history"])
+    return {**arrays, "history": history}
+
+
+def unpark_clear(stem: Path) -> None:
+    """Removes a parked run (process 0): the record first, so a half-removed run is gone."""
+    if multihost.is_leader():
+        Path(stem).with_suffix(".json").unlink(missing_ok=True)
+        Path(stem).with_suffix(".msgpack").unlink(missing_ok=True)
 
 
 MODEL_META = "model.json"

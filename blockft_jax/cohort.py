@@ -84,6 +84,9 @@ class FitResult:
     # The predicted class of each example at the best epoch: {'validation': ..., 'test': ...}
     # (test None without a test split); None without a best epoch.
     predictions: dict | None = None
+    # Where the run stopped, as `Run.resume` takes it ({'state', 'best', 'history'}, host
+    # copies), to go on later (fit(keep_state=True)); else None.
+    stopped: dict | None = None
 
 
 @dataclasses.dataclass
@@ -521,7 +524,7 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
         train_split: data_lib.Split | train.DeviceSplit,
         validation: data_lib.Split | train.DeviceSplit,
         test: data_lib.Split | train.DeviceSplit | None, *, epochs: int, batch_size: int,
-        eval_batch_multiple: int = EVAL_BATCH_MULTIPLE,
+        eval_batch_multiple: int = EVAL_BATCH_MULTIPLE, keep_state: bool = False,
         on_epoch_end: Callable | None = None) -> list[FitResult]:
     """Trains up to `cohort.size` runs at once, validating after each epoch: one FitResult per
     run, in order -- its history, its best epoch (`best_record`), the test accuracy at that
@@ -535,7 +538,8 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
     diverged. After each epoch, `on_epoch_end(epoch, state, histories)` gets the CohortState
     (each run's best live variables in `state.best`, on the device) and every real run's
     history: what a checkpoint stores. `train_seconds` of a run is the cohort's wall time
-    until that run finished."""
+    until that run finished. `keep_state`: each result also says where its run stopped
+    (`FitResult.stopped`), to go on later from there."""
     real = list(runs)
     k, n = cohort.size, len(real)
     if not 1 <= n <= k:
@@ -578,6 +582,12 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
     tested = _evaluate_best(cohort, state, best, predictions, validation, test, batch_size,
                             eval_batch_multiple)
     best_variables = cohort.host_best(state)  # the one copy of the best variables to the host
+    stopped = [None] * n
+    if keep_state:  # every run's state, to go on from where it stopped
+        runs, best_live = jax.device_get((state.runs, state.best))
+        take = lambda tree, i: jax.tree.map(lambda x: np.array(x[i]), tree)
+        stopped = [{"state": take(runs, i), "best": take(best_live, i),
+                    "history": histories[i]} for i in range(n)]
     results = []
     for i in range(n):
         history = histories[i]
@@ -590,7 +600,8 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
             train_seconds=finished[i] if finished[i] is not None else total,
             steps=int(final.get("step", 0)), history=history,
             best_variables=best_variables[i] if best[i] is not None else None,
-            final_variables=cohort.run_variables(state, i), predictions=predictions[i]))
+            final_variables=cohort.run_variables(state, i), predictions=predictions[i],
+            stopped=stopped[i]))
     return results
 
 

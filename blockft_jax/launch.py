@@ -37,12 +37,41 @@ def resolve_paths(config) -> None:
 
 def dry_run(config, inputs: list[str]) -> str:
     """The plan of the search `config` describes (checked: `plan.check`), and what it reads,
-    without loading images or weights and without training."""
-    from blockft_jax import models, plan
+    without loading images or weights; with the dataset's size known (an image folder, the
+    digits), the engines by depth and the estimated time, from one real train step compiled
+    and timed on this machine (random inputs)."""
+    from blockft_jax import costs, models, plan
     module = plan.build_module(config, num_classes=2)  # the head's size changes nothing here
-    table = models.layer_table(module, (config.model.input_size, config.model.input_size, 3))
-    described = plan.describe(config, plan.make_plan(config, table, module.unit_names()[0]), table)
-    return "\n".join([*inputs, described])
+    shape = (config.model.input_size, config.model.input_size, 3)
+    table = models.layer_table(module, shape)
+    searched = plan.make_plan(config, table, module)
+    images = plan.approximate_images(config)
+    if images is None or not searched.shared:
+        return "\n".join([*inputs, plan.describe(config, searched, table, (
+            "Estimated time: known once the dataset's size is (after its first load)."
+            if images is None else None))])
+    speed = _speed(config, module, table, searched, shape)
+    searched = plan.make_plan(config, table, module, speed=speed, images=images)
+    suffix = costs.suffix_flops(table, models.variable_shapes(module, shape), searched.units)
+    cost = costs.estimate(searched, suffix, speed, images)
+    estimate = (f"Estimated time: {costs.duration(cost['seconds'])} on this machine "
+                f"({costs.duration(cost['train'])} training, {costs.duration(cost['compile'])} "
+                f"compiling, {costs.duration(cost['prefix'])} prefix caches; {images[0]:,} "
+                f"training and {images[1]:,} validation images; from {speed.measured_on}, "
+                f"compiled and timed here: {speed.compile_seconds:.1f} s to compile, "
+                f"{1e-9 / speed.seconds_per_flop:.1f} GFLOP/s).")
+    return "\n".join([*inputs, plan.describe(config, searched, table, estimate)])
+
+
+def _speed(config, module, table, searched, shape):
+    """This machine's speed (costs.measure) on the engine of the search's shallowest
+    candidates, with random variables (nothing is loaded)."""
+    from blockft_jax import benchmarking, costs, train
+    variables = benchmarking.random_variables(module, shape, seed=0)
+    tx = train.make_optimizer(config.train, config.train.epochs)
+    unit = max((searched.lowest_unit(g) for g in searched.shared), key=searched.units.index)
+    return costs.measure(module, table, variables, tx, unit, train.data_mesh(),
+                         batch_size=config.data.batch_size, image_shape=shape)
 
 
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,

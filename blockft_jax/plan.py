@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from blockft_jax import groups, models
+from blockft_jax import groups, models, schedule
 from blockft_jax.errors import UserError
 from blockft_jax.groups import Group
 
@@ -109,10 +109,15 @@ def validate(config) -> None:
     need(isinstance(s.parallel, int) and s.parallel >= 0,
          f"search.parallel={s.parallel!r}: use 0 (as many runs at once as memory allows), 1 "
          f"(one at a time) or a cohort size.")
-    positive_int(s.max_layers, "search.max_layers", allow_none=True)
+    def reach(value, name):
+        need(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= 0),
+             f"{name}={value!r}: use a whole number >= 1, or 0 for the whole backbone.")
+
+    reach(s.max_layers, "search.max_layers")
     for k in s.topk:
         positive_int(k, "search.topk entry")
-    if "topk" in s.strategies and s.max_layers is not None and s.topk:
+    if "topk" in s.strategies and s.max_layers and s.topk:
         need(max(s.topk) <= s.max_layers,
              f"search.topk asks for k={max(s.topk)} but layerwise ranks only "
              f"search.max_layers={s.max_layers} layers; raise max_layers.")
@@ -121,10 +126,17 @@ def validate(config) -> None:
             groups.blocks([], boundaries(s.block_boundaries))
         except ValueError as e:
             raise ConfigError(f"search.block_boundaries: {e}") from None
-    positive_int(s.max_blocks, "search.max_blocks", allow_none=True)
+    reach(s.max_blocks, "search.max_blocks")
     positive_int(s.window, "search.window")
     positive_int(s.stride, "search.stride", allow_none=True)
-    positive_int(s.max_windows, "search.max_windows", allow_none=True)
+    reach(s.max_windows, "search.max_windows")
+    need(s.schedule in schedule.SCHEDULES,
+         f"search.schedule={s.schedule!r}: use 'halving' (successive halving) or 'exhaustive' "
+         f"(the paper's protocol).")
+    need(isinstance(s.eta, int) and not isinstance(s.eta, bool) and s.eta >= 2,
+         f"search.eta={s.eta!r}: use a whole number >= 2 (the best 1/eta go on at each rung).")
+    positive_int(s.halving_seeds, "search.halving_seeds")
+    positive_int(s.engines, "search.engines")
     if m.weights == "demo":
         positive_int(config.demo.pretrain_epochs, "demo.pretrain_epochs")
         number(config.demo.pretrain_learning_rate, "demo.pretrain_learning_rate", 0,
@@ -194,60 +206,116 @@ def candidates(config, table, strategy: str, layerwise_ranking=None) -> list[Gro
         return groups.classifier_only()
     if strategy == "full":
         return groups.full(table)
+    # max_*: 0 (or None) = the whole backbone.
     if strategy == "layerwise":
-        return groups.layerwise(table, s.max_layers)
+        return groups.layerwise(table, s.max_layers or None)
     if strategy == "topk":
         return groups.topk(layerwise_ranking, s.topk, table)
     if strategy == "blocks":
-        return groups.blocks(table, boundaries(s.block_boundaries), s.max_blocks)
+        return groups.blocks(table, boundaries(s.block_boundaries), s.max_blocks or None)
     if strategy == "window":
-        return groups.windows(table, s.window, s.stride, s.max_windows)
+        return groups.windows(table, s.window, s.stride, s.max_windows or None)
     raise ConfigError(f"Unknown strategy {strategy!r}.")
 
 
 @dataclasses.dataclass
 class Plan:
-    """What a search trains. topk's candidates are known only after layerwise has run (they
-    are the k best layers of its ranking): `planned` lacks them until `fill_topk`."""
+    """What a search trains, and where. topk's candidates are known only after layerwise has
+    run (they are the k best layers of its ranking): `planned` lacks them until then."""
     strategies: list[str]             # in the order they run
     planned: dict[str, list[Group]]   # strategy -> candidates
-    top_unit: str | None              # the lowest unit any candidate but `full` trains
+    units: list[str]                  # the model's units, input first
+    layer_unit: dict[str, str]        # weighted layer -> its unit
+    engines: list[str]                # every candidate but full's: the engines' lowest units,
+                                      # shallowest first
     first_unit: str                   # where `full` starts
     seeds: int
     topk: tuple[int, ...]
+    rungs: list[schedule.Rung]
+    eta: int
 
-    def from_unit(self, strategy: str) -> str:
-        return self.first_unit if strategy == "full" else self.top_unit
+    def lowest_unit(self, group: Group) -> str:
+        """The lowest unit `group` trains (the head's unit when it trains no backbone layer)."""
+        if not group.layers:
+            return self.units[-1]
+        return min((self.layer_unit[name] for name in group.layers), key=self.units.index)
+
+    def engine_of(self, group: Group) -> str:
+        """The unit of the engine that trains `group`: full's own, else the shallowest engine
+        at or below the group's lowest unit."""
+        if group.strategy == "full":
+            return self.first_unit
+        lowest = self.units.index(self.lowest_unit(group))
+        return max((e for e in self.engines if self.units.index(e) <= lowest),
+                   key=self.units.index)
 
     @property
     def shared(self) -> list[Group]:
-        """The candidates that share the top engine (all but full's; topk's once known)."""
+        """The candidates of the shared engines (all but full's; topk's once known)."""
         return [g for s, gs in self.planned.items() if s != "full" for g in gs]
 
     @property
     def topk_names(self) -> list[str]:
         return [groups.topk_candidate(k) for k in self.topk] if "topk" in self.strategies else []
 
+    def candidate_count(self, strategy: str) -> int:
+        return len(self.topk) if strategy == "topk" else len(self.planned[strategy])
+
     @property
     def runs(self) -> int:
-        count = sum(len(gs) for s, gs in self.planned.items() if s != "topk")
-        return (count + len(self.topk_names)) * self.seeds
+        """The runs (rows of results.jsonl) the schedule will record."""
+        return sum(schedule.expected(self.candidate_count(s), self.rungs, self.eta)[0]
+                   for s in self.strategies)
+
+    @property
+    def run_epochs(self) -> int:
+        """The epochs the schedule will train, over every run."""
+        return sum(schedule.expected(self.candidate_count(s), self.rungs, self.eta)[1]
+                   for s in self.strategies)
 
     @property
     def from_units(self) -> set[str]:
         """The distinct lowest trainable units: one train-step compilation each."""
-        return {self.from_unit(s) for s in self.strategies}
+        return set(self.engines) | ({self.first_unit} if "full" in self.strategies else set())
 
 
-def make_plan(config, table, first_unit: str) -> Plan:
-    strategies = [s for s in groups.SEARCH_ORDER if s in config.search.strategies]
-    planned = {s: candidates(config, table, s) for s in strategies if s != "topk"}
-    # One lowest unit for every candidate except `full`: one compilation serves them all.
+def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | None = None
+              ) -> Plan:
+    """The plan of `config`'s search. With the machine's `speed` (costs.measure) and the
+    (train, validation) image counts, the candidates but full's go to at most
+    `search.engines` engines by depth (costs.split); without, to one engine."""
+    from blockft_jax import costs
+    s = config.search
+    strategies = [x for x in groups.SEARCH_ORDER if x in s.strategies]
+    planned = {x: candidates(config, table, x) for x in strategies if x != "topk"}
+    units = list(module.unit_names())
+    layer_unit = {r.name: r.unit for r in groups.backbone_layers(table)}
+    rungs = schedule.rungs(s.schedule, config.train.epochs, config.train.seeds, s.eta,
+                           s.halving_seeds)
+    plan = Plan(strategies, planned, units, layer_unit, [], units[0], config.train.seeds,
+                tuple(s.topk), rungs, s.eta)
     # topk's layers come from layerwise's, so layerwise's reach bounds theirs.
-    shared = [g for s, gs in planned.items() if s != "full" for g in gs]
-    top_unit = groups.lowest_unit(table, shared) if shared else None
-    return Plan(strategies, planned, top_unit, first_unit, config.train.seeds,
-                tuple(config.search.topk))
+    shared = plan.shared
+    lowest = sorted({plan.lowest_unit(g) for g in shared}, key=units.index)
+    if not lowest:
+        return plan
+    if speed is None or images is None or s.engines == 1 or len(lowest) == 1:
+        plan.engines = [lowest[0]]
+        return plan
+    suffix = costs.suffix_flops(table, models.variable_shapes(module, (
+        config.model.input_size, config.model.input_size, 3)), units)
+    work: dict[str, float] = {}
+    for strategy in strategies:
+        if strategy == "full":
+            continue
+        members = planned.get(strategy, [])
+        count = plan.candidate_count(strategy)
+        run_epochs = schedule.expected(count, rungs, s.eta)[1] / max(count, 1)
+        for g in members or []:
+            work[plan.lowest_unit(g)] = work.get(plan.lowest_unit(g), 0.0) + run_epochs * (
+                3 * images[0] + images[1])
+    plan.engines = costs.split(work, suffix, units, s.engines, speed)
+    return plan
 
 
 def prefix_bytes_per_image(table, unit: str | None) -> int | None:
@@ -261,8 +329,8 @@ def prefix_bytes_per_image(table, unit: str | None) -> int | None:
     return math.prod(last.output_shape[1:]) * 4
 
 
-def describe(config, plan: Plan, table) -> str:
-    """The plan in words, for --dry_run."""
+def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
+    """The plan in words, for --dry_run (`estimate`: the estimated time, when known)."""
     c = config
     lines = [f"Plan: {c.model.name} (width {c.model.width}, {c.model.input_size} px, weights "
              f"{c.model.weights}) on {c.data.name}; {c.train.epochs} epochs x {c.train.seeds} "
@@ -273,20 +341,56 @@ def describe(config, plan: Plan, table) -> str:
             lines.append(f"  topk: k in {list(plan.topk)}: the k best layers of the layer-wise "
                          f"ranking (known once layerwise has run)")
             continue
-        lines.append(f"  {strategy}: {len(plan.planned[strategy])} candidate(s)")
-        for g in plan.planned[strategy]:
-            shown = ", ".join(g.layers) if len(g.layers) <= 6 else \
+        members = plan.planned[strategy]
+        lines.append(f"  {strategy}: {len(members)} candidate(s)")
+        shown = members if len(members) <= 12 else members[:6] + [None] + members[-3:]
+        for g in shown:
+            if g is None:
+                lines.append(f"    ... {len(members) - 9} more")
+                continue
+            layers = ", ".join(g.layers) if len(g.layers) <= 6 else \
                 f"{', '.join(g.layers[:3])}, ... {g.layers[-1]} ({len(g.layers)} layers)"
-            lines.append(f"    {g.candidate}: {shown or 'head only'}")
-    lines.append(f"Runs: {plan.runs} ({plan.runs // plan.seeds} candidates x {plan.seeds} "
-                 f"seed(s)).")
-    for unit in sorted(plan.from_units, key=lambda u: u != plan.top_unit):
-        users = "full" if unit == plan.first_unit and unit != plan.top_unit else \
-            "every candidate but full"
+            lines.append(f"    {g.candidate}: {layers or 'head only'}")
+    if len(plan.rungs) == 1:
+        lines.append(f"Schedule: {c.search.schedule}: every candidate trains "
+                     f"{c.train.epochs} epochs x {c.train.seeds} seed(s).")
+    else:
+        lines.append(f"Schedule: halving: rungs of {[r.epochs for r in plan.rungs]} epochs "
+                     f"({len(plan.rungs[0].seeds)} seed(s) before the last); at each, every "
+                     f"strategy's best 1/{plan.eta} go on; the finalists train every seed.")
+    lines.append(f"Runs: {plan.runs}, {plan.run_epochs:,} run-epochs (the paper's exhaustive "
+                 f"protocol: {exhaustive_runs(plan)} runs).")
+    for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
+        users = [s for s in plan.strategies if any(
+            plan.engine_of(g) == unit for g in plan.planned.get(s, []))]
         per_image = prefix_bytes_per_image(table, unit) if c.train.prefix_cache and not (
             c.data.augment_flip or c.data.augment_crop) else None
         cache = (f"prefix cache {per_image:,} bytes per image" if per_image else
                  "no prefix cache (nothing frozen below it, or augmentation/prefix_cache off)")
-        lines.append(f"Lowest trainable unit {unit} ({users}): {cache}.")
+        lines.append(f"Engine from unit {unit} ({', '.join(users) or 'topk'}): {cache}.")
     lines.append(f"Train-step compilations: {len(plan.from_units)}.")
+    if estimate:
+        lines.append(estimate)
     return "\n".join(lines)
+
+
+def exhaustive_runs(plan: Plan) -> int:
+    return sum(plan.candidate_count(s) for s in plan.strategies) * plan.seeds
+
+
+def approximate_images(config) -> tuple[int, int] | None:
+    """(train, validation) images of the search's splits, approximately (the carving's
+    rounding aside), when they are known without loading a dataset: an image folder's files
+    and the bundled digits; None for a TFDS dataset."""
+    d = config.data
+    if d.name == "image_folder":
+        from blockft_jax import data
+        per_class = [len(files) for _, files in data.image_folder_classes(d.path)]
+    elif d.name == "digits":
+        from sklearn.datasets import load_digits
+        targets = load_digits().target
+        per_class = [int((targets == c).sum()) for c in (d.classes or range(10))]
+    else:
+        return None
+    train = sum(min(round(n * d.splits[0]), d.train_per_class or n) for n in per_class)
+    return train, sum(round(n * d.splits[1]) for n in per_class)

@@ -26,17 +26,17 @@ class Progress:
     SLOW_EPOCH = 2.0
     PERIOD = 15.0
 
-    def __init__(self, total: int, done: int, epochs: int, flops=lambda unit: None):
-        self.total, self.done, self.epochs = total, done, epochs
+    def __init__(self, total: int, done: int, flops=lambda unit: None):
+        self.total, self.done = total, done
         self.left: dict[str, int] = {}        # run-epochs left per engine
         self.seconds: dict[str, float] = {}   # measured, per engine
         self.trained: dict[str, int] = {}     # run-epochs measured, per engine
         self.flops = flops                    # unit -> compiled train-step flops per run
         self.last_line = time.perf_counter()
 
-    def plan(self, unit: str, runs: int) -> None:
-        """`runs` of engine `unit` to train (counted once per engine)."""
-        self.left.setdefault(unit, runs * self.epochs)
+    def plan(self, unit: str, run_epochs: float) -> None:
+        """The run-epochs engine `unit` will train (counted once per engine)."""
+        self.left.setdefault(unit, run_epochs)
 
     def epoch(self, unit: str, keys, histories, epoch: int, seconds: float,
               trained: int) -> None:
@@ -49,14 +49,12 @@ class Progress:
         self.last_line = now
         val = [h[-1]["val_accuracy"] for h in histories if h and h[-1]["epoch"] == epoch]
         names = keys[0][0] + (f" +{len(keys) - 1}" if len(keys) > 1 else "")
-        log.info("  %s: epoch %d/%d of %d run(s) (%s) in %.1f s, validation %s | ETA %s",
-                 unit, epoch, self.epochs, len(keys), names, seconds,
+        log.info("  %s: epoch %d of %d run(s) (%s) in %.1f s, validation %s | ETA %s",
+                 unit, epoch, len(keys), names, seconds,
                  f"{min(val):.3f}-{max(val):.3f}" if val else "-", self.eta())
 
-    def finished(self, row: dict, unit: str) -> None:
+    def finished(self, row: dict) -> None:
         self.done += 1
-        # A run that stopped early (diverged) leaves its remaining epochs untrained.
-        self.left[unit] = max(self.left.get(unit, 0) - (self.epochs - row["epochs"]), 0)
         log.info("[%d/%d] %-40s seed %d: val %.3f test %s (epoch %d, %s) %.1fs | ETA %s",
                  self.done, self.total, row["candidate"], row["seed"], row["val_accuracy"],
                  "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.3f}",

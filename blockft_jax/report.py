@@ -38,12 +38,21 @@ def markdown(summary: dict) -> str:
     for strategy, s in summary["strategies"].items():
         if len(s["ranking"]) < 2:
             continue
+        halved = any(c.get("pruned") for c in s["ranking"])
         lines += [f"## {LABELS[strategy]}: ranking", "",
-                  "| rank | candidate | depth | validation acc. | test acc. | diverged |",
-                  "|---|---|---|---|---|---|"]
+                  "| rank | candidate | depth | validation acc. | test acc. | diverged |" +
+                  (" searched |" if halved else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if halved else "")]
         for i, c in enumerate(s["ranking"], 1):
+            searched = (f" pruned after {c['epochs']} epoch(s), {c['seeds']} seed(s) |"
+                        if c.get("pruned") else " finalist |") if halved else ""
             lines.append(f"| {i} | `{c['candidate']}` | {c['depth']} | {_pm(c['val_accuracy'])}"
-                         f" | {_pm(c['test_accuracy'])} | {c['diverged']} |")
+                         f" | {_pm(c['test_accuracy'])} | {c['diverged']} |{searched}")
+        if halved:
+            lines.append("")
+            lines.append("Successive halving: only the finalists trained every seed to the "
+                         "last epoch and can be selected; a pruned candidate's accuracy is at "
+                         "its best epoch before it was pruned.")
         lines.append("")
     return "\n".join(lines)
 

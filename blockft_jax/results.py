@@ -38,7 +38,9 @@ BATCH_ELEMENTS = 2**22
 
 
 def rank(rows: list[dict]) -> list[dict]:
-    """Candidates by mean validation accuracy over seeds (best first); ties keep search order."""
+    """Candidates by mean validation accuracy over seeds (best first), those that reached a
+    later rung of a halving search before those pruned earlier (only the last rung's can be
+    selected); ties keep search order."""
     by_candidate: dict[str, list[dict]] = {}
     for r in rows:
         by_candidate.setdefault(r["candidate"], []).append(r)
@@ -49,9 +51,12 @@ def rank(rows: list[dict]) -> list[dict]:
         ranked.append({"candidate": candidate, "strategy": rs[0]["strategy"],
                        "layers": rs[0]["layers"], "depth": rs[0]["depth"], "seeds": len(rs),
                        "val_accuracy": _mean_std(val), "test_accuracy": _mean_std(test),
-                       "diverged": sum(r["status"] == "diverged" for r in rs)})
+                       "diverged": sum(r["status"] == "diverged" for r in rs),
+                       "rung": max(r.get("rung", 0) for r in rs),
+                       "epochs": max(r["epochs"] for r in rs),
+                       "pruned": any(r["status"] == "pruned" for r in rs)})
     order = {c: i for i, c in enumerate(by_candidate)}
-    ranked.sort(key=lambda c: (-c["val_accuracy"]["mean"], order[c["candidate"]]))
+    ranked.sort(key=lambda c: (-c["rung"], -c["val_accuracy"]["mean"], order[c["candidate"]]))
     return ranked
 
 
@@ -74,7 +79,8 @@ def summarize(config, rows: list[dict], train_step_compilations: int,
     winner = max((s["selected"] for s in strategies.values()),
                  key=lambda c: c["val_accuracy"]["mean"])
     summary = {"model": config.model.name, "dataset": config.data.name,
-               "selection": "mean validation accuracy over seeds; test accuracy is for the record",
+               "selection": "mean validation accuracy over seeds (of the candidates that reached "
+                            "the last rung); test accuracy is for the record",
                "strategies": strategies, "winner": winner,
                "train_step_compilations": train_step_compilations}
     if predictions_dir is not None and labels_path(predictions_dir).exists():

@@ -17,11 +17,12 @@ import logging
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from blockft_jax import data as data_lib
-from blockft_jax import (groups, models, multihost, placement, pretrained, report, results,
-                         scalars, streams, train, weights)
+from blockft_jax import (checkpoint, costs, groups, models, multihost, placement, pretrained,
+                         report, results, scalars, schedule, streams, train, weights)
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.progress import CompileClock, Progress
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run", "Search", "ConfigError", "build_module", "candidates", "validate"]
 
+DECISIONS = "schedule.json"   # the halving search's decisions
+PARKED = "parked"             # runs stopped at a rung, until they go on or are pruned
+
 
 @dataclasses.dataclass
 class Search:
@@ -49,11 +53,11 @@ class Search:
         self.module = build_module(c, len(self.dataset.class_names))
         self.shape = (c.model.input_size, c.model.input_size, 3)
         self.table = models.layer_table(self.module, self.shape)
-        self.plan = make_plan(c, self.table, self.module.unit_names()[0])
         self.variables = pretrained.load(c, self.module)
         self.mesh = train.data_mesh()
         self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
         self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
+        self.plan = self._plan()
         self.engines: dict[str, placement.Prepared] = {}
         # One background thread compiles the engines' steps, one engine after another.
         self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
@@ -62,14 +66,39 @@ class Search:
         self.rows: list[dict] = multihost.broadcast_json(self.wd.results)
         self.predictions_dir = self.wd.path / results.PREDICTIONS_DIR
         self.progress = Progress(self.plan.runs, len(finished_keys(self.rows)),
-                                 c.train.epochs, flops=lambda unit: self.engines[unit]
-                                 .flops_per_run() if unit in self.engines else None)
+                                 flops=lambda unit: self.engines[unit].flops_per_run()
+                                 if unit in self.engines else None)
+        # The halving search's decisions so far: {strategy: {rung index: [candidates kept]}}.
+        self.decisions: dict = multihost.broadcast_json(lambda: json.loads(
+            (self.wd.path / DECISIONS).read_text()) if (self.wd.path / DECISIONS).exists()
+            else {})
         if self.wd.writer:
             results.write_labels(self.predictions_dir, self.dataset.validation.labels,
                                  self.dataset.test.labels if len(self.dataset.test) else None)
             if self.dataset.skipped:
                 write_atomic(self.wd.path / "skipped_files.txt", "".join(
                     f"{path}\t{reason}\n" for path, reason in self.dataset.skipped))
+
+    def _plan(self):
+        """The plan, with the candidates but full's split into engines by depth from this
+        machine's speed (one real train step compiled and timed) when there is a choice."""
+        c = self.config
+        plan = make_plan(c, self.table, self.module)
+        lowest = {plan.lowest_unit(g) for g in plan.shared}
+        if c.search.engines == 1 or len(lowest) < 2:
+            return plan
+        speed = multihost.broadcast_json(lambda: costs.measure(
+            self.module, self.table, self.variables, self.tx, max(lowest, key=plan.units.index),
+            self.mesh, batch_size=c.data.batch_size, image_shape=self.shape).to_json())
+        speed = costs.Speed(**speed)
+        images = (len(self.dataset.train), len(self.dataset.validation))
+        plan = make_plan(c, self.table, self.module, speed=speed, images=images)
+        log.info("Engines by depth: candidates but full's train from units %s (at most "
+                 "search.engines=%d; chosen for the least compile plus training time: %.1f s "
+                 "to compile an engine, %.2g s per GFLOP, measured on %s)",
+                 ", ".join(plan.engines), c.search.engines, speed.compile_seconds,
+                 speed.seconds_per_flop * 1e9, speed.measured_on)
+        return plan
 
     def add_result(self, row: dict) -> dict:
         """Records a finished run: process 0's row, on every process, and in results.jsonl."""
@@ -205,15 +234,20 @@ class Search:
         return due
 
     # -- a cohort of runs ----------------------------------------------------------------------
-    def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str):
-        """Trains (candidate, seed) runs together as one cohort, resuming those its checkpoint
-        holds; returns ([(results row, cohort.FitResult)], its Checkpoint)."""
+    def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str, rung: int):
+        """Trains (candidate, seed) runs together as one cohort up to rung `rung`'s epochs,
+        each from where it stopped (the cohort checkpoint, else its parked state, else its
+        start); returns ([(results row, cohort.FitResult)], its Checkpoint)."""
         c = self.config
         prepared = self.engines[from_unit]
         cohort, splits = prepared.cohort, prepared.splits
         keys = [(g.candidate, seed) for g, seed in runs]
         ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", keys, cohort)
         resumes = ckpt.restore(self.variables)
+        for key in keys:
+            if key not in resumes and multihost.broadcast_json(
+                    lambda key=key: checkpoint.parked(self.parked_stem(*key)) is not None):
+                resumes[key] = checkpoint.unpark(self.parked_stem(*key), self._one_run(cohort))
         members = [cohort_lib.Run(*self.candidate_inputs(g), seed,
                                   variables=self.start_variables(seed),
                                   resume=resumes.get((g.candidate, seed)))
@@ -234,28 +268,95 @@ class Search:
                 ckpt.save(state, histories, epoch)
             last[0] = time.perf_counter()
 
+        final = self.plan.rungs[rung].final
         try:
             fitted = cohort_lib.fit(
                 cohort, self.variables, members, splits["train"], splits["validation"],
-                splits["test"], epochs=c.train.epochs, batch_size=c.data.batch_size,
+                splits["test"], epochs=self.plan.rungs[rung].epochs,
+                batch_size=c.data.batch_size,
                 eval_batch_multiple=prepared.placement.eval_batch_multiple,
-                on_epoch_end=on_epoch_end)
+                keep_state=not final, on_epoch_end=on_epoch_end)
         finally:
             for writer in writers:
                 if writer is not None:
                     writer.close()
-        return [(self.row(g, seed, result), result)
+        return [(self.row(g, seed, result, rung), result)
                 for (g, seed), result in zip(runs, fitted)], ckpt
 
-    def row(self, group: Group, seed: int, result: cohort_lib.FitResult) -> dict:
-        """The results.jsonl row of a finished run."""
+    def _one_run(self, cohort: cohort_lib.Cohort) -> dict:
+        """Zeros shaped as one run's {'state', 'best'} (what a parked run restores into)."""
+        one = jax.tree.map(lambda x: np.zeros(x.shape[1:], x.dtype),
+                           cohort.abstract_runs(self.variables))
+        return {"state": one, "best": cohort_lib.live(one)}
+
+    def parked_stem(self, candidate: str, seed: int) -> Path:
+        return self.wd.path / PARKED / f"{results.slug(candidate)}-seed{seed}"
+
+    def row(self, group: Group, seed: int, result: cohort_lib.FitResult, rung: int) -> dict:
+        """The results.jsonl row of a run as it stands at rung `rung` (the index of the rung
+        it reached)."""
         return {"strategy": group.strategy, "candidate": group.candidate,
                 "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
                 "epochs": result.epochs, "best_epoch": result.best_epoch,
                 "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                 "final_val_accuracy": result.final_val_accuracy, "val_loss": result.val_loss,
                 "train_seconds": round(result.train_seconds, 3), "steps": result.steps,
-                "status": result.status}
+                "status": result.status, "rung": rung}
+
+    # -- the schedule: which candidates go on -------------------------------------------------
+    def alive(self, strategy: str, rung: int) -> list[Group]:
+        """The candidates of `strategy` still searched at rung `rung` (decisions before it)."""
+        alive = self.plan.planned[strategy]
+        for index, kept in sorted((int(i), k) for i, k in
+                                  self.decisions.get(strategy, {}).items()):
+            if index < rung:
+                alive = [g for g in alive if g.candidate in kept]
+        return alive
+
+    def decide(self, strategy: str, rung: int) -> list[Group]:
+        """At a rung where `strategy` stops (not the last), its best 1/eta candidates by mean
+        validation accuracy (best epoch so far) over the rung's seeds go on; the others' runs
+        are recorded, pruned. Decided on process 0 and kept in schedule.json (a rerun finds the
+        same). Returns the pruned candidates."""
+        alive = self.alive(strategy, rung)
+        seeds = self.plan.rungs[rung].seeds
+
+        def decide() -> list[str]:
+            kept = self.decisions.get(strategy, {}).get(str(rung))
+            if kept is not None:
+                return kept
+            rows = {(r["candidate"], r["seed"]): r for r in self.rows}
+            accuracy = {}
+            for g in alive:
+                records = [rows.get((g.candidate, seed)) or
+                           checkpoint.parked(self.parked_stem(g.candidate, seed))["row"]
+                           for seed in seeds]
+                accuracy[g.candidate] = float(np.mean([r["val_accuracy"] for r in records]))
+            return schedule.promote([g.candidate for g in alive], accuracy, self.plan.eta)
+
+        kept = multihost.broadcast_json(decide)
+        self.decisions.setdefault(strategy, {})[str(rung)] = kept
+        self.wd.write_json(DECISIONS, self.decisions)
+        pruned = [g for g in alive if g.candidate not in kept]
+        log.info("%s, rung %d (%d epochs): %d of %d candidates go on (%s)", strategy, rung,
+                 self.plan.rungs[rung].epochs, len(kept), len(alive),
+                 ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""))
+        finished = finished_keys(self.rows)
+        for g in pruned:
+            for seed in seeds:
+                if (g.candidate, seed) in finished:  # it had diverged: recorded then
+                    continue
+                stem = self.parked_stem(g.candidate, seed)
+                record = multihost.broadcast_json(lambda stem=stem: checkpoint.parked(stem))
+                if self.wd.writer:
+                    validation, test = _predictions(record["predictions"])
+                    results.write_predictions(
+                        self.predictions_dir, g.candidate, seed, np.full(
+                            len(self.dataset.validation), -1) if validation is None
+                        else validation, test)
+                self.progress.finished(self.add_result({**record["row"], "status": "pruned"}))
+                checkpoint.unpark_clear(stem)
+        return pruned
 
     def start_variables(self, seed: int) -> dict:
         """The pretrained backbone with a head drawn from `seed`: seeds differ in their head
@@ -315,36 +416,32 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
     search = Search(config, wd, clock)
     plan = search.plan
     done = finished_keys(search.rows)
-    log.info("Searching %s: %d candidate runs (%d done), strategies %s, trainable from unit %s",
-             config.model.name, plan.runs, len(done), ", ".join(plan.strategies), plan.top_unit)
-
-    # Prepare the engines up front: each compiles its steps in the background, `full`'s while
-    # the other candidates train.
-    seeds = range(config.train.seeds)
-    left = lambda names: sum((name, seed) not in done for name in names for seed in seeds)
-    top_left = left([g.candidate for g in plan.shared] + plan.topk_names)
-    full_left = left([g.candidate for g in plan.planned.get("full", [])])
-    for unit, count in ((plan.top_unit, top_left), (plan.first_unit, full_left)):
-        if unit is not None and count:
-            search.progress.plan(unit, count)
-            search.prepare(unit, count)
-    # Runs in plan order, each engine's together, in cohorts; topk after layerwise's runs (it
-    # needs their ranking), full's last.
-    runs = lambda strategies: [(g, seed) for s in strategies for g in plan.planned[s]
-                               for seed in seeds]
-    top = [s for s in plan.strategies if s not in ("topk", "full")]
+    log.info("Searching %s: %d candidate runs (%d done, %s schedule%s), strategies %s; engines "
+             "from units %s", config.model.name, plan.runs, len(done), config.search.schedule,
+             f", rungs of {[r.epochs for r in plan.rungs]} epochs" if len(plan.rungs) > 1
+             else "", ", ".join(plan.strategies), ", ".join(sorted(
+                 plan.from_units, key=plan.units.index, reverse=True)))
+    # Prepare the engines up front, each compiling its steps in the background (shallowest
+    # first: the first to train), `full`'s while the others train.
+    work = _engine_work(plan)
+    for unit in sorted(work, key=plan.units.index, reverse=True):
+        if any(key not in done for key in work[unit]["keys"]):
+            search.progress.plan(unit, work[unit]["run_epochs"])
+            search.prepare(unit, work[unit]["runs"])
     training = 0.0  # seconds in the runs' training (fits), for runs.jsonl
-    if top:
-        training += _train_runs(search, runs(top), plan.top_unit)
-    if "topk" in plan.strategies:  # the k best of layerwise's ranking, the same on every process
-        ranking = [c["layers"][0] for c in rank([r for r in search.rows
-                                                 if r["strategy"] == "layerwise"])]
-        plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
-        training += _train_runs(search, runs(["topk"]), plan.top_unit)
-    if plan.top_unit != plan.first_unit:
-        search.release(plan.top_unit)
-    if "full" in plan.strategies:
-        training += _train_runs(search, runs(["full"]), plan.first_unit)
+    top = [s for s in plan.strategies if s not in ("topk", "full")]
+    for phase in (top, ["topk"], ["full"]):
+        phase = [s for s in phase if s in plan.strategies]
+        if phase == ["topk"]:  # the k best of layerwise's ranking, the same on every process
+            ranking = [c["layers"][0] for c in rank([r for r in search.rows
+                                                     if r["strategy"] == "layerwise"])]
+            plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
+        if phase == ["full"]:
+            for unit in plan.engines:
+                if unit != plan.first_unit:
+                    search.release(unit)
+        if phase:
+            training += _train_phase(search, phase)
 
     # This process's compilations per engine (the plan's count, one train step per engine, is
     # in summary.json); more than one means a cohort size was compiled and then changed.
@@ -360,6 +457,62 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
     if wd.writer:
         report.write(wd.path)
     return summary, counts, training
+
+
+def _engine_work(plan) -> dict:
+    """Per engine: the (candidate, seed) keys it trains (topk's by name, before its layers are
+    known: the deepest engine's), the runs of its first rung (what bounds its cohort size) and
+    its expected run-epochs."""
+    work: dict[str, dict] = {}
+    for strategy in plan.strategies:
+        count = plan.candidate_count(strategy)
+        members = [(name, None) for name in plan.topk_names] if strategy == "topk" else \
+            [(g.candidate, g) for g in plan.planned[strategy]]
+        run_epochs = schedule.expected(count, plan.rungs, plan.eta)[1] / max(count, 1)
+        first = plan.rungs[schedule.stopping_rungs(count, plan.rungs, plan.eta)[0]]
+        for name, group in members:
+            unit = plan.engines[-1] if group is None else plan.engine_of(group)
+            entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0})
+            entry["keys"] += [(name, seed) for seed in range(plan.seeds)]
+            entry["runs"] += len(first.seeds)
+            entry["run_epochs"] += run_epochs
+    return work
+
+
+def _train_phase(search: Search, strategies: list[str]) -> float:
+    """Trains the strategies' runs rung by rung (one rung: the paper's protocol): at each rung,
+    every run of the candidates still searched, engine by engine in cohorts, up to the rung's
+    epochs; then, where a strategy stops, its best 1/eta go on. Returns the training seconds."""
+    plan = search.plan
+    stopping = {s: schedule.stopping_rungs(plan.candidate_count(s), plan.rungs, plan.eta)
+                for s in strategies}
+    training = 0.0
+    for rung, budget in enumerate(plan.rungs):
+        finished = finished_keys(search.rows)
+        jobs = []
+        for strategy in strategies:
+            if rung not in stopping[strategy]:
+                continue
+            for group in search.alive(strategy, rung):
+                for seed in budget.seeds:
+                    key = (group.candidate, seed)
+                    parked = multihost.broadcast_json(
+                        lambda key=key: checkpoint.parked(search.parked_stem(*key)))
+                    if key in finished or (parked and len(parked["history"]) >= budget.epochs):
+                        continue
+                    jobs.append((group, seed))
+        for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
+            mine = [job for job in jobs if plan.engine_of(job[0]) == unit]
+            if mine:
+                training += _train_runs(search, mine, unit, rung)
+        for strategy in strategies:
+            if rung in stopping[strategy] and not budget.final:
+                for group in search.decide(strategy, rung):
+                    _promote(search, group)
+    for strategy in strategies:  # after an interruption between a record and its model
+        for group in plan.planned[strategy]:
+            _promote(search, group)
+    return training
 
 
 BEST_MODEL = "models/best"
@@ -390,34 +543,52 @@ def _summarize(search: Search) -> dict:
         return results.summarize(*args)
 
 
-def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str) -> float:
-    """Trains the (candidate, seed) runs of one engine that are not finished, in order, in
-    cohorts of the engine's size (the last one padded). A candidate whose seeds are all
-    finished may become its strategy's saved model (models/<strategy>/). Returns the seconds
-    spent training (the fits, compilation they waited for included)."""
-    todo = [(g, seed) for g, seed in runs if (g.candidate, seed) not in finished_keys(search.rows)]
+def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
+                rung: int) -> float:
+    """Trains (candidate, seed) runs of one engine up to rung `rung`'s epochs, in cohorts of the
+    engine's size (the last one padded): at the last rung a run is recorded (its row, best
+    variables and predictions), before it parked (it goes on, or is recorded when pruned); a
+    run that diverged is recorded where it stopped. Returns the seconds spent training."""
+    search.progress.plan(from_unit, 0)
+    search.prepare(from_unit, len(runs))
+    size = search.ready(from_unit).placement.cohort_size
+    final = search.plan.rungs[rung].final
     training = 0.0
-    if todo:
-        search.progress.plan(from_unit, len(todo))
-        search.prepare(from_unit, len(todo))
-        size = search.ready(from_unit).placement.cohort_size
-        for start in range(0, len(todo), size):
-            chunk = todo[start:start + size]
-            started = time.perf_counter()
-            finished, ckpt = search.run_cohort(chunk, from_unit)
-            training += time.perf_counter() - started
-            for (group, seed), (row, result) in zip(chunk, finished):
-                _record(search, group, seed, row, result, from_unit)
-            ckpt.clear()
+    for start in range(0, len(runs), size):
+        chunk = runs[start:start + size]
+        started = time.perf_counter()
+        finished, ckpt = search.run_cohort(chunk, from_unit, rung)
+        training += time.perf_counter() - started
+        for (group, seed), (row, result) in zip(chunk, finished):
+            if final or result.status == "diverged":
+                _record(search, group, seed, row, result)
+                checkpoint.unpark_clear(search.parked_stem(group.candidate, seed))
+            elif search.wd.writer:
+                checkpoint.park(search.parked_stem(group.candidate, seed), result.stopped,
+                                {"row": row, "predictions": _listed(result.predictions)})
+        ckpt.clear()
+        if final:
             for group in dict.fromkeys(g for g, _ in chunk):
                 _promote(search, group)
-    for group in dict.fromkeys(g for g, _ in runs):  # after an interruption between the two
-        _promote(search, group)
     return training
 
 
+def _listed(predictions: dict | None) -> dict | None:
+    """Predictions as JSON lists (a parked run's record)."""
+    return None if predictions is None else {
+        split: None if p is None else np.asarray(p).tolist() for split, p in predictions.items()}
+
+
+def _predictions(listed: dict | None) -> tuple:
+    """(validation, test) predicted classes from `_listed`'s form."""
+    if listed is None:
+        return None, None
+    return tuple(None if listed.get(split) is None else np.asarray(listed[split], np.int32)
+                 for split in ("validation", "test"))
+
+
 def _record(search: Search, group: Group, seed: int, row: dict,
-            result: cohort_lib.FitResult, from_unit: str) -> None:
+            result: cohort_lib.FitResult) -> None:
     """A finished run: its best variables (pending/) and predictions, then its row."""
     wd = search.wd
     if wd.writer:  # before the row: a row always has its model and predictions
@@ -427,7 +598,7 @@ def _record(search: Search, group: Group, seed: int, row: dict,
             "validation": np.full(len(search.dataset.validation), -1), "test": None}
         results.write_predictions(search.predictions_dir, group.candidate, seed,
                                   predictions["validation"], predictions["test"])
-    search.progress.finished(search.add_result(row), from_unit)
+    search.progress.finished(search.add_result(row))
 
 
 def _pending(wd: Workdir, candidate: str, seed: int) -> Path:
@@ -437,17 +608,19 @@ def _pending(wd: Workdir, candidate: str, seed: int) -> Path:
 
 
 def _promote(search: Search, group: Group) -> None:
-    """Once all seeds of `group` are finished: of its strategy's finished candidates, the leader
-    keeps its best seed's variables in pending/ and the others' are deleted; once every
-    candidate of the strategy is finished, the leader is saved as models/<strategy>/ (one save
-    per strategy). Decided from the rows every process shares; process 0 reads the variables it
-    wrote and sends them to all (orbax saves collectively); only process 0 deletes."""
+    """Once `group` is finished (all its seeds recorded, or pruned): of its strategy's finished
+    candidates, the leader keeps its best seed's variables in pending/ and the others' are
+    deleted; once every candidate of the strategy is finished, the leader is saved as
+    models/<strategy>/ (one save per strategy). Decided from the rows every process shares;
+    process 0 reads the variables it wrote and sends them to all (orbax saves collectively);
+    only process 0 deletes."""
     wd, seeds = search.wd, search.config.train.seeds
     by_candidate: dict[str, list[dict]] = {}
     for r in search.rows:
         if r["strategy"] == group.strategy:
             by_candidate.setdefault(r["candidate"], []).append(r)
-    finished = {c: rs for c, rs in by_candidate.items() if len(rs) >= seeds}
+    finished = {c: rs for c, rs in by_candidate.items()
+                if len(rs) >= seeds or any(r["status"] == "pruned" for r in rs)}
     if group.candidate not in finished:
         return
     leader = rank([r for rs in finished.values() for r in rs])[0]["candidate"]

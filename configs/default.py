@@ -71,15 +71,26 @@ def get_config():
     config.search.parallel = 0
     config.search.strategies = ("classifier_only", "full", "layerwise", "topk", "blocks",
                                 "window")
-    config.search.max_layers = 10
+    # How far down each strategy searches, in layers / blocks / windows from the output;
+    # 0 = the whole backbone, down to its first weighted layer.
+    config.search.max_layers = 0
     config.search.topk = (2, 3, 4, 5)
     # Non-weight layer kinds that split blocks (comma-separated; the paper: pooling and
     # activation), or 'units' for the architecture's own blocks (VGG block5, MobileNetV2 block_16).
     config.search.block_boundaries = "pooling,activation"
-    config.search.max_blocks = 6
+    config.search.max_blocks = 0
     config.search.window = 3
     config.search.stride = ml_collections.FieldReference(None, field_type=int)  # None: = window
-    config.search.max_windows = 6
+    config.search.max_windows = 0
+    # 'halving': successive halving (rungs of growing epochs; each strategy's best 1/eta go on;
+    # the finalists train every seed to train.epochs) -- the whole network for a fraction of
+    # the cost; 'exhaustive': the paper's protocol (every candidate, every seed, every epoch).
+    config.search.schedule = "halving"
+    config.search.eta = 3
+    config.search.halving_seeds = 1   # seeds the early rungs train (the last trains all)
+    # Candidates but full's train in at most this many engines by depth (each from its own
+    # lowest unit, with its own prefix cache): a candidate pays only for its own depth.
+    config.search.engines = 4
 
     # Only for model.weights='demo': the backbone pretrained here on digits 0-4.
     config.demo = ml_collections.ConfigDict()

@@ -559,7 +559,7 @@ def checkpoint_bytes_table(cohort_size: int) -> list[str]:
         shape = (config.model.input_size,) * 2 + (3,)
         table = models.layer_table(module, shape)
         variables = models.variable_shapes(module, shape)
-        search_plan = plan.make_plan(config, table, module.unit_names()[0])
+        search_plan = plan.make_plan(config, table, module)  # one engine for all but full
         tx = train.make_optimizer(config.train, 100)
         for unit in sorted(search_plan.from_units, key=lambda u: u == search_plan.first_unit):
             engine = train.Engine(module, tx, unit, train.data_mesh(), table=table)

@@ -6,7 +6,8 @@ OVERRIDES_JSON: {"train.seeds": 2, ...} applied to configs/tiny.py. KILL_AT says
 checkpoint the process kills itself (kill -9: no cleanup, no atexit):
   full      the first checkpoint of a cohort that trains `full`;
   top       the first checkpoint of a cohort that does not;
-  diverged  the first checkpoint that holds a diverged (non-finite) epoch.
+  diverged  the first checkpoint that holds a diverged (non-finite) epoch;
+  save:N    the N-th checkpoint.
 Without KILL_AT the search runs to the end. DIVERGE_AT ("CANDIDATE/SEED/EPOCH") makes that run's
 train loss non-finite at that epoch (1-based), as a learning rate that blows up late would, and
 its validation accuracy there the best of all (a non-finite epoch must never be the best one):
@@ -43,9 +44,9 @@ def main(argv):
     training = []  # the (candidate, seed) keys of the runs being trained now
     run_cohort = search.Search.run_cohort
 
-    def tracking(self, runs, unit):
+    def tracking(self, runs, unit, *rest):
         training[:] = [(g.candidate, seed) for g, seed in runs]
-        return run_cohort(self, runs, unit)
+        return run_cohort(self, runs, unit, *rest)
 
     search.Search.run_cohort = tracking
     if diverge_at:
@@ -81,14 +82,18 @@ def main(argv):
     if kill_at:
         save = checkpoint.Checkpoint.save
 
+        saves = []
+
         def preempting(self, state, histories, epoch):
             save(self, state, histories, epoch)
+            saves.append(epoch)
             runs = [tuple(k) for k in self.keys]
             holds_diverged = any(not np.isfinite(r["train_loss"]) for h in histories
                                  for r in h)
             if {"full": any(c == "full" for c, _ in runs) and len(runs) > 1,
                     "top": all(c != "full" for c, _ in runs) and len(runs) > 1,
-                    "diverged": holds_diverged}[kill_at]:
+                    "diverged": holds_diverged,
+                    f"save:{len(saves)}": True}.get(kill_at, False):
                 self.ckptr.wait_until_finished()
                 print(f"KILLED after epoch {epoch} of {runs}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)

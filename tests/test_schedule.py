@@ -1,0 +1,87 @@
+"""The search's schedule (successive halving or the paper's exhaustive protocol) and the split of
+candidates into engines by depth: pure rules, checked by hand-counted cases."""
+import numpy as np
+import pytest
+
+from blockft_jax import costs, models, plan, schedule
+from configs import demo, tiny
+
+
+def test_rungs_grow_by_eta_and_end_with_every_seed():
+    rungs = schedule.rungs("halving", 30, 4, eta=3, halving_seeds=1)
+    assert [r.epochs for r in rungs] == [1, 3, 10, 30]
+    assert [r.seeds for r in rungs] == [(0,), (0,), (0,), (0, 1, 2, 3)]
+    assert [r.final for r in rungs] == [False, False, False, True]
+    assert schedule.rungs("exhaustive", 30, 4) == [schedule.Rung(30, (0, 1, 2, 3), True)]
+    # Too few epochs for a rung below them: halving is exhaustive.
+    assert schedule.rungs("halving", 2, 1, eta=3) == schedule.rungs("exhaustive", 2, 1)
+    assert [r.epochs for r in schedule.rungs("halving", 4, 2, eta=2)] == [1, 2, 4]
+    with pytest.raises(ValueError, match="schedule"):
+        schedule.rungs("greedy", 10, 1)
+
+
+def test_promote_keeps_the_best_fraction_ties_in_plan_order():
+    order = ["a", "b", "c", "d", "e"]
+    accuracy = {"a": 0.5, "b": 0.7, "c": 0.5, "d": 0.9, "e": 0.5}
+    assert schedule.survivors(5, 3) == 2 and schedule.survivors(1, 3) == 1
+    assert schedule.promote(order, accuracy, 3) == ["b", "d"]
+    # Ties: the candidate earlier in plan order (nearer the output) goes on.
+    assert schedule.promote(order, {c: 0.5 for c in order}, 3) == ["a", "b"]
+    assert schedule.promote(["x"], {"x": 0.0}, 3) == ["x"]
+
+
+def test_a_strategy_stops_only_where_it_prunes_and_its_expected_work():
+    rungs = schedule.rungs("halving", 30, 4, eta=3, halving_seeds=1)
+    assert schedule.stopping_rungs(1, rungs, 3) == [3]        # a baseline: straight to the end
+    assert schedule.stopping_rungs(3, rungs, 3) == [0, 3]     # 3 -> 1 finalist
+    assert schedule.stopping_rungs(104, rungs, 3) == [0, 1, 2, 3]
+    # 104 candidates: 104 one-epoch runs, 35 go on to 3 epochs, 12 to 10, 4 finalists train 4
+    # seeds to 30 (seed 0 from its 10 epochs).
+    runs, epochs = schedule.expected(104, rungs, 3)
+    assert runs == (104 - 35) + (35 - 12) + (12 - 4) + 4 * 4
+    assert epochs == 104 * 1 + 35 * 2 + 12 * 7 + 4 * (20 + 3 * 30)
+    assert schedule.expected(104, schedule.rungs("exhaustive", 30, 4), 3) == (416, 416 * 30)
+
+
+def test_zero_reaches_the_whole_backbone():
+    config = tiny.get_config()
+    with config.unlocked():
+        config.search.max_layers = config.search.max_blocks = config.search.max_windows = 0
+    module = plan.build_module(config, 3)
+    table = models.layer_table(module, (32, 32, 3))
+    searched = plan.make_plan(config, table, module)
+    weighted = len([r for r in table if r.has_weights and r.unit != "head"])
+    assert len(searched.planned["layerwise"]) == weighted
+    assert searched.planned["window"][-1].layers[0] in {r.name for r in table if r.unit in (
+        "stem", "block_0")}
+    # The deepest engine serves every candidate but full's; full has its own unit.
+    assert all(searched.engine_of(g) in searched.engines for g in searched.shared)
+    assert searched.engine_of(searched.planned["full"][0]) == searched.first_unit
+
+
+def test_suffix_flops_grow_towards_the_input():
+    config = demo.get_config()
+    module = plan.build_module(config, 5)
+    table = models.layer_table(module, (32, 32, 3))
+    units = module.unit_names()
+    suffix = costs.suffix_flops(table, models.variable_shapes(module, (32, 32, 3)), units)
+    values = [suffix[u] for u in units]
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] > 0
+    # The head: a dense layer of 1280 x 5 multiply-adds (x2), and a flop per element of the
+    # pooling (and dropout) outputs.
+    head = costs.unit_flops(table, models.variable_shapes(module, (32, 32, 3)))["head"]
+    assert 2 * 1280 * 5 <= head <= 2 * 1280 * 5 + 2 * 1280
+
+
+def test_engines_split_by_depth_trades_compile_for_training():
+    units = ["stem", "b1", "b2", "b3", "head"]
+    suffix = {"stem": 100.0, "b1": 40.0, "b2": 20.0, "b3": 10.0, "head": 1.0}
+    work = {"b1": 10.0, "b2": 10.0, "b3": 1000.0}  # images through the engine, per lowest unit
+    cheap = costs.Speed(seconds_per_flop=1.0, compile_seconds=1.0, measured_on="test")
+    dear = costs.Speed(seconds_per_flop=1.0, compile_seconds=1e9, measured_on="test")
+    assert costs.split(work, suffix, units, 4, cheap) == ["b3", "b2", "b1"]
+    assert costs.split(work, suffix, units, 1, cheap) == ["b1"]
+    assert costs.split(work, suffix, units, 4, dear) == ["b1"]  # compiling outweighs all
+    # Two engines: the heavy b3 candidates get their own; b1 and b2 share b1's.
+    assert costs.split(work, suffix, units, 2, cheap) == ["b3", "b1"]
+    assert np.isfinite(sum(suffix.values()))
