@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -40,7 +41,7 @@ def dry_run(config, inputs: list[str]) -> str:
     without loading images or weights; with the dataset's size known (an image folder, the
     digits), the engines by depth and the estimated time, from one real train step compiled
     and timed on this machine (random inputs)."""
-    from blockft_jax import costs, models, plan
+    from blockft_jax import cohort, costs, models, plan
     module = plan.build_module(config, num_classes=2)  # the head's size changes nothing here
     shape = (config.model.input_size, config.model.input_size, 3)
     table = models.layer_table(module, shape)
@@ -53,25 +54,31 @@ def dry_run(config, inputs: list[str]) -> str:
     speed = _speed(config, module, table, searched, shape)
     searched = plan.make_plan(config, table, module, speed=speed, images=images)
     suffix = costs.suffix_flops(table, models.variable_shapes(module, shape), searched.units)
-    cost = costs.estimate(searched, suffix, speed, images)
+    cost = costs.estimate(searched, suffix, speed, images, config.data.batch_size,
+                          config.data.batch_size * cohort.EVAL_BATCH_MULTIPLE)
     estimate = (f"Estimated time: {costs.duration(cost['seconds'])} on this machine "
                 f"({costs.duration(cost['train'])} training, {costs.duration(cost['compile'])} "
                 f"compiling, {costs.duration(cost['prefix'])} prefix caches; {images[0]:,} "
                 f"training and {images[1]:,} validation images; from {speed.measured_on}, "
                 f"compiled and timed here: {speed.compile_seconds:.1f} s to compile, "
-                f"{1e-9 / speed.seconds_per_flop:.1f} GFLOP/s).")
+                f"{speed.step_seconds * 1e3:.1f} ms a step and "
+                f"{1e-9 / speed.seconds_per_flop:.1f} GFLOP/s beyond it).")
     return "\n".join([*inputs, plan.describe(config, searched, table, estimate)])
 
 
 def _speed(config, module, table, searched, shape):
-    """This machine's speed (costs.measure) on the engine of the search's shallowest
-    candidates, with random variables (nothing is loaded)."""
+    """This machine's speed (costs.measure) on the engines of the search's shallowest and
+    deepest candidates, with random variables (nothing is loaded)."""
     from blockft_jax import benchmarking, costs, train
     variables = benchmarking.random_variables(module, shape, seed=0)
     tx = train.make_optimizer(config.train, config.train.epochs)
-    unit = max((searched.lowest_unit(g) for g in searched.shared), key=searched.units.index)
-    return costs.measure(module, table, variables, tx, unit, train.data_mesh(),
-                         batch_size=config.data.batch_size, image_shape=shape)
+    lowest = sorted({searched.lowest_unit(g) for g in searched.shared}, key=searched.units.index)
+    deepest = searched.first_unit if "full" in searched.strategies else lowest[0]
+    print("Timing this machine's train steps for the estimate (two compilations)...",
+          file=sys.stderr, flush=True)
+    return costs.measure(module, table, variables, tx, [lowest[-1], deepest],
+                         train.data_mesh(), batch_size=config.data.batch_size,
+                         image_shape=shape)
 
 
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,

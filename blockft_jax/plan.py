@@ -139,6 +139,11 @@ def validate(config) -> None:
     positive_int(s.engines, "search.engines")
     if m.weights == "demo":
         positive_int(config.demo.pretrain_epochs, "demo.pretrain_epochs")
+        classes = tuple(config.demo.pretrain_classes)
+        need(len(classes) >= 2 and len(set(classes)) == len(classes) and
+             all(isinstance(c, int) and 0 <= c <= 9 for c in classes),
+             f"demo.pretrain_classes={classes!r}: use two or more distinct digits 0-9, e.g. "
+             f"'(0, 1, 2, 3, 4)'.")
         number(config.demo.pretrain_learning_rate, "demo.pretrain_learning_rate", 0,
                low_open=True)
 
@@ -182,7 +187,9 @@ def check_inputs(config) -> list[str]:
     lines.append("Weights: " + {
         "imagenet": f"Keras's ImageNet file for {m.name} (downloaded once, then cached).",
         "random": "random initialisation (nothing pretrained).",
-        "demo": "the demo backbone (pretrained on digits 0-4 once, then cached)."}.get(
+        "demo": "the demo backbone (pretrained on digits "
+        f"{', '.join(map(str, config.demo.pretrain_classes))}: shipped, or pretrained here "
+        "once, then cached)."}.get(
             m.weights, f"{m.weights}."))
     return lines
 
@@ -239,6 +246,13 @@ class Plan:
         if not group.layers:
             return self.units[-1]
         return min((self.layer_unit[name] for name in group.layers), key=self.units.index)
+
+    def covers(self, engines: list[str]) -> bool:
+        """Whether `engines` (units) can train every shared candidate: one lies at or below
+        the deepest candidate's lowest unit."""
+        lowest = [self.units.index(self.lowest_unit(g)) for g in self.shared]
+        return all(e in self.units for e in engines) and (
+            not lowest or min(self.units.index(e) for e in engines) <= min(lowest))
 
     def engine_of(self, group: Group) -> str:
         """The unit of the engine that trains `group`: full's own, else the shallowest engine

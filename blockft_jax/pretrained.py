@@ -1,5 +1,6 @@
 """Where a search's starting weights come from: Keras ImageNet files, a file of the user's, or
-the offline demo backbone (pretrained here on digits 0-4, once, then cached)."""
+the offline demo backbone (pretrained on digits 0-4: shipped with the package for the demo's
+model, else pretrained here once, then cached)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,9 @@ from blockft_jax.models import HEAD_UNIT
 
 log = logging.getLogger(__name__)
 
-DEMO_CLASSES = (0, 1, 2, 3, 4)
+# The demo backbones that ship with the package (made by scripts/make_demo_backbone.py): every
+# machine fine-tunes the same backbone, whatever its float order, without pretraining it.
+SHIPPED_DIR = Path(__file__).parent / "assets"
 # Part of the demo backbone's cache key: raise it when a change to the code changes the backbone
 # pretraining gives (2: BatchNorm statistics over real rows only, not the padded ones).
 DEMO_RECIPE = 2
@@ -63,25 +66,43 @@ def _progress(epochs: int, every_seconds: float = 5.0):
     return log_epoch
 
 
-def demo_backbone(config, module) -> dict:
-    """A backbone trained on digits 0-4 (all their training images), cached by model config.
-    The search then fine-tunes it on a few examples of digits 5-9: a genuine transfer task."""
-    from blockft_jax import cohort as cohort_lib, train  # here: a one-way import graph
-
+def demo_file_name(config) -> str:
+    """The demo backbone's file name: the model and a hash of everything that shapes it."""
     options = {k: v for k, v in config.model.options.items() if v is not None}
     key = json.dumps({"model": config.model.name, "width": config.model.width,
                       "size": config.model.input_size, "options": options,
-                      "epochs": config.demo.pretrain_epochs, "recipe": DEMO_RECIPE},
+                      "classes": list(config.demo.pretrain_classes),
+                      "epochs": config.demo.pretrain_epochs,
+                      "learning_rate": config.demo.pretrain_learning_rate,
+                      "batch": config.data.batch_size, "split_seed": config.data.split_seed,
+                      "recipe": DEMO_RECIPE},
                      sort_keys=True)
-    path = (weights.cache_dir() / "demo" /
-            f"{config.model.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.msgpack")
-    if path.exists():
-        return weights.load_variables(path)
-    log.info("Pretraining the demo backbone on digits %s (once; cached at %s)", DEMO_CLASSES, path)
+    return f"{config.model.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.msgpack"
+
+
+def demo_backbone(config, module, *, pretrain: bool = False) -> dict:
+    """A backbone trained on digits `demo.pretrain_classes` (all their training images): the
+    one shipped with the package when there is one for this model config, else pretrained here
+    once and cached (always, with `pretrain`). The search then fine-tunes it on a few examples
+    of other digits: a genuine transfer task."""
+    name = demo_file_name(config)
+    shipped, path = SHIPPED_DIR / name, weights.cache_dir() / "demo" / name
+    for source in ([] if pretrain else [shipped, path]):
+        if source.exists():
+            log.info("Demo backbone: %s", source)
+            return weights.load_variables(source)
+    classes = tuple(config.demo.pretrain_classes)
+    log.info("Pretraining the demo backbone on digits %s (once; cached at %s)", classes, path)
+    return _pretrain(config, module, classes, path)
+
+
+def _pretrain(config, module, classes, path: Path) -> dict:
+    from blockft_jax import cohort as cohort_lib, train  # here: a one-way import graph
+
     digits = data_lib.load_dataset("digits", image_size=config.model.input_size,
-                                   classes=DEMO_CLASSES, seed=config.data.split_seed)
+                                   classes=classes, seed=config.data.split_seed)
     # Without dropout, whatever the search's: the backbone depends only on its cache key.
-    net = module.clone(num_classes=len(DEMO_CLASSES), dropout_rate=0.0)
+    net = module.clone(num_classes=len(classes), dropout_rate=0.0)
     variables = models.init_variables(net, digits.train.images.shape[1:], jax.random.key(1))
     table = models.layer_table(net, digits.train.images.shape[1:])
     everything = groups.full(table)[0].layers
@@ -101,7 +122,8 @@ def demo_backbone(config, module) -> dict:
     trained = recalibrate_bn(net, result.final_variables, digits.train.images)
     accuracy = cohort_lib.evaluate(cohort, cohort.shared_part(trained), jax.tree.map(
         lambda x: x[None], cohort.live_variables(trained)), digits.validation, batch)[0]["accuracy"]
-    log.info("Demo backbone: %.1f%% validation accuracy on digits 0-4", 100 * accuracy)
+    log.info("Demo backbone: %.1f%% validation accuracy on digits %s", 100 * accuracy,
+             ", ".join(map(str, classes)))
     backbone = {c: {k: v for k, v in trained[c].items() if k != HEAD_UNIT} for c in trained}
     weights.save_variables(path, backbone)
     return backbone

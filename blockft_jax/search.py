@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = ["run", "Search", "ConfigError", "build_module", "candidates", "validate"]
 
 DECISIONS = "schedule.json"   # the halving search's decisions
+ENGINES = "engines.json"      # the split of the candidates into engines by depth
 PARKED = "parked"             # runs stopped at a rung, until they go on or are pruned
 
 
@@ -81,23 +82,30 @@ class Search:
 
     def _plan(self):
         """The plan, with the candidates but full's split into engines by depth from this
-        machine's speed (one real train step compiled and timed) when there is a choice."""
+        machine's speed (real train steps compiled and timed) when there is a choice. The split
+        is kept in engines.json: a rerun trains each run in the engine it began in."""
         c = self.config
         plan = make_plan(c, self.table, self.module)
-        lowest = {plan.lowest_unit(g) for g in plan.shared}
+        lowest = sorted({plan.lowest_unit(g) for g in plan.shared}, key=plan.units.index)
         if c.search.engines == 1 or len(lowest) < 2:
             return plan
-        speed = multihost.broadcast_json(lambda: costs.measure(
-            self.module, self.table, self.variables, self.tx, max(lowest, key=plan.units.index),
-            self.mesh, batch_size=c.data.batch_size, image_shape=self.shape).to_json())
-        speed = costs.Speed(**speed)
+        path = self.wd.path / ENGINES
+        kept = multihost.broadcast_json(
+            lambda: json.loads(path.read_text()) if path.exists() else None)
+        if kept is not None and plan.covers(kept["engines"]):
+            plan.engines = kept["engines"]
+            return plan
+        speed = costs.Speed(**multihost.broadcast_json(lambda: costs.measure(
+            self.module, self.table, self.variables, self.tx, [lowest[-1], lowest[0]],
+            self.mesh, batch_size=c.data.batch_size, image_shape=self.shape).to_json()))
         images = (len(self.dataset.train), len(self.dataset.validation))
         plan = make_plan(c, self.table, self.module, speed=speed, images=images)
+        self.wd.write_json(ENGINES, {"engines": plan.engines, "speed": speed.to_json()})
         log.info("Engines by depth: candidates but full's train from units %s (at most "
                  "search.engines=%d; chosen for the least compile plus training time: %.1f s "
-                 "to compile an engine, %.2g s per GFLOP, measured on %s)",
+                 "to compile an engine, %.1f ms a step and %.2g s per GFLOP, measured on %s)",
                  ", ".join(plan.engines), c.search.engines, speed.compile_seconds,
-                 speed.seconds_per_flop * 1e9, speed.measured_on)
+                 speed.step_seconds * 1e3, speed.seconds_per_flop * 1e9, speed.measured_on)
         return plan
 
     def add_result(self, row: dict) -> dict:

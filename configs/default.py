@@ -92,8 +92,10 @@ def get_config():
     # lowest unit, with its own prefix cache): a candidate pays only for its own depth.
     config.search.engines = 4
 
-    # Only for model.weights='demo': the backbone pretrained here on digits 0-4.
+    # Only for model.weights='demo': the backbone pretrained on these digits (the search's
+    # data.classes should be others). configs/demo.py's ships with the package.
     config.demo = ml_collections.ConfigDict()
+    config.demo.pretrain_classes = (0, 1, 2, 3, 4)
     config.demo.pretrain_epochs = 15
     config.demo.pretrain_learning_rate = 3e-3
     return config

@@ -144,3 +144,38 @@ def test_imagenet_classifier_in_file_is_skipped_explicitly(tmp_path):
                                    atol=1e-4 * np.abs(expected).max())
         with pytest.raises(weights.WeightsError, match="layers the model lacks"):
             weights.load_keras(tmp_path / name, v2_module(), (32, 32, 3), skip_top=False)
+
+
+def test_demo_backbone_ships_with_the_package(monkeypatch, tmp_path):
+    """configs/demo.py fine-tunes the shipped backbone: nothing pretrained, nothing cached, the
+    file is package data; other digits are another backbone, pretrained here."""
+    import fnmatch
+    import tomllib
+
+    from blockft_jax import plan, pretrained
+    from configs import demo
+
+    def no_pretraining(*args):
+        raise AssertionError("pretrained although a backbone ships")
+
+    monkeypatch.setenv("BLOCKFT_JAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(pretrained, "_pretrain", no_pretraining)
+    config = demo.get_config()
+    name = pretrained.demo_file_name(config)
+    module = plan.build_module(config, num_classes=len(config.data.classes))
+    variables = pretrained.load(config, module)
+    shipped = weights.load_variables(pretrained.SHIPPED_DIR / name)
+    for collection, layers in shipped.items():
+        for layer, leaves in layers.items():
+            for key, value in leaves.items():
+                np.testing.assert_array_equal(variables[collection][layer][key], value)
+    assert models.HEAD_UNIT not in shipped["params"] and not list(tmp_path.iterdir())
+    package_data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["blockft_jax"]
+    assert any(fnmatch.fnmatch(f"assets/{name}", pattern) for pattern in package_data)
+
+    with config.unlocked():
+        config.demo.pretrain_classes = (5, 6, 7, 8, 9)
+    assert pretrained.demo_file_name(config) != name
+    with pytest.raises(AssertionError, match="pretrained although"):
+        pretrained.load(config, module)
