@@ -7,6 +7,7 @@
   python scripts/benchmark.py --input-check --mock-data --no-cache ...   # input pipeline check
   python scripts/benchmark.py --search [--keras-runs N]   # the demo search: cohorts vs one at a time vs Keras
   python scripts/benchmark.py --checkpoints   # the demo search's checkpoint cost; checkpoint sizes
+  python scripts/benchmark.py --halving [--tasks demo,swapped]   # whole network: exhaustive vs halving
 
 The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
 with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
@@ -56,6 +57,13 @@ hand-written Keras loop (`scripts/keras_search_loop.py`, Keras on TensorFlow: pe
 cache) before any timing. Per search: wall seconds of the command, and its training seconds
 (the fits, from `runs.jsonl`); ratios against one at a time and against the Keras loop.
 `--keras-runs N` times only the first N Keras runs and extrapolates (labelled as such).
+
+`--halving` runs, per task, the whole-network search (search.max_*=0) of `--search-config`
+with search.schedule='exhaustive' and 'halving', each from an empty compilation cache (the demo
+backbone pretrained before, untimed): wall and training seconds, runs and run-epochs (from
+results.jsonl, pruned runs included), each strategy's selected candidate, and the paired
+difference (the project's paired bootstrap) between the two winners on validation and test.
+Tasks: `demo` (digits 5-9 from a backbone pretrained on 0-4) and `swapped` (0-4 from 5-9).
 
 `--checkpoints` times the same search (`--search-config`) with a checkpoint after every epoch
 (`train.checkpoint_seconds=0`), at the default spacing and with none, one after the other with
@@ -532,6 +540,97 @@ def search_benchmark(args) -> None:
     print(f"keras_loop_ratio={keras_runs_s / cohorts['wall_s']:.1f}")
 
 
+# --- the whole network: exhaustive against successive halving ---------------------------------
+
+WHOLE_NETWORK = ["--config.search.max_layers=0", "--config.search.max_blocks=0",
+                 "--config.search.max_windows=0"]
+# The demo's task, and one its settings were not tuned on: digits 0-4 from a backbone
+# pretrained on 5-9.
+HALVING_TASKS = {"demo": [],
+                 "swapped": ["--config.data.classes=(0,1,2,3,4)",
+                             "--config.demo.pretrain_classes=(5,6,7,8,9)"]}
+
+
+def halving_benchmark(args) -> None:
+    """Per task: the whole-network search of --search-config, exhaustive then halving, each
+    from an empty compilation cache in a fresh workdir (the backbone pretrained before, untimed);
+    wall and training seconds, runs and run-epochs, each strategy's selection, and the paired
+    difference between the two winners (exhaustive minus halving) on validation and test."""
+    import tempfile
+
+    import numpy as np
+
+    from blockft_jax import results
+    scratch = tempfile.mkdtemp(prefix="blockft_halving_bench_")
+    base_overrides = list(args.search_override)
+    tables = []
+    for task in args.tasks.split(","):
+        args.search_override = base_overrides + HALVING_TASKS[task] + WHOLE_NETWORK
+        warm_up(args, os.path.join(scratch, task))
+        searched = {}
+        for schedule in ("exhaustive", "halving"):
+            workdir = os.path.join(scratch, task, schedule)
+            timing = timed_search(args, workdir, os.path.join(scratch, task, f"cache-{schedule}"),
+                                  [f"--config.search.schedule={schedule}"])
+            searched[schedule] = {**timing, **_search_outcome(workdir)}
+            print(f"{task}, {schedule}: {searched[schedule]}", file=sys.stderr, flush=True)
+        exhaustive, halving = searched["exhaustive"], searched["halving"]
+        paired = {}
+        for split in ("validation", "test"):
+            correct = [results.load_correct(os.path.join(r["workdir"], results.PREDICTIONS_DIR),
+                                            r["winner_candidate"], r["seeds"], split)
+                       for r in (exhaustive, halving)]
+            difference = float(np.mean(correct[0]) - np.mean(correct[1]))
+            paired[split] = (difference, results.interval95(results.paired_bootstrap(*correct)))
+        tables.append((task, searched, paired))
+
+    print(f"## Whole network: exhaustive against halving, {args.search_config} "
+          f"{' '.join(base_overrides)}, one command\n")
+    print("| task | schedule | wall s | training s | runs | run-epochs | winner (val) | "
+          "wall vs exhaustive | run-epochs vs exhaustive |")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|")
+    for task, searched, _ in tables:
+        e = searched["exhaustive"]
+        for schedule, r in searched.items():
+            print(f"| {task} | {schedule} | {r['wall_s']:.0f} | {r['training_s']:.0f} | "
+                  f"{r['runs']} | {r['run_epochs']:,} | {r['winner']} | "
+                  f"{e['wall_s'] / r['wall_s']:.1f}x | {e['run_epochs'] / r['run_epochs']:.1f}x |")
+    print("\n| task | strategy | exhaustive selects | halving selects |")
+    print("|---|---|---|---|")
+    for task, searched, _ in tables:
+        for strategy, chosen in searched["exhaustive"]["selected"].items():
+            print(f"| {task} | {strategy} | {chosen} | "
+                  f"{searched['halving']['selected'].get(strategy, '-')} |")
+    print("\n| task | exhaustive winner - halving winner, validation [95%] | test [95%] |")
+    print("|---|---|---|")
+    for task, _, paired in tables:
+        print(f"| {task} | " + " | ".join(
+            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in paired.values()) + " |")
+    print(f"\nPaired: {results.METHOD.format(results.REPLICATES)}; over the seeds both winners "
+          f"trained.")
+    for task, searched, paired in tables:
+        e, h = searched["exhaustive"], searched["halving"]
+        lo, hi = paired["validation"][1]
+        print(f"{task}_wall_ratio={e['wall_s'] / h['wall_s']:.1f}")
+        print(f"{task}_halving_not_worse={'yes' if lo <= 0 else 'no'} "
+              f"(validation interval [{lo:+.3f}, {hi:+.3f}])")
+
+
+def _search_outcome(workdir: str) -> dict:
+    """What a finished search chose and what it trained, from its files."""
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(workdir, "results.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    winner = summary["winner"]
+    seeds = sorted(r["seed"] for r in rows if r["candidate"] == winner["candidate"])
+    return {"workdir": workdir, "runs": len(rows), "run_epochs": sum(r["epochs"] for r in rows),
+            "winner_candidate": winner["candidate"], "seeds": seeds,
+            "selected": {name: f"{s['selected']['candidate']} "
+                               f"{s['selected']['val_accuracy']['mean']:.3f}"
+                         for name, s in summary["strategies"].items()}}
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 # (config file, overrides) whose cohort checkpoints are sized: the demo, and two models at 224 px.
@@ -648,6 +747,12 @@ def main(argv=None):
     parser.add_argument("--checkpoints", action="store_true",
                         help="the demo search with checkpoints every epoch, at the default "
                              "spacing and never; the bytes a checkpoint writes")
+    parser.add_argument("--halving", action="store_true",
+                        help="the demo over the whole network: exhaustive against halving, on "
+                             "--tasks")
+    parser.add_argument("--tasks", default=",".join(HALVING_TASKS),
+                        help="with --halving: the tasks (demo: digits 5-9 from a backbone "
+                             "pretrained on 0-4; swapped: 0-4 from 5-9)")
     parser.add_argument("--keras-runs", type=int, default=None,
                         help="with --search: time only the first N Keras runs, extrapolate")
     parser.add_argument("--search-config", default="configs/demo.py",
@@ -685,6 +790,11 @@ def main(argv=None):
         return search_benchmark(args)
     if args.checkpoints:
         return checkpoint_benchmark(args)
+    if args.halving:
+        unknown = sorted(set(args.tasks.split(",")) - set(HALVING_TASKS))
+        if unknown:
+            parser.error(f"--tasks: unknown {unknown}; choose from {','.join(HALVING_TASKS)}")
+        return halving_benchmark(args)
 
     if args.input_check:
         if args.model not in models.MODEL_NAMES:
