@@ -5,10 +5,10 @@ candidates into engines, and the estimated time.
   shapes (multiply-adds of convolutions and dense layers, x2; one flop per output element of
   the other layers). An engine from unit b trains a step in about 3x the flops of the units
   from b up (forward, and backward through the live layers), and validates in 1x.
-- Speed: real train steps compiled and timed on this machine (`measure`): the engines from the
-  shallowest and the deepest candidate's unit, one run, random data of the real shapes. Two
-  points give a cost per step (dispatch and small ops dominate shallow steps on a CPU) and a
-  cost per flop, and the seconds one engine's steps take to compile.
+- Speed: the shallowest engine's train step and the forward pass below it, compiled and timed
+  on this machine (`measure`, random data of the real shapes): a cost per flop (from the
+  forward pass: backward passes are assumed as fast per flop), a cost per step beyond its flops
+  (dispatch and small ops dominate shallow steps on a CPU), and an engine's compile time.
 - Engines (`split`): candidates go to at most `search.engines` engines by their lowest trained
   unit; an engine from unit b serves candidates whose layers all lie at or above b. The split
   minimises compile time plus training time (dynamic programming over the units).
@@ -69,63 +69,67 @@ class Speed:
         return steps * self.step_seconds + flops * self.seconds_per_flop
 
 
-def measure(module, table, variables, tx, units: Sequence[str], mesh, *, batch_size: int,
+def measure(module, table, variables, tx, unit: str, mesh, *, batch_size: int,
             image_shape, steps: int = 5) -> Speed:
-    """Compiles and times the real train step of one run of the engine from each of `units`
-    (one or two: the shallowest and the deepest; random inputs of the real shapes, the prefix's
-    output where the search would cache it; nothing is loaded): this machine's speed, as a
-    cost per step and a cost per flop fitted through the points."""
-    per_image = suffix_flops(table, variables, module.unit_names())
-    points, compile_seconds = [], []
-    for unit in dict.fromkeys(units):
-        seconds, compiled = _time_step(module, table, variables, tx, unit, mesh, batch_size,
-                                       image_shape, steps)
-        points.append((3 * per_image[unit] * batch_size, seconds))
-        compile_seconds.append(compiled)
-    (f0, t0), (f1, t1) = points[0], points[-1]
-    per_flop = (t1 - t0) / (f1 - f0) if f1 > f0 and t1 > t0 else t1 / max(f1, 1.0)
-    per_step = max(0.0, t0 - per_flop * f0) if len(points) > 1 else 0.0
-    return Speed(per_flop, float(np.mean(compile_seconds)),
-                 f"one run's train step from unit(s) {', '.join(dict.fromkeys(units))}, "
-                 f"batch {batch_size}", per_step)
-
-
-def _time_step(module, table, variables, tx, unit, mesh, batch_size, image_shape, steps):
-    """(seconds per step, seconds to compile) of one run's train step from `unit`."""
+    """This machine's speed, cheaply (a dry run pays it): the real train step of one run of the
+    engine from `unit` (the shallowest candidates'; the prefix's output as input, as the search
+    caches it) and the frozen prefix's forward pass below it, each compiled and timed on random
+    inputs of the real shapes (nothing is loaded). The forward pass gives the seconds per flop
+    (the bulk of a deep step's work: its convolutions), the train step what a step costs beyond
+    its flops, and the two compilations one engine's compile time."""
     import jax
 
     from blockft_jax import cohort as cohort_lib
     from blockft_jax import groups, train
 
-    cached = unit != module.unit_names()[0]
+    names = module.unit_names()
+    per_image = suffix_flops(table, variables, names)
+    cached = unit != names[0]
     engine = train.Engine(module, tx, unit, mesh, cached=cached, table=table,
                           prefix_chunk_bytes=train.default_prefix_chunk_bytes())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8)
+    compile_seconds, timed = 0.0, {}
+
+    def clock(name, step, *inputs):
+        nonlocal compile_seconds
+        started = time.perf_counter()
+        jax.block_until_ready(step(*inputs))  # compiles, and warms up
+        compile_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = step(*inputs)
+        jax.block_until_ready(out)
+        timed[name] = (time.perf_counter() - started) / steps
+        return out
+
+    features = clock("forward", engine._features, variables, images) if cached else None
     cohort = cohort_lib.Cohort(engine, 1)
     run = cohort_lib.Run(groups.param_mask(variables["params"], table, []),
                          groups.bn_modes(table, []), seed=0)
-    started = time.perf_counter()
-    cohort.compile_steps(variables, run.mask, run.bn_modes, batch_size, image_shape)
-    compile_seconds = time.perf_counter() - started
     state = cohort.init(variables, [run])
     masks, bn_modes, keys = cohort.stack_inputs([run])
-    rng = np.random.default_rng(0)
-    if cached:
-        shape = jax.eval_shape(engine.prefix, variables, jax.ShapeDtypeStruct(
-            (batch_size, *image_shape), np.uint8)).shape
-        inputs = rng.standard_normal((1, *shape)).astype(np.float32)
-    else:
-        inputs = rng.integers(0, 256, (1, batch_size, *image_shape), dtype=np.uint8)
-    labels = np.zeros((1, batch_size), np.int32)
-    fed = [cohort.feed(x) for x in (inputs, labels, np.ones((1, batch_size), np.float32))]
+    inputs = np.asarray(features)[None] if cached else images[None]
+    fed = [cohort.feed(x) for x in (inputs, np.zeros((1, batch_size), np.int32),
+                                     np.ones((1, batch_size), np.float32))]
     active = cohort.place_runs(np.ones(1, bool))
     runs = state.runs
-    for i in range(steps + 1):
-        if i == 1:  # the first step warms up
-            jax.block_until_ready(runs)
-            started = time.perf_counter()
+
+    def train_step():  # its state is donated: each step takes the last one's
+        nonlocal runs
         runs, _ = cohort.train_step(state.shared, runs, masks, bn_modes, *fed, keys, active)
-    jax.block_until_ready(runs)
-    return (time.perf_counter() - started) / steps, compile_seconds
+        return runs
+
+    clock("train", train_step)
+    train_flops = 3 * per_image[unit] * batch_size
+    if cached:
+        per_flop = timed["forward"] / max((per_image[names[0]] - per_image[unit]) * batch_size, 1.0)
+        per_step = max(0.0, timed["train"] - train_flops * per_flop)
+    else:  # nothing below: the train step alone
+        per_flop, per_step = timed["train"] / max(train_flops, 1.0), 0.0
+    return Speed(per_flop, compile_seconds,
+                 f"the forward pass below unit {unit} and one run's train step from it, "
+                 f"batch {batch_size}", per_step)
 
 
 def split(work: dict[str, float], suffix: dict[str, float], units: Sequence[str],

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import sys
 from pathlib import Path
 
 import jax
@@ -67,18 +66,15 @@ def dry_run(config, inputs: list[str]) -> str:
 
 
 def _speed(config, module, table, searched, shape):
-    """This machine's speed (costs.measure) on the engines of the search's shallowest and
-    deepest candidates, with random variables (nothing is loaded)."""
+    """This machine's speed (costs.measure) from the engine of the search's shallowest
+    candidates, with random variables (nothing is loaded)."""
     from blockft_jax import benchmarking, costs, train
     variables = benchmarking.random_variables(module, shape, seed=0)
     tx = train.make_optimizer(config.train, config.train.epochs)
-    lowest = sorted({searched.lowest_unit(g) for g in searched.shared}, key=searched.units.index)
-    deepest = searched.first_unit if "full" in searched.strategies else lowest[0]
-    print("Timing this machine's train steps for the estimate (two compilations)...",
-          file=sys.stderr, flush=True)
-    return costs.measure(module, table, variables, tx, [lowest[-1], deepest],
-                         train.data_mesh(), batch_size=config.data.batch_size,
-                         image_shape=shape)
+    unit = max((searched.lowest_unit(g) for g in searched.shared), key=searched.units.index)
+    log.info("Timing this machine for the estimate (two small compilations)...")
+    return costs.measure(module, table, variables, tx, unit, train.data_mesh(),
+                         batch_size=config.data.batch_size, image_shape=shape)
 
 
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,

@@ -96,8 +96,7 @@ class Search:
             plan.engines = kept["engines"]
             return plan
         speed = costs.Speed(**multihost.broadcast_json(lambda: costs.measure(
-            self.module, self.table, self.variables, self.tx, [lowest[-1], lowest[0]],
-            self.mesh, batch_size=c.data.batch_size, image_shape=self.shape).to_json()))
+            self.module, self.table, self.variables, self.tx, lowest[-1], self.mesh, batch_size=c.data.batch_size, image_shape=self.shape).to_json()))
         images = (len(self.dataset.train), len(self.dataset.validation))
         plan = make_plan(c, self.table, self.module, speed=speed, images=images)
         self.wd.write_json(ENGINES, {"engines": plan.engines, "speed": speed.to_json()})

@@ -64,6 +64,8 @@ backbone pretrained before, untimed): wall and training seconds, runs and run-ep
 results.jsonl, pruned runs included), each strategy's selected candidate, and the paired
 difference (the project's paired bootstrap) between the two winners on validation and test.
 Tasks: `demo` (digits 5-9 from a backbone pretrained on 0-4) and `swapped` (0-4 from 5-9).
+`--scratch DIR` keeps the searches there: a rerun after an interruption skips those already
+timed (`<task>/<schedule>.json`).
 
 `--checkpoints` times the same search (`--search-config`) with a checkpoint after every epoch
 (`train.checkpoint_seconds=0`), at the default spacing and with none, one after the other with
@@ -482,9 +484,13 @@ def timed_search(args, workdir: str, cache: str, extra: list[str]) -> dict:
 
 def warm_up(args, scratch: str) -> None:
     """The demo backbone, pretrained once and cached, before anything is timed."""
+    # The search's overrides but those that would make the warm-up a search (the first of a
+    # repeated override wins).
+    overrides = [o for o in args.search_override if not o.startswith(
+        ("--config.train.epochs", "--config.search.strategies"))]
     warm = subprocess.run([sys.executable, "-m", "blockft_jax.main", "--config",
                            args.search_config, "--workdir", os.path.join(scratch, "warm"),
-                           *args.search_override, "--config.train.epochs=1",
+                           *overrides, "--config.train.epochs=1",
                            "--config.search.strategies=('classifier_only',)"], cwd=ROOT,
                           capture_output=True, text=True)
     if warm.returncode != 0:
@@ -561,17 +567,27 @@ def halving_benchmark(args) -> None:
     import numpy as np
 
     from blockft_jax import results
-    scratch = tempfile.mkdtemp(prefix="blockft_halving_bench_")
+    scratch = args.scratch or tempfile.mkdtemp(prefix="blockft_halving_bench_")
     base_overrides = list(args.search_override)
     tables = []
     for task in args.tasks.split(","):
         args.search_override = base_overrides + HALVING_TASKS[task] + WHOLE_NETWORK
-        warm_up(args, os.path.join(scratch, task))
         searched = {}
         for schedule in ("exhaustive", "halving"):
             workdir = os.path.join(scratch, task, schedule)
-            timing = timed_search(args, workdir, os.path.join(scratch, task, f"cache-{schedule}"),
-                                  [f"--config.search.schedule={schedule}"])
+            # A search timed before (--scratch of an interrupted benchmark) is not run again.
+            timed = os.path.join(scratch, task, f"{schedule}.json")
+            if os.path.exists(timed):
+                with open(timed) as f:
+                    timing = json.load(f)
+            else:
+                if not os.path.exists(os.path.join(scratch, task, "warm")):
+                    warm_up(args, os.path.join(scratch, task))
+                timing = timed_search(args, workdir,
+                                      os.path.join(scratch, task, f"cache-{schedule}"),
+                                      [f"--config.search.schedule={schedule}"])
+                with open(timed, "w") as f:
+                    json.dump(timing, f)
             searched[schedule] = {**timing, **_search_outcome(workdir)}
             print(f"{task}, {schedule}: {searched[schedule]}", file=sys.stderr, flush=True)
         exhaustive, halving = searched["exhaustive"], searched["halving"]
@@ -753,6 +769,9 @@ def main(argv=None):
     parser.add_argument("--tasks", default=",".join(HALVING_TASKS),
                         help="with --halving: the tasks (demo: digits 5-9 from a backbone "
                              "pretrained on 0-4; swapped: 0-4 from 5-9)")
+    parser.add_argument("--scratch", default=None,
+                        help="with --halving: the directory of the searches (default: a new "
+                             "temporary one); searches timed there before are not run again")
     parser.add_argument("--keras-runs", type=int, default=None,
                         help="with --search: time only the first N Keras runs, extrapolate")
     parser.add_argument("--search-config", default="configs/demo.py",

@@ -85,7 +85,7 @@ def test_every_readme_command_dry_runs(tmp_path):
         result = run_cli(*argv, "--dry_run", cwd=cwd)
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert "Plan:" in result.stdout and "Runs:" in result.stdout, command
-        assert "Lowest trainable unit" in result.stdout, command
+        assert "Engine from unit" in result.stdout and "Estimated time" in result.stdout, command
 
 
 def test_dry_run_prints_the_plan_without_data_or_training(tmp_path):
