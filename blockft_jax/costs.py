@@ -110,8 +110,9 @@ def measure(module, table, variables, tx, unit: str, mesh, *, batch_size: int,
     state = cohort.init(variables, [run])
     masks, bn_modes, keys = cohort.stack_inputs([run])
     inputs = np.asarray(features)[None] if cached else images[None]
-    fed = [cohort.feed(x) for x in (inputs, np.zeros((1, batch_size), np.int32),
-                                     np.ones((1, batch_size), np.float32))]
+    # Placed whole (the mesh is this process's own devices), not fed as a process's share.
+    fed = [jax.device_put(x, cohort.run_batch_sharding) for x in (
+        inputs, np.zeros((1, batch_size), np.int32), np.ones((1, batch_size), np.float32))]
     active = cohort.place_runs(np.ones(1, bool))
     runs = state.runs
 

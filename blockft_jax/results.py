@@ -53,7 +53,7 @@ def rank(rows: list[dict]) -> list[dict]:
                        "val_accuracy": _mean_std(val), "test_accuracy": _mean_std(test),
                        "diverged": sum(r["status"] == "diverged" for r in rs),
                        "rung": max(r.get("rung", 0) for r in rs),
-                       "epochs": max(r["epochs"] for r in rs),
+                       "epochs": max((r["epochs"] for r in rs if "epochs" in r), default=None),
                        "pruned": any(r["status"] == "pruned" for r in rs)})
     order = {c: i for i, c in enumerate(by_candidate)}
     ranked.sort(key=lambda c: (-c["rung"], -c["val_accuracy"]["mean"], order[c["candidate"]]))
