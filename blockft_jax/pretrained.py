@@ -25,6 +25,7 @@ SHIPPED_DIR = Path(__file__).parent / "assets"
 # Part of the demo backbone's cache key: raise it when a change to the code changes the backbone
 # pretraining gives (2: BatchNorm statistics over real rows only, not the padded ones).
 DEMO_RECIPE = 2
+DEMO_BATCH, DEMO_SPLIT_SEED = 25, 0  # the pretraining's, whatever the search's
 
 
 def load(config, module) -> dict:
@@ -74,7 +75,6 @@ def demo_file_name(config) -> str:
                       "classes": list(config.demo.pretrain_classes),
                       "epochs": config.demo.pretrain_epochs,
                       "learning_rate": config.demo.pretrain_learning_rate,
-                      "batch": config.data.batch_size, "split_seed": config.data.split_seed,
                       "recipe": DEMO_RECIPE},
                      sort_keys=True)
     return f"{config.model.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.msgpack"
@@ -99,14 +99,15 @@ def demo_backbone(config, module, *, pretrain: bool = False) -> dict:
 def _pretrain(config, module, classes, path: Path) -> dict:
     from blockft_jax import cohort as cohort_lib, train  # here: a one-way import graph
 
+    # Its own batch and split, whatever the search's: the backbone depends only on its key.
     digits = data_lib.load_dataset("digits", image_size=config.model.input_size,
-                                   classes=classes, seed=config.data.split_seed)
+                                   classes=classes, seed=DEMO_SPLIT_SEED)
     # Without dropout, whatever the search's: the backbone depends only on its cache key.
     net = module.clone(num_classes=len(classes), dropout_rate=0.0)
     variables = models.init_variables(net, digits.train.images.shape[1:], jax.random.key(1))
     table = models.layer_table(net, digits.train.images.shape[1:])
     everything = groups.full(table)[0].layers
-    batch = config.data.batch_size
+    batch = DEMO_BATCH
     steps = config.demo.pretrain_epochs * -(-len(digits.train.labels) // batch)
     cfg = config.train.copy_and_resolve_references()
     with cfg.unlocked():

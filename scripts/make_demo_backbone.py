@@ -3,7 +3,7 @@
     python scripts/make_demo_backbone.py --config configs/demo.py
 
 writes blockft_jax/assets/<model>-<hash>.msgpack (the hash covers everything that shapes the
-backbone: model, width, input size, digits, epochs, learning rate, batch, recipe). With it
+backbone: model, width, input size, digits, epochs, learning rate, recipe). With it
 there, every machine fine-tunes the same backbone instead of one pretrained by its own float
 order, and the demo starts at once. Rerun it after a change that raises
 pretrained.DEMO_RECIPE, and commit the new file in place of the old one.
