@@ -31,10 +31,13 @@ class Checkpoint:
     search's starting weights, never changed by training, and a rerun loads them again (so a
     checkpoint costs the live layers, never a copy of the whole model per run).
 
-    `epoch<N>` orbax directories under `path`, written asynchronously (training goes on while
-    one is written; orbax renames it into place only when complete, so the newest is always
-    whole), only the newest kept, and current.json beside them naming the runs. A rerun
-    resumes each of its runs found there, by (candidate, seed), whatever cohort it is in now.
+    Saves are numbered: `save<N>` (an orbax directory, written asynchronously: training goes
+    on while one is written, and orbax renames it into place only when complete) with
+    `save<N>.json` beside it, written first (the cohort's runs, its size, the epoch and each
+    run's history at that epoch: a run that joined the cohort with a longer history, parked at
+    a rung, is ahead of the cohort's loop). A save is whole when both exist; the newest whole
+    one is kept until the next is whole. A rerun resumes each of its runs found in the newest,
+    by (candidate, seed), whatever cohort it is in now. current.json names the cohort saving.
     """
 
     def __init__(self, path: Path, keys: list[tuple[str, int]], cohort):
@@ -47,39 +50,38 @@ class Checkpoint:
     def meta_path(self) -> Path:
         return self.path.parent / "current.json"
 
-    def _epochs(self) -> list[int]:
-        return sorted(int(p.name[5:]) for p in self.path.glob("epoch*") if p.name[5:].isdigit())
+    def _saves(self) -> list[int]:
+        """The numbers of the whole saves, oldest first."""
+        return sorted(int(p.name[4:]) for p in self.path.glob("save*")
+                      if p.name[4:].isdigit() and self._record_path(int(p.name[4:])).exists())
 
-    def _saved_epoch(self) -> dict | None:
-        """{'epoch', 'runs', 'histories'} of the newest whole checkpoint, with the histories
-        cut at its epoch, when it holds any of this cohort's runs; else None."""
-        if not self.meta_path.exists():
+    def _record_path(self, number: int) -> Path:
+        return self.path / f"save{number}.json"
+
+    def _newest(self) -> dict | None:
+        """The newest whole save's record ({'number', 'runs', 'size', 'epoch', 'histories'})
+        when it holds any of this cohort's runs; else None."""
+        saves = self._saves()
+        if not saves:
             return None
-        meta = json.loads(self.meta_path.read_text())
-        if not {tuple(k) for k in meta.get("runs", [])} & {tuple(k) for k in self.keys}:
-            return None
-        epochs = [e for e in self._epochs() if e <= meta["epoch"]]
-        if not epochs:
-            return None
-        epoch = epochs[-1]
-        histories = [[h for h in history if h["epoch"] <= epoch]
-                     for history in meta["histories"]]
-        return {"epoch": epoch, "runs": meta["runs"], "size": meta["size"],
-                "histories": histories}
+        record = json.loads(self._record_path(saves[-1]).read_text())
+        if not {tuple(k) for k in record["runs"]} & {tuple(k) for k in self.keys}:
+            return None  # another cohort's, whose runs are recorded (or start over)
+        return {**record, "number": saves[-1]}
 
     def restore(self, variables) -> dict[tuple[str, int], dict]:
         """{(candidate, seed): resume} for each run of this cohort that the checkpoint holds
         ({'state', 'best', 'history'}, host arrays: what `cohort.Run.resume` takes); empty
         when there is nothing to resume. `variables`: the cohort's starting variables (their
         shapes)."""
-        saved = multihost.broadcast_json(self._saved_epoch)
+        saved = multihost.broadcast_json(self._newest)
         if saved is None:
             return {}
         stacked = lambda x: jax.ShapeDtypeStruct((saved["size"], *x.shape[1:]), x.dtype,
                                                  sharding=self.cohort.replicated)
         runs = jax.tree.map(stacked, self.cohort.abstract_runs(variables))
         target = {"runs": runs, "best": cohort_lib.live(runs)}
-        restored = jax.device_get(self.ckptr.restore(self.path / f"epoch{saved['epoch']}",
+        restored = jax.device_get(self.ckptr.restore(self.path / f"save{saved['number']}",
                                                      target))
         mine = {tuple(k) for k in self.keys}
         resumes = {}
@@ -95,13 +97,16 @@ class Checkpoint:
         """The cohort state after `epoch` epochs (every run's live state and best live
         variables: `state.runs`, `state.best`) with each run's history."""
         self.ckptr.wait_until_finished()  # the previous epoch's save
+        number = multihost.broadcast_json(lambda: (self._saves() or [0])[-1] + 1)
         if multihost.is_leader():
-            write_atomic(self.meta_path, json.dumps({
+            write_atomic(self.meta_path, json.dumps({"runs": self.keys, "size": self.cohort.size}))
+            for old in self._saves()[:-1]:  # the newest whole one stays until this one is
+                self._record_path(old).unlink(missing_ok=True)
+                shutil.rmtree(self.path / f"save{old}", ignore_errors=True)
+            write_atomic(self._record_path(number), json.dumps({
                 "runs": self.keys, "size": self.cohort.size, "epoch": epoch,
                 "histories": histories}))
-            for old in self._epochs()[:-1]:  # the newest whole one stays until this is
-                shutil.rmtree(self.path / f"epoch{old}", ignore_errors=True)
-        self.ckptr.save(self.path / f"epoch{epoch}", {"runs": state.runs, "best": state.best},
+        self.ckptr.save(self.path / f"save{number}", {"runs": state.runs, "best": state.best},
                         force=True)
 
     def clear(self) -> None:

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from blockft_jax import checkpoint
 from blockft_jax import cohort as cohort_lib
 from blockft_jax import data, models, streams, train
 from blockft_jax.models import HEAD_UNIT
@@ -311,6 +312,37 @@ def test_checkpoint_and_resume(cohort, engine, variables, table, splits, referen
     assert (resumed.status, resumed.epochs, resumed.best_epoch) == ("diverged", 2, 1)
     assert resumed.val_accuracy == history[0]["val_accuracy"]
     assert cohort.compilations["train"] == 1
+
+
+def test_checkpoint_of_runs_at_different_epochs(cohort, variables, table, splits, starts,
+                                                tmp_path):
+    """A run that joins a cohort ahead of the others (parked at a rung of a halving search),
+    saved by checkpoint.Checkpoint after the cohort's first epoch and restored: its history
+    and state are where it stood, not cut at the cohort's epoch, and the cohort finishes
+    bitwise as if never interrupted. A save holding none of a cohort's runs is not restored."""
+    runs = RUNS[4:]
+    keys = [(str(layers), seed) for layers, seed in runs]
+    ahead = fit(cohort, variables, [make_run(starts, table, *runs[0])], splits, epochs=2,
+                keep_state=True)[0].stopped
+    members = lambda resumes: [make_run(starts, table, *r, resume=resumes.get(key))
+                               for r, key in zip(runs, keys)]
+    whole = fit(cohort, variables, members({keys[0]: ahead}), splits)
+    ckpt = checkpoint.Checkpoint(tmp_path / "current", keys, cohort)
+
+    def killed_after_first_epoch(epoch, state, histories):
+        ckpt.save(state, histories, epoch)
+        ckpt.ckptr.wait_until_finished()
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cohort, variables, members({keys[0]: ahead}), splits,
+            on_epoch_end=killed_after_first_epoch)
+    restored = checkpoint.Checkpoint(tmp_path / "current", keys, cohort).restore(variables)
+    assert [len(restored[key]["history"]) for key in keys] == [2, 1, 1, 1]
+    for got, want in zip(fit(cohort, variables, members(restored), splits), whole):
+        assert_same_bits(got, want)
+    stale = checkpoint.Checkpoint(tmp_path / "current", [("another", 0)], cohort)
+    assert stale.restore(variables) == {}
 
 
 @pytest.mark.parametrize("path", ["device_cache", "fed_cached"])

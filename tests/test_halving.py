@@ -53,6 +53,6 @@ def test_halving_prunes_records_and_selects_finalists(whole):
 def test_killed_halving_search_resumes_bitwise(whole, tmp_path, kill_at):
     """kill -9 in the second rung (after the first decision: pruned rows written, runs parked)
     and in the last, then the same command: the same rows, summary and models."""
-    killed_then_resumed(tmp_path, HALVING, kill_at)
+    killed_then_resumed(tmp_path, HALVING, kill_at, like=whole)
     assert_same_search(whole, tmp_path)
     assert Path(tmp_path / "schedule.json").read_text() == (whole / "schedule.json").read_text()

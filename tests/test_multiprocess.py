@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_newcomer import assert_best_is_the_winner
-from test_search import assert_same_models
+from test_search import assert_same_models, same_engines
 
 WORKER = Path(__file__).with_name("search_worker.py")
 ROOT = Path(__file__).parents[1]
@@ -66,6 +66,7 @@ def test_two_process_search_runs_every_strategy_with_one_log(uninterrupted):
 def test_kill_both_processes_and_restart_gives_the_same_summary_and_models(uninterrupted,
                                                                            tmp_path):
     whole, _ = uninterrupted
+    same_engines(whole, tmp_path)
     processes = start(tmp_path, die_after=3)
     leader = processes[0]
     leader_output = leader.communicate(timeout=TIMEOUT)[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_search import assert_same_models
+from test_search import assert_same_models, same_engines
 
 WORKER = Path(__file__).with_name("preempted_search.py")
 ROOT = Path(__file__).parents[1]
@@ -39,7 +39,10 @@ def finished(workdir: Path, overrides: dict, diverge_at: str | None = None) -> P
 
 
 def killed_then_resumed(workdir: Path, overrides: dict, kill_at: str,
-                        diverge_at: str | None = None) -> str:
+                        diverge_at: str | None = None, *, like: Path) -> str:
+    """Killed at `kill_at`, then the same command: in the engines of `like`, the uninterrupted
+    search it is compared with."""
+    same_engines(like, workdir)
     cut = search(workdir, overrides, kill_at, diverge_at)
     assert cut.returncode == -9, (cut.returncode, cut.stdout[-3000:] + cut.stderr[-3000:])
     assert (workdir / "checkpoints" / "current.json").exists()
@@ -76,7 +79,7 @@ def uninterrupted(tmp_path_factory):
 def test_killed_in_each_phase_resumes_bitwise(uninterrupted, tmp_path, phase):
     """kill -9 right after the first checkpoint of the top engine's cohorts, or of full
     fine-tuning's cohort, then the same command again."""
-    out = killed_then_resumed(tmp_path, ALL_SIX, phase)
+    out = killed_then_resumed(tmp_path, ALL_SIX, phase, like=uninterrupted)
     assert "KILLED" in out and (("'full'" in out) == (phase == "full")), out[-2000:]
     assert_same_search(uninterrupted, tmp_path)
 
@@ -84,7 +87,7 @@ def test_killed_in_each_phase_resumes_bitwise(uninterrupted, tmp_path, phase):
 @pytest.mark.slow
 def test_a_run_diverged_in_its_first_epoch_stays_diverged(tmp_path):
     whole = finished(tmp_path / "whole", BLOWS_UP)
-    killed_then_resumed(tmp_path / "cut", BLOWS_UP, "diverged")
+    killed_then_resumed(tmp_path / "cut", BLOWS_UP, "diverged", like=whole)
     resumed = rows(tmp_path / "cut")
     assert resumed == rows(whole)
     assert {r["status"] for r in resumed.values()} == {"diverged"}
@@ -97,6 +100,6 @@ def test_a_run_diverged_later_stays_diverged_and_keeps_its_best_epoch(tmp_path):
     candidate, seed, _ = LATE_RUN.rsplit("/", 2)
     row = rows(whole)[candidate, int(seed)]
     assert (row["status"], row["epochs"], row["best_epoch"]) == ("diverged", 2, 1), row
-    killed_then_resumed(tmp_path / "cut", LATE, "diverged", LATE_RUN)
+    killed_then_resumed(tmp_path / "cut", LATE, "diverged", LATE_RUN, like=whole)
     assert rows(tmp_path / "cut")[candidate, int(seed)] == row
     assert_same_search(whole, tmp_path / "cut")
