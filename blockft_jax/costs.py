@@ -69,19 +69,22 @@ class Speed:
         return steps * self.step_seconds + flops * self.seconds_per_flop
 
 
-def measure(module, table, variables, tx, unit: str, mesh, *, batch_size: int,
-            image_shape, steps: int = 5) -> Speed:
+def measure(plan, module, table, variables, tx, *, batch_size: int, image_shape,
+            steps: int = 5) -> Speed:
     """This machine's speed, cheaply (a dry run pays it): the real train step of one run of the
-    engine from `unit` (the shallowest candidates'; the prefix's output as input, as the search
+    engine of `plan`'s shallowest candidates (the prefix's output as input, as the search
     caches it) and the frozen prefix's forward pass below it, each compiled and timed on random
-    inputs of the real shapes (nothing is loaded). The forward pass gives the seconds per flop
-    (the bulk of a deep step's work: its convolutions), the train step what a step costs beyond
-    its flops, and the two compilations one engine's compile time."""
+    inputs of the real shapes (nothing is loaded), on this process's first device alone (the
+    others, and other processes, do not join its steps). The forward pass gives the seconds
+    per flop (the bulk of a deep step's work: its convolutions), the train step what a step
+    costs beyond its flops, and the two compilations one engine's compile time."""
     import jax
 
     from blockft_jax import cohort as cohort_lib
     from blockft_jax import groups, train
 
+    unit = max((plan.lowest_unit(g) for g in plan.shared), key=plan.units.index)
+    mesh = train.data_mesh(jax.local_devices()[:1])
     names = module.unit_names()
     per_image = suffix_flops(table, variables, names)
     cached = unit != names[0]
@@ -187,9 +190,3 @@ def estimate(plan, suffix: dict[str, float], speed: Speed, images: tuple[int, in
     parts = {"train": train, "prefix": speed.seconds(prefix, 0),
              "compile": len(plan.from_units) * speed.compile_seconds}
     return {"seconds": sum(parts.values()), **parts}
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return (f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else
-            f"{seconds // 60}m{seconds % 60:02d}s")

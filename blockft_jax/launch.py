@@ -40,7 +40,7 @@ def dry_run(config, inputs: list[str]) -> str:
     without loading images or weights; with the dataset's size known (an image folder, the
     digits), the engines by depth and the estimated time, from one real train step compiled
     and timed on this machine (random inputs)."""
-    from blockft_jax import cohort, costs, models, plan
+    from blockft_jax import cohort, costs, models, plan, progress
     module = plan.build_module(config, num_classes=2)  # the head's size changes nothing here
     shape = (config.model.input_size, config.model.input_size, 3)
     table = models.layer_table(module, shape)
@@ -55,9 +55,9 @@ def dry_run(config, inputs: list[str]) -> str:
     suffix = costs.suffix_flops(table, models.variable_shapes(module, shape), searched.units)
     cost = costs.estimate(searched, suffix, speed, images, config.data.batch_size,
                           config.data.batch_size * cohort.EVAL_BATCH_MULTIPLE)
-    estimate = (f"Estimated time: {costs.duration(cost['seconds'])} on this machine "
-                f"({costs.duration(cost['train'])} training, {costs.duration(cost['compile'])} "
-                f"compiling, {costs.duration(cost['prefix'])} prefix caches; {images[0]:,} "
+    took = {part: progress.duration(seconds) for part, seconds in cost.items()}
+    estimate = (f"Estimated time: {took['seconds']} on this machine ({took['train']} training, "
+                f"{took['compile']} compiling, {took['prefix']} prefix caches; {images[0]:,} "
                 f"training and {images[1]:,} validation images; from {speed.measured_on}, "
                 f"compiled and timed here: {speed.compile_seconds:.1f} s to compile, "
                 f"{speed.step_seconds * 1e3:.1f} ms a step and "
@@ -71,9 +71,8 @@ def _speed(config, module, table, searched, shape):
     from blockft_jax import benchmarking, costs, train
     variables = benchmarking.random_variables(module, shape, seed=0)
     tx = train.make_optimizer(config.train, config.train.epochs)
-    unit = max((searched.lowest_unit(g) for g in searched.shared), key=searched.units.index)
     log.info("Timing this machine for the estimate (two small compilations)...")
-    return costs.measure(module, table, variables, tx, unit, train.data_mesh(),
+    return costs.measure(searched, module, table, variables, tx,
                          batch_size=config.data.batch_size, image_shape=shape)
 
 

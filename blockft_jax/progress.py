@@ -80,11 +80,12 @@ class Progress:
                 unknown |= rate is None
                 seconds += left * (rate or 0.0)
         if unknown:
-            return f">= {_duration(seconds)}" if seconds else "?"
-        return _duration(seconds)
+            return f">= {duration(seconds)}" if seconds else "?"
+        return duration(seconds)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """'4m05s', '1h02m'; '?' when not finite."""
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)

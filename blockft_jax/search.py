@@ -95,11 +95,9 @@ class Search:
         if kept is not None and plan.covers(kept["engines"]):
             plan.engines = kept["engines"]
             return plan
-        # Timed on process 0's first device alone: the others do not join its steps.
         speed = costs.Speed(**multihost.broadcast_json(lambda: costs.measure(
-            self.module, self.table, self.variables, self.tx, lowest[-1],
-            train.data_mesh(jax.local_devices()[:1]), batch_size=c.data.batch_size,
-            image_shape=self.shape).to_json()))
+            plan, self.module, self.table, self.variables, self.tx,
+            batch_size=c.data.batch_size, image_shape=self.shape).to_json()))
         images = (len(self.dataset.train), len(self.dataset.validation))
         plan = make_plan(c, self.table, self.module, speed=speed, images=images)
         self.wd.write_json(ENGINES, {"engines": plan.engines, "speed": speed.to_json()})

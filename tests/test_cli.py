@@ -4,8 +4,6 @@ where the log is when they cannot)."""
 import errno
 import json
 import logging
-import os
-import re
 import shlex
 import shutil
 import signal
