@@ -127,6 +127,9 @@ class Cohort:
     engine: train.Engine
     size: int
     compilations: dict = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    # The train and eval steps as `compile_steps` last compiled them (for their HLO, memory
+    # plan and cost analysis).
+    executables: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.size < 1:
@@ -160,6 +163,7 @@ class Cohort:
                                   out_shardings=per_run)
         self._take_run = jax.jit(lambda runs, i: jax.tree.map(lambda x: x[i], runs),
                                  in_shardings=(per_run, repl), out_shardings=repl)
+        self._replicate = jax.jit(lambda tree: tree, out_shardings=repl)
 
     # -- the shared and the per-run part of a run's variables ----------------------------------
 
@@ -203,7 +207,7 @@ class Cohort:
                 state, mask, bn, images, labels, weights, key))
 
         return self._counted("train", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, 0, 0, 0, 0, 0))(shared, runs, masks, bn_modes, images, labels,
+            None, 0, 0, 0, 0, 0, 0, 0, 0), spmd_axis_name="runs")(shared, runs, masks, bn_modes, images, labels,
                                          weights, keys, active))
 
     def _train_gathered_fn(self, shared, runs, masks, bn_modes, split_images, split_labels,
@@ -216,7 +220,7 @@ class Cohort:
                                      weights, key))
 
         return self._counted("train", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, None, None, 0, 0, 0, 0))(shared, runs, masks, bn_modes,
+            None, 0, 0, 0, None, None, 0, 0, 0, 0), spmd_axis_name="runs")(shared, runs, masks, bn_modes,
                                                    split_images, split_labels, orders, weights,
                                                    keys, active))
 
@@ -226,7 +230,7 @@ class Cohort:
             return self.engine.eval_step(self.whole(shared, live), images, labels, weights)
 
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
-            None, 0, None, None, None))(shared, live, images, labels, weights))
+            None, 0, None, None, None), spmd_axis_name="runs")(shared, live, images, labels, weights))
 
     def _eval_gathered_fn(self, shared, live, split_images, split_labels, order, weights,
                           index):
@@ -235,7 +239,7 @@ class Cohort:
                                                   split_labels, order, weights, index)
 
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
-            None, 0, None, None, None, None, None))(shared, live, split_images, split_labels,
+            None, 0, None, None, None, None, None), spmd_axis_name="runs")(shared, live, split_images, split_labels,
                                                    order, weights, index))
 
     def _init_runs_fn(self, live_variables):
@@ -271,10 +275,18 @@ class Cohort:
                     raise ValueError(f"A run's starting variables differ from the cohort's in "
                                      f"{collection}/{layer}, which the engine does not train.")
 
-    def feed(self, x: np.ndarray) -> jax.Array:
-        """A host array (runs, batch, ...), the same on every process, laid out as the fed
-        steps take it (runs over 'runs', each run's batch over 'data')."""
-        return _feed(x, self.run_batch_sharding)
+    def feed(self, source: np.ndarray, rows: np.ndarray) -> jax.Array:
+        """`source[rows]` (`rows`: (runs, batch) indices into a host array that is the same on
+        every process) laid out as the fed steps take it: runs over 'runs', each run's batch
+        over 'data'. Each process reads only its own devices' runs and batch slices."""
+        return train.gather(source, rows, self.run_batch_sharding)
+
+    def fetch(self, tree):
+        """Host copies of device arrays, whole on every process: arrays laid out over other
+        processes' devices (a cohort's runs spread over hosts) are gathered first."""
+        if not all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+            tree = self._replicate(tree)
+        return jax.device_get(tree)
 
     def place_runs(self, tree):
         """A host (or device) tree stacked on axis 0, laid out over the 'runs' axis."""
@@ -302,7 +314,7 @@ class Cohort:
         state = self._init_runs(self.place_runs(jax.tree.map(stack, *starts)))
         bests = starts
         if any(r.resume for r in runs):  # resuming: rare, so on the host
-            fresh = jax.device_get(state)
+            fresh = self.fetch(state)
             states = [host(r.resume["state"]) if r.resume else jax.tree.map(lambda x: x[i], fresh)
                       for i, r in enumerate(runs)]
             bests = [host(r.resume["best"]) if r.resume else starts[i]
@@ -326,7 +338,7 @@ class Cohort:
     def host_best(self, state: CohortState) -> list[dict]:
         """Every run's best {'params', 'batch_stats'} as host copies, fetched at once (the
         frozen entries are one host copy, shared by all runs)."""
-        shared, best = jax.device_get((state.shared, state.best))
+        shared, best = self.fetch((state.shared, state.best))
         return [self.whole(shared, jax.tree.map(lambda x: np.array(x[i]), best))
                 for i in range(self.size)]
 
@@ -384,10 +396,12 @@ class Cohort:
                 fed((), jnp.int32), fed((), jnp.float32), keys, active).compile()
             memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
             eval_images = jax.ShapeDtypeStruct((eval_size, *images.shape[1:]), images.dtype)
-            memory["eval"] = program_bytes(self.eval_step.lower(
+            evaluation = self.eval_step.lower(
                 shared, live(runs), like(eval_images, batch),
                 jax.ShapeDtypeStruct((eval_size,), jnp.int32, sharding=batch),
-                jax.ShapeDtypeStruct((eval_size,), jnp.float32, sharding=batch)).compile())
+                jax.ShapeDtypeStruct((eval_size,), jnp.float32, sharding=batch)).compile()
+            memory["eval"] = program_bytes(evaluation)
+            self.executables = {"train": compiled, "eval": evaluation}
             return memory
 
         def split(n, size):  # a DeviceSplit's arrays, an epoch's order and weights
@@ -404,9 +418,11 @@ class Cohort:
             stacked(weights), keys, active).compile()
         memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
         index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
-        memory["eval"] = max(program_bytes(self.eval_step_gathered.lower(
-            shared, live(runs), *split(n, eval_size), index).compile())
-            for n in sorted(set(sizes.values())))
+        evaluations = [self.eval_step_gathered.lower(shared, live(runs), *split(n, eval_size),
+                                                     index).compile()
+                       for n in sorted(set(sizes.values()))]
+        memory["eval"] = max(map(program_bytes, evaluations))
+        self.executables = {"train": compiled, "eval": evaluations[-1]}  # the largest split's
         return memory
 
 
@@ -428,15 +444,6 @@ def program_bytes(compiled) -> int:
 
 
 # --- one epoch, one evaluation ---------------------------------------------------------------
-
-def _feed(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A host array (runs, batch, ...) laid out as `sharding`; on several processes each feeds
-    its contiguous share of the batch axis (as data.process_slice)."""
-    count, index = jax.process_count(), jax.process_index()
-    size = x.shape[1]
-    local = x[:, index * size // count:(index + 1) * size // count]
-    return jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local), x.shape)
-
 
 def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
                 split: data_lib.Split | train.DeviceSplit, batch_size: int,
@@ -461,13 +468,14 @@ def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
     else:
         labels = split.labels.astype(np.int32)
         feed = cohort.feed
+        slots = np.arange(orders[:, 0].size).reshape(orders[:, 0].shape)  # weights[:, step]
         for step in range(orders.shape[1]):
             rows = orders[:, step]
             runs, step_metrics = cohort.train_step(
-                state.shared, runs, masks, bn_modes, feed(split.images[rows]), feed(labels[rows]),
-                feed(weights[:, step]), keys, active)
+                state.shared, runs, masks, bn_modes, feed(split.images, rows),
+                feed(labels, rows), feed(weights[:, step].reshape(-1), slots), keys, active)
             metrics.append(step_metrics)
-    metrics, steps = jax.device_get((metrics, runs["step"]))
+    metrics, steps = cohort.fetch((metrics, runs["step"]))
     k = cohort.size
     sums = [{"loss": 0.0, "correct": 0.0, "count": 0.0} for _ in range(k)]
     for m in metrics:
@@ -497,10 +505,15 @@ def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
                                       weights, e.replicate(np.int32(i)))
             for i in range(order.shape[0])])
     else:
+        # Each process reads only its own devices' slices of each batch.
+        order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
+        labels = split.labels.astype(np.int32)
+        slots = np.arange(batch_size)
+        batch = e.batch_sharding
         outs = jax.device_get([
-            cohort.eval_step(shared, live_variables, gb.images, gb.labels, gb.mask)
-            for gb in (data_lib.global_batch(data_lib.process_slice(batch), e.mesh)
-                       for batch in data_lib.batches(split, batch_size, shuffle_rng=None))])
+            cohort.eval_step(shared, live_variables, train.gather(split.images, rows, batch),
+                             train.gather(labels, rows, batch), train.gather(w, slots, batch))
+            for rows, w in zip(order, weights)])
     results = []
     for i in range(cohort.size):
         totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}

@@ -51,7 +51,7 @@ class Search:
         self.table = models.layer_table(self.module, self.shape)
         self.plan = make_plan(c, self.table, self.module.unit_names()[0])
         self.variables = pretrained.load(c, self.module)
-        self.mesh = train.data_mesh()
+        self.mesh = train.data_mesh()  # every device; each engine lays them out (`layout`)
         self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
         self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
         self.engines: dict[str, placement.Prepared] = {}
@@ -88,13 +88,17 @@ class Search:
         augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
         first = from_unit == self.module.unit_names()[0]
         cached = c.train.prefix_cache and not any(augment.values()) and not first
-        engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
+        kept = placement.kept(self.wd.path, from_unit, self.mesh)
+        at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
+        layout = kept.layout if kept else tuple(multihost.broadcast_json(lambda: placement.layout(
+            self.mesh.devices.size, at_once, c.data.batch_size)))
+        engine = train.Engine(self.module, self.tx, from_unit,
+                              train.mesh(self.mesh.devices, runs=layout[0]), cached=cached,
                               augment=None if cached else augment, table=self.table,
                               prefix_chunk_bytes=train.default_prefix_chunk_bytes())
         splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                   "test": self.dataset.test}
         images = sum(map(len, splits.values()))
-        kept = placement.kept(self.wd.path, from_unit, self.mesh)
         start = lambda: placement.first(engine, self.variables, c.search.parallel, runs,
                                         engine.feature_bytes(images) if cached else 0, kept)
         begun = multihost.broadcast_json(start)
