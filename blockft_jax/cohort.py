@@ -275,10 +275,13 @@ class Cohort:
                     raise ValueError(f"A run's starting variables differ from the cohort's in "
                                      f"{collection}/{layer}, which the engine does not train.")
 
-    def feed(self, source: np.ndarray, rows: np.ndarray) -> jax.Array:
+    def feed(self, source: np.ndarray, rows: np.ndarray | None = None) -> jax.Array:
         """`source[rows]` (`rows`: (runs, batch) indices into a host array that is the same on
-        every process) laid out as the fed steps take it: runs over 'runs', each run's batch
-        over 'data'. Each process reads only its own devices' runs and batch slices."""
+        every process), or `source` itself (runs, batch, ...), laid out as the fed steps take
+        it: runs over 'runs', each run's batch over 'data'. Each process reads only its own
+        devices' runs and batch slices."""
+        if rows is None:
+            return train.put(source, self.run_batch_sharding)
         return train.gather(source, rows, self.run_batch_sharding)
 
     def fetch(self, tree):
@@ -468,12 +471,11 @@ def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
     else:
         labels = split.labels.astype(np.int32)
         feed = cohort.feed
-        slots = np.arange(orders[:, 0].size).reshape(orders[:, 0].shape)  # weights[:, step]
         for step in range(orders.shape[1]):
             rows = orders[:, step]
             runs, step_metrics = cohort.train_step(
                 state.shared, runs, masks, bn_modes, feed(split.images, rows),
-                feed(labels, rows), feed(weights[:, step].reshape(-1), slots), keys, active)
+                feed(labels, rows), feed(weights[:, step]), keys, active)
             metrics.append(step_metrics)
     metrics, steps = cohort.fetch((metrics, runs["step"]))
     k = cohort.size

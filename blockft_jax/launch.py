@@ -46,7 +46,7 @@ def dry_run(config, inputs: list[str]) -> str:
 
 
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,
-        dry_run_only: bool = False) -> int:
+        dry_run_only: bool = False, target: str | None = None) -> int:
     """Runs the search (or prints its plan); returns a process exit status."""
     from blockft_jax import plan, search
     if distributed:
@@ -62,6 +62,9 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
         inputs = plan.check(config)
         if dry_run_only:
             print(dry_run(config, inputs))
+            if target:  # the search's steps compiled for a TPU slice (target.py)
+                from blockft_jax import target as target_lib
+                print(target_lib.report(config, target))
             print(f"Results would go to {workdir}.")
             return 0
         if multihost.is_leader():

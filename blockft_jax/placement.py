@@ -263,20 +263,23 @@ def first(engine: train.Engine, variables, parallel: int, runs: int, cache_bytes
 
 
 def decide(engine: train.Engine, variables, compile_for: Callable[[int, int], dict],
-           size: int, cache_bytes: int, caps: dict) -> Placement:
+           size: int, cache_bytes: int, caps: dict, free: int | None = None,
+           machine_: dict | None = None) -> Placement:
     """Process 0's placement of an engine's runs: the cohort size (at most `size`) and
     evaluation multiple whose compiled steps (`compile_for(k, multiple)`) fit the memory free
     now, beside each run's best variables and the prefix cache in device memory
-    (`cache_bytes`, counted again: a program's arguments hold only one split of it)."""
+    (`cache_bytes`, counted again: a program's arguments hold only one split of it).
+    `free` and `machine_`: another machine's (`target`); default: this one's, measured."""
     live = live_state_bytes(engine, variables)
     frozen = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(
         (engine.frozen_part(variables["params"]),
          engine.frozen_part(variables.get("batch_stats", {})))))
     positions = engine.mesh.shape["runs"]  # a device holds 1/positions of the runs
     size, multiple, figures = fit_to_memory(
-        compile_for, size, free=free_memory(engine.mesh), resident=lambda k: k // positions *
+        compile_for, size, free=free_memory(engine.mesh) if free is None else free,
+        resident=lambda k: k // positions *
         live + cache_bytes, fixed=frozen + cache_bytes, cpu=on_cpu(engine.mesh), step=positions)
-    return Placement(size, bool(cache_bytes), multiple, machine(engine.mesh),
+    return Placement(size, bool(cache_bytes), multiple, machine_ or machine(engine.mesh),
                      {**figures, "caps": caps}, train.layout(engine.mesh))
 
 

@@ -152,10 +152,9 @@ def default_prefix_chunk_bytes() -> int | None:
 
 @dataclasses.dataclass
 class DeviceSplit:
-    """A split held whole on every device (replicated), when it fits: the prefix cache, or the
-    images themselves (uint8) for an engine without one. Its batches are gathered on the
-    device, by the step itself."""
-    images: jax.Array  # the prefix's output, or the uint8 images
+    """A split held whole on every device (replicated): the prefix cache when it fits. Its
+    batches are gathered on the device, by the step itself."""
+    images: jax.Array  # the prefix's output
     labels: jax.Array
 
     def __len__(self) -> int:
@@ -341,11 +340,6 @@ class Engine:
 
     # -- host-side helpers ---------------------------------------------------------------------
 
-    def split_bytes(self, images: int, image_shape: tuple[int, int, int]) -> int:
-        """Bytes of `images` images as a DeviceSplit holds them: the prefix cache's features,
-        or the uint8 images of an engine without a cache."""
-        return self.feature_bytes(images) if self.cached else images * math.prod(image_shape)
-
     def feature_bytes(self, images: int) -> int:
         """Bytes of the prefix cache (float32 features) of `images` images, from the layer
         table (no tracing): the output of the last layer of the unit below `from_unit`."""
@@ -364,8 +358,9 @@ class Engine:
         return jax.make_array_from_process_local_data(self.replicated, np.asarray(x), x.shape)
 
     def to_device(self, split: data_lib.Split) -> DeviceSplit:
-        """A split moved into device memory, whole on every device: a cached split (from
-        `features`), or the uint8 images of an engine without a cache."""
+        """A cached split (from `features`) moved into device memory, whole on every device."""
+        if not self.cached:
+            raise ValueError("Only the prefix cache's splits live in device memory.")
         return DeviceSplit(self.replicate(split.images),
                            self.replicate(split.labels.astype(np.int32)))
 
