@@ -206,9 +206,10 @@ class Cohort:
             return self._stepped(shared, run, active, lambda state: self.engine.train_step(
                 state, mask, bn, images, labels, weights, key))
 
+        # spmd_axis_name: the run axis is the mesh's 'runs' (sharding constraints keep it so).
         return self._counted("train", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, 0, 0, 0, 0, 0), spmd_axis_name="runs")(shared, runs, masks, bn_modes, images, labels,
-                                         weights, keys, active))
+            None, 0, 0, 0, 0, 0, 0, 0, 0), spmd_axis_name="runs")(
+                shared, runs, masks, bn_modes, images, labels, weights, keys, active))
 
     def _train_gathered_fn(self, shared, runs, masks, bn_modes, split_images, split_labels,
                            orders, weights, keys, active):
@@ -220,9 +221,9 @@ class Cohort:
                                      weights, key))
 
         return self._counted("train", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, None, None, 0, 0, 0, 0), spmd_axis_name="runs")(shared, runs, masks, bn_modes,
-                                                   split_images, split_labels, orders, weights,
-                                                   keys, active))
+            None, 0, 0, 0, None, None, 0, 0, 0, 0), spmd_axis_name="runs")(
+                shared, runs, masks, bn_modes, split_images, split_labels, orders, weights, keys,
+                active))
 
     def _eval_fn(self, shared, live, images, labels, weights):
         # Evaluation has no order to shuffle: every run sees the same batch.
@@ -230,7 +231,8 @@ class Cohort:
             return self.engine.eval_step(self.whole(shared, live), images, labels, weights)
 
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
-            None, 0, None, None, None), spmd_axis_name="runs")(shared, live, images, labels, weights))
+            None, 0, None, None, None), spmd_axis_name="runs")(
+                shared, live, images, labels, weights))
 
     def _eval_gathered_fn(self, shared, live, split_images, split_labels, order, weights,
                           index):
@@ -239,8 +241,8 @@ class Cohort:
                                                   split_labels, order, weights, index)
 
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
-            None, 0, None, None, None, None, None), spmd_axis_name="runs")(shared, live, split_images, split_labels,
-                                                   order, weights, index))
+            None, 0, None, None, None, None, None), spmd_axis_name="runs")(
+                shared, live, split_images, split_labels, order, weights, index))
 
     def _init_runs_fn(self, live_variables):
         # Every run's fresh state from its own (stacked) live variables.
@@ -364,14 +366,12 @@ class Cohort:
         `batch_size` without running them: run on a background thread, compilation overlaps
         with other work, and the real calls find the programs ready (shapes and shardings are
         part of the cache key). `mask` and `bn_modes` are any candidate's (only their structure
-        matters). `device_split_sizes` ({'train': N, 'validation': N, ...}): the cached splits
+        matters). `device_split_sizes` ({'train': N, 'validation': N, ...}): the splits
         will be DeviceSplits of these sizes; compile the steps that gather their batches there
         instead of the fed ones. Returns each program's memory ({'train': bytes, 'eval':
         bytes}: arguments, outputs and temporaries, less donated buffers) as XLA planned it,
         and the train step's flops per run ('flops')."""
         e = self.engine
-        if device_split_sizes is not None and not e.cached:
-            raise ValueError("Only the prefix cache's splits live in device memory.")
         repl, per_run, k = self.replicated, self.per_run, self.size
         like = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=per_run)
@@ -510,11 +510,10 @@ def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
         # Each process reads only its own devices' slices of each batch.
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
         labels = split.labels.astype(np.int32)
-        slots = np.arange(batch_size)
         batch = e.batch_sharding
         outs = jax.device_get([
             cohort.eval_step(shared, live_variables, train.gather(split.images, rows, batch),
-                             train.gather(labels, rows, batch), train.gather(w, slots, batch))
+                             train.gather(labels, rows, batch), train.put(w, batch))
             for rows, w in zip(order, weights)])
     results = []
     for i in range(cohort.size):

@@ -159,9 +159,19 @@ def free_memory(mesh) -> int:
 
 
 def cache_on_device(cache_bytes: int, mesh, free: int) -> bool:
-    """Whether a prefix cache of `cache_bytes` (whole on every device) goes into device
-    memory: on CPU always; elsewhere within CACHE_SHARE of the free memory."""
+    """Whether a prefix cache (or an engine's uint8 images) of `cache_bytes`, whole on every
+    device, goes into device memory: on CPU always; elsewhere within CACHE_SHARE of the free
+    memory."""
     return on_cpu(mesh) or (free > 0 and cache_bytes <= CACHE_SHARE * free)
+
+
+def device_split_bytes(engine: train.Engine, images: int, image_shape) -> int:
+    """Bytes of `images` images as the engine's steps would gather them in device memory: the
+    prefix cache's features, or the uint8 images of an engine without a cache -- those only
+    on an accelerator (on CPU the fed batches are in that memory already: 0, fed)."""
+    if engine.cached:
+        return engine.feature_bytes(images)
+    return 0 if on_cpu(engine.mesh) else images * math.prod(image_shape)
 
 
 def last_level_cache_bytes() -> int:

@@ -100,7 +100,8 @@ class Search:
                   "test": self.dataset.test}
         images = sum(map(len, splits.values()))
         start = lambda: placement.first(engine, self.variables, c.search.parallel, runs,
-                                        engine.feature_bytes(images) if cached else 0, kept)
+                                        placement.device_split_bytes(engine, images, self.shape),
+                                        kept)
         begun = multihost.broadcast_json(start)
         cohort = cohort_lib.Cohort(engine, begun["size"])
         sizes = {k: len(v) for k, v in splits.items()} if begun["cache_on_device"] else None
@@ -114,12 +115,15 @@ class Search:
             prepared.splits = {k: engine.features(self.variables, v, c.data.batch_size)
                                for k, v in splits.items()}
             nbytes = sum(s.images.nbytes for s in prepared.splits.values())
-            if prepared.cache_on_device:
-                prepared.splits = {k: engine.to_device(v) for k, v in prepared.splits.items()}
             log.info("Prefix cache: units below %s computed once per image (%.1f MB in "
                      "%s memory, %.1f s)", from_unit, nbytes / 2**20,
                      "device" if prepared.cache_on_device else "host",
                      time.perf_counter() - started)
+        elif prepared.cache_on_device:
+            log.info("Images (uint8) in device memory for runs from unit %s: %.1f MB",
+                     from_unit, sum(s.images.nbytes for s in splits.values()) / 2**20)
+        if prepared.cache_on_device:
+            prepared.splits = {k: engine.to_device(v) for k, v in prepared.splits.items()}
         self.engines[from_unit] = prepared
         return prepared
 
@@ -176,8 +180,8 @@ class Search:
                     cohort, self._split_sizes(prepared), multiple)
             return prepared.compiled[size, multiple]
 
-        cache = engine.feature_bytes(sum(map(len, prepared.splits.values()))) \
-            if prepared.cache_on_device else 0
+        cache = placement.device_split_bytes(engine, sum(map(len, prepared.splits.values())),
+                                             self.shape) if prepared.cache_on_device else 0
         return placement.decide(engine, self.variables, compile_for, max(prepared.cohorts),
                                 cache, prepared.caps)
 

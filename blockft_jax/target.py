@@ -248,19 +248,26 @@ def compile_engine(config, module, table, variables, tx, devices, chip: Chip, un
             cohorts[layout, k, multiple] = cohort
         return memory[layout, k, multiple]
 
-    def fits(layout) -> bool:  # one run a 'runs' position, beside the prefix cache
-        return compile_for(layout, layout[0], 1)["train"] + cache_bytes(
-            engine_for(layout)) <= chip.hbm_bytes
+    decisions = {}
+
+    def decide(layout) -> placement.Placement:  # as the search decides, HBM as free memory
+        if layout not in decisions:
+            engine = engine_for(layout)
+            size, caps = placement.largest_cohort(engine, variables, c.search.parallel, at_once)
+            decisions[layout] = placement.decide(
+                engine, variables, lambda k, multiple: compile_for(layout, k, multiple), size,
+                cache_bytes(engine), caps, free=chip.hbm_bytes,
+                machine_={"device": chip.name, "devices": len(devices),
+                          "processes": len({d.process_index for d in devices}),
+                          "memory": chip.hbm_bytes})
+        return decisions[layout]
+
+    def fits(layout) -> bool:  # its cohort's steps, beside what stays resident, fit HBM
+        figures = decide(layout).figures
+        return max(figures["train"], figures["eval"]) <= chip.hbm_bytes
 
     layout = placement.layout(len(devices), at_once, c.data.batch_size, fits)
-    engine = engine_for(layout)
-    size, caps = placement.largest_cohort(engine, variables, c.search.parallel, at_once)
-    decided = placement.decide(
-        engine, variables, lambda k, multiple: compile_for(layout, k, multiple), size,
-        cache_bytes(engine), caps, free=chip.hbm_bytes,
-        machine_={"device": chip.name, "devices": len(devices),
-                  "processes": len({d.process_index for d in devices}),
-                  "memory": chip.hbm_bytes})
+    decided = decide(layout)
     cohort = cohorts[layout, decided.cohort_size, decided.eval_batch_multiple]
     return EngineCost(unit, runs, decided.cohort_size, decided.eval_batch_multiple,
                       step_cost(cohort.executables["train"]),
@@ -297,17 +304,20 @@ def report(config, target: str) -> str:
                                        runs, images)
         costs.append(cost)
         t, e = cost.train_step, cost.eval_step
+        first = unit == module.unit_names()[0]
+        cache = ("in HBM" if decided.cache_on_device else "none" if first or not
+                 c.train.prefix_cache else "on the host")
+        bound = ("compute" if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth
+                 else "memory")
         lines.append(
             f"Engine from {unit}: {runs} runs in cohorts of {cost.cohort_size}, laid out "
-            f"{decided.layout[0]} runs x {decided.layout[1]} data; prefix cache "
-            f"{'in HBM' if decided.cache_on_device else 'none' if unit == module.unit_names()[0] or not c.train.prefix_cache else 'on the host'}.")
+            f"{decided.layout[0]} runs x {decided.layout[1]} data; prefix cache {cache}.")
         lines.append(
             f"  train step per chip: arguments {mb(t.argument_bytes)}, temporaries "
             f"{mb(t.temp_bytes)}, outputs {mb(t.output_bytes)} (of which reused "
             f"{mb(t.alias_bytes)}): {mb(t.memory)} of {mb(chip.hbm_bytes)} HBM; "
             f"{t.flops / 1e9:,.1f} GFLOP, {t.bytes_accessed / 1e9:,.2f} GB accessed; roofline "
-            f"{roofline(t, chip) * 1e3:,.2f} ms "
-            f"({'compute' if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth else 'memory'}-bound).")
+            f"{roofline(t, chip) * 1e3:,.2f} ms ({bound}-bound).")
         lines.append(
             f"  eval step per chip (batch x{cost.eval_batch_multiple}): {mb(e.memory)}; "
             f"{e.flops / 1e9:,.1f} GFLOP, {e.bytes_accessed / 1e9:,.2f} GB; roofline "

@@ -152,9 +152,10 @@ def default_prefix_chunk_bytes() -> int | None:
 
 @dataclasses.dataclass
 class DeviceSplit:
-    """A split held whole on every device (replicated): the prefix cache when it fits. Its
-    batches are gathered on the device, by the step itself."""
-    images: jax.Array  # the prefix's output
+    """A split held whole on every device (replicated) when it fits: the prefix cache, or on
+    an accelerator the uint8 images of an engine without one. Its batches are gathered on the
+    device, by the step itself."""
+    images: jax.Array  # the prefix's output, or uint8 images
     labels: jax.Array
 
     def __len__(self) -> int:
@@ -358,9 +359,8 @@ class Engine:
         return jax.make_array_from_process_local_data(self.replicated, np.asarray(x), x.shape)
 
     def to_device(self, split: data_lib.Split) -> DeviceSplit:
-        """A cached split (from `features`) moved into device memory, whole on every device."""
-        if not self.cached:
-            raise ValueError("Only the prefix cache's splits live in device memory.")
+        """A split moved into device memory, whole on every device: a cached one (from
+        `features`), or the uint8 images of an engine without a cache."""
         return DeviceSplit(self.replicate(split.images),
                            self.replicate(split.labels.astype(np.int32)))
 

@@ -4,6 +4,8 @@
     python tests/layout_worker.py hlo OUTPUT.json
         compiles the cohort's train steps (fed and gathered) for each layout and writes every
         all-reduce's device groups, and the mesh's 'data' groups, by mesh position.
+    python tests/layout_worker.py search WORKDIR LAYOUT
+        runs the tiny search (configs/tiny.py) with its layout forced to LAYOUT (e.g. 4x2).
     python tests/layout_worker.py steps OUTPUT.npz
         trains 8 runs for a few steps (an epoch of one batch each) in each layout and on one
         device; writes every step's losses per run, their validation losses after them and
@@ -143,8 +145,21 @@ def steps(out):
     np.savez(out, **result)
 
 
+def search(workdir, layout):
+    """The tiny search (configs/tiny.py) in `layout` ('RxD'; 'auto': as placement decides)."""
+    import logging
+
+    from blockft_jax import launch, placement
+    from configs import tiny
+    if layout != "auto":
+        forced = tuple(int(x) for x in layout.split("x"))
+        placement.layout = lambda devices, runs, batch_size, fits=None: forced
+    logging.getLogger().setLevel(logging.INFO)
+    sys.exit(launch.run(tiny.get_config(), workdir))
+
+
 if __name__ == "__main__":
     import os
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    {"hlo": hlo, "steps": steps}[sys.argv[1]](sys.argv[2])
+    {"hlo": hlo, "steps": steps, "search": search}[sys.argv[1]](*sys.argv[2:])

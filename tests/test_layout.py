@@ -17,12 +17,13 @@ WORKER = Path(__file__).with_name("layout_worker.py")
 ROOT = Path(__file__).parents[1]
 
 
-def run_worker(mode: str, out: Path):
+def run_worker(mode: str, *args, devices: int = 8):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, str(WORKER), mode, str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    result = subprocess.run([sys.executable, str(WORKER), mode, *map(str, args)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def test_layouts_give_devices_runs_before_cutting_batches():
@@ -94,3 +95,29 @@ def test_every_layout_trains_what_one_device_trains(tmp_path):
                                        atol=1e-5, rtol=0)
             np.testing.assert_allclose(found[f"{layout}/{kind}/head"], single["head"],
                                        atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_tiny_search_in_every_layout_agrees_with_one_device(tmp_path):
+    """configs/tiny.py on one device, and on 8 CPU devices as placement lays them out (8x1)
+    and forced to 4x2 and 1x8: the same winner, every run's validation accuracy and best epoch
+    the same, its validation loss equal up to float order."""
+    def rows(workdir):
+        found = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+        return {(r["candidate"], r["seed"]): r for r in found}
+
+    run_worker("search", tmp_path / "single", "auto", devices=1)
+    want = rows(tmp_path / "single")
+    winner = json.loads((tmp_path / "single" / "summary.json").read_text())["winner"]
+    for layout in ("auto", "4x2", "1x8"):
+        log = run_worker("search", tmp_path / layout, layout)
+        if layout == "auto":  # 9 and 1 runs, a batch of 8: one device per run
+            assert "laid out as 8 runs x 1 data" in log
+        got = rows(tmp_path / layout)
+        assert got.keys() == want.keys()
+        for key, row in got.items():
+            assert row["val_accuracy"] == want[key]["val_accuracy"], (layout, key)
+            assert row["best_epoch"] == want[key]["best_epoch"], (layout, key)
+            assert row["val_loss"] == pytest.approx(want[key]["val_loss"], abs=1e-5)
+        summary = json.loads((tmp_path / layout / "summary.json").read_text())
+        assert summary["winner"]["candidate"] == winner["candidate"]
