@@ -208,11 +208,13 @@ def engine_runs(config, plan) -> dict[str, int]:
     return runs
 
 
-def compile_engine(config, module, table, variables, tx, devices, chip: Chip, unit: str,
-                   runs: int, images: tuple[int, int, int]) -> tuple[EngineCost,
-                                                                     placement.Placement]:
-    """An engine's layout and cohort size decided for the slice's `devices` (the search's
-    own rules, the chip's HBM as the free memory), and its steps compiled there."""
+def engine_cost(config, module, table, variables, tx, devices, unit: str, runs: int,
+                images: tuple[int, int, int], memory: int, device_name: str
+                ) -> tuple[EngineCost, placement.Placement]:
+    """The engine from `unit` training `runs` runs on `devices` (a slice's, or this machine's:
+    `jax.devices()`): its layout and cohort size decided by the search's own rules with
+    `memory` bytes free per device, and its train and eval steps compiled there, with their
+    per-device cost. `images`: (train, validation, test); `variables` may be shapes only."""
     c = config
     shape = (c.model.input_size, c.model.input_size, 3)
     augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
@@ -221,7 +223,7 @@ def compile_engine(config, module, table, variables, tx, devices, chip: Chip, un
     at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
     mask = groups.param_mask(variables["params"], table, [])
     bn_modes = groups.bn_modes(table, [], freeze_bn=c.train.freeze_bn)
-    engines, cohorts, memory = {}, {}, {}
+    engines, cohorts, compiled = {}, {}, {}
 
     def engine_for(layout):
         if layout not in engines:
@@ -231,40 +233,40 @@ def compile_engine(config, module, table, variables, tx, devices, chip: Chip, un
         return engines[layout]
 
     def cache_bytes(engine) -> int:  # in device memory when it fits, as the search decides
-        nbytes = engine.feature_bytes(sum(images)) if cached else 0
-        return nbytes if nbytes and placement.cache_on_device(
-            nbytes, engine.mesh, chip.hbm_bytes) else 0
+        nbytes = placement.device_split_bytes(engine, sum(images), shape)
+        return nbytes if nbytes and placement.cache_on_device(nbytes, engine.mesh,
+                                                              memory) else 0
 
     def compile_for(layout, k: int, multiple: int) -> dict:
-        if (layout, k, multiple) not in memory:
+        if (layout, k, multiple) not in compiled:
             engine = engine_for(layout)
             cohort = cohort_lib.Cohort(engine, k)
             sizes = (dict(zip(("train", "validation", "test"), images))
                      if cache_bytes(engine) else None)
             log.info("Compiling the steps from %s for %s: %d runs, layout %s, evaluation "
-                     "batch x%d", unit, chip.name, k, layout, multiple)
-            memory[layout, k, multiple] = cohort.compile_steps(
+                     "batch x%d", unit, device_name, k, layout, multiple)
+            compiled[layout, k, multiple] = cohort.compile_steps(
                 variables, mask, bn_modes, c.data.batch_size, shape, sizes, multiple)
             cohorts[layout, k, multiple] = cohort
-        return memory[layout, k, multiple]
+        return compiled[layout, k, multiple]
 
     decisions = {}
 
-    def decide(layout) -> placement.Placement:  # as the search decides, HBM as free memory
+    def decide(layout) -> placement.Placement:  # as the search decides, `memory` free
         if layout not in decisions:
             engine = engine_for(layout)
             size, caps = placement.largest_cohort(engine, variables, c.search.parallel, at_once)
             decisions[layout] = placement.decide(
                 engine, variables, lambda k, multiple: compile_for(layout, k, multiple), size,
-                cache_bytes(engine), caps, free=chip.hbm_bytes,
-                machine_={"device": chip.name, "devices": len(devices),
+                cache_bytes(engine), caps, free=memory,
+                machine_={"device": device_name, "devices": len(devices),
                           "processes": len({d.process_index for d in devices}),
-                          "memory": chip.hbm_bytes})
+                          "memory": memory})
         return decisions[layout]
 
-    def fits(layout) -> bool:  # its cohort's steps, beside what stays resident, fit HBM
+    def fits(layout) -> bool:  # its cohort's steps, beside what stays resident, fit
         figures = decide(layout).figures
-        return max(figures["train"], figures["eval"]) <= chip.hbm_bytes
+        return max(figures["train"], figures["eval"]) <= memory
 
     layout = placement.layout(len(devices), at_once, c.data.batch_size, fits)
     decided = decide(layout)
@@ -300,8 +302,8 @@ def report(config, target: str) -> str:
     costs = []
     mb = lambda n: f"{n / 2**20:,.0f} MB"
     for unit, runs in engine_runs(c, plan).items():
-        cost, decided = compile_engine(c, module, table, variables, tx, devices, chip, unit,
-                                       runs, images)
+        cost, decided = engine_cost(c, module, table, variables, tx, devices, unit, runs,
+                                    images, chip.hbm_bytes, chip.name)
         costs.append(cost)
         t, e = cost.train_step, cost.eval_step
         first = unit == module.unit_names()[0]
