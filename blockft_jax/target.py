@@ -306,14 +306,15 @@ def report(config, target: str) -> str:
                                     images, chip.hbm_bytes, chip.name)
         costs.append(cost)
         t, e = cost.train_step, cost.eval_step
-        first = unit == module.unit_names()[0]
-        cache = ("in HBM" if decided.cache_on_device else "none" if first or not
-                 c.train.prefix_cache else "on the host")
+        cached = (c.train.prefix_cache and not (c.data.augment_flip or c.data.augment_crop)
+                  and unit != module.unit_names()[0])
+        inputs = (f"{'prefix cache' if cached else 'uint8 images'} "
+                  f"{'in HBM' if decided.cache_on_device else 'fed by the host'}")
         bound = ("compute" if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth
                  else "memory")
         lines.append(
             f"Engine from {unit}: {runs} runs in cohorts of {cost.cohort_size}, laid out "
-            f"{decided.layout[0]} runs x {decided.layout[1]} data; prefix cache {cache}.")
+            f"{decided.layout[0]} runs x {decided.layout[1]} data; {inputs}.")
         lines.append(
             f"  train step per chip: arguments {mb(t.argument_bytes)}, temporaries "
             f"{mb(t.temp_bytes)}, outputs {mb(t.output_bytes)} (of which reused "
