@@ -146,16 +146,17 @@ class Cohort:
         self.train_step = jax.jit(
             self._train_fn, donate_argnums=(1,),
             in_shardings=(repl, per_run, per_run, per_run, run_batch, run_batch, run_batch,
-                          per_run, per_run), out_shardings=(per_run, repl))
+                          per_run, per_run), out_shardings=(per_run, per_run))
         self.train_step_gathered = jax.jit(
             self._train_gathered_fn, donate_argnums=(1,),
             in_shardings=(repl, per_run, per_run, per_run, repl, repl, per_run, per_run, per_run,
-                          per_run), out_shardings=(per_run, repl))
+                          per_run), out_shardings=(per_run, per_run))
+        # Metrics stay with their runs (no step gathers them across runs): `fetch` them.
         self.eval_step = jax.jit(self._eval_fn, in_shardings=(repl, per_run, batch, batch, batch),
-                                 out_shardings=repl)
+                                 out_shardings=per_run)
         self.eval_step_gathered = jax.jit(
             self._eval_gathered_fn, in_shardings=(repl, per_run, repl, repl, repl, repl, repl),
-            out_shardings=repl)
+            out_shardings=per_run)
         self._init_runs = jax.jit(self._init_runs_fn, in_shardings=(per_run,),
                                   out_shardings=per_run)
         self._keep_best = jax.jit(self._keep_best_fn, donate_argnums=(0,),
@@ -502,7 +503,7 @@ def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
     if isinstance(split, train.DeviceSplit):
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
         order, weights = e.replicate(order), e.replicate(weights)
-        outs = jax.device_get([
+        outs = cohort.fetch([
             cohort.eval_step_gathered(shared, live_variables, split.images, split.labels, order,
                                       weights, e.replicate(np.int32(i)))
             for i in range(order.shape[0])])
@@ -511,7 +512,7 @@ def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
         labels = split.labels.astype(np.int32)
         batch = e.batch_sharding
-        outs = jax.device_get([
+        outs = cohort.fetch([
             cohort.eval_step(shared, live_variables, train.gather(split.images, rows, batch),
                              train.gather(labels, rows, batch), train.put(w, batch))
             for rows, w in zip(order, weights)])

@@ -2,8 +2,9 @@
 (run with XLA_FLAGS=--xla_force_host_platform_device_count=8; JAX reads it once):
 
     python tests/layout_worker.py hlo OUTPUT.json
-        compiles the cohort's train steps (fed and gathered) for each layout and writes every
-        all-reduce's device groups, and the mesh's 'data' groups, by mesh position.
+        compiles the cohort's train and eval steps (fed and gathered) for each layout and
+        writes every all-reduce's device groups, the mesh's 'data' groups (by mesh position),
+        and any other collective.
     python tests/layout_worker.py search WORKDIR LAYOUT
         runs the tiny search (configs/tiny.py) with its layout forced to LAYOUT (e.g. 4x2).
     python tests/layout_worker.py steps OUTPUT.npz
@@ -103,7 +104,10 @@ def hlo(out):
                 "data_groups": data_groups,
                 "all_reduces": {step: [replica_groups(line) for line in text.splitlines()
                                        if re.search(r"\ball-reduce(-start)?\(", line)]
-                                for step, text in texts.items()}}
+                                for step, text in texts.items()},
+                "other_collectives": {step: re.findall(
+                    r"\b(all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
+                    text) for step, text in texts.items()}}
     with open(out, "w") as f:
         json.dump(found, f)
 

@@ -66,9 +66,11 @@ def hlo(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["fed", "gathered"])
 def test_runs_exchange_nothing(hlo, kind):
-    """8 CPU devices: 8x1 compiles without any all-reduce; in 4x2 and 1x8 every all-reduce
-    (gradients, BatchNorm statistics, the loss) stays within one run's data group."""
+    """8 CPU devices: 8x1 compiles without any collective (metrics stay with their runs); in
+    4x2 and 1x8 every all-reduce (gradients, BatchNorm statistics, the loss) stays within one
+    run's data group."""
     assert hlo[f"8x1/{kind}"]["all_reduces"] == {"train": [], "eval": []}
+    assert hlo[f"8x1/{kind}"]["other_collectives"] == {"train": [], "eval": []}
     for layout in ("4x2", "1x8"):
         found = hlo[f"{layout}/{kind}"]
         data_groups = [set(g) for g in found["data_groups"]]
