@@ -130,6 +130,9 @@ class Cohort:
     engine: train.Engine
     size: int
     compilations: dict = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    # The train and eval steps as `compile_steps` last compiled them (for their HLO, memory
+    # plan and cost analysis).
+    executables: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.size < 1:
@@ -146,16 +149,17 @@ class Cohort:
         self.train_step = jax.jit(
             self._train_fn, donate_argnums=(1,),
             in_shardings=(repl, per_run, per_run, per_run, run_batch, run_batch, run_batch,
-                          per_run, per_run), out_shardings=(per_run, repl))
+                          per_run, per_run), out_shardings=(per_run, per_run))
         self.train_step_gathered = jax.jit(
             self._train_gathered_fn, donate_argnums=(1,),
             in_shardings=(repl, per_run, per_run, per_run, repl, repl, per_run, per_run, per_run,
-                          per_run), out_shardings=(per_run, repl))
+                          per_run), out_shardings=(per_run, per_run))
+        # Metrics stay with their runs (no step gathers them across runs): `fetch` them.
         self.eval_step = jax.jit(self._eval_fn, in_shardings=(repl, per_run, batch, batch, batch),
-                                 out_shardings=repl)
+                                 out_shardings=per_run)
         self.eval_step_gathered = jax.jit(
             self._eval_gathered_fn, in_shardings=(repl, per_run, repl, repl, repl, repl, repl),
-            out_shardings=repl)
+            out_shardings=per_run)
         self._init_runs = jax.jit(self._init_runs_fn, in_shardings=(per_run,),
                                   out_shardings=per_run)
         self._keep_best = jax.jit(self._keep_best_fn, donate_argnums=(0,),
@@ -163,6 +167,7 @@ class Cohort:
                                   out_shardings=per_run)
         self._take_run = jax.jit(lambda runs, i: jax.tree.map(lambda x: x[i], runs),
                                  in_shardings=(per_run, repl), out_shardings=repl)
+        self._replicate = jax.jit(lambda tree: tree, out_shardings=repl)
 
     # -- the shared and the per-run part of a run's variables ----------------------------------
 
@@ -205,9 +210,10 @@ class Cohort:
             return self._stepped(shared, run, active, lambda state: self.engine.train_step(
                 state, mask, bn, images, labels, weights, key))
 
+        # spmd_axis_name: the run axis is the mesh's 'runs' (sharding constraints keep it so).
         return self._counted("train", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, 0, 0, 0, 0, 0))(shared, runs, masks, bn_modes, images, labels,
-                                         weights, keys, active))
+            None, 0, 0, 0, 0, 0, 0, 0, 0), spmd_axis_name="runs")(
+                shared, runs, masks, bn_modes, images, labels, weights, keys, active))
 
     def _train_gathered_fn(self, shared, runs, masks, bn_modes, split_images, split_labels,
                            orders, weights, keys, active):
@@ -219,9 +225,9 @@ class Cohort:
                                      weights, key))
 
         return self._counted("train", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, None, None, 0, 0, 0, 0))(shared, runs, masks, bn_modes,
-                                                   split_images, split_labels, orders, weights,
-                                                   keys, active))
+            None, 0, 0, 0, None, None, 0, 0, 0, 0), spmd_axis_name="runs")(
+                shared, runs, masks, bn_modes, split_images, split_labels, orders, weights, keys,
+                active))
 
     def _eval_fn(self, shared, live, images, labels, weights):
         # Evaluation has no order to shuffle: every run sees the same batch.
@@ -229,7 +235,8 @@ class Cohort:
             return self.engine.eval_step(self.whole(shared, live), images, labels, weights)
 
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
-            None, 0, None, None, None))(shared, live, images, labels, weights))
+            None, 0, None, None, None), spmd_axis_name="runs")(
+                shared, live, images, labels, weights))
 
     def _eval_gathered_fn(self, shared, live, split_images, split_labels, order, weights,
                           index):
@@ -238,8 +245,8 @@ class Cohort:
                                                   split_labels, order, weights, index)
 
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
-            None, 0, None, None, None, None, None))(shared, live, split_images, split_labels,
-                                                   order, weights, index))
+            None, 0, None, None, None, None, None), spmd_axis_name="runs")(
+                shared, live, split_images, split_labels, order, weights, index))
 
     def _init_runs_fn(self, live_variables):
         # Every run's fresh state from its own (stacked) live variables.
@@ -274,10 +281,21 @@ class Cohort:
                     raise ValueError(f"A run's starting variables differ from the cohort's in "
                                      f"{collection}/{layer}, which the engine does not train.")
 
-    def feed(self, x: np.ndarray) -> jax.Array:
-        """A host array (runs, batch, ...), the same on every process, laid out as the fed
-        steps take it (runs over 'runs', each run's batch over 'data')."""
-        return _feed(x, self.run_batch_sharding)
+    def feed(self, source: np.ndarray, rows: np.ndarray | None = None) -> jax.Array:
+        """`source[rows]` (`rows`: (runs, batch) indices into a host array that is the same on
+        every process), or `source` itself (runs, batch, ...), laid out as the fed steps take
+        it: runs over 'runs', each run's batch over 'data'. Each process reads only its own
+        devices' runs and batch slices."""
+        if rows is None:
+            return train.put(source, self.run_batch_sharding)
+        return train.gather(source, rows, self.run_batch_sharding)
+
+    def fetch(self, tree):
+        """Host copies of device arrays, whole on every process: arrays laid out over other
+        processes' devices (a cohort's runs spread over hosts) are gathered first."""
+        if not all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
+            tree = self._replicate(tree)
+        return jax.device_get(tree)
 
     def place_runs(self, tree):
         """A host (or device) tree stacked on axis 0, laid out over the 'runs' axis."""
@@ -305,7 +323,7 @@ class Cohort:
         state = self._init_runs(self.place_runs(jax.tree.map(stack, *starts)))
         bests = starts
         if any(r.resume for r in runs):  # resuming: rare, so on the host
-            fresh = jax.device_get(state)
+            fresh = self.fetch(state)
             states = [host(r.resume["state"]) if r.resume else jax.tree.map(lambda x: x[i], fresh)
                       for i, r in enumerate(runs)]
             bests = [host(r.resume["best"]) if r.resume else starts[i]
@@ -329,7 +347,7 @@ class Cohort:
     def host_best(self, state: CohortState) -> list[dict]:
         """Every run's best {'params', 'batch_stats'} as host copies, fetched at once (the
         frozen entries are one host copy, shared by all runs)."""
-        shared, best = jax.device_get((state.shared, state.best))
+        shared, best = self.fetch((state.shared, state.best))
         return [self.whole(shared, jax.tree.map(lambda x: np.array(x[i]), best))
                 for i in range(self.size)]
 
@@ -352,14 +370,12 @@ class Cohort:
         `batch_size` without running them: run on a background thread, compilation overlaps
         with other work, and the real calls find the programs ready (shapes and shardings are
         part of the cache key). `mask` and `bn_modes` are any candidate's (only their structure
-        matters). `device_split_sizes` ({'train': N, 'validation': N, ...}): the cached splits
+        matters). `device_split_sizes` ({'train': N, 'validation': N, ...}): the splits
         will be DeviceSplits of these sizes; compile the steps that gather their batches there
         instead of the fed ones. Returns each program's memory ({'train': bytes, 'eval':
         bytes}: arguments, outputs and temporaries, less donated buffers) as XLA planned it,
         and the train step's flops per run ('flops')."""
         e = self.engine
-        if device_split_sizes is not None and not e.cached:
-            raise ValueError("Only the prefix cache's splits live in device memory.")
         repl, per_run, k = self.replicated, self.per_run, self.size
         like = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=per_run)
@@ -387,10 +403,12 @@ class Cohort:
                 fed((), jnp.int32), fed((), jnp.float32), keys, active).compile()
             memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
             eval_images = jax.ShapeDtypeStruct((eval_size, *images.shape[1:]), images.dtype)
-            memory["eval"] = program_bytes(self.eval_step.lower(
+            evaluation = self.eval_step.lower(
                 shared, live(runs), like(eval_images, batch),
                 jax.ShapeDtypeStruct((eval_size,), jnp.int32, sharding=batch),
-                jax.ShapeDtypeStruct((eval_size,), jnp.float32, sharding=batch)).compile())
+                jax.ShapeDtypeStruct((eval_size,), jnp.float32, sharding=batch)).compile()
+            memory["eval"] = program_bytes(evaluation)
+            self.executables = {"train": compiled, "eval": evaluation}
             return memory
 
         def split(n, size):  # a DeviceSplit's arrays, an epoch's order and weights
@@ -407,9 +425,11 @@ class Cohort:
             stacked(weights), keys, active).compile()
         memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
         index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
-        memory["eval"] = max(program_bytes(self.eval_step_gathered.lower(
-            shared, live(runs), *split(n, eval_size), index).compile())
-            for n in sorted(set(sizes.values())))
+        evaluations = [self.eval_step_gathered.lower(shared, live(runs), *split(n, eval_size),
+                                                     index).compile()
+                       for n in sorted(set(sizes.values()))]
+        memory["eval"] = max(map(program_bytes, evaluations))
+        self.executables = {"train": compiled, "eval": evaluations[-1]}  # the largest split's
         return memory
 
 
@@ -431,15 +451,6 @@ def program_bytes(compiled) -> int:
 
 
 # --- one epoch, one evaluation ---------------------------------------------------------------
-
-def _feed(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A host array (runs, batch, ...) laid out as `sharding`; on several processes each feeds
-    its contiguous share of the batch axis (as data.process_slice)."""
-    count, index = jax.process_count(), jax.process_index()
-    size = x.shape[1]
-    local = x[:, index * size // count:(index + 1) * size // count]
-    return jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(local), x.shape)
-
 
 def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
                 split: data_lib.Split | train.DeviceSplit, batch_size: int,
@@ -467,10 +478,10 @@ def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
         for step in range(orders.shape[1]):
             rows = orders[:, step]
             runs, step_metrics = cohort.train_step(
-                state.shared, runs, masks, bn_modes, feed(split.images[rows]), feed(labels[rows]),
-                feed(weights[:, step]), keys, active)
+                state.shared, runs, masks, bn_modes, feed(split.images, rows),
+                feed(labels, rows), feed(weights[:, step]), keys, active)
             metrics.append(step_metrics)
-    metrics, steps = jax.device_get((metrics, runs["step"]))
+    metrics, steps = cohort.fetch((metrics, runs["step"]))
     k = cohort.size
     sums = [{"loss": 0.0, "correct": 0.0, "count": 0.0} for _ in range(k)]
     for m in metrics:
@@ -495,15 +506,19 @@ def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
     if isinstance(split, train.DeviceSplit):
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
         order, weights = e.replicate(order), e.replicate(weights)
-        outs = jax.device_get([
+        outs = cohort.fetch([
             cohort.eval_step_gathered(shared, live_variables, split.images, split.labels, order,
                                       weights, e.replicate(np.int32(i)))
             for i in range(order.shape[0])])
     else:
-        outs = jax.device_get([
-            cohort.eval_step(shared, live_variables, gb.images, gb.labels, gb.mask)
-            for gb in (data_lib.global_batch(data_lib.process_slice(batch), e.mesh)
-                       for batch in data_lib.batches(split, batch_size, shuffle_rng=None))])
+        # Each process reads only its own devices' slices of each batch.
+        order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
+        labels = split.labels.astype(np.int32)
+        batch = e.batch_sharding
+        outs = cohort.fetch([
+            cohort.eval_step(shared, live_variables, train.gather(split.images, rows, batch),
+                             train.gather(labels, rows, batch), train.put(w, batch))
+            for rows, w in zip(order, weights)])
     results = []
     for i in range(cohort.size):
         totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
@@ -584,7 +599,7 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
     best_variables = cohort.host_best(state)  # the one copy of the best variables to the host
     stopped = [None] * n
     if keep_state:  # every run's state, to go on from where it stopped
-        runs, best_live = jax.device_get((state.runs, state.best))
+        runs, best_live = cohort.fetch((state.runs, state.best))
         take = lambda tree, i: jax.tree.map(lambda x: np.array(x[i]), tree)
         stopped = [{"state": take(runs, i), "best": take(best_live, i),
                     "history": histories[i]} for i in range(n)]

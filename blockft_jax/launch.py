@@ -77,7 +77,7 @@ def _speed(config, module, table, searched, shape):
 
 
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,
-        dry_run_only: bool = False) -> int:
+        dry_run_only: bool = False, target: str | None = None) -> int:
     """Runs the search (or prints its plan); returns a process exit status."""
     from blockft_jax import plan, search
     if distributed:
@@ -93,6 +93,9 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
         inputs = plan.check(config)
         if dry_run_only:
             print(dry_run(config, inputs))
+            if target:  # the search's steps compiled for a TPU slice (target.py)
+                from blockft_jax import target as target_lib
+                print(target_lib.report(config, target))
             print(f"Results would go to {workdir}.")
             return 0
         if multihost.is_leader():

@@ -1,6 +1,7 @@
 """Searches which layers of a pretrained CNN to fine-tune (block-wise fine-tuning).
 
   python -m blockft_jax.main --config configs/mobilenet_v2.py [--workdir runs/mnv2] [--dry_run]
+  python -m blockft_jax.main --config configs/mobilenet_v2.py --dry_run --target tpu:v5e:2x4
 
 Any config key can be overridden after --config: --config.<key>=<value>, e.g.
   --config.train.epochs=5 --config.data.name=image_folder --config.data.path=photos
@@ -27,6 +28,10 @@ flags.DEFINE_bool("dry_run", False, "Check the config, the data and the weights 
 flags.DEFINE_bool("show_config", False, "Print every config key with its value and exit.")
 flags.DEFINE_bool("start_over", False, "Archive an earlier search in --workdir and start again.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_string("target", None, "With --dry_run: compile the search's steps for a TPU slice "
+                                    "on this machine and estimate its memory and time there, "
+                                    "e.g. tpu:v5e:2x4 or tpu:v4:2x2x4 (needs pip install -e "
+                                    "'.[tpu]').")
 
 
 def main(argv):
@@ -38,8 +43,11 @@ def main(argv):
     from blockft_jax import launch  # after the flags: --help and mistakes need no JAX
     config_file = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
     workdir = FLAGS.workdir or str(Path("runs") / Path(config_file).stem)
+    if FLAGS.target and not FLAGS.dry_run:
+        cli.fail("--target estimates a search on a TPU slice without running it: add --dry_run.")
     sys.exit(launch.run(FLAGS.config, workdir, start_over=FLAGS.start_over,
-                        distributed=FLAGS.distributed, dry_run_only=FLAGS.dry_run))
+                        distributed=FLAGS.distributed, dry_run_only=FLAGS.dry_run,
+                        target=FLAGS.target))
 
 
 if __name__ == "__main__":

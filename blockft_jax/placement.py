@@ -1,6 +1,12 @@
 """Where an engine's runs go and how many train at once: decided once per engine, by process 0,
 from the compiler, and followed by every process.
 
+- The layout (`layout`): the devices on a ('runs', 'data') grid. A search's runs are
+  independent (they exchange nothing), while a run whose batch is split over 'data' all-reduces
+  its gradients and BatchNorm statistics every step and trains on slivers of its batch; so each
+  device trains runs of its own first, and a run gets several devices only when there are
+  fewer runs than devices (and its batch splits evenly into pieces of MIN_ROWS_PER_DEVICE or
+  more), or when one run does not fit a device's memory.
 - The prefix cache lives in device memory when it fits: on CPU always (device memory is the
   host memory it would take anyway), on an accelerator within a quarter of the free memory.
 - The cohort size K: the real train and eval steps are compiled for the largest cohort worth
@@ -22,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -39,6 +46,9 @@ MAX_COHORT = 64
 CPU_MEMORY_SHARE = 0.25      # of the host memory available when an engine is placed
 CACHE_SHARE = 0.25           # of an accelerator's free memory the prefix cache may take
 EVAL_BATCH_MULTIPLES = (4, 2, 1)
+# A run's batch is not cut finer than this per device: below it a step's fixed costs (the
+# all-reduce, the weights' reads, a TPU's 8x128 tiles) outweigh the rows it computes.
+MIN_ROWS_PER_DEVICE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Placement:
     eval_batch_multiple: int
     machine: dict            # what it was decided for: device kind, count, memory
     figures: dict            # the numbers behind it (bytes), for the log and cohorts.json
+    layout: tuple = (1, 1)   # (runs, data): the mesh's axes (`layout`)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +94,32 @@ class Prepared:
         if self.compiling is not None and self.compiling.done():
             return self.compiling.result().get("flops")
         return next((m.get("flops") for m in self.compiled.values()), None)
+
+
+def layouts(devices: int, runs: int, batch_size: int) -> list[tuple[int, int]]:
+    """The (runs, data) grids of `devices` worth having for `runs` runs to train with global
+    batches of `batch_size`, best first: the fewest devices per run that leave no device
+    without a run of its own, then more devices per run (for a run that does not fit one).
+    A run's batch splits evenly, into pieces of MIN_ROWS_PER_DEVICE rows or more (or not at
+    all)."""
+    if devices < 1 or batch_size < 1:
+        raise ValueError(f"devices={devices}, batch_size={batch_size}: both must be >= 1.")
+    options = [(devices // d, d) for d in range(1, devices + 1) if devices % d == 0 and (
+        d == 1 or (batch_size % d == 0 and batch_size // d >= MIN_ROWS_PER_DEVICE))]
+    enough = [o for o in options if o[0] <= max(runs, 1)]
+    # Fewer runs than 'runs' positions whatever the split: the fewest positions (some idle).
+    return enough or [min(options)]
+
+
+def layout(devices: int, runs: int, batch_size: int,
+           fits: Callable[[tuple[int, int]], bool] | None = None) -> tuple[int, int]:
+    """Process 0's layout (runs, data) of `devices` (see `layouts`): the first whose one run
+    per 'runs' position `fits` a device's memory (`fits(layout)`, e.g. from its compiled step;
+    None: the first), else the one that splits a run over the most devices."""
+    options = layouts(devices, runs, batch_size)
+    if fits is None:
+        return options[0]
+    return next((o for o in options if fits(o)), min(options))
 
 
 def local_devices(mesh) -> list:
@@ -121,9 +158,19 @@ def free_memory(mesh) -> int:
 
 
 def cache_on_device(cache_bytes: int, mesh, free: int) -> bool:
-    """Whether a prefix cache of `cache_bytes` (whole on every device) goes into device
-    memory: on CPU always; elsewhere within CACHE_SHARE of the free memory."""
+    """Whether a prefix cache (or an engine's uint8 images) of `cache_bytes`, whole on every
+    device, goes into device memory: on CPU always; elsewhere within CACHE_SHARE of the free
+    memory."""
     return on_cpu(mesh) or (free > 0 and cache_bytes <= CACHE_SHARE * free)
+
+
+def device_split_bytes(engine: train.Engine, images: int, image_shape) -> int:
+    """Bytes of `images` images as the engine's steps would gather them in device memory: the
+    prefix cache's features, or the uint8 images of an engine without a cache -- those only
+    on an accelerator (on CPU the fed batches are in that memory already: 0, fed)."""
+    if engine.cached:
+        return engine.feature_bytes(images)
+    return 0 if on_cpu(engine.mesh) else images * math.prod(image_shape)
 
 
 def last_level_cache_bytes() -> int:
@@ -159,33 +206,44 @@ def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int) ->
     elif on_cpu(engine.mesh):
         caps["CPU cache"] = max(1, last_level_cache_bytes() // max(
             4 * live_state_bytes(engine, variables), 1))
-    return int(min(caps.values())), caps
+    return round_up(int(min(caps.values())), engine.mesh.shape["runs"]), caps
+
+
+def round_up(size: int, positions: int) -> int:
+    """A cohort size filling the mesh's `positions` along 'runs' evenly (padded runs fill the
+    rest): the multiple of `positions` at or above `size`."""
+    return -(-size // positions) * positions
 
 
 def fit_to_memory(compile_for: Callable[[int, int], dict], size: int, *, free: int,
-                  resident: Callable[[int], int], fixed: int, cpu: bool) -> tuple[int, int, dict]:
+                  resident: Callable[[int], int], fixed: int, cpu: bool,
+                  step: int = 1) -> tuple[int, int, dict]:
     """The largest cohort size <= `size` and evaluation multiple whose compiled programs fit:
     `compile_for(k, multiple)` compiles the real steps and returns their bytes ({'train',
     'eval'}); `resident(k)` is what stays in memory beside them (best variables, the prefix
     cache); `fixed` the part of a program that does not grow with k (frozen variables, the
     cache). The train step sets the cohort size (shrunk by its measured bytes per run), then
-    the evaluation batch shrinks, then the cohort again. Returns (size, eval multiple,
-    figures)."""
+    the evaluation batch shrinks, then the cohort again, always to a multiple of `step` (the
+    mesh's 'runs' positions). Returns (size, eval multiple, figures); `size` counts all
+    devices' runs, the bytes are one device's."""
     multiple = EVAL_BATCH_MULTIPLES[0]
     while True:
         memory = compile_for(size, multiple)
         need = {kind: memory[kind] + resident(size) for kind in ("train", "eval")}
-        per_run = {kind: max((need[kind] - fixed) // size, 1) for kind in need}
+        # A device holds size / step of the runs: the bytes per run are per device.
+        per_run = {kind: max((need[kind] - fixed) // (size // step), 1) for kind in need}
         figures = {"free": free, "train": need["train"], "eval": need["eval"],
                    "per_run": per_run["train"]}
         if free <= 0 or max(need.values()) <= free:
             return size, multiple, figures
-        if need["train"] > free and size > 1:
-            size = max(1, min(size - 1, (free - fixed) // per_run["train"]))
+        smaller = lambda kind: max(step, min(size - step,
+                                             (free - fixed) // per_run[kind] * step))
+        if need["train"] > free and size > step:
+            size = smaller("train")
         elif multiple > EVAL_BATCH_MULTIPLES[-1]:
             multiple = EVAL_BATCH_MULTIPLES[EVAL_BATCH_MULTIPLES.index(multiple) + 1]
-        elif size > 1:
-            size = max(1, min(size - 1, (free - fixed) // per_run["eval"]))
+        elif size > step:
+            size = smaller("eval")
         else:
             # One run does not fit by XLA's plan: try it anyway (the plan may be pessimistic,
             # and on CPU the budget is a share of the memory), and say so.
@@ -213,19 +271,23 @@ def first(engine: train.Engine, variables, parallel: int, runs: int, cache_bytes
 
 
 def decide(engine: train.Engine, variables, compile_for: Callable[[int, int], dict],
-           size: int, cache_bytes: int, caps: dict) -> Placement:
+           size: int, cache_bytes: int, caps: dict, free: int | None = None,
+           machine_: dict | None = None) -> Placement:
     """Process 0's placement of an engine's runs: the cohort size (at most `size`) and
     evaluation multiple whose compiled steps (`compile_for(k, multiple)`) fit the memory free
     now, beside each run's best variables and the prefix cache in device memory
-    (`cache_bytes`, counted again: a program's arguments hold only one split of it)."""
+    (`cache_bytes`, counted again: a program's arguments hold only one split of it).
+    `free` and `machine_`: another machine's (`target`); default: this one's, measured."""
     live = live_state_bytes(engine, variables)
     frozen = train.tree_bytes((engine.frozen_part(variables["params"]),
                                engine.frozen_part(variables.get("batch_stats", {}))))
+    positions = engine.mesh.shape["runs"]  # a device holds 1/positions of the runs
     size, multiple, figures = fit_to_memory(
-        compile_for, size, free=free_memory(engine.mesh), resident=lambda k: k * live +
-        cache_bytes, fixed=frozen + cache_bytes, cpu=on_cpu(engine.mesh))
-    return Placement(size, bool(cache_bytes), multiple, machine(engine.mesh),
-                     {**figures, "caps": caps})
+        compile_for, size, free=free_memory(engine.mesh) if free is None else free,
+        resident=lambda k: k // positions *
+        live + cache_bytes, fixed=frozen + cache_bytes, cpu=on_cpu(engine.mesh), step=positions)
+    return Placement(size, bool(cache_bytes), multiple, machine_ or machine(engine.mesh),
+                     {**figures, "caps": caps}, train.layout(engine.mesh))
 
 
 def kept(workdir: Path, unit: str, mesh) -> Placement | None:
@@ -235,11 +297,12 @@ def kept(workdir: Path, unit: str, mesh) -> Placement | None:
     def read():
         path = Path(workdir) / COHORTS
         decided = (json.loads(path.read_text()) if path.exists() else {}).get(unit)
-        if isinstance(decided, dict) and decided.get("machine") == machine(mesh):
+        if isinstance(decided, dict) and decided.get("machine") == machine(mesh) and \
+                "layout" in decided:  # (decided before layouts: decide again)
             return decided
         return None
     decided = multihost.broadcast_json(read)
-    return Placement(**decided) if decided else None
+    return Placement(**{**decided, "layout": tuple(decided["layout"])}) if decided else None
 
 
 def keep(workdir: Path, unit: str, decided: Placement) -> None:
@@ -258,4 +321,6 @@ def describe(unit: str, placement: Placement, runs: int) -> str:
             f"{'in device memory' if placement.cache_on_device else 'on the host'}; evaluation "
             f"batch x{placement.eval_batch_multiple}. Memory by XLA's plan: train {mb('train')}, "
             f"eval {mb('eval')} ({mb('per_run')} a run) of {mb('free')} available on "
-            f"{placement.machine['devices']} x {placement.machine['device']}")
+            f"{placement.machine['devices']} x {placement.machine['device']}, laid out as "
+            f"{placement.layout[0]} runs x {placement.layout[1]} data (a run's batch over "
+            f"{placement.layout[1]} device(s))")

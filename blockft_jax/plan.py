@@ -10,7 +10,6 @@ import math
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 
 from blockft_jax import groups, models, schedule
@@ -71,11 +70,7 @@ def validate(config) -> None:
          and math.isclose(sum(fractions), 1.0, abs_tol=1e-6),
          f"data.splits={fractions!r}: use three positive fractions (train, validation, test) "
          f"summing to 1.")
-    positive_int(d.batch_size, "data.batch_size")
-    devices = jax.device_count()
-    need(d.batch_size % devices == 0,
-         f"data.batch_size={d.batch_size} must be a multiple of the {devices} devices "
-         f"(each takes an equal share of every batch).")
+    positive_int(d.batch_size, "data.batch_size")  # any: devices split runs before batches
     positive_int(d.train_per_class, "data.train_per_class", allow_none=True)
     need(d.tfds_splits is None or (
         len(d.tfds_splits) == 3 and isinstance(d.tfds_splits[0], str) and d.tfds_splits[0]

@@ -55,7 +55,7 @@ class Search:
         self.shape = (c.model.input_size, c.model.input_size, 3)
         self.table = models.layer_table(self.module, self.shape)
         self.variables = pretrained.load(c, self.module)
-        self.mesh = train.data_mesh()
+        self.mesh = train.data_mesh()  # every device; each engine lays them out (`layout`)
         self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
         self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
         self.plan = self._plan()
@@ -125,15 +125,20 @@ class Search:
         augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
         first = from_unit == self.module.unit_names()[0]
         cached = c.train.prefix_cache and not any(augment.values()) and not first
-        engine = train.Engine(self.module, self.tx, from_unit, self.mesh, cached=cached,
+        kept = placement.kept(self.wd.path, from_unit, self.mesh)
+        at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
+        layout = kept.layout if kept else tuple(multihost.broadcast_json(lambda: placement.layout(
+            self.mesh.devices.size, at_once, c.data.batch_size)))
+        engine = train.Engine(self.module, self.tx, from_unit,
+                              train.mesh(self.mesh.devices, runs=layout[0]), cached=cached,
                               augment=None if cached else augment, table=self.table,
                               prefix_chunk_bytes=train.default_prefix_chunk_bytes())
         splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                   "test": self.dataset.test}
         images = sum(map(len, splits.values()))
-        kept = placement.kept(self.wd.path, from_unit, self.mesh)
         start = lambda: placement.first(engine, self.variables, c.search.parallel, runs,
-                                        engine.feature_bytes(images) if cached else 0, kept)
+                                        placement.device_split_bytes(engine, images, self.shape),
+                                        kept)
         begun = multihost.broadcast_json(start)
         cohort = cohort_lib.Cohort(engine, begun["size"])
         sizes = {k: len(v) for k, v in splits.items()} if begun["cache_on_device"] else None
@@ -147,12 +152,15 @@ class Search:
             prepared.splits = {k: engine.features(self.variables, v, c.data.batch_size)
                                for k, v in splits.items()}
             nbytes = sum(s.images.nbytes for s in prepared.splits.values())
-            if prepared.cache_on_device:
-                prepared.splits = {k: engine.to_device(v) for k, v in prepared.splits.items()}
             log.info("Prefix cache: units below %s computed once per image (%.1f MB in "
                      "%s memory, %.1f s)", from_unit, nbytes / 2**20,
                      "device" if prepared.cache_on_device else "host",
                      time.perf_counter() - started)
+        elif prepared.cache_on_device:
+            log.info("Images (uint8) in device memory for runs from unit %s: %.1f MB",
+                     from_unit, sum(s.images.nbytes for s in splits.values()) / 2**20)
+        if prepared.cache_on_device:
+            prepared.splits = {k: engine.to_device(v) for k, v in prepared.splits.items()}
         self.engines[from_unit] = prepared
         return prepared
 
@@ -209,8 +217,8 @@ class Search:
                     cohort, self._split_sizes(prepared), multiple)
             return prepared.compiled[size, multiple]
 
-        cache = engine.feature_bytes(sum(map(len, prepared.splits.values()))) \
-            if prepared.cache_on_device else 0
+        cache = placement.device_split_bytes(engine, sum(map(len, prepared.splits.values())),
+                                             self.shape) if prepared.cache_on_device else 0
         return placement.decide(engine, self.variables, compile_for, max(prepared.cohorts),
                                 cache, prepared.caps)
 

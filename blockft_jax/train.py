@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from blockft_jax import data as data_lib
@@ -97,11 +98,50 @@ def data_mesh(devices=None) -> Mesh:
 
 def mesh(devices=None, *, runs: int = 1) -> Mesh:
     """Devices on a ('runs', 'data') grid: a cohort's runs are spread over 'runs' (they exchange
-    nothing), each run's batch over 'data'."""
+    nothing), each run's batch over 'data' (its gradients and BatchNorm statistics are summed
+    there). On a TPU slice the grid follows the chips' physical order, so that a run's 'data'
+    devices are neighbours (`mesh_utils.create_device_mesh`, as big_vision builds its meshes);
+    elsewhere, and for part of a slice, it is the order given."""
     devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
-    if devices.size % runs:
+    if runs < 1 or devices.size % runs:
         raise ValueError(f"runs={runs} does not divide the {devices.size} devices.")
-    return Mesh(devices.reshape(runs, -1), ("runs", "data"))
+    shape = (runs, devices.size // runs)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices=list(devices),
+                                             allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = devices.reshape(shape)
+    return Mesh(grid, ("runs", "data"))
+
+
+def layout(mesh_: Mesh) -> tuple[int, int]:
+    """(runs, data): the sizes of a mesh's two axes."""
+    return int(mesh_.shape["runs"]), int(mesh_.shape["data"])
+
+
+def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array, the same on every process, laid out as `sharding`: each process copies
+    only the pieces its own devices hold."""
+    x = np.asarray(x)
+    return from_pieces(x.shape, sharding, lambda index: x[index])
+
+
+def gather(source: np.ndarray, rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """`source[rows]` laid out as `sharding` (`rows`: indices, e.g. (runs, batch)), without
+    building it whole: each process reads from `source` only the rows its own devices hold."""
+    lead = rows.ndim
+
+    def piece(index):
+        return source[rows[index[:lead]]][(slice(None),) * lead + tuple(index[lead:])]
+    return from_pieces((*rows.shape, *source.shape[1:]), sharding, piece)
+
+
+def from_pieces(shape: tuple, sharding: NamedSharding, piece) -> jax.Array:
+    """A global array of `shape` laid out as `sharding`, from `piece(index)`: the host data of
+    each of this process's devices, copied there by one explicit transfer."""
+    devices, indices = zip(*sharding.addressable_devices_indices_map(shape).items())
+    pieces = jax.device_put([np.ascontiguousarray(piece(i)) for i in indices], list(devices))
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
 
 
 def tree_bytes(tree) -> int:
@@ -117,9 +157,10 @@ def default_prefix_chunk_bytes() -> int | None:
 
 @dataclasses.dataclass
 class DeviceSplit:
-    """A split held whole on every device (replicated): the prefix cache when it fits. Its
-    batches are gathered on the device, by the step itself."""
-    images: jax.Array  # the prefix's output
+    """A split held whole on every device (replicated) when it fits: the prefix cache, or on
+    an accelerator the uint8 images of an engine without one. Its batches are gathered on the
+    device, by the step itself."""
+    images: jax.Array  # the prefix's output, or uint8 images
     labels: jax.Array
 
     def __len__(self) -> int:
@@ -165,11 +206,15 @@ class Engine:
             r.name for r in self.table if r.has_weights and names.index(r.unit) >= index)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        # The prefix cache is computed once, over every device: its batches are split over all
+        # of them whatever the runs' layout (the same devices, in the same order, on one axis).
+        self.flat = Mesh(self.mesh.devices.reshape(1, -1), ("runs", "data"))
+        flat_batch = NamedSharding(self.flat, P("data"))
         # Replicated out: every process needs the whole global batch's features on its host
         # (a batch-sharded output spans other processes' devices: device_get would fail).
-        self._features = jax.jit(self._features_fn, in_shardings=(self.replicated,
-                                                                  self.batch_sharding),
-                                 out_shardings=self.replicated)
+        self._features = jax.jit(self._features_fn, in_shardings=(
+            NamedSharding(self.flat, P()), flat_batch), out_shardings=NamedSharding(self.flat, P()))
+        self._features_batch = flat_batch
 
     # -- which layers this engine trains -------------------------------------------------------
 
@@ -186,8 +231,9 @@ class Engine:
 
     # -- pure functions of one run (cohort.py vmaps and compiles them) -------------------------
 
-    def prefix(self, variables, images):
-        """Preprocess, and run the frozen units below `from_unit` (BN in inference mode)."""
+    def prefix(self, variables, images, devices: int | None = None):
+        """Preprocess, and run the frozen units below `from_unit` (BN in inference mode), on
+        a batch split over `devices` (default: the mesh's 'data' axis)."""
         def run(x):
             x = data_lib.preprocess(x, self.preprocessing)
             if self.prefix_to is None:
@@ -195,7 +241,7 @@ class Engine:
             return self.module.apply(variables, x, train=False, to_unit=self.prefix_to)
 
         size = images.shape[0]
-        chunk = self.prefix_chunk(size)
+        chunk = self.prefix_chunk(size, devices)
         if chunk is None:
             return run(images)
         # Chunk k holds rows k, k + n, k + 2n, ...: spread over the 'data' axis like the batch.
@@ -204,14 +250,15 @@ class Engine:
         ys = jax.lax.map(run, xs)
         return ys.swapaxes(0, 1).reshape(size, *ys.shape[2:])
 
-    def prefix_chunk(self, size: int) -> int | None:
-        """Rows per prefix micro-batch for a global batch of `size`, or None for one pass."""
+    def prefix_chunk(self, size: int, devices: int | None = None) -> int | None:
+        """Rows per prefix micro-batch for a global batch of `size` split over `devices`
+        (default: the mesh's 'data' axis), or None for one pass."""
         if self.prefix_chunk_bytes is None or self.prefix_to is None or self.table is None:
             return None
         names = self.module.unit_names()
         below = names[:names.index(self.from_unit)]
         largest = max(math.prod(r.output_shape[1:]) * 4 for r in self.table if r.unit in below)
-        devices = self.mesh.shape["data"]
+        devices = devices or self.mesh.shape["data"]
         if size % devices:
             return None
         per_device = max(1, self.prefix_chunk_bytes // largest)
@@ -295,7 +342,7 @@ class Engine:
 
     def _features_fn(self, variables, images):
         self.compilations["features"] += 1
-        return self.prefix(variables, images)
+        return self.prefix(variables, images, self.flat.devices.size)
 
     # -- host-side helpers ---------------------------------------------------------------------
 
@@ -317,9 +364,8 @@ class Engine:
         return jax.make_array_from_process_local_data(self.replicated, np.asarray(x), x.shape)
 
     def to_device(self, split: data_lib.Split) -> DeviceSplit:
-        """A cached split (from `features`) moved into device memory, whole on every device."""
-        if not self.cached:
-            raise ValueError("Only the prefix cache's splits live in device memory.")
+        """A split moved into device memory, whole on every device: a cached one (from
+        `features`), or the uint8 images of an engine without a cache."""
         return DeviceSplit(self.replicate(split.images),
                            self.replicate(split.labels.astype(np.int32)))
 
@@ -329,10 +375,11 @@ class Engine:
         moves it into device memory, where the steps gather their batches)."""
         if self.prefix_to is None:
             raise ValueError("No frozen prefix below the first unit: nothing to cache.")
+        devices = self.flat.devices.size  # batches of a multiple of it: every device takes part
         outs = []
-        for batch in data_lib.batches(split, batch_size, shuffle_rng=None):
-            gb = data_lib.global_batch(data_lib.process_slice(batch), self.mesh)
-            out = self._features(variables, gb.images)
+        for batch in data_lib.batches(split, -(-batch_size // devices) * devices,
+                                      shuffle_rng=None):
+            out = self._features(variables, put(batch.images, self._features_batch))
             outs.append(np.asarray(jax.device_get(out))[: int(batch.mask.sum())])
         return data_lib.Split(np.concatenate(outs), split.labels)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from blockft_jax import launch, search
+from blockft_jax import launch, search, target
 from blockft_jax.workdir import Workdir
 from configs import tiny
 
@@ -80,6 +80,10 @@ def test_every_readme_command_dry_runs(tmp_path):
     assert len(commands) >= 5, commands
     for command in commands:
         argv = shlex.split(command.split("#")[0])[3:]
+        if "--target" in argv:  # compiling for a slice takes minutes: tests/test_target.py
+            at = argv.index("--target")
+            target.parse(argv[at + 1])
+            del argv[at:at + 2]
         result = run_cli(*argv, "--dry_run", cwd=cwd)
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert "Plan:" in result.stdout and "Runs:" in result.stdout, command

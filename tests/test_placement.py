@@ -82,3 +82,16 @@ def test_machine_and_free_memory_on_cpu():
     m = placement.machine(mesh)
     assert m["devices"] == jax.device_count() and m["memory"] > 0 and m["device"]
     assert 0 < placement.free_memory(mesh) < m["memory"]
+
+
+def test_device_split_bytes_uint8_images_on_accelerators_only(engine):
+    """An engine without a prefix cache keeps its uint8 images in device memory on an
+    accelerator (when they fit); on CPU its batches are fed (the same memory)."""
+    import types
+    assert placement.device_split_bytes(engine, 100, (32, 32, 3)) == 0  # CPU, no cache
+    gpu = types.SimpleNamespace(platform="gpu", process_index=jax.process_index())
+    accelerated = types.SimpleNamespace(cached=False, mesh=types.SimpleNamespace(
+        devices=np.asarray([gpu], dtype=object)))
+    assert placement.device_split_bytes(accelerated, 100, (32, 32, 3)) == 100 * 32 * 32 * 3
+    cached = types.SimpleNamespace(cached=True, feature_bytes=lambda n: 7 * n)
+    assert placement.device_split_bytes(cached, 100, (32, 32, 3)) == 700

@@ -37,12 +37,13 @@ def create_model(**options):
 
 
 def make_engine(module, from_unit, *, optimizer="sgd", cached=False, table=None,
-                prefix_chunk_bytes=None):
+                prefix_chunk_bytes=None, augment=None):
     cfg = ml_collections.ConfigDict(
         {**worker.OPTIMIZER, "optimizer": optimizer,
          "learning_rate": 1e-3 if optimizer == "adam" else worker.OPTIMIZER["learning_rate"]})
     return train.Engine(module, train.make_optimizer(cfg, 100), from_unit, train.data_mesh(),
-                        cached=cached, table=table, prefix_chunk_bytes=prefix_chunk_bytes)
+                        cached=cached, table=table, prefix_chunk_bytes=prefix_chunk_bytes,
+                        augment=augment)
 
 
 def flat(tree):
@@ -299,6 +300,23 @@ def test_prefix_cache_is_exact(engine_b1, engine_b1_cached, variables, table, sp
     assert_masked_training(variables, got, table, CANDIDATE, False)
 
 
+def train_fed_and_on_device(engine, variables, table, split, on_device):
+    """Two epochs and an evaluation of CANDIDATE from `split` fed by the host and from its
+    DeviceSplit: checks they agree; returns the on-device run's state."""
+    mask, bn_modes = candidate(variables, table, CANDIDATE)
+    results = []
+    for inputs in (split, on_device):
+        state, losses = epochs(engine, variables, mask, bn_modes, inputs, 2)
+        results.append((whole_state(cohort_of(engine), state), losses,
+                        evaluate(engine, state, inputs)))
+    (want, want_losses, want_eval), (got, got_losses, got_eval) = results
+    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+    assert got_eval["accuracy"] == want_eval["accuracy"]
+    np.testing.assert_allclose(got_eval["loss"], want_eval["loss"], rtol=1e-5)
+    assert_close_states(got, want)
+    return got
+
+
 def test_cache_in_device_memory_trains_and_evaluates_as_on_the_host(model, variables, table):
     """A DeviceSplit's epoch and evaluation (batches gathered on the device by the steps)
     give what the fed path gives for the same cached features, including a padded last
@@ -308,21 +326,20 @@ def test_cache_in_device_memory_trains_and_evaluates_as_on_the_host(model, varia
     on_device = engine.to_device(features)
     assert isinstance(on_device, train.DeviceSplit) and len(on_device) == len(features)
     assert engine.feature_bytes(len(features)) == features.images.nbytes
-    mask, bn_modes = candidate(variables, table, CANDIDATE)
-    results = []
-    for split in (features, on_device):
-        state, losses = epochs(engine, variables, mask, bn_modes, split, 2)
-        results.append((whole_state(cohort_of(engine), state), losses,
-                        evaluate(engine, state, split)))
-    (want, want_losses, want_eval), (got, got_losses, got_eval) = results
-    np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
-    assert got_eval["accuracy"] == want_eval["accuracy"]
-    np.testing.assert_allclose(got_eval["loss"], want_eval["loss"], rtol=1e-5)
-    assert_close_states(got, want)
+    got = train_fed_and_on_device(engine, variables, table, features, on_device)
     assert_masked_training(variables, got, table, CANDIDATE, False)
     assert cohort_of(engine).compilations["train"] == 2  # the fed step and the gathering one
-    with pytest.raises(ValueError, match="prefix cache"):
-        make_engine(model, "block_1").to_device(features)
+
+
+def test_images_in_device_memory_train_and_evaluate_as_fed(model, variables, table):
+    """An engine without a prefix cache (on an accelerator) keeps its uint8 images in device
+    memory when they fit: its epochs and evaluation gather the batches there and give what the
+    fed path gives, augmentation included."""
+    engine = make_engine(model, "block_1", table=table, augment={"flip": True, "crop": True})
+    images = synthetic_split(3 * BATCH - 3, seed=5)
+    on_device = engine.to_device(images)
+    assert on_device.images.dtype == np.uint8 and len(on_device) == len(images)
+    train_fed_and_on_device(engine, variables, table, images, on_device)
 
 
 def test_cache_on_device_within_a_quarter_of_free_accelerator_memory():

@@ -1,0 +1,342 @@
+"""`--dry_run --target tpu:<generation>:<topology>`: the search's real train and eval steps
+compiled for a TPU slice on the machine at hand, and what they would cost there.
+
+As MaxText's `train_compile.py` does: with libtpu installed (`pip install -e '.[tpu]'`),
+`jax.experimental.topologies.get_topology_desc` describes a slice's devices without the slice,
+and `jit(...).lower(...).compile()` on a Mesh of them gives the real TPU executable, whose
+`memory_analysis()` (argument, temporary and output bytes per chip) and `cost_analysis()`
+(flops and bytes accessed per chip) are XLA's own. The layout and cohort size come from the
+same decisions the search makes on a real slice (`placement.layout`, `placement.decide`),
+with the chip's HBM as the memory free. A step's time is a roofline: the slower of its flops
+at the chip's peak bfloat16 rate and its bytes at the chip's HBM bandwidth (a lower bound:
+real steps also wait on dispatch, collectives and imperfect overlap).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+from typing import Callable, Sequence
+
+import jax
+
+from blockft_jax import cohort as cohort_lib
+from blockft_jax import groups, models, placement, train
+from blockft_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A TPU generation's published figures per chip."""
+    name: str
+    bf16_flops: float       # peak bfloat16 FLOP/s
+    hbm_bandwidth: float    # bytes/s
+    hbm_bytes: int
+    chip_config: str        # get_topology_desc's chip_config_name: 'megacore' = 1 device a chip
+    source: str
+
+
+GIB = 2**30
+# Google Cloud's TPU system architecture pages (retrieved 2025).
+CHIPS = {
+    "v4": Chip("TPU v4", 275e12, 1200e9, 32 * GIB, "megacore",
+               "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("TPU v5e", 197e12, 819e9, 16 * GIB, "default",
+                "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95 * GIB, "megacore",
+                "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32 * GIB, "default",
+                "https://cloud.google.com/tpu/docs/v6e"),
+}
+# Images in TFDS datasets the configs name, for a dry run before the download
+# (https://www.tensorflow.org/datasets/catalog): (images, classes).
+TFDS_SIZES = {"tf_flowers": (3670, 5)}
+
+
+class TargetError(UserError, ValueError):
+    """A --target that cannot be compiled for (its name, or no libtpu)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """One compiled step (a whole cohort's) on one device, as XLA planned it."""
+    flops: float
+    bytes_accessed: float
+    argument_bytes: int
+    temp_bytes: int
+    output_bytes: int
+    alias_bytes: int
+
+    @property
+    def memory(self) -> int:
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCost:
+    """An engine's runs as a search trains them: `runs` runs in cohorts of `cohort_size`,
+    its train step and eval step (evaluation batches `eval_batch_multiple` x the training
+    batch) per device."""
+    unit: str
+    runs: int
+    cohort_size: int
+    eval_batch_multiple: int
+    train_step: StepCost
+    eval_step: StepCost
+
+
+def step_cost(compiled) -> StepCost:
+    """The per-device cost of a compiled program (`jit(...).lower(...).compile()`)."""
+    m = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return StepCost(float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                    m.argument_size_in_bytes, m.temp_size_in_bytes, m.output_size_in_bytes,
+                    m.alias_size_in_bytes)
+
+
+def roofline(cost: StepCost, chip: Chip) -> float:
+    """Seconds of a step on `chip`: its flops at peak or its bytes at the HBM bandwidth,
+    whichever takes longer."""
+    return max(cost.flops / chip.bf16_flops, cost.bytes_accessed / chip.hbm_bandwidth)
+
+
+def search_seconds(engines: Sequence[EngineCost], images: tuple[int, int, int],
+                   batch_size: int, epochs: int,
+                   step_seconds: Callable[[StepCost], float]) -> dict:
+    """The search's training time: every engine's cohorts, each `epochs` epochs of train
+    steps and a validation, and one test evaluation, at `step_seconds(cost)` a step (e.g.
+    `lambda cost: roofline(cost, chip)`, or a step timed on this machine). `images`: (train,
+    validation, test). Returns {'seconds', unit: seconds per engine}. Not counted: compiling,
+    the prefix caches' one forward pass, early stops (diverged runs)."""
+    train_images, validation, test = images
+    out = {}
+    for e in engines:
+        eval_batch = batch_size * e.eval_batch_multiple
+        cohorts = -(-e.runs // e.cohort_size)
+        epoch = (-(-train_images // batch_size) * step_seconds(e.train_step)
+                 + -(-validation // eval_batch) * step_seconds(e.eval_step))
+        out[e.unit] = cohorts * (epochs * epoch + -(-test // eval_batch)
+                                 * step_seconds(e.eval_step))
+    return {"seconds": sum(out.values()), **out}
+
+
+# --- the slice ---------------------------------------------------------------------------------
+
+def parse(target: str) -> tuple[Chip, str, str]:
+    """'tpu:v5e:2x4' -> (its Chip, 'v5e', 'v5e:2x4')."""
+    platform, _, topology = target.partition(":")
+    generation = topology.partition(":")[0]
+    if platform != "tpu" or ":" not in topology:
+        raise TargetError(f"--target={target!r}: use tpu:<generation>:<topology>, e.g. "
+                          f"tpu:v5e:2x4 or tpu:v4:2x2x4.")
+    if generation not in CHIPS:
+        raise TargetError(f"--target={target!r}: unknown TPU generation {generation!r}; "
+                          f"choose one of {', '.join(CHIPS)}.")
+    return CHIPS[generation], generation, topology
+
+
+def slice_devices(target: str) -> tuple[Chip, list]:
+    """The chip and the devices of a TPU slice, described by libtpu (no TPU needed). Hosts
+    hold 2x2x1 chips, as on real slices; v5e and v6e slices of 8 chips or fewer are one host."""
+    chip, generation, topology = parse(target)
+    if importlib.util.find_spec("libtpu") is None:
+        raise TargetError(f"--target compiles for TPUs with libtpu, which is not installed: "
+                          f"pip install -e '.[tpu]' (jax[tpu]=={jax.__version__}).")
+    # libtpu locks the machine's TPUs for one process; here there are none to guard, and
+    # several processes (tests, two dry runs) may describe slices at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+    try:
+        shape = [int(x) for x in topology.partition(":")[2].split("x")]
+    except ValueError:
+        raise TargetError(f"--target={target!r}: the topology is chips per axis, e.g. 2x4 "
+                          f"or 2x2x4.") from None
+    chips = math.prod(shape)
+    bounds = ((*shape, 1)[:3] if generation in ("v5e", "v6e") and chips <= 8
+              else (2, 2, 1))
+    try:
+        described = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology, chip_config_name=chip.chip_config,
+            chips_per_host_bounds=tuple(bounds), num_slices=1)
+    except Exception as e:  # libtpu says what it refuses; keep its first line
+        raise TargetError(f"--target={target!r}: libtpu cannot describe this slice: "
+                          f"{str(e).splitlines()[0]}") from None
+    return chip, list(described.devices)
+
+
+# --- the search's steps compiled for it ------------------------------------------------------
+
+def dataset_images(config) -> tuple[int, int, int, int]:
+    """(train, validation, test, classes) of the search's dataset, without loading it: the
+    image folder's files, the digits, or a TFDS dataset the configs name (TFDS_SIZES), carved
+    by data.splits (approximately: per-class rounding aside)."""
+    d = config.data
+    if d.name == "image_folder":
+        from blockft_jax import data
+        per_class = [len(files) for _, files in data.image_folder_classes(d.path)]
+    elif d.name == "digits":
+        from sklearn.datasets import load_digits
+        targets = load_digits().target
+        per_class = [int((targets == c).sum()) for c in (d.classes or range(10))]
+    elif d.name in TFDS_SIZES and d.tfds_splits is None:
+        images, classes = TFDS_SIZES[d.name]
+        per_class = [images / classes] * classes
+    else:
+        raise TargetError(f"--target needs the dataset's size before loading it; it is known "
+                          f"for an image folder, the digits and {', '.join(TFDS_SIZES)} "
+                          f"(carved by data.splits), not {d.name!r}.")
+    train_share, validation_share, _ = d.splits
+    train_images = sum(min(round(n * train_share), d.train_per_class or n) for n in per_class)
+    validation = sum(round(n * validation_share) for n in per_class)
+    test = int(sum(per_class)) - sum(round(n * train_share) for n in per_class) - validation
+    return int(train_images), int(validation), int(test), len(per_class)
+
+
+def engine_runs(config, plan) -> dict[str, int]:
+    """The runs each engine (lowest trainable unit) of the plan trains."""
+    runs: dict[str, int] = {}
+    for strategy in plan.strategies:
+        count = len(plan.topk) if strategy == "topk" else len(plan.planned[strategy])
+        unit = plan.from_unit(strategy)
+        runs[unit] = runs.get(unit, 0) + count * plan.seeds
+    return runs
+
+
+def engine_cost(config, module, table, variables, tx, devices, unit: str, runs: int,
+                images: tuple[int, int, int], memory: int, device_name: str
+                ) -> tuple[EngineCost, placement.Placement]:
+    """The engine from `unit` training `runs` runs on `devices` (a slice's, or this machine's:
+    `jax.devices()`): its layout and cohort size decided by the search's own rules with
+    `memory` bytes free per device, and its train and eval steps compiled there, with their
+    per-device cost. `images`: (train, validation, test); `variables` may be shapes only."""
+    c = config
+    shape = (c.model.input_size, c.model.input_size, 3)
+    augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
+    cached = (c.train.prefix_cache and not any(augment.values())
+              and unit != module.unit_names()[0])
+    at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
+    mask = groups.param_mask(variables["params"], table, [])
+    bn_modes = groups.bn_modes(table, [], freeze_bn=c.train.freeze_bn)
+    engines, cohorts, compiled = {}, {}, {}
+
+    def engine_for(layout):
+        if layout not in engines:
+            engines[layout] = train.Engine(
+                module, tx, unit, train.mesh(devices, runs=layout[0]), cached=cached,
+                augment=None if cached else augment, table=table, prefix_chunk_bytes=None)
+        return engines[layout]
+
+    def cache_bytes(engine) -> int:  # in device memory when it fits, as the search decides
+        nbytes = placement.device_split_bytes(engine, sum(images), shape)
+        return nbytes if nbytes and placement.cache_on_device(nbytes, engine.mesh,
+                                                              memory) else 0
+
+    def compile_for(layout, k: int, multiple: int) -> dict:
+        if (layout, k, multiple) not in compiled:
+            engine = engine_for(layout)
+            cohort = cohort_lib.Cohort(engine, k)
+            sizes = (dict(zip(("train", "validation", "test"), images))
+                     if cache_bytes(engine) else None)
+            log.info("Compiling the steps from %s for %s: %d runs, layout %s, evaluation "
+                     "batch x%d", unit, device_name, k, layout, multiple)
+            compiled[layout, k, multiple] = cohort.compile_steps(
+                variables, mask, bn_modes, c.data.batch_size, shape, sizes, multiple)
+            cohorts[layout, k, multiple] = cohort
+        return compiled[layout, k, multiple]
+
+    decisions = {}
+
+    def decide(layout) -> placement.Placement:  # as the search decides, `memory` free
+        if layout not in decisions:
+            engine = engine_for(layout)
+            size, caps = placement.largest_cohort(engine, variables, c.search.parallel, at_once)
+            decisions[layout] = placement.decide(
+                engine, variables, lambda k, multiple: compile_for(layout, k, multiple), size,
+                cache_bytes(engine), caps, free=memory,
+                machine_={"device": device_name, "devices": len(devices),
+                          "processes": len({d.process_index for d in devices}),
+                          "memory": memory})
+        return decisions[layout]
+
+    def fits(layout) -> bool:  # its cohort's steps, beside what stays resident, fit
+        figures = decide(layout).figures
+        return max(figures["train"], figures["eval"]) <= memory
+
+    layout = placement.layout(len(devices), at_once, c.data.batch_size, fits)
+    decided = decide(layout)
+    cohort = cohorts[layout, decided.cohort_size, decided.eval_batch_multiple]
+    return EngineCost(unit, runs, decided.cohort_size, decided.eval_batch_multiple,
+                      step_cost(cohort.executables["train"]),
+                      step_cost(cohort.executables["eval"])), decided
+
+
+def report(config, target: str) -> str:
+    """What `--dry_run --target` prints: per engine, the layout and cohort size the search
+    would choose on the slice, its steps' memory per chip against the chip's HBM, flops and
+    bytes per step, the roofline step times, and the whole search's estimated time."""
+    from blockft_jax import plan as plan_lib
+    chip, devices = slice_devices(target)
+    c = config
+    *images, classes = dataset_images(c)
+    images = tuple(images)
+    module = plan_lib.build_module(c, classes)
+    shape = (c.model.input_size, c.model.input_size, 3)
+    table = models.layer_table(module, shape)
+    plan = plan_lib.make_plan(c, table, module.unit_names()[0])
+    variables = models.variable_shapes(module, shape)
+    steps_per_epoch = -(-images[0] // c.data.batch_size)
+    tx = train.make_optimizer(c.train, c.train.epochs * steps_per_epoch)
+    hosts = len({d.process_index for d in devices})
+    lines = [f"Target {target}: {len(devices)} x {chip.name} on {hosts} host(s); "
+             f"{chip.hbm_bytes / GIB:.0f} GiB HBM, {chip.bf16_flops / 1e12:.0f} TFLOP/s "
+             f"bfloat16, {chip.hbm_bandwidth / 1e9:,.0f} GB/s a chip ({chip.source}). "
+             f"{c.model.name} at {c.model.input_size} px, {c.train.compute_dtype}, batch "
+             f"{c.data.batch_size}; {images[0]:,} train, {images[1]:,} validation, "
+             f"{images[2]:,} test images."]
+    costs = []
+    mb = lambda n: f"{n / 2**20:,.0f} MB"
+    for unit, runs in engine_runs(c, plan).items():
+        cost, decided = engine_cost(c, module, table, variables, tx, devices, unit, runs,
+                                    images, chip.hbm_bytes, chip.name)
+        costs.append(cost)
+        t, e = cost.train_step, cost.eval_step
+        cached = (c.train.prefix_cache and not (c.data.augment_flip or c.data.augment_crop)
+                  and unit != module.unit_names()[0])
+        inputs = (f"{'prefix cache' if cached else 'uint8 images'} "
+                  f"{'in HBM' if decided.cache_on_device else 'fed by the host'}")
+        bound = ("compute" if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth
+                 else "memory")
+        lines.append(
+            f"Engine from {unit}: {runs} runs in cohorts of {cost.cohort_size}, laid out "
+            f"{decided.layout[0]} runs x {decided.layout[1]} data; {inputs}.")
+        lines.append(
+            f"  train step per chip: arguments {mb(t.argument_bytes)}, temporaries "
+            f"{mb(t.temp_bytes)}, outputs {mb(t.output_bytes)} (of which reused "
+            f"{mb(t.alias_bytes)}): {mb(t.memory)} of {mb(chip.hbm_bytes)} HBM; "
+            f"{t.flops / 1e9:,.1f} GFLOP, {t.bytes_accessed / 1e9:,.2f} GB accessed; roofline "
+            f"{roofline(t, chip) * 1e3:,.2f} ms ({bound}-bound).")
+        lines.append(
+            f"  eval step per chip (batch x{cost.eval_batch_multiple}): {mb(e.memory)}; "
+            f"{e.flops / 1e9:,.1f} GFLOP, {e.bytes_accessed / 1e9:,.2f} GB; roofline "
+            f"{roofline(e, chip) * 1e3:,.2f} ms.")
+    total = search_seconds(costs, images, c.data.batch_size, c.train.epochs,
+                           lambda cost: roofline(cost, chip))
+    lines.append(f"Estimated search time on {target} (roofline, training and evaluation "
+                 f"only): {_duration(total['seconds'])} ("
+                 + ", ".join(f"{unit} {_duration(total[unit])}" for unit in
+                             engine_runs(c, plan)) + ").")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    seconds = int(round(seconds))
+    return (f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else
+            f"{seconds // 60}m{seconds % 60:02d}s")
