@@ -387,10 +387,15 @@ def exhaustive_runs(plan: Plan) -> int:
     return sum(plan.candidate_count(s) for s in plan.strategies) * plan.seeds
 
 
-def approximate_images(config) -> tuple[int, int] | None:
-    """(train, validation) images of the search's splits, approximately (the carving's
-    rounding aside), when they are known without loading a dataset: an image folder's files
-    and the bundled digits; None for a TFDS dataset."""
+# Images in TFDS datasets the configs name, for estimates before the download
+# (https://www.tensorflow.org/datasets/catalog): (images, classes).
+TFDS_SIZES = {"tf_flowers": (3670, 5)}
+
+
+def dataset_sizes(config) -> tuple[int, int, int, int] | None:
+    """(train, validation, test, classes) of the search's splits, approximately (per-class
+    rounding aside), when they are known without loading the dataset: an image folder's files,
+    the bundled digits, a TFDS dataset of TFDS_SIZES carved by data.splits; else None."""
     d = config.data
     if d.name == "image_folder":
         from blockft_jax import data
@@ -399,7 +404,20 @@ def approximate_images(config) -> tuple[int, int] | None:
         from sklearn.datasets import load_digits
         targets = load_digits().target
         per_class = [int((targets == c).sum()) for c in (d.classes or range(10))]
+    elif d.name in TFDS_SIZES and d.tfds_splits is None:
+        images, classes = TFDS_SIZES[d.name]
+        per_class = [images / classes] * classes
     else:
         return None
-    train = sum(min(round(n * d.splits[0]), d.train_per_class or n) for n in per_class)
-    return train, sum(round(n * d.splits[1]) for n in per_class)
+    train_share, validation_share, _ = d.splits
+    train = sum(min(round(n * train_share), d.train_per_class or n) for n in per_class)
+    validation = sum(round(n * validation_share) for n in per_class)
+    test = int(sum(per_class)) - sum(round(n * train_share) for n in per_class) - validation
+    return int(train), int(validation), int(test), len(per_class)
+
+
+def approximate_images(config) -> tuple[int, int] | None:
+    """(train, validation) images for the dry run's estimate, when the dataset is local (an
+    image folder, the digits: nothing to download); None for a TFDS dataset."""
+    sizes = dataset_sizes(config) if config.data.name in ("image_folder", "digits") else None
+    return None if sizes is None else sizes[:2]

@@ -52,9 +52,6 @@ CHIPS = {
     "v6e": Chip("TPU v6e", 918e12, 1640e9, 32 * GIB, "default",
                 "https://cloud.google.com/tpu/docs/v6e"),
 }
-# Images in TFDS datasets the configs name, for a dry run before the download
-# (https://www.tensorflow.org/datasets/catalog): (images, classes).
-TFDS_SIZES = {"tf_flowers": (3670, 5)}
 
 
 class TargetError(UserError, ValueError):
@@ -172,29 +169,16 @@ def slice_devices(target: str) -> tuple[Chip, list]:
 # --- the search's steps compiled for it ------------------------------------------------------
 
 def dataset_images(config) -> tuple[int, int, int, int]:
-    """(train, validation, test, classes) of the search's dataset, without loading it: the
-    image folder's files, the digits, or a TFDS dataset the configs name (TFDS_SIZES), carved
-    by data.splits (approximately: per-class rounding aside)."""
-    d = config.data
-    if d.name == "image_folder":
-        from blockft_jax import data
-        per_class = [len(files) for _, files in data.image_folder_classes(d.path)]
-    elif d.name == "digits":
-        from sklearn.datasets import load_digits
-        targets = load_digits().target
-        per_class = [int((targets == c).sum()) for c in (d.classes or range(10))]
-    elif d.name in TFDS_SIZES and d.tfds_splits is None:
-        images, classes = TFDS_SIZES[d.name]
-        per_class = [images / classes] * classes
-    else:
+    """(train, validation, test, classes) of the search's dataset without loading it
+    (plan.dataset_sizes), or an error saying which datasets that works for."""
+    from blockft_jax import plan as plan_lib
+    sizes = plan_lib.dataset_sizes(config)
+    if sizes is None:
         raise TargetError(f"--target needs the dataset's size before loading it; it is known "
-                          f"for an image folder, the digits and {', '.join(TFDS_SIZES)} "
-                          f"(carved by data.splits), not {d.name!r}.")
-    train_share, validation_share, _ = d.splits
-    train_images = sum(min(round(n * train_share), d.train_per_class or n) for n in per_class)
-    validation = sum(round(n * validation_share) for n in per_class)
-    test = int(sum(per_class)) - sum(round(n * train_share) for n in per_class) - validation
-    return int(train_images), int(validation), int(test), len(per_class)
+                          f"for an image folder, the digits and "
+                          f"{', '.join(plan_lib.TFDS_SIZES)} (carved by data.splits), not "
+                          f"{config.data.name!r}.")
+    return sizes
 
 
 def engine_runs(config, plan) -> dict[str, int]:
