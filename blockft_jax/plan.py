@@ -327,6 +327,26 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
     return plan
 
 
+def engine_work(plan: Plan) -> dict:
+    """Per engine: the (candidate, seed) keys it trains (topk's by name, before its layers are
+    known: the deepest engine's), the runs of its first rung (what bounds its cohort size) and
+    its expected run-epochs."""
+    work: dict[str, dict] = {}
+    for strategy in plan.strategies:
+        count = plan.candidate_count(strategy)
+        members = [(name, None) for name in plan.topk_names] if strategy == "topk" else \
+            [(g.candidate, g) for g in plan.planned[strategy]]
+        run_epochs = schedule.expected(count, plan.rungs, plan.eta)[1] / max(count, 1)
+        first = plan.rungs[schedule.stopping_rungs(count, plan.rungs, plan.eta)[0]]
+        for name, group in members:
+            unit = plan.engines[-1] if group is None else plan.engine_of(group)
+            entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0})
+            entry["keys"] += [(name, seed) for seed in range(plan.seeds)]
+            entry["runs"] += len(first.seeds)
+            entry["run_epochs"] += run_epochs
+    return work
+
+
 def prefix_bytes_per_image(table, unit: str | None) -> int | None:
     """Bytes of the prefix cache per image for an engine from `unit` (float32 output of the
     unit below), or None when nothing is cached (the first unit)."""

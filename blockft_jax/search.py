@@ -27,8 +27,8 @@ from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.progress import CompileClock, Progress
 from blockft_jax.groups import Group
-from blockft_jax.plan import (ConfigError, build_module, candidates, check, make_plan,
-                              validate)
+from blockft_jax.plan import (ConfigError, build_module, candidates, check, engine_work,
+                              make_plan, validate)
 from blockft_jax.results import rank
 from blockft_jax.workdir import (Workdir, copy_tree_atomic, finished_keys, jsonable,
                                  write_atomic)
@@ -439,7 +439,7 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
                  plan.from_units, key=plan.units.index, reverse=True)))
     # Prepare the engines up front, each compiling its steps in the background (shallowest
     # first: the first to train), `full`'s while the others train.
-    work = _engine_work(plan)
+    work = engine_work(plan)
     for unit in sorted(work, key=plan.units.index, reverse=True):
         if any(key not in done for key in work[unit]["keys"]):
             search.progress.plan(unit, work[unit]["run_epochs"])
@@ -473,26 +473,6 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
     if wd.writer:
         report.write(wd.path)
     return summary, counts, training
-
-
-def _engine_work(plan) -> dict:
-    """Per engine: the (candidate, seed) keys it trains (topk's by name, before its layers are
-    known: the deepest engine's), the runs of its first rung (what bounds its cohort size) and
-    its expected run-epochs."""
-    work: dict[str, dict] = {}
-    for strategy in plan.strategies:
-        count = plan.candidate_count(strategy)
-        members = [(name, None) for name in plan.topk_names] if strategy == "topk" else \
-            [(g.candidate, g) for g in plan.planned[strategy]]
-        run_epochs = schedule.expected(count, plan.rungs, plan.eta)[1] / max(count, 1)
-        first = plan.rungs[schedule.stopping_rungs(count, plan.rungs, plan.eta)[0]]
-        for name, group in members:
-            unit = plan.engines[-1] if group is None else plan.engine_of(group)
-            entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0})
-            entry["keys"] += [(name, seed) for seed in range(plan.seeds)]
-            entry["runs"] += len(first.seeds)
-            entry["run_epochs"] += run_epochs
-    return work
 
 
 def _train_phase(search: Search, strategies: list[str]) -> float:

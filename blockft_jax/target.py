@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import math
 import os
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -75,11 +76,13 @@ class StepCost:
 
 @dataclasses.dataclass(frozen=True)
 class EngineCost:
-    """An engine's runs as a search trains them: `runs` runs in cohorts of `cohort_size`,
-    its train step and eval step (evaluation batches `eval_batch_multiple` x the training
-    batch) per device."""
+    """An engine's runs as a search trains them: `runs` runs at once at most (its first rung's),
+    `run_epochs` epochs of runs in all (the schedule's), in cohorts of `cohort_size`; its train
+    step and eval step (evaluation batches `eval_batch_multiple` x the training batch) per
+    device."""
     unit: str
     runs: int
+    run_epochs: float
     cohort_size: int
     eval_batch_multiple: int
     train_step: StepCost
@@ -103,22 +106,22 @@ def roofline(cost: StepCost, chip: Chip) -> float:
 
 
 def search_seconds(engines: Sequence[EngineCost], images: tuple[int, int, int],
-                   batch_size: int, epochs: int,
-                   step_seconds: Callable[[StepCost], float]) -> dict:
-    """The search's training time: every engine's cohorts, each `epochs` epochs of train
-    steps and a validation, and one test evaluation, at `step_seconds(cost)` a step (e.g.
-    `lambda cost: roofline(cost, chip)`, or a step timed on this machine). `images`: (train,
-    validation, test). Returns {'seconds', unit: seconds per engine}. Not counted: compiling,
-    the prefix caches' one forward pass, early stops (diverged runs)."""
+                   batch_size: int, step_seconds: Callable[[StepCost], float]) -> dict:
+    """The search's training time: every engine's cohort-epochs (its run-epochs over its
+    cohort size, rounded up) of train steps and a validation, and one test evaluation per
+    cohort of its runs, at `step_seconds(cost)` a step (e.g. `lambda cost: roofline(cost,
+    chip)`). `images`: (train, validation, test). Returns {'seconds', unit: seconds per
+    engine}. Not counted: compiling, the prefix caches' forward pass, a halving schedule's
+    extra test evaluations at its rungs, early stops (diverged runs)."""
     train_images, validation, test = images
     out = {}
     for e in engines:
         eval_batch = batch_size * e.eval_batch_multiple
-        cohorts = -(-e.runs // e.cohort_size)
         epoch = (-(-train_images // batch_size) * step_seconds(e.train_step)
                  + -(-validation // eval_batch) * step_seconds(e.eval_step))
-        out[e.unit] = cohorts * (epochs * epoch + -(-test // eval_batch)
-                                 * step_seconds(e.eval_step))
+        out[e.unit] = (math.ceil(e.run_epochs / e.cohort_size) * epoch
+                       + -(-e.runs // e.cohort_size) * -(-test // eval_batch)
+                       * step_seconds(e.eval_step))
     return {"seconds": sum(out.values()), **out}
 
 
@@ -181,23 +184,15 @@ def dataset_images(config) -> tuple[int, int, int, int]:
     return sizes
 
 
-def engine_runs(config, plan) -> dict[str, int]:
-    """The runs each engine (lowest trainable unit) of the plan trains."""
-    runs: dict[str, int] = {}
-    for strategy in plan.strategies:
-        count = len(plan.topk) if strategy == "topk" else len(plan.planned[strategy])
-        unit = plan.from_unit(strategy)
-        runs[unit] = runs.get(unit, 0) + count * plan.seeds
-    return runs
-
-
-def engine_cost(config, module, table, variables, tx, devices, unit: str, runs: int,
+def engine_cost(config, module, table, variables, tx, devices, unit: str, work: dict,
                 images: tuple[int, int, int], memory: int, device_name: str
                 ) -> tuple[EngineCost, placement.Placement]:
-    """The engine from `unit` training `runs` runs on `devices` (a slice's, or this machine's:
-    `jax.devices()`): its layout and cohort size decided by the search's own rules with
-    `memory` bytes free per device, and its train and eval steps compiled there, with their
-    per-device cost. `images`: (train, validation, test); `variables` may be shapes only."""
+    """The engine from `unit` training its `work` (plan.engine_work's: 'runs', 'run_epochs')
+    on `devices` (a slice's, or this machine's: `jax.devices()`): its layout and cohort size
+    decided by the search's own rules with `memory` bytes free per device, and its train and
+    eval steps compiled there, with their per-device cost. `images`: (train, validation,
+    test); `variables` may be shapes only."""
+    runs = work["runs"]
     c = config
     shape = (c.model.input_size, c.model.input_size, 3)
     augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
@@ -254,7 +249,8 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, runs: 
     layout = placement.layout(len(devices), at_once, c.data.batch_size, fits)
     decided = decide(layout)
     cohort = cohorts[layout, decided.cohort_size, decided.eval_batch_multiple]
-    return EngineCost(unit, runs, decided.cohort_size, decided.eval_batch_multiple,
+    return EngineCost(unit, runs, work["run_epochs"], decided.cohort_size,
+                      decided.eval_batch_multiple,
                       step_cost(cohort.executables["train"]),
                       step_cost(cohort.executables["eval"])), decided
 
@@ -262,7 +258,10 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, runs: 
 def report(config, target: str) -> str:
     """What `--dry_run --target` prints: per engine, the layout and cohort size the search
     would choose on the slice, its steps' memory per chip against the chip's HBM, flops and
-    bytes per step, the roofline step times, and the whole search's estimated time."""
+    bytes per step, the roofline step times, and the whole search's estimated time. The
+    engines by depth are split (costs.split) from the slice's speed: the roofline seconds per
+    flop of one engine's compiled train step, and its compile time here."""
+    from blockft_jax import costs
     from blockft_jax import plan as plan_lib
     chip, devices = slice_devices(target)
     c = config
@@ -271,7 +270,6 @@ def report(config, target: str) -> str:
     module = plan_lib.build_module(c, classes)
     shape = (c.model.input_size, c.model.input_size, 3)
     table = models.layer_table(module, shape)
-    plan = plan_lib.make_plan(c, table, module.unit_names()[0])
     variables = models.variable_shapes(module, shape)
     steps_per_epoch = -(-images[0] // c.data.batch_size)
     tx = train.make_optimizer(c.train, c.train.epochs * steps_per_epoch)
@@ -282,12 +280,35 @@ def report(config, target: str) -> str:
              f"{c.model.name} at {c.model.input_size} px, {c.train.compute_dtype}, batch "
              f"{c.data.batch_size}; {images[0]:,} train, {images[1]:,} validation, "
              f"{images[2]:,} test images."]
-    costs = []
+    compiled = {}
+
+    def cost_of(plan, unit: str):
+        work = plan_lib.engine_work(plan)[unit]
+        if (unit, work["runs"]) not in compiled:
+            started = time.perf_counter()
+            cost, decided = engine_cost(c, module, table, variables, tx, devices, unit, work,
+                                        images, chip.hbm_bytes, chip.name)
+            compiled[unit, work["runs"]] = cost, decided, time.perf_counter() - started
+        cost, decided, seconds = compiled[unit, work["runs"]]
+        return dataclasses.replace(cost, run_epochs=work["run_epochs"]), decided, seconds
+
+    plan = plan_lib.make_plan(c, table, module)  # the candidates but full's in one engine
+    if c.search.engines > 1 and len({plan.lowest_unit(g) for g in plan.shared}) > 1:
+        probe, _, seconds = cost_of(plan, plan.engines[0])
+        step = probe.train_step
+        speed = costs.Speed(roofline(step, chip) / max(step.flops, 1.0), seconds,
+                            f"the train step from {probe.unit} compiled for {target}")
+        plan = plan_lib.make_plan(c, table, module, speed=speed, images=images[:2])
+        lines.append(f"Engines by depth: candidates but full's train from units "
+                     f"{', '.join(plan.engines)} (at most search.engines={c.search.engines}; "
+                     f"split from the roofline of the train step from {probe.unit}, "
+                     f"{speed.seconds_per_flop * 1e15:.3g} s per PFLOP, and its compile time "
+                     f"here, {seconds:.0f} s).")
+    engine_costs = []
     mb = lambda n: f"{n / 2**20:,.0f} MB"
-    for unit, runs in engine_runs(c, plan).items():
-        cost, decided = engine_cost(c, module, table, variables, tx, devices, unit, runs,
-                                    images, chip.hbm_bytes, chip.name)
-        costs.append(cost)
+    for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
+        cost, decided, _ = cost_of(plan, unit)
+        engine_costs.append(cost)
         t, e = cost.train_step, cost.eval_step
         cached = (c.train.prefix_cache and not (c.data.augment_flip or c.data.augment_crop)
                   and unit != module.unit_names()[0])
@@ -296,8 +317,9 @@ def report(config, target: str) -> str:
         bound = ("compute" if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth
                  else "memory")
         lines.append(
-            f"Engine from {unit}: {runs} runs in cohorts of {cost.cohort_size}, laid out "
-            f"{decided.layout[0]} runs x {decided.layout[1]} data; {inputs}.")
+            f"On the slice, engine from {unit}: {cost.runs} runs in cohorts of {cost.cohort_size}, laid out "
+            f"{decided.layout[0]} runs x {decided.layout[1]} data; {inputs}; "
+            f"{cost.run_epochs:,.0f} run-epochs ({c.search.schedule} schedule).")
         lines.append(
             f"  train step per chip: arguments {mb(t.argument_bytes)}, temporaries "
             f"{mb(t.temp_bytes)}, outputs {mb(t.output_bytes)} (of which reused "
@@ -308,12 +330,12 @@ def report(config, target: str) -> str:
             f"  eval step per chip (batch x{cost.eval_batch_multiple}): {mb(e.memory)}; "
             f"{e.flops / 1e9:,.1f} GFLOP, {e.bytes_accessed / 1e9:,.2f} GB; roofline "
             f"{roofline(e, chip) * 1e3:,.2f} ms.")
-    total = search_seconds(costs, images, c.data.batch_size, c.train.epochs,
+    total = search_seconds(engine_costs, images, c.data.batch_size,
                            lambda cost: roofline(cost, chip))
     lines.append(f"Estimated search time on {target} (roofline, training and evaluation "
                  f"only): {_duration(total['seconds'])} ("
-                 + ", ".join(f"{unit} {_duration(total[unit])}" for unit in
-                             engine_runs(c, plan)) + ").")
+                 + ", ".join(f"{e.unit} {_duration(total[e.unit])}" for e in engine_costs)
+                 + ").")
     return "\n".join(lines)
 
 

@@ -35,14 +35,16 @@ def test_roofline_is_the_slower_of_compute_and_memory():
     assert target.roofline(cost(197e12, 2 * 819e9), chip) == pytest.approx(2.0)
 
 
-def test_search_seconds_counts_cohorts_epochs_and_steps():
+def test_search_seconds_counts_cohort_epochs_and_steps():
     train_step, eval_step = cost(1, 0), cost(2, 0)
-    engine = target.EngineCost("block_16", runs=10, cohort_size=4, eval_batch_multiple=2,
-                               train_step=train_step, eval_step=eval_step)
+    # 10 runs, 18 run-epochs (a schedule's: some runs stopped early), in cohorts of 4.
+    engine = target.EngineCost("block_16", runs=10, run_epochs=18, cohort_size=4,
+                               eval_batch_multiple=2, train_step=train_step,
+                               eval_step=eval_step)
     seconds = {train_step: 1.0, eval_step: 3.0}
-    # 3 cohorts x (2 epochs x (4 train steps + 2 validation steps) + 1 test step)
-    got = target.search_seconds([engine], (100, 60, 40), 25, 2, seconds.__getitem__)
-    assert got == {"seconds": 3 * (2 * (4 * 1 + 2 * 3) + 1 * 3), "block_16": 69.0}
+    # 5 cohort-epochs x (4 train steps + 2 validation steps) + 3 cohorts x 1 test step
+    got = target.search_seconds([engine], (100, 60, 40), 25, seconds.__getitem__)
+    assert got == {"seconds": 5 * (4 * 1 + 2 * 3) + 3 * 1 * 3, "block_16": 59.0}
 
 
 @pytest.mark.parametrize("bad", ["v5e:2x4", "gpu:h100", "tpu:v9:2x2", "tpu:v5e"])
@@ -84,14 +86,16 @@ def test_dry_run_compiles_for_a_slice(name, chips, hosts):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert f"Target {name}: {chips} x TPU" in out and f"on {hosts} host(s)" in out
-    engines = [line for line in out.splitlines() if line.startswith("Engine from ")]
-    assert len(engines) == 2  # the top engine and full's
-    for line in engines:  # the tiny search's 9 and 1 runs: each chip trains runs of its own
+    engines = [line for line in out.splitlines() if line.startswith("On the slice, engine ")]
+    # The engines by depth and full's (from the stem), each once.
+    units = [line.split(":")[0].split()[-1] for line in engines]
+    assert len(units) >= 2 and len(set(units)) == len(units) and units[-1] == "stem", units
+    for line in engines:  # each chip trains runs of its own (batches of 8 are not cut)
         runs = int(line.split(": ")[1].split(" runs")[0])
         size = int(line.split("cohorts of ")[1].split(",")[0])
         layout = line.split("laid out ")[1]
         assert size % chips == 0 or size >= runs, line
         assert layout.startswith(f"{chips} runs x 1 data"), line
     steps = [line for line in out.splitlines() if "train step per chip" in line]
-    assert len(steps) == 2 and all("GFLOP" in s and "roofline" in s for s in steps)
+    assert len(steps) == len(units) and all("GFLOP" in s and "roofline" in s for s in steps)
     assert "Estimated search time on " + name in out
