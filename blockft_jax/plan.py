@@ -347,6 +347,15 @@ def engine_work(plan: Plan) -> dict:
     return work
 
 
+def caches_prefix(config, unit: str, units) -> bool:
+    """Whether an engine from `unit` trains on its frozen prefix's cached output: something
+    lies frozen below it (not the first of `units`), train.prefix_cache is on, and no
+    augmentation changes the images from epoch to epoch."""
+    d = config.data
+    return bool(config.train.prefix_cache and not (d.augment_flip or d.augment_crop)
+                and unit != units[0])
+
+
 def prefix_bytes_per_image(table, unit: str | None) -> int | None:
     """Bytes of the prefix cache per image for an engine from `unit` (float32 output of the
     unit below), or None when nothing is cached (the first unit)."""
@@ -392,8 +401,8 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
     for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
         users = [s for s in plan.strategies if any(
             plan.engine_of(g) == unit for g in plan.planned.get(s, []))]
-        per_image = prefix_bytes_per_image(table, unit) if c.train.prefix_cache and not (
-            c.data.augment_flip or c.data.augment_crop) else None
+        per_image = (prefix_bytes_per_image(table, unit)
+                     if caches_prefix(c, unit, plan.units) else None)
         cache = (f"prefix cache {per_image:,} bytes per image" if per_image else
                  "no prefix cache (nothing frozen below it, or augmentation/prefix_cache off)")
         lines.append(f"Engine from unit {unit} ({', '.join(users) or 'topk'}): {cache}.")

@@ -27,8 +27,8 @@ from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.progress import CompileClock, Progress
 from blockft_jax.groups import Group
-from blockft_jax.plan import (ConfigError, build_module, candidates, check, engine_work,
-                              make_plan, validate)
+from blockft_jax.plan import (ConfigError, build_module, caches_prefix, candidates, check,
+                              engine_work, make_plan, validate)
 from blockft_jax.results import rank
 from blockft_jax.workdir import (Workdir, copy_tree_atomic, finished_keys, jsonable,
                                  write_atomic)
@@ -123,8 +123,7 @@ class Search:
             return self.engines[from_unit]
         c = self.config
         augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
-        first = from_unit == self.module.unit_names()[0]
-        cached = c.train.prefix_cache and not any(augment.values()) and not first
+        cached = caches_prefix(c, from_unit, self.module.unit_names())
         kept = placement.kept(self.wd.path, from_unit, self.mesh)
         at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
         layout = kept.layout if kept else tuple(multihost.broadcast_json(lambda: placement.layout(

@@ -192,12 +192,12 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, work: 
     decided by the search's own rules with `memory` bytes free per device, and its train and
     eval steps compiled there, with their per-device cost. `images`: (train, validation,
     test); `variables` may be shapes only."""
+    from blockft_jax import plan as plan_lib
     runs = work["runs"]
     c = config
     shape = (c.model.input_size, c.model.input_size, 3)
     augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
-    cached = (c.train.prefix_cache and not any(augment.values())
-              and unit != module.unit_names()[0])
+    cached = plan_lib.caches_prefix(c, unit, module.unit_names())
     at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
     mask = groups.param_mask(variables["params"], table, [])
     bn_modes = groups.bn_modes(table, [], freeze_bn=c.train.freeze_bn)
@@ -310,8 +310,7 @@ def report(config, target: str) -> str:
         cost, decided, _ = cost_of(plan, unit)
         engine_costs.append(cost)
         t, e = cost.train_step, cost.eval_step
-        cached = (c.train.prefix_cache and not (c.data.augment_flip or c.data.augment_crop)
-                  and unit != module.unit_names()[0])
+        cached = plan_lib.caches_prefix(c, unit, plan.units)
         inputs = (f"{'prefix cache' if cached else 'uint8 images'} "
                   f"{'in HBM' if decided.cache_on_device else 'fed by the host'}")
         bound = ("compute" if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth
@@ -340,9 +339,7 @@ def report(config, target: str) -> str:
 
 
 def _duration(seconds: float) -> str:
+    """Under a minute to three figures (a slice's searches are short); else progress.duration."""
+    from blockft_jax import progress
     seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.3g} s"
-    seconds = int(round(seconds))
-    return (f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else
-            f"{seconds // 60}m{seconds % 60:02d}s")
+    return f"{seconds:.3g} s" if seconds < 60 else progress.duration(round(seconds))
