@@ -12,18 +12,14 @@ import numpy as np
 import pytest
 
 from blockft_jax import placement
+from cpu_devices import cpu_devices_env
 
 WORKER = Path(__file__).with_name("layout_worker.py")
 ROOT = Path(__file__).parents[1]
 
 
 def run_worker(mode: str, *args, devices: int = 8):
-    # Eight CPU devices share two cores (and pytest -n 2's other worker): a device's thread
-    # may wait well over XLA:CPU's default 40 s for its partner at an all-reduce, which XLA
-    # takes for a deadlock and aborts the process; the guard is raised, not removed.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                        "--xla_cpu_collective_call_terminate_timeout_seconds=600"}
+    env = {**os.environ, **cpu_devices_env(devices)}
     result = subprocess.run([sys.executable, str(WORKER), mode, *map(str, args)], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -21,6 +21,7 @@ from blockft_jax import cohort as cohort_lib
 from blockft_jax.models import HEAD_UNIT
 
 import distributed_worker as worker
+from cpu_devices import cpu_devices_env
 
 SIZE = 32
 BATCH = 8
@@ -495,8 +496,7 @@ def worker_inputs(tmp_path_factory, variables, worker_split):
 
 
 def worker_env(device_count):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+    env = {**os.environ, **cpu_devices_env(device_count)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER.parent.parent),
                                                       env.get("PYTHONPATH")]))
     return env
