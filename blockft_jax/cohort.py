@@ -60,6 +60,9 @@ def diverged(history: list[dict]) -> bool:
     return any(not finite(record) for record in history)
 
 
+# Masks are learning-rate multipliers, this dtype for every strategy (one compilation).
+MASK_DTYPE = np.float32
+
 # Evaluation takes batches this many times the training batch unless placement decides
 # otherwise: it keeps no activations for a backward pass, and fewer, larger steps cost less per
 # example (the demo's 395 validation images: 4 steps an epoch instead of 16).
@@ -91,15 +94,22 @@ class FitResult:
 
 @dataclasses.dataclass
 class Run:
-    """One (candidate, seed) of a cohort. `variables`: its starting variables when they are
-    not the cohort's (e.g. a head drawn from its seed); they may differ from the cohort's only
-    in live layers. `resume`: where it stopped, as `checkpoint.Checkpoint.restore` gives it:
-    {'state': its live state, 'best': its best epoch's live variables, 'history': [...]}."""
+    """One (candidate, seed) of a cohort. `mask`: its learning-rate multipliers (0 frozen).
+    `variables`: its starting variables when they are not the cohort's (e.g. a head drawn from
+    its seed); they may differ from the cohort's only in live layers. `resume`: where it
+    stopped, as `checkpoint.Checkpoint.restore` gives it: {'state': its live state, 'best':
+    its best epoch's live variables, 'history': [...]}. `mask_at`: for a mask that changes
+    between epochs, `mask_at(epoch, norms)` -> (mask, BN modes) of an epoch (0-based), called
+    at its start; `norms`: the run's `Cohort.gradient_norms` on its first `norm_batches`
+    batches of that epoch (None when 0). Both follow from the epoch and the run's state, so a
+    resumed run finds the masks it would have had."""
     mask: Any
     bn_modes: Any
     seed: int
     variables: dict | None = None
     resume: dict | None = None
+    mask_at: Callable | None = None
+    norm_batches: int = 0
 
 
 @dataclasses.dataclass
@@ -129,7 +139,8 @@ class Cohort:
 
     engine: train.Engine
     size: int
-    compilations: dict = dataclasses.field(default_factory=lambda: {"train": 0, "eval": 0})
+    compilations: dict = dataclasses.field(
+        default_factory=lambda: {"train": 0, "eval": 0, "norms": 0})
     # The train and eval steps as `compile_steps` last compiled them (for their HLO, memory
     # plan and cost analysis).
     executables: dict = dataclasses.field(default_factory=dict)
@@ -159,6 +170,14 @@ class Cohort:
                                  out_shardings=per_run)
         self.eval_step_gathered = jax.jit(
             self._eval_gathered_fn, in_shardings=(repl, per_run, repl, repl, repl, repl, repl),
+            out_shardings=per_run)
+        # Auto-RGN's measurement: compiled on first use, by the engines that need it.
+        self.gradient_norms_step = jax.jit(
+            self._norms_fn, in_shardings=(repl, per_run, per_run, run_batch, run_batch,
+                                          run_batch, per_run, repl), out_shardings=per_run)
+        self.gradient_norms_step_gathered = jax.jit(
+            self._norms_gathered_fn, in_shardings=(repl, per_run, per_run, repl, repl, per_run,
+                                                   per_run, per_run, repl),
             out_shardings=per_run)
         self._init_runs = jax.jit(self._init_runs_fn, in_shardings=(per_run,),
                                   out_shardings=per_run)
@@ -247,6 +266,26 @@ class Cohort:
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
             None, 0, None, None, None, None, None), spmd_axis_name="runs")(
                 shared, live, split_images, split_labels, order, weights, index))
+
+    def _norms_fn(self, shared, runs, bn_modes, images, labels, weights, keys, index):
+        def one(shared, run, bn, images, labels, weights, key):
+            state = {**self.whole(shared, run), "step": run["step"]}
+            return self.engine.gradient_norms(state, bn, images, labels, weights, key, index)
+
+        return self._counted("norms", lambda: jax.vmap(one, in_axes=(
+            None, 0, 0, 0, 0, 0, 0), spmd_axis_name="runs")(
+                shared, runs, bn_modes, images, labels, weights, keys))
+
+    def _norms_gathered_fn(self, shared, runs, bn_modes, split_images, split_labels, orders,
+                           weights, keys, index):
+        def one(shared, run, bn, split_images, split_labels, order, weights, key):
+            state = {**self.whole(shared, run), "step": run["step"]}
+            return self.engine.gradient_norms_gathered(state, bn, split_images, split_labels,
+                                                       order, weights, key, index)
+
+        return self._counted("norms", lambda: jax.vmap(one, in_axes=(
+            None, 0, 0, None, None, 0, 0, 0), spmd_axis_name="runs")(
+                shared, runs, bn_modes, split_images, split_labels, orders, weights, keys))
 
     def _init_runs_fn(self, live_variables):
         # Every run's fresh state from its own (stacked) live variables.
@@ -353,26 +392,63 @@ class Cohort:
 
     def stack_inputs(self, runs: Sequence[Run]) -> tuple[dict, dict, jax.Array]:
         """The runs' live masks, BN modes and seed keys, stacked on axis 0 and placed."""
+        masks, bn_modes = self.place_masks([(r.mask, r.bn_modes) for r in runs])
+        return masks, bn_modes, self.place_runs(jnp.stack([streams.seed_key(r.seed)
+                                                           for r in runs]))
+
+    def place_masks(self, inputs: Sequence[tuple]) -> tuple[dict, dict]:
+        """Each run's (mask, BN modes), their live parts stacked on axis 0 and placed; masks
+        as float32 multipliers whatever they came as (booleans too): one dtype, one
+        compilation, for every strategy."""
         e = self.engine
-        stack = lambda *xs: np.stack([np.asarray(jax.device_get(x)) for x in xs])
-        masks = jax.tree.map(stack, *[e.live_part(r.mask) for r in runs])
-        bn_modes = jax.tree.map(stack, *[e.live_part(r.bn_modes) for r in runs])
-        keys = jnp.stack([streams.seed_key(r.seed) for r in runs])
-        return self.place_runs((masks, bn_modes, keys))
+        stack = lambda dtype: lambda *xs: np.stack([np.asarray(jax.device_get(x), dtype)
+                                                    for x in xs])
+        masks = jax.tree.map(stack(MASK_DTYPE), *[e.live_part(m) for m, _ in inputs])
+        bn_modes = jax.tree.map(stack(bool), *[e.live_part(b) for _, b in inputs])
+        return self.place_runs((masks, bn_modes))
+
+    def gradient_norms(self, state: CohortState, bn_modes, split, batch_size: int,
+                       seeds: Sequence[int], epoch: int, keys, batches: int) -> list[dict]:
+        """Auto-RGN's measurement, for every run from its current parameters: on the first
+        `batches` batches of its `epoch` order (all of them when the epoch has fewer), each
+        live parameter tensor's gradient norm per batch and its norm. [{'gradient': {layer:
+        {name: (batches,) norms}}, 'parameter': {layer: {name: norm}}}] per run (host)."""
+        orders, weights = epoch_orders(len(split), batch_size, seeds, epoch)
+        index = lambda b: self.engine.replicate(np.int32(b))
+        count = min(batches, orders.shape[1])
+        if isinstance(split, train.DeviceSplit):
+            device_orders, device_weights = self.place_runs((orders, weights))
+            outs = [self.gradient_norms_step_gathered(
+                state.shared, state.runs, bn_modes, split.images, split.labels, device_orders,
+                device_weights, keys, index(b)) for b in range(count)]
+        else:
+            labels = split.labels.astype(np.int32)
+            outs = [self.gradient_norms_step(
+                state.shared, state.runs, bn_modes, self.feed(split.images, orders[:, b]),
+                self.feed(labels, orders[:, b]), self.feed(weights[:, b]), keys, index(b))
+                for b in range(count)]
+        outs = self.fetch(outs)
+        per_batch = jax.tree.map(lambda *xs: np.stack(xs, axis=-1),
+                                 *[o["gradient"] for o in outs])
+        return [{"gradient": jax.tree.map(lambda x: x[i], per_batch),
+                 "parameter": jax.tree.map(lambda x: x[i], outs[0]["parameter"])}
+                for i in range(self.size)]
 
     # -- ahead-of-time compilation --------------------------------------------------------------
 
     def compile_steps(self, variables, mask, bn_modes, batch_size: int,
                       image_shape: tuple[int, int, int],
                       device_split_sizes: dict[str, int] | None = None,
-                      eval_batch_multiple: int = EVAL_BATCH_MULTIPLE) -> dict:
+                      eval_batch_multiple: int = EVAL_BATCH_MULTIPLE,
+                      norms: bool = False) -> dict:
         """Traces and compiles the cohort's steps (and its state init) for global batches of
         `batch_size` without running them: run on a background thread, compilation overlaps
         with other work, and the real calls find the programs ready (shapes and shardings are
         part of the cache key). `mask` and `bn_modes` are any candidate's (only their structure
         matters). `device_split_sizes` ({'train': N, 'validation': N, ...}): the splits
         will be DeviceSplits of these sizes; compile the steps that gather their batches there
-        instead of the fed ones. Returns each program's memory ({'train': bytes, 'eval':
+        instead of the fed ones. `norms`: Auto-RGN's measurement too (for an engine that
+        trains it). Returns each program's memory ({'train': bytes, 'eval':
         bytes}: arguments, outputs and temporaries, less donated buffers) as XLA planned it,
         and the train step's flops per run ('flops')."""
         e = self.engine
@@ -385,9 +461,11 @@ class Cohort:
         shared = jax.tree.map(lambda x: like(x, repl), self.shared_part(variables))
         live_vars = jax.tree.map(stacked, self.live_variables(variables))
         runs = jax.tree.map(lambda x: like(x, per_run), self.abstract_runs(variables))
-        masks, bns = jax.tree.map(stacked, (e.live_part(mask), e.live_part(bn_modes)))
+        masks = jax.tree.map(lambda x: stacked(np.asarray(x, MASK_DTYPE)), e.live_part(mask))
+        bns = jax.tree.map(stacked, e.live_part(bn_modes))
         keys = stacked(streams.seed_key(0))
         active = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=per_run)
+        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
         memory = {}
         self._init_runs.lower(live_vars).compile()
         self._keep_best.lower(live_vars, live_vars, active).compile()
@@ -398,9 +476,13 @@ class Cohort:
             fed = lambda shape, dtype: jax.ShapeDtypeStruct((k, batch_size, *shape), dtype,
                                                             sharding=self.run_batch_sharding)
             batch = e.batch_sharding
-            compiled = self.train_step.lower(
-                shared, runs, masks, bns, fed(images.shape[1:], images.dtype),
-                fed((), jnp.int32), fed((), jnp.float32), keys, active).compile()
+            fed_batch = (fed(images.shape[1:], images.dtype), fed((), jnp.int32),
+                         fed((), jnp.float32))
+            compiled = self.train_step.lower(shared, runs, masks, bns, *fed_batch, keys,
+                                             active).compile()
+            if norms:
+                self.gradient_norms_step.lower(shared, runs, bns, *fed_batch, keys,
+                                               index).compile()
             memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
             eval_images = jax.ShapeDtypeStruct((eval_size, *images.shape[1:]), images.dtype)
             evaluation = self.eval_step.lower(
@@ -423,8 +505,11 @@ class Cohort:
         compiled = self.train_step_gathered.lower(
             shared, runs, masks, bns, split_images, split_labels, stacked(order),
             stacked(weights), keys, active).compile()
+        if norms:
+            self.gradient_norms_step_gathered.lower(
+                shared, runs, bns, split_images, split_labels, stacked(order),
+                stacked(weights), keys, index).compile()
         memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
-        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
         evaluations = [self.eval_step_gathered.lower(shared, live(runs), *split(n, eval_size),
                                                      index).compile()
                        for n in sorted(set(sizes.values()))]
@@ -452,6 +537,16 @@ def program_bytes(compiled) -> int:
 
 # --- one epoch, one evaluation ---------------------------------------------------------------
 
+def epoch_orders(size: int, batch_size: int, seeds: Sequence[int], epoch: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Every run's batches in `epoch` (`streams.batch_order(seed, epoch)`): (orders, weights),
+    each (runs, batches, batch_size)."""
+    orders, weights = zip(*[data_lib.batch_order(size, batch_size,
+                                                 shuffle_rng=streams.batch_order(seed, epoch))
+                            for seed in seeds])
+    return np.stack(orders), np.stack(weights)
+
+
 def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
                 split: data_lib.Split | train.DeviceSplit, batch_size: int,
                 seeds: Sequence[int], epoch: int, keys, active: Sequence[bool]
@@ -459,10 +554,7 @@ def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
     """One epoch of every run, each in its own order (`streams.batch_order(seed, epoch)`):
     (state, train losses, train accuracies, steps), one entry per run. Metrics are fetched
     once, at the end: the host prepares the next step while the device runs this one."""
-    orders, weights = zip(*[data_lib.batch_order(len(split), batch_size,
-                                                 shuffle_rng=streams.batch_order(seed, epoch))
-                            for seed in seeds])
-    orders, weights = np.stack(orders), np.stack(weights)
+    orders, weights = epoch_orders(len(split), batch_size, seeds, epoch)
     active = cohort.place_runs(np.asarray(active, bool))
     runs, metrics = state.runs, []
     if isinstance(split, train.DeviceSplit):  # the orders go over once; no batch does
@@ -562,6 +654,7 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
     padded = real + [dataclasses.replace(real[0])] * (k - n)
     state = cohort.init(variables, padded)
     masks, bn_modes, keys = cohort.stack_inputs(padded)
+    inputs = [(r.mask, r.bn_modes) for r in padded]  # host copies of what is placed
     seeds = [r.seed for r in padded]
     histories = [list((r.resume or {}).get("history") or []) for r in real]
     best = [best_record(h) for h in histories]
@@ -573,6 +666,12 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
         active = [i < n and status[i] == "ok" and len(histories[i]) <= epoch for i in range(k)]
         if not any(active):
             break
+        if any(r.mask_at is not None for r in padded):
+            changed = epoch_inputs(cohort, state, padded, inputs, active, bn_modes, train_split,
+                                   batch_size, seeds, epoch, keys)
+            if changed is not None:  # placed where they change, not every epoch
+                inputs = changed
+                masks, bn_modes = cohort.place_masks(inputs)
         state, train_losses, train_accuracies, steps = train_epoch(
             cohort, state, masks, bn_modes, train_split, batch_size, seeds, epoch, keys, active)
         val = evaluate(cohort, state.shared, live(state.runs), validation, batch_size,
@@ -618,6 +717,29 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
             final_variables=cohort.run_variables(state, i), predictions=predictions[i],
             stopped=stopped[i]))
     return results
+
+
+def epoch_inputs(cohort: Cohort, state: CohortState, runs: Sequence[Run],
+                 current: list[tuple], active: Sequence[bool], bn_modes, split,
+                 batch_size: int, seeds: Sequence[int], epoch: int, keys) -> list[tuple] | None:
+    """Every run's (mask, BN modes) for `epoch`: `Run.mask_at`'s for the active runs that have
+    one (from their Auto-RGN measurement when they take one), `current`'s for the others; None
+    when nothing changed."""
+    changing = [i for i, r in enumerate(runs) if active[i] and r.mask_at is not None]
+    batches = max((runs[i].norm_batches for i in changing), default=0)
+    measured = cohort.gradient_norms(state, bn_modes, split, batch_size, seeds, epoch, keys,
+                                     batches) if batches else None
+    out = list(current)
+    for i in changing:
+        norms = None
+        if runs[i].norm_batches:  # its own first batches of the measured ones
+            n = runs[i].norm_batches
+            norms = {"gradient": jax.tree.map(lambda x: x[:n], measured[i]["gradient"]),
+                     "parameter": measured[i]["parameter"]}
+        out[i] = runs[i].mask_at(epoch, norms)
+    same = all(np.array_equal(a, b) for new, old in zip(out, current)
+               for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+    return None if same else out
 
 
 def _evaluate_best(cohort, state, best, predictions, validation, test, batch_size,

@@ -2,23 +2,33 @@
 
 A *layer* here is a layer with weights (conv, depthwise, batchnorm, dense) of the backbone; the
 classifier head is trained with every group. Groups are listed from the output end, as the
-paper searches. A group's parameter mask is a pytree of booleans shaped like `params`; its BN
-modes say which BatchNorm layers use batch statistics (those in the group, Keras's rule for
-trainable BN) -- both are *data* for the one compiled train step.
+paper searches. A group's parameter mask is a pytree shaped like `params` of learning-rate
+multipliers in [0, 1] (0 frozen, 1 the full rate; float32 for every strategy, so that one
+compilation serves all); its BN modes say which BatchNorm layers use batch statistics (those
+trained, Keras's rule for trainable BN) -- both are *data* for the one compiled train step. The
+one-run methods' masks may change between epochs (`Inputs.mask_at`): data again, placed anew.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from flax import traverse_util
 
 from blockft_jax.models import HEAD_UNIT, LayerRecord
 
-STRATEGIES = ("classifier_only", "full", "layerwise", "topk", "blocks", "window")
-# The order a search runs them in: layerwise before topk (topk needs its ranking); full last.
-SEARCH_ORDER = ("classifier_only", "layerwise", "topk", "blocks", "window", "full")
+STRATEGIES = ("classifier_only", "full", "layerwise", "topk", "blocks", "window", "llrd",
+              "gradual", "auto_rgn")
+# The order a search runs them in: layerwise before topk (topk needs its ranking); the
+# strategies that train the whole network last.
+SEARCH_ORDER = ("classifier_only", "layerwise", "topk", "blocks", "window", "gradual", "full",
+                "llrd", "auto_rgn")
+# The baselines: the paper's two and today's one-run methods. Their candidates are settings,
+# not a search: successive halving never prunes them (every one trains every seed to the end).
+BASELINES = ("classifier_only", "full", "llrd", "gradual", "auto_rgn")
+# Every layer may train from the first epoch: they train from the network's first unit.
+WHOLE_NETWORK = ("full", "llrd", "auto_rgn")
 BOUNDARY_KINDS = ("pooling", "activation", "padding", "add", "multiply", "rescaling", "dropout")
 
 
@@ -27,6 +37,8 @@ class Group:
     strategy: str
     candidate: str            # short id, e.g. 'layerwise:block_16_project'
     layers: tuple[str, ...]   # trained backbone layers (the head always trains too)
+    setting: float | None = None  # a one-run method's: llrd's decay, gradual's epochs per
+                                  # unit, auto_rgn's measurement batches
 
 
 def backbone_layers(table: Sequence[LayerRecord]) -> list[LayerRecord]:
@@ -117,19 +129,97 @@ def windows(table, window: int, stride: int | None = None,
     return groups
 
 
+# --- today's one-run methods -----------------------------------------------------------------
+
+def weighted_units(table) -> list[str]:
+    """The backbone's units that hold weighted layers, from the top (next to the head) down."""
+    return list(dict.fromkeys(r.unit for r in backbone_layers(table)))[::-1]
+
+
+def unit_layers(table, units: Iterable[str]) -> tuple[str, ...]:
+    """The weighted layers of `units`, bottom to top."""
+    units = set(units)
+    return tuple(r.name for r in backbone_layers(table) if r.unit in units)
+
+
+def llrd(table, decays: Iterable[float]) -> list[Group]:
+    """Layer-wise learning-rate decay: every layer trains, at `decay ** depth` of the rate."""
+    layers = tuple(r.name for r in backbone_layers(table))
+    return [Group("llrd", f"llrd:{d:g}", layers, float(d)) for d in decays]
+
+
+def gradual_units(table, epoch: int, every: int) -> list[str]:
+    """Gradual unfreezing's units in `epoch` (0-based): the top one first, one more each
+    `every` epochs (the head always trains)."""
+    units = weighted_units(table)
+    return units[:min(len(units), 1 + epoch // every)]
+
+
+def gradual(table, epochs_per_unit: Iterable[int], epochs: int) -> list[Group]:
+    """Gradual unfreezing, per number of epochs between units: its layers are those it
+    unfreezes within `epochs` (what its engine must reach)."""
+    return [Group("gradual", f"gradual:{k}",
+                  unit_layers(table, gradual_units(table, epochs - 1, k)), int(k))
+            for k in epochs_per_unit]
+
+
+def auto_rgn(table, batches: int) -> list[Group]:
+    """Auto-RGN: every layer but BatchNorm trains (as in its reference), at a multiplier
+    measured each epoch."""
+    layers = tuple(r.name for r in backbone_layers(table) if r.kind != "batchnorm")
+    return [Group("auto_rgn", "auto_rgn", layers, int(batches))]
+
+
 # --- masks ------------------------------------------------------------------------------------
 
+def _multipliers(params, of: Callable[[tuple], float]) -> Any:
+    # Host float32 scalars, one per tensor: the loop stacks and places them.
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: np.asarray(of(path), np.float32) for path in flat})
+
+
 def param_mask(params, table, layers: Iterable[str]) -> Any:
-    """Booleans shaped like `params`: True for the group's layers and the head."""
+    """Multipliers shaped like `params`: 1 for the group's layers and the head, else 0."""
     layers = set(layers)
     known = {r.name for r in backbone_layers(table)}
     unknown = sorted(layers - known)
     if unknown:
         raise ValueError(f"Layers {unknown[:5]} are not weighted layers of this model.")
-    flat = traverse_util.flatten_dict(params)
-    # Host booleans: the loop stacks and places them once per cohort.
-    return traverse_util.unflatten_dict(
-        {path: np.asarray(path[0] in layers or path[0] == HEAD_UNIT) for path in flat})
+    return _multipliers(params, lambda path: path[0] in layers or path[0] == HEAD_UNIT)
+
+
+def llrd_mask(params, table, decay: float) -> Any:
+    """`decay ** depth` per layer, depth counting units below the head: the head 1, the top
+    unit `decay`, the next `decay ** 2`, ..."""
+    depth = {u: i + 1 for i, u in enumerate(weighted_units(table))}
+    unit = {r.name: r.unit for r in backbone_layers(table)}
+    return _multipliers(params, lambda path: 1.0 if path[0] == HEAD_UNIT
+                        else decay ** depth[unit[path[0]]])
+
+
+def rgn_mask(params, table, norms: dict) -> Any:
+    """Auto-RGN's multipliers (Lee et al. 2022, `get_lr_weights` with auto_tune='RGN'): per
+    parameter tensor, its gradient norm on each measured batch (`norms['gradient']`: one per
+    batch) over its norm (`norms['parameter']`), averaged over the batches, divided by the
+    largest. BatchNorm layers
+    take 0 (the reference trains none); the head is measured and normalised like the rest. A
+    tensor of norm 0 (a fresh head's bias) has no relative gradient: it takes 1, outside the
+    normalisation. Tensors without norms (outside the engine) take 0."""
+    batchnorm = {r.name for r in table if r.kind == "batchnorm"}
+    gradient = traverse_util.flatten_dict(norms["gradient"])
+    parameter = traverse_util.flatten_dict(norms["parameter"])
+    ratios = {path: float(np.mean(np.asarray(gradient[path], np.float64) /
+                                  float(parameter[path])))
+              for path in gradient if path[0] not in batchnorm and float(parameter[path]) > 0}
+    largest = max(ratios.values(), default=0.0)
+
+    def of(path):
+        if path[0] in batchnorm or path not in gradient:
+            return 0.0
+        if path not in ratios:
+            return 1.0
+        return ratios[path] / largest if largest > 0 else 0.0
+    return _multipliers(params, of)
 
 
 def bn_modes(table, layers: Iterable[str], *, freeze_bn: bool = False) -> dict[str, np.ndarray]:
@@ -148,3 +238,35 @@ def lowest_unit(table, groups: Iterable[Group]) -> str:
     if not trained:
         return HEAD_UNIT if any(r.unit == HEAD_UNIT for r in table) else table[-1].unit
     return table[min(trained)].unit
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a candidate's runs take: the mask and BN modes they start with, and for a mask
+    that changes between epochs `mask_at(epoch, norms)` -> (mask, BN modes) of that epoch
+    (0-based), `norms` the run's Auto-RGN measurement on `norm_batches` training batches from
+    its current parameters (None when `norm_batches` is 0)."""
+    mask: Any
+    bn_modes: dict
+    mask_at: Callable | None = None
+    norm_batches: int = 0
+
+
+def inputs(params, table, group: Group, *, freeze_bn: bool = False) -> Inputs:
+    """A candidate's `Inputs`: fixed for the search's strategies, llrd's multipliers, gradual
+    unfreezing's units by epoch, Auto-RGN's multipliers measured each epoch."""
+    bn = lambda layers: bn_modes(table, layers, freeze_bn=freeze_bn)
+    if group.strategy == "llrd":
+        return Inputs(llrd_mask(params, table, group.setting), bn(group.layers))
+    if group.strategy == "gradual":
+        def mask_at(epoch, norms=None):
+            layers = unit_layers(table, gradual_units(table, epoch, int(group.setting)))
+            return param_mask(params, table, layers), bn(layers)
+        return Inputs(*mask_at(0), mask_at=mask_at)
+    if group.strategy == "auto_rgn":
+        # BatchNorm trains nowhere: its layers stay in inference mode (Keras's rule).
+        return Inputs(param_mask(params, table, group.layers), bn(group.layers),
+                      mask_at=lambda epoch, norms: (rgn_mask(params, table, norms),
+                                                    bn(group.layers)),
+                      norm_batches=int(group.setting))
+    return Inputs(param_mask(params, table, group.layers), bn(group.layers))

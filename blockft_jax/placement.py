@@ -84,9 +84,10 @@ class Prepared:
         return self.cohorts[self.placement.cohort_size]
 
     def compilations(self) -> dict:
-        """Steps this process traced and compiled for this engine."""
+        """Steps this process traced and compiled for this engine (`norms`: Auto-RGN's
+        measurement, compiled only by an engine that trains it)."""
         counts = {kind: sum(c.compilations[kind] for c in self.cohorts.values())
-                  for kind in ("train", "eval")}
+                  for kind in ("train", "eval", "norms")}
         return {**counts, "features": self.engine.compilations["features"]}
 
     def flops_per_run(self) -> float | None:

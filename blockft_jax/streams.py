@@ -14,6 +14,7 @@ import numpy as np
 HEAD = 1
 AUGMENT = 2
 DROPOUT = 3
+GRADIENT_NORMS = 4  # Auto-RGN's measurement batches (their augmentation and dropout)
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -27,7 +28,8 @@ def head_key(seed: int) -> jax.Array:
 
 
 def step_key(key: jax.Array, stream: int, step) -> jax.Array:
-    """The `stream` (AUGMENT, DROPOUT) key of train step `step` of the run with seed key `key`."""
+    """The `stream` (AUGMENT, DROPOUT, GRADIENT_NORMS) key of train step `step` of the run
+    with seed key `key`."""
     return jax.random.fold_in(jax.random.fold_in(key, stream), step)
 
 

@@ -34,12 +34,20 @@ log = logging.getLogger(__name__)
 # --- optimizer --------------------------------------------------------------------------------
 
 def masked(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Runs `inner` only where `mask` (an extra argument, i.e. data) is True. Frozen entries
-    get zero gradients in and zero updates out, so their optimizer moments stay zero and the
-    weight decay inside `inner` never reaches them."""
+    """Runs `inner` where `mask` (an extra argument, i.e. data) is above 0 and scales its
+    updates by it: a mask of learning-rate multipliers in [0, 1] per parameter (0 frozen, 1 the
+    full rate; booleans act as 0 and 1, bitwise). Scaling the output is a per-tensor learning
+    rate, weight decay included (as an optimizer's parameter group with its own rate). Frozen
+    entries get zero gradients in and zero updates out, so their optimizer moments stay zero
+    and the weight decay inside `inner` never reaches them."""
 
     def zero_where_frozen(tree, mask):
-        return jax.tree.map(lambda t, m: jnp.where(m, t, jnp.zeros_like(t)), tree, mask)
+        return jax.tree.map(lambda t, m: jnp.where(m > 0, t, jnp.zeros_like(t)), tree, mask)
+
+    def scaled(tree, mask):
+        # t * 1 is t bitwise: a multiplier of 1 (or True) changes nothing.
+        return jax.tree.map(lambda t, m: jnp.where(m > 0, t * m.astype(t.dtype),
+                                                   jnp.zeros_like(t)), tree, mask)
 
     def update(updates, state, params=None, *, mask, **extra):
         # Frozen params enter as zeros too: otherwise a decay term (wd * param) would still
@@ -47,7 +55,7 @@ def masked(inner: optax.GradientTransformation) -> optax.GradientTransformationE
         if params is not None:
             params = zero_where_frozen(params, mask)
         updates, state = inner.update(zero_where_frozen(updates, mask), state, params)
-        return zero_where_frozen(updates, mask), state
+        return scaled(updates, mask), state
 
     return optax.GradientTransformationExtraArgs(inner.init, update)
 
@@ -274,14 +282,9 @@ class Engine:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         return jax.lax.stop_gradient(self.prefix(variables, images))
 
-    def train_step(self, state, mask, bn_modes, images, labels, weights, seed_key):
-        """One step of one run: `state` holds its params and BN statistics (all, or the live
-        ones over frozen ones merged in by the caller), optimizer state and step; `mask` and
-        `bn_modes` are its candidate's (whole or live part); `seed_key` is the run's
-        `streams.seed_key`. Returns (new state, metrics {'loss', 'correct', 'count'})."""
-        step = state["step"]
-        augment_rng = streams.step_key(seed_key, streams.AUGMENT, step)
-        dropout_rng = streams.step_key(seed_key, streams.DROPOUT, step)
+    def _gradients(self, state, bn_modes, images, labels, weights, augment_rng, dropout_rng):
+        """The loss of one batch and its gradients with respect to the live parameters:
+        (loss, logits, new BN statistics, gradients, live parameters)."""
         x = self._inputs(state, images, augment_rng)
 
         def loss_fn(live_params):
@@ -294,14 +297,40 @@ class Engine:
 
         live = self.live_part(state["params"])
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(live)
+        return loss, logits, batch_stats, grads, live
+
+    def train_step(self, state, mask, bn_modes, images, labels, weights, seed_key):
+        """One step of one run: `state` holds its params and BN statistics (all, or the live
+        ones over frozen ones merged in by the caller), optimizer state and step; `mask` (the
+        learning-rate multipliers) and `bn_modes` are its candidate's (whole or live part);
+        `seed_key` is the run's `streams.seed_key`. Returns (new state, metrics {'loss',
+        'correct', 'count'})."""
+        step = state["step"]
+        augment_rng = streams.step_key(seed_key, streams.AUGMENT, step)
+        dropout_rng = streams.step_key(seed_key, streams.DROPOUT, step)
+        loss, logits, batch_stats, grads, live = self._gradients(
+            state, bn_modes, images, labels, weights, augment_rng, dropout_rng)
         live_mask = self.live_part(mask)
         updates, opt_state = self.tx.update(grads, state["opt_state"], live, mask=live_mask)
         # where(), not params + 0: frozen parameters stay bitwise identical (even -0.0).
-        new_live = jax.tree.map(lambda p, u, m: jnp.where(m, p + u.astype(p.dtype), p),
+        new_live = jax.tree.map(lambda p, u, m: jnp.where(m > 0, p + u.astype(p.dtype), p),
                                 live, updates, live_mask)
         new_state = dict(state, params={**state["params"], **new_live}, batch_stats=batch_stats,
                          opt_state=opt_state, step=step + 1)
         return new_state, {"loss": loss, **_counts(logits, labels, weights)}
+
+    def gradient_norms(self, state, bn_modes, images, labels, weights, seed_key, index):
+        """Auto-RGN's measurement on one batch (`index`, of the epoch starting at the state's
+        step), from the run's current parameters: {'gradient': ||g||, 'parameter': ||theta||}
+        per live parameter tensor. Nothing changes: BN statistics and the state stay as they
+        are. Augmentation and dropout draw from a stream of their own."""
+        key = jax.random.fold_in(streams.step_key(seed_key, streams.GRADIENT_NORMS,
+                                                  state["step"]), index)
+        _, _, _, grads, live = self._gradients(
+            state, bn_modes, images, labels, weights,
+            jax.random.fold_in(key, streams.AUGMENT), jax.random.fold_in(key, streams.DROPOUT))
+        norm = lambda t: jnp.sqrt(jnp.sum(jnp.square(t.astype(jnp.float32))))
+        return {"gradient": jax.tree.map(norm, grads), "parameter": jax.tree.map(norm, live)}
 
     def eval_step(self, variables, images, labels, weights):
         x = images if self.cached else self.prefix(variables, images)
@@ -326,6 +355,12 @@ class Engine:
         return self.train_step(state, mask, bn_modes,
                                *self.take(split_images, split_labels, order, weights, index),
                                seed_key)
+
+    def gradient_norms_gathered(self, state, bn_modes, split_images, split_labels, order,
+                                weights, seed_key, index):
+        return self.gradient_norms(state, bn_modes,
+                                   *self.take(split_images, split_labels, order, weights, index),
+                                   seed_key, index)
 
     def eval_step_gathered(self, variables, split_images, split_labels, order, weights, index):
         return self.eval_step(variables,

@@ -94,3 +94,114 @@ def test_lowest_unit(tiny):
     assert groups.lowest_unit(table, groups.layerwise(table, 2)) == "top"
     assert groups.lowest_unit(table, groups.full(table)) == "stem"
     assert groups.lowest_unit(table, groups.classifier_only()) == "head"
+
+
+# --- today's one-run methods --------------------------------------------------------------------
+
+def shapes(module):
+    return jax.eval_shape(module.init, jax.random.key(0), np.zeros((1, *SHAPE), np.float32))
+
+
+def by_layer(mask):
+    """{layer: its one multiplier} (every tensor of a layer shares it)."""
+    out = {}
+    for layer, leaves in mask.items():
+        values = {float(v) for v in leaves.values()}
+        assert len(values) == 1, (layer, values)
+        out[layer] = values.pop()
+    return out
+
+
+def test_masks_are_float32_multipliers_for_every_strategy(tiny):
+    module, table = tiny
+    params = shapes(module)["params"]
+    for group in (groups.classifier_only() + groups.full(table) + groups.llrd(table, [0.5])
+                  + groups.gradual(table, [1], 3) + groups.auto_rgn(table, 2)):
+        inputs = groups.inputs(params, table, group)
+        assert {np.asarray(x).dtype for x in jax.tree.leaves(inputs.mask)} == {np.dtype(np.float32)}
+        assert all(0 <= float(x) <= 1 for x in jax.tree.leaves(inputs.mask))
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.8])
+def test_llrd_multipliers_decay_by_unit_below_the_head(tiny, decay):
+    """From the model's own units: the head trains at the full rate, the unit below it at
+    `decay`, each further unit down one more factor; every layer of a unit shares it."""
+    module, table = tiny
+    params = shapes(module)["params"]
+    (group,) = groups.llrd(table, [decay])
+    assert group.layers == tuple(weighted(table)) and group.candidate == f"llrd:{decay:g}"
+    multiplier = by_layer(groups.llrd_mask(params, table, decay))
+    assert multiplier.pop(models.HEAD_UNIT) == 1.0
+    # The model's units with weights, from the head down.
+    names = module.unit_names()
+    units = [u for u in reversed(names[:names.index(models.HEAD_UNIT)])
+             if any(r.unit == u and r.has_weights for r in table)]
+    unit_of = {r.name: r.unit for r in table}
+    per_unit = {}
+    for layer, m in multiplier.items():
+        assert per_unit.setdefault(unit_of[layer], m) == m, layer
+    assert list(per_unit) != [] and set(per_unit) == set(units)
+    expected = 1.0
+    for unit in units:
+        expected *= decay
+        assert per_unit[unit] == pytest.approx(expected, rel=1e-6), unit
+    # Every layer trains, BatchNorm included (with batch statistics).
+    assert all(groups.inputs(params, table, group).bn_modes.values())
+
+
+def test_gradual_unfreezes_one_unit_every_k_epochs_from_the_top(tiny):
+    module, table = tiny
+    params = shapes(module)["params"]
+    names = module.unit_names()
+    below_head = [u for u in names[:names.index(models.HEAD_UNIT)]
+                  if any(r.unit == u and r.has_weights for r in table)][::-1]
+    k, epochs = 2, 5
+    (group,) = groups.gradual(table, [k], epochs)
+    inputs = groups.inputs(params, table, group)
+    trained_units = []
+    for epoch in range(epochs):
+        mask, bn = inputs.mask_at(epoch, None)
+        trained = {layer for layer, m in by_layer(mask).items() if m > 0} - {models.HEAD_UNIT}
+        units = {r.unit for r in table if r.name in trained}
+        # Whole units, the top ones, one more each k epochs.
+        assert units == set(below_head[:1 + epoch // k]), epoch
+        assert trained == {r.name for r in groups.backbone_layers(table) if r.unit in units}
+        assert {name for name, on in bn.items() if on} == {
+            r.name for r in table if r.kind == "batchnorm" and r.unit in units}
+        trained_units.append(units)
+    # The group's layers: all it unfreezes within the epochs (what its engine must reach).
+    assert set(group.layers) == {r.name for r in groups.backbone_layers(table)
+                                 if r.unit in trained_units[-1]}
+    assert inputs.norm_batches == 0  # the mask it starts with is epoch 0's
+    np.testing.assert_equal(jax.tree.leaves(inputs.mask), jax.tree.leaves(
+        inputs.mask_at(0, None)[0]))
+    # Past the last unit, the whole backbone stays unfrozen.
+    assert set(groups.gradual_units(table, 10 ** 6, 1)) == set(below_head)
+
+
+def test_auto_rgn_multipliers_normalise_relative_gradient_norms(tiny):
+    module, table = tiny
+    params = shapes(module)["params"]
+    (group,) = groups.auto_rgn(table, 3)
+    batchnorm = {r.name for r in table if r.kind == "batchnorm"}
+    assert set(group.layers) == set(weighted(table)) - batchnorm and group.setting == 3
+    rng = np.random.default_rng(0)
+    gradient = jax.tree.map(lambda x: rng.uniform(0.1, 2.0, 3), params)
+    parameter = jax.tree.map(lambda x: rng.uniform(0.5, 3.0), params)
+    parameter[models.HEAD_UNIT]["bias"] = np.float32(0.0)  # a fresh head's bias
+    mask = groups.rgn_mask(params, table, {"gradient": gradient, "parameter": parameter})
+    ratio = {}
+    for layer, leaves in params.items():
+        for name in leaves:
+            if layer in batchnorm:
+                assert float(mask[layer][name]) == 0.0
+            elif (layer, name) != (models.HEAD_UNIT, "bias"):
+                ratio[layer, name] = np.mean(gradient[layer][name] / parameter[layer][name])
+    largest = max(ratio.values())
+    for (layer, name), r in ratio.items():
+        assert float(mask[layer][name]) == pytest.approx(r / largest, rel=1e-6)
+    assert max(float(mask[layer][name]) for layer, name in ratio) == 1.0
+    assert float(mask[models.HEAD_UNIT]["bias"]) == 1.0  # no norm to be relative to
+    assert jax.tree.structure(mask) == jax.tree.structure(params)
+    inputs = groups.inputs(params, table, group)
+    assert inputs.norm_batches == 3 and not any(inputs.bn_modes.values())
