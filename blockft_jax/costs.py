@@ -173,13 +173,12 @@ def estimate(plan, suffix: dict[str, float], speed: Speed, images: tuple[int, in
     """The search's estimated seconds, from the schedule's expected run-epochs per candidate,
     each engine's steps and flops per run-epoch, the prefix caches' one forward pass over
     every image, and one compilation per engine: {'seconds', 'compile', 'train', 'prefix'}."""
-    from blockft_jax import schedule
     train_images, validation_images = images
     steps = -(-train_images // batch_size) + -(-validation_images // eval_batch_size)
     train = 0.0
     for strategy in plan.strategies:
         count = plan.candidate_count(strategy)
-        per_candidate = schedule.expected(count, plan.rungs, plan.eta)[1] / max(count, 1)
+        per_candidate = plan.expected(strategy)[1] / max(count, 1)
         units = ([plan.engines[-1]] * count if strategy == "topk" else
                  [plan.engine_of(g) for g in plan.planned[strategy]])
         train += sum(per_candidate * speed.seconds(

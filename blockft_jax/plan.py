@@ -125,6 +125,18 @@ def validate(config) -> None:
     positive_int(s.window, "search.window")
     positive_int(s.stride, "search.stride", allow_none=True)
     reach(s.max_windows, "search.max_windows")
+    decays = tuple(s.llrd_decays)
+    need(len(decays) > 0 and all(isinstance(d, (int, float)) and not isinstance(d, bool)
+                                 and math.isfinite(d) and 0 < d <= 1 for d in decays)
+         and len(set(decays)) == len(decays),
+         f"search.llrd_decays={decays!r}: use distinct numbers > 0 and <= 1 (the learning rate "
+         f"is multiplied by decay ** depth below the head), e.g. (0.5, 0.65, 0.8).")
+    every = tuple(s.gradual_epochs)
+    need(len(every) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                for k in every) and len(set(every)) == len(every),
+         f"search.gradual_epochs={every!r}: use distinct whole numbers >= 1 (epochs between "
+         f"two units unfrozen), e.g. (1, 3).")
+    positive_int(s.auto_rgn_batches, "search.auto_rgn_batches")
     need(s.schedule in schedule.SCHEDULES,
          f"search.schedule={s.schedule!r}: use 'halving' (successive halving) or 'exhaustive' "
          f"(the paper's protocol).")
@@ -217,6 +229,12 @@ def candidates(config, table, strategy: str, layerwise_ranking=None) -> list[Gro
         return groups.blocks(table, boundaries(s.block_boundaries), s.max_blocks or None)
     if strategy == "window":
         return groups.windows(table, s.window, s.stride, s.max_windows or None)
+    if strategy == "llrd":
+        return groups.llrd(table, s.llrd_decays)
+    if strategy == "gradual":
+        return groups.gradual(table, s.gradual_epochs, config.train.epochs)
+    if strategy == "auto_rgn":
+        return groups.auto_rgn(table, s.auto_rgn_batches)
     raise ConfigError(f"Unknown strategy {strategy!r}.")
 
 
@@ -228,9 +246,9 @@ class Plan:
     planned: dict[str, list[Group]]   # strategy -> candidates
     units: list[str]                  # the model's units, input first
     layer_unit: dict[str, str]        # weighted layer -> its unit
-    engines: list[str]                # every candidate but full's: the engines' lowest units,
-                                      # shallowest first
-    first_unit: str                   # where `full` starts
+    engines: list[str]                # every candidate but the whole network's (full, llrd,
+                                      # auto_rgn): the engines' lowest units, shallowest first
+    first_unit: str                   # where the whole network's strategies start
     seeds: int
     topk: tuple[int, ...]
     rungs: list[schedule.Rung]
@@ -250,9 +268,10 @@ class Plan:
             not lowest or min(self.units.index(e) for e in engines) <= min(lowest))
 
     def engine_of(self, group: Group) -> str:
-        """The unit of the engine that trains `group`: full's own, else the shallowest engine
-        at or below the group's lowest unit."""
-        if group.strategy == "full":
+        """The unit of the engine that trains `group`: the first unit for the strategies that
+        train the whole network, else the shallowest engine at or below the group's lowest
+        unit."""
+        if group.strategy in groups.WHOLE_NETWORK:
             return self.first_unit
         lowest = self.units.index(self.lowest_unit(group))
         return max((e for e in self.engines if self.units.index(e) <= lowest),
@@ -260,8 +279,10 @@ class Plan:
 
     @property
     def shared(self) -> list[Group]:
-        """The candidates of the shared engines (all but full's; topk's once known)."""
-        return [g for s, gs in self.planned.items() if s != "full" for g in gs]
+        """The candidates of the shared engines (all but the whole network's; topk's once
+        known)."""
+        return [g for s, gs in self.planned.items() if s not in groups.WHOLE_NETWORK
+                for g in gs]
 
     @property
     def topk_names(self) -> list[str]:
@@ -270,22 +291,33 @@ class Plan:
     def candidate_count(self, strategy: str) -> int:
         return len(self.topk) if strategy == "topk" else len(self.planned[strategy])
 
+    def stopping_rungs(self, strategy: str) -> list[int]:
+        """The rungs where `strategy` stops: a baseline's candidates only at the last (never
+        pruned), the searched strategies' as halving says."""
+        if strategy in groups.BASELINES:
+            return [len(self.rungs) - 1]
+        return schedule.stopping_rungs(self.candidate_count(strategy), self.rungs, self.eta)
+
+    def expected(self, strategy: str) -> tuple[int, int]:
+        """(runs recorded, epochs trained over all runs) of `strategy`."""
+        rungs = self.rungs[-1:] if strategy in groups.BASELINES else self.rungs
+        return schedule.expected(self.candidate_count(strategy), rungs, self.eta)
+
     @property
     def runs(self) -> int:
         """The runs (rows of results.jsonl) the schedule will record."""
-        return sum(schedule.expected(self.candidate_count(s), self.rungs, self.eta)[0]
-                   for s in self.strategies)
+        return sum(self.expected(s)[0] for s in self.strategies)
 
     @property
     def run_epochs(self) -> int:
         """The epochs the schedule will train, over every run."""
-        return sum(schedule.expected(self.candidate_count(s), self.rungs, self.eta)[1]
-                   for s in self.strategies)
+        return sum(self.expected(s)[1] for s in self.strategies)
 
     @property
     def from_units(self) -> set[str]:
         """The distinct lowest trainable units: one train-step compilation each."""
-        return set(self.engines) | ({self.first_unit} if "full" in self.strategies else set())
+        whole = any(s in groups.WHOLE_NETWORK for s in self.strategies)
+        return set(self.engines) | ({self.first_unit} if whole else set())
 
 
 def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | None = None
@@ -315,11 +347,11 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
         config.model.input_size, config.model.input_size, 3)), units)
     work: dict[str, float] = {}
     for strategy in strategies:
-        if strategy == "full":
+        if strategy in groups.WHOLE_NETWORK:
             continue
         members = planned.get(strategy, [])
         count = plan.candidate_count(strategy)
-        run_epochs = schedule.expected(count, rungs, s.eta)[1] / max(count, 1)
+        run_epochs = plan.expected(strategy)[1] / max(count, 1)
         for g in members or []:
             work[plan.lowest_unit(g)] = work.get(plan.lowest_unit(g), 0.0) + run_epochs * (
                 3 * images[0] + images[1])
@@ -336,8 +368,8 @@ def engine_work(plan: Plan) -> dict:
         count = plan.candidate_count(strategy)
         members = [(name, None) for name in plan.topk_names] if strategy == "topk" else \
             [(g.candidate, g) for g in plan.planned[strategy]]
-        run_epochs = schedule.expected(count, plan.rungs, plan.eta)[1] / max(count, 1)
-        first = plan.rungs[schedule.stopping_rungs(count, plan.rungs, plan.eta)[0]]
+        run_epochs = plan.expected(strategy)[1] / max(count, 1)
+        first = plan.rungs[plan.stopping_rungs(strategy)[0]]
         for name, group in members:
             unit = plan.engines[-1] if group is None else plan.engine_of(group)
             entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0})
@@ -395,7 +427,8 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
     else:
         lines.append(f"Schedule: halving: rungs of {[r.epochs for r in plan.rungs]} epochs "
                      f"({len(plan.rungs[0].seeds)} seed(s) before the last); at each, every "
-                     f"strategy's best 1/{plan.eta} go on; the finalists train every seed.")
+                     f"strategy's best 1/{plan.eta} go on; the finalists, and every baseline "
+                     f"candidate, train every seed.")
     lines.append(f"Runs: {plan.runs}, {plan.run_epochs:,} run-epochs (the paper's exhaustive "
                  f"protocol: {exhaustive_runs(plan)} runs).")
     for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):

@@ -11,10 +11,15 @@ import sys
 from pathlib import Path
 
 from blockft_jax import results
+from blockft_jax.groups import BASELINES
 
 LABELS = {"classifier_only": "Classifier only (baseline)", "full": "Full fine-tuning (baseline)",
           "layerwise": "Layer-wise", "topk": "Top-k layers", "blocks": "Blocks",
-          "window": "Sliding window"}
+          "window": "Sliding window", "llrd": "Layer-wise LR decay (baseline)",
+          "gradual": "Gradual unfreezing (baseline)", "auto_rgn": "Auto-RGN (baseline)"}
+# How each baseline's line looks on the searched strategies' plots.
+BASELINE_STYLES = {"classifier_only": ":", "full": "-.", "llrd": "--", "gradual": (0, (5, 1)),
+                   "auto_rgn": (0, (3, 1, 1, 1, 1, 1))}
 
 
 def _pm(stat) -> str:
@@ -105,8 +110,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    searched = {k: v for k, v in summary["strategies"].items()
-                if k not in ("classifier_only", "full")}
+    searched = {k: v for k, v in summary["strategies"].items() if k not in BASELINES}
     comparisons = summary.get("comparisons") or []
     columns = max(len(searched), 1)
     rows_per_split = max([sum(c["split"] == s for c in comparisons) for s in results.SPLITS],
@@ -128,10 +132,10 @@ def plot(summary: dict, path: Path) -> None:
                     label="validation", capsize=2)
         ax.plot(x, [c["test_accuracy"]["mean"] for c in ranking], "s--", label="test",
                 alpha=0.6)
-        for base, style in (("classifier_only", ":"), ("full", "-.")):
+        for base in BASELINES:
             if base in summary["strategies"]:
                 ax.axhline(summary["strategies"][base]["selected"]["val_accuracy"]["mean"],
-                           linestyle=style, color="grey", label=LABELS[base])
+                           linestyle=BASELINE_STYLES[base], color="grey", label=LABELS[base])
         ax.set_xticks(sorted(set(x)))  # depths and k count layers: ticks where candidates are
         ax.set_title(LABELS[strategy])
         ax.set_xlabel("k (layers)" if strategy == "topk" else "depth below the output (layers)")

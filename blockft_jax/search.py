@@ -81,9 +81,9 @@ class Search:
                     f"{path}\t{reason}\n" for path, reason in self.dataset.skipped))
 
     def _plan(self):
-        """The plan, with the candidates but full's split into engines by depth from this
-        machine's speed (real train steps compiled and timed) when there is a choice. The split
-        is kept in engines.json: a rerun trains each run in the engine it began in."""
+        """The plan, with the candidates but the whole network's split into engines by depth
+        from this machine's speed (real train steps compiled and timed) when there is a choice.
+        The split is kept in engines.json: a rerun trains each run in the engine it began in."""
         c = self.config
         plan = make_plan(c, self.table, self.module)
         lowest = sorted({plan.lowest_unit(g) for g in plan.shared}, key=plan.units.index)
@@ -101,8 +101,8 @@ class Search:
         images = (len(self.dataset.train), len(self.dataset.validation))
         plan = make_plan(c, self.table, self.module, speed=speed, images=images)
         self.wd.write_json(ENGINES, {"engines": plan.engines, "speed": speed.to_json()})
-        log.info("Engines by depth: candidates but full's train from units %s (at most "
-                 "search.engines=%d; chosen for the least compile plus training time: %.1f s "
+        log.info("Engines by depth: candidates but the whole network's train from units %s (at "
+                 "most search.engines=%d; chosen for the least compile plus training time: %.1f s "
                  "to compile an engine, %.1f ms a step and %.2g s per GFLOP, measured on %s)",
                  ", ".join(plan.engines), c.search.engines, speed.compile_seconds,
                  speed.step_seconds * 1e3, speed.seconds_per_flop * 1e9, speed.measured_on)
@@ -164,13 +164,16 @@ class Search:
         return prepared
 
     def compile(self, cohort: cohort_lib.Cohort, device_split_sizes, multiple: int) -> dict:
-        """A cohort's steps compiled ahead (any candidate's mask: only structure matters):
-        their memory by XLA's plan, and the train step's flops per run."""
+        """A cohort's steps compiled ahead (any candidate's mask: only structure matters), with
+        Auto-RGN's measurement where the engine trains it: their memory by XLA's plan, and the
+        train step's flops per run."""
         c = self.config
         any_mask = groups.param_mask(self.variables["params"], self.table, [])
         any_bn = groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn)
+        unit = cohort.engine.from_unit
+        norms = any(self.plan.engine_of(g) == unit for g in self.plan.planned.get("auto_rgn", []))
         return cohort.compile_steps(self.variables, any_mask, any_bn, c.data.batch_size,
-                                    self.shape, device_split_sizes, multiple)
+                                    self.shape, device_split_sizes, multiple, norms=norms)
 
     def ready(self, from_unit: str) -> placement.Prepared:
         """The engine with its placement decided (process 0, from its compiled steps) and its
@@ -227,10 +230,10 @@ class Search:
         if from_unit in self.engines:
             self.engines[from_unit].splits = {}
 
-    def candidate_inputs(self, group: Group):
-        """A candidate's parameter mask and BN modes."""
-        return (groups.param_mask(self.variables["params"], self.table, group.layers),
-                groups.bn_modes(self.table, group.layers, freeze_bn=self.config.train.freeze_bn))
+    def candidate_inputs(self, group: Group) -> groups.Inputs:
+        """A candidate's mask and BN modes (and how they change between epochs)."""
+        return groups.inputs(self.variables["params"], self.table, group,
+                             freeze_bn=self.config.train.freeze_bn)
 
     def scalar_writer(self, group: Group, seed: int):
         return (scalars.ScalarWriter(self.wd.path / "tensorboard" /
@@ -263,10 +266,14 @@ class Search:
             if key not in resumes and multihost.broadcast_json(
                     lambda key=key: checkpoint.parked(self.parked_stem(*key)) is not None):
                 resumes[key] = checkpoint.unpark(self.parked_stem(*key), self._one_run(cohort))
-        members = [cohort_lib.Run(*self.candidate_inputs(g), seed,
-                                  variables=self.start_variables(seed),
-                                  resume=resumes.get((g.candidate, seed)))
-                   for g, seed in runs]
+        members = []
+        for g, seed in runs:
+            inputs = self.candidate_inputs(g)
+            members.append(cohort_lib.Run(inputs.mask, inputs.bn_modes, seed,
+                                          variables=self.start_variables(seed),
+                                          resume=resumes.get((g.candidate, seed)),
+                                          mask_at=inputs.mask_at,
+                                          norm_batches=inputs.norm_batches))
         writers = [self.scalar_writer(g, seed) for g, seed in runs]
         due = self.checkpoint_due()
         last = [time.perf_counter()]
@@ -437,21 +444,21 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
              else "", ", ".join(plan.strategies), ", ".join(sorted(
                  plan.from_units, key=plan.units.index, reverse=True)))
     # Prepare the engines up front, each compiling its steps in the background (shallowest
-    # first: the first to train), `full`'s while the others train.
+    # first: the first to train), the whole network's while the others train.
     work = engine_work(plan)
     for unit in sorted(work, key=plan.units.index, reverse=True):
         if any(key not in done for key in work[unit]["keys"]):
             search.progress.plan(unit, work[unit]["run_epochs"])
             search.prepare(unit, work[unit]["runs"])
     training = 0.0  # seconds in the runs' training (fits), for runs.jsonl
-    top = [s for s in plan.strategies if s not in ("topk", "full")]
-    for phase in (top, ["topk"], ["full"]):
+    top = [s for s in plan.strategies if s != "topk" and s not in groups.WHOLE_NETWORK]
+    for phase in (top, ["topk"], list(groups.WHOLE_NETWORK)):
         phase = [s for s in phase if s in plan.strategies]
         if phase == ["topk"]:  # the k best of layerwise's ranking, the same on every process
             ranking = [c["layers"][0] for c in rank([r for r in search.rows
                                                      if r["strategy"] == "layerwise"])]
             plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
-        if phase == ["full"]:
+        if phase and phase[0] in groups.WHOLE_NETWORK:
             for unit in plan.engines:
                 if unit != plan.first_unit:
                     search.release(unit)
@@ -479,8 +486,7 @@ def _train_phase(search: Search, strategies: list[str]) -> float:
     every run of the candidates still searched, engine by engine in cohorts, up to the rung's
     epochs; then, where a strategy stops, its best 1/eta go on. Returns the training seconds."""
     plan = search.plan
-    stopping = {s: schedule.stopping_rungs(plan.candidate_count(s), plan.rungs, plan.eta)
-                for s in strategies}
+    stopping = {s: plan.stopping_rungs(s) for s in strategies}
     training = 0.0
     for rung, budget in enumerate(plan.rungs):
         finished = finished_keys(search.rows)
@@ -650,7 +656,8 @@ def model_meta(search: Search, group: Group, seed: int) -> dict:
     """model.json: everything needed to rebuild and use a saved model without the config."""
     model = jsonable(search.config)["model"]
     return {"strategy": group.strategy, "candidate": group.candidate,
-            "layers": list(group.layers), "seed": seed, "model": model,
+            "layers": list(group.layers), "setting": group.setting, "seed": seed,
+            "model": model,
             "input_size": model["input_size"],
             "preprocessing": type(search.module).preprocessing,
             "class_names": list(search.dataset.class_names),

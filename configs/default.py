@@ -70,7 +70,7 @@ def get_config():
     # memory allows (the rule in blockft_jax/cohort.py), 1 = one at a time, N = up to N.
     config.search.parallel = 0
     config.search.strategies = ("classifier_only", "full", "layerwise", "topk", "blocks",
-                                "window")
+                                "window", "llrd", "gradual", "auto_rgn")
     # How far down each strategy searches, in layers / blocks / windows from the output;
     # 0 = the whole backbone, down to its first weighted layer.
     config.search.max_layers = 0
@@ -82,6 +82,13 @@ def get_config():
     config.search.window = 3
     config.search.stride = ml_collections.FieldReference(None, field_type=int)  # None: = window
     config.search.max_windows = 0
+    # Today's one-run methods, compared as baselines (never pruned by halving). llrd: every
+    # layer trains at decay ** depth of the learning rate (depth: units below the head), one
+    # candidate per decay. gradual: the top unit first, one more every k epochs, per k.
+    # auto_rgn: each epoch, multipliers from relative gradient norms on this many batches.
+    config.search.llrd_decays = (0.5, 0.65, 0.8)
+    config.search.gradual_epochs = (1, 3)
+    config.search.auto_rgn_batches = 5
     # 'halving': successive halving (rungs of growing epochs; each strategy's best 1/eta go on;
     # the finalists train every seed to train.epochs) -- the whole network for a fraction of
     # the cost; 'exhaustive': the paper's protocol (every candidate, every seed, every epoch).
