@@ -35,4 +35,10 @@ def get_config():
     config.search.topk = (2, 3, 4)
     config.search.max_blocks = 5
     config.search.max_windows = 5
+    # One setting of each one-run method (each trains the whole network, or much of it, for
+    # every seed and epoch): the five-minute demo has room for that much. llrd's middle decay,
+    # a unit every 3 epochs, Auto-RGN on 2 of an epoch's 4 batches.
+    config.search.llrd_decays = (0.65,)
+    config.search.gradual_epochs = (3,)
+    config.search.auto_rgn_batches = 2
     return config

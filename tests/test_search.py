@@ -62,12 +62,16 @@ def test_every_strategy_and_output(finished):
     run_record = json.loads((workdir / "runs.jsonl").read_text().splitlines()[-1])
     counts = {unit: (c["train"], c["eval"]) for unit, c in run_record["compilations"].items()}
     assert len(counts) == engine_count(workdir) and "stem" in counts and set(counts.values()) == {(1, 1)}, counts
+    # Auto-RGN's measurement compiled once, by the whole network's engine that trains it only,
+    # whatever the masks did between epochs.
+    norms = {unit: c["norms"] for unit, c in run_record["compilations"].items()}
+    assert norms.pop("stem") == 1 and set(norms.values()) <= {0}, norms
     assert 0 < run_record["compile_blocking_seconds"] <= run_record["compile_seconds"]
     for name in ("summary.json", "report.md", "report.png", "config.json"):
         assert (workdir / name).exists(), name
     report = (workdir / "report.md").read_text()
     for label in ("Classifier only", "Full fine-tuning", "Layer-wise", "Top-k", "Blocks",
-                  "Sliding window"):
+                  "Sliding window", "Layer-wise LR decay", "Gradual unfreezing", "Auto-RGN"):
         assert label in report
     # TensorBoard scalars: one run directory per (candidate, seed), one point per epoch.
     runs = sorted(p.name for p in (workdir / "tensorboard").iterdir())
@@ -159,6 +163,42 @@ def test_saved_models_load_and_frozen_layers_unchanged(finished):
             assert same == (layer not in trained), layer
         logits = module.apply(variables, np.zeros((2, 32, 32, 3), np.float32))
         assert logits.shape == (2, 3)
+
+
+def test_one_run_methods_are_baselines_with_saved_models(finished):
+    """llrd, gradual and auto_rgn: every candidate trained every seed to the end (never
+    pruned), ranked, their selected candidate saved and compared with the winner; what each
+    left frozen is bitwise the start."""
+    workdir, summary = finished
+    config = tiny_config()
+    rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    module = search.build_module(config, 3)
+    start = module.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    batchnorm = {r.name for r in models.layer_table(module, (32, 32, 3))
+                 if r.kind == "batchnorm"}
+    expected = {"llrd": len(config.search.llrd_decays),
+                "gradual": len(config.search.gradual_epochs), "auto_rgn": 1}
+    compared = {c["b"] for c in summary["comparisons"]} | {summary["winner"]["candidate"]}
+    for strategy, count in expected.items():
+        mine = [r for r in rows if r["strategy"] == strategy]
+        assert len(mine) == count * config.train.seeds, strategy
+        assert all(r["status"] == "ok" and r["epochs"] == config.train.epochs for r in mine)
+        ranking = summary["strategies"][strategy]["ranking"]
+        assert len(ranking) == count
+        selected = summary["strategies"][strategy]["selected"]["candidate"]
+        assert selected in compared, strategy
+        variables, meta = checkpoint.load_model(workdir / "models" / strategy)
+        assert meta["candidate"] == selected and meta["strategy"] == strategy
+        for layer, params in start["params"].items():
+            same = all(np.array_equal(params[k], variables["params"][layer][k]) for k in params)
+            if layer not in meta["layers"] and layer != "head":
+                assert same, (strategy, layer)
+        if strategy == "auto_rgn":  # BatchNorm never trains there
+            assert batchnorm and not batchnorm & set(meta["layers"])
+            for layer in batchnorm:
+                for collection in ("params", "batch_stats"):
+                    assert all(np.array_equal(v, variables[collection][layer][k])
+                               for k, v in start[collection][layer].items()), layer
 
 
 def flat_arrays(tree):

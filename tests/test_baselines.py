@@ -1,0 +1,263 @@
+"""Today's one-run methods in the training loop: masks of learning-rate multipliers, masks that
+change between epochs (gradual unfreezing, Auto-RGN) with one compilation per engine, and
+Auto-RGN against a reference loop written here in plain JAX and optax."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from blockft_jax import cohort as cohort_lib
+from blockft_jax import data, groups, models, streams, train
+from blockft_jax.models import HEAD_UNIT
+
+import test_train as base
+
+BATCH = 8
+EPOCHS = 3
+LEARNING_RATE = 1e-2
+
+
+@pytest.fixture(scope="module")
+def model():
+    return base.create_model()
+
+
+@pytest.fixture(scope="module")
+def table(model):
+    return models.layer_table(model, (base.SIZE, base.SIZE, 3))
+
+
+@pytest.fixture(scope="module")
+def variables(model):
+    """Random weights with moving statistics unlike any batch's, and a head drawn from seed 0
+    (its bias 0: a fresh head's)."""
+    v = jax.device_get(jax.jit(model.init)(jax.random.key(0),
+                                           jnp.zeros((1, base.SIZE, base.SIZE, 3))))
+    rng = np.random.default_rng(1)
+    for stats in v["batch_stats"].values():
+        stats["mean"] = rng.normal(0.0, 0.2, stats["mean"].shape).astype(np.float32)
+        stats["var"] = rng.uniform(0.5, 2.0, stats["var"].shape).astype(np.float32)
+    head = models.init_head(model, (base.SIZE, base.SIZE, 3), streams.head_key(0))
+    return {**v, "params": {**v["params"], HEAD_UNIT: jax.device_get(head)}}
+
+
+@pytest.fixture(scope="module")
+def engine(model, table):
+    """The whole network's engine (every layer can train), Adam, images fed from the host."""
+    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": LEARNING_RATE,
+                                     "epochs": EPOCHS})
+    return train.Engine(model, train.make_optimizer(cfg, EPOCHS * 3), model.unit_names()[0],
+                        train.data_mesh(), table=table)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    # 24 training images: three steps an epoch.
+    return {name: base.synthetic_split(n, seed)
+            for name, n, seed in (("train", 24, 0), ("validation", 10, 1), ("test", 10, 2))}
+
+
+def run_of(variables, table, group, seed=0, record=None):
+    """A cohort.Run of `group`; with `record`, every mask it is given, by epoch."""
+    inputs = groups.inputs(variables["params"], table, group)
+    mask_at = inputs.mask_at
+    if record is not None and mask_at is not None:
+        def mask_at(epoch, norms, inner=inputs.mask_at):
+            out = inner(epoch, norms)
+            record[epoch] = out[0]
+            return out
+    return cohort_lib.Run(inputs.mask, inputs.bn_modes, seed, variables=variables,
+                          mask_at=mask_at, norm_batches=inputs.norm_batches)
+
+
+def fit(cohort, variables, runs, splits, **kwargs):
+    return cohort_lib.fit(cohort, variables, runs, splits["train"], splits["validation"],
+                          splits["test"], epochs=EPOCHS, batch_size=BATCH, **kwargs)
+
+
+def flat(tree):
+    return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+# --- multipliers ---------------------------------------------------------------------------------
+
+def test_multiplier_scales_the_update_and_booleans_are_bitwise_unchanged():
+    """A multiplier m scales the optimizer's update by m (a per-tensor learning rate); a mask
+    of booleans, or of 0.0/1.0, gives bitwise what the boolean masking gave: where(m, t, 0) on
+    the inputs and the updates."""
+    inner = optax.adamw(0.1, weight_decay=0.3)
+    tx = train.masked(inner)
+    rng = np.random.default_rng(0)
+    params = {name: jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for name in "abc"}
+    grads = [{name: jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for name in "abc"}
+             for _ in range(3)]
+
+    def updates(mask):
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(g, state, params, mask=mask)
+            out.append(u)
+        return out
+
+    def boolean_masking(mask):  # the masking before multipliers, written out
+        zero = lambda tree: jax.tree.map(lambda t, m: jnp.where(m, t, 0.0), tree, mask)
+        state, out = inner.init(params), []
+        for g in grads:
+            u, state = inner.update(zero(g), state, zero(params))
+            out.append(zero(u))
+        return out
+
+    booleans = {"a": np.bool_(True), "b": np.bool_(False), "c": np.bool_(True)}
+    floats = {k: np.float32(v) for k, v in booleans.items()}
+    want = boolean_masking(booleans)
+    for mask in (booleans, floats):
+        for got, w in zip(updates(mask), want):
+            for k in params:
+                assert np.asarray(got[k]).tobytes() == np.asarray(w[k]).tobytes(), k
+    half = updates({"a": np.float32(0.5), "b": np.float32(0.0), "c": np.float32(1.0)})
+    for got, w in zip(half, want):
+        np.testing.assert_array_equal(got["a"], 0.5 * w["a"])  # exact: a power of two
+        np.testing.assert_array_equal(got["b"], 0.0)
+        np.testing.assert_array_equal(got["c"], w["c"])
+
+
+def test_boolean_and_float_masks_train_bitwise_alike(engine, variables, table, splits):
+    """The train step given a candidate's mask as booleans (as masks were) or as float32
+    multipliers: the same new state, bit for bit, frozen parameters untouched."""
+    mask, bn = base.candidate(variables, table, base.CANDIDATE)
+    booleans = jax.tree.map(lambda m: np.asarray(m > 0), mask)
+    state = engine.init_state(variables)
+    batch = splits["train"]
+    step = jax.jit(engine.train_step)
+    args = (jnp.asarray(batch.images[:BATCH]), jnp.asarray(batch.labels[:BATCH]),
+            jnp.ones(BATCH), streams.seed_key(0))
+    got = [flat(step(jax.tree.map(jnp.copy, state), m, bn, *args)[0]["params"])
+           for m in (booleans, mask)]
+    start = flat(variables["params"])
+    assert got[0].keys() == got[1].keys()
+    for path in got[0]:
+        assert got[0][path].tobytes() == got[1][path].tobytes(), path
+        if path[0] not in base.CANDIDATE and path[0] != HEAD_UNIT:
+            assert got[0][path].tobytes() == start[path].tobytes(), path
+
+
+# --- masks that change between epochs ------------------------------------------------------------
+
+def test_masks_change_between_epochs_with_one_compilation(engine, variables, table, splits):
+    """Gradual unfreezing, Auto-RGN, llrd and a fixed candidate in one cohort: the masks change
+    at epoch starts (gradual's second unit is bitwise frozen until its epoch, then trains;
+    Auto-RGN's multipliers are new every epoch) and the train, eval and measurement steps
+    compile once each."""
+    cohort = cohort_lib.Cohort(engine, 4)
+    (gradual,) = groups.gradual(table, [1], EPOCHS)
+    (rgn,) = groups.auto_rgn(table, 2)
+    (llrd,) = groups.llrd(table, [0.5])
+    masks = {"gradual": {}, "auto_rgn": {}}
+    runs = [run_of(variables, table, gradual, record=masks["gradual"]),
+            run_of(variables, table, rgn, record=masks["auto_rgn"]),
+            run_of(variables, table, llrd),
+            run_of(variables, table, groups.classifier_only()[0])]
+    snapshots = []
+    fit(cohort, variables, runs, splits,
+        on_epoch_end=lambda epoch, state, histories: snapshots.append(
+            flat(jax.tree.map(lambda x: x[0], state.runs["params"]))))
+    assert cohort.compilations == {"train": 1, "eval": 1, "norms": 1}
+    assert sorted(masks["gradual"]) == sorted(masks["auto_rgn"]) == list(range(EPOCHS))
+    # Gradual: the unit below the top one joins in the second epoch.
+    second = groups.weighted_units(table)[1]
+    layer = next(r.name for r in groups.backbone_layers(table)
+                 if r.unit == second and r.kind == "conv")
+    start = flat(variables["params"])
+    path = (layer, "kernel")
+    assert float(masks["gradual"][0][layer]["kernel"]) == 0.0
+    assert float(masks["gradual"][1][layer]["kernel"]) == 1.0
+    assert snapshots[0][path].tobytes() == start[path].tobytes()
+    assert not np.array_equal(snapshots[1][path], start[path])
+    # Auto-RGN: measured anew from each epoch's parameters.
+    leaves = [np.array([float(x) for x in jax.tree.leaves(masks["auto_rgn"][e])])
+              for e in range(EPOCHS)]
+    assert not np.array_equal(leaves[0], leaves[1]) and max(leaves[1]) == 1.0
+    # A second fit with the same cohort compiles nothing more.
+    fit(cohort, variables, runs[::-1], splits)
+    assert cohort.compilations == {"train": 1, "eval": 1, "norms": 1}
+
+
+# --- Auto-RGN against a reference loop -----------------------------------------------------------
+
+def reference_auto_rgn(model, table, variables, split, seed, batches):
+    """Auto-RGN as its reference describes it, written with JAX and optax alone: at the start
+    of each epoch, for each parameter tensor but BatchNorm's, ||grad|| / ||param|| of the
+    cross-entropy on the epoch's first `batches` batches, averaged, divided by the largest,
+    multiplies that tensor's learning rate (Adam; BatchNorm frozen, in inference mode). A
+    tensor of norm 0 takes 1. Returns (final params, the multipliers per epoch)."""
+    batchnorm = {r.name for r in table if r.kind == "batchnorm"}
+    images = data.preprocess(jnp.asarray(split.images), model.preprocessing)
+    labels = jnp.asarray(split.labels)
+    stats = variables["batch_stats"]
+
+    def loss(params, rows):
+        logits = model.apply({"params": params, "batch_stats": stats}, images[rows])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels[rows]).mean()
+
+    grad = jax.jit(jax.grad(loss))
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    opt = optax.adam(LEARNING_RATE)
+    opt_state = opt.init(params)
+    history = []
+    for epoch in range(EPOCHS):
+        rng = np.random.default_rng([seed, epoch])  # the run's batch order
+        order = rng.permutation(len(labels)).reshape(-1, BATCH)
+        ratios = {}
+        for rows in order[:batches]:
+            g = flat(grad(params, rows))
+            for path, p in flat(params).items():
+                if path[0] not in batchnorm:
+                    ratios.setdefault(path, []).append(
+                        np.linalg.norm(g[path]) / np.linalg.norm(p) if np.linalg.norm(p) > 0
+                        else np.nan)
+        measured = {path: np.mean(r) for path, r in ratios.items() if not np.isnan(r[0])}
+        largest = max(measured.values())
+        multiplier = {path: (0.0 if path[0] in batchnorm else
+                             measured[path] / largest if path in measured else 1.0)
+                      for path in flat(params)}
+        history.append(multiplier)
+        m = traverse_util.unflatten_dict({k: jnp.float32(v) for k, v in multiplier.items()})
+        for rows in order:
+            g = jax.tree.map(lambda t, w: jnp.where(w > 0, t, 0.0), grad(params, rows), m)
+            updates, opt_state = opt.update(g, opt_state, params)
+            params = jax.tree.map(lambda p, u, w: p + u * w, params, updates, m)
+    return jax.device_get(params), history
+
+
+@pytest.mark.parametrize("batches", [2])
+def test_auto_rgn_matches_a_reference_loop(model, engine, variables, table, splits, batches):
+    (group,) = groups.auto_rgn(table, batches)
+    recorded = {}
+    # Two runs (seeds 0 and 1) in one cohort: each measures from its own parameters.
+    cohort = cohort_lib.Cohort(engine, 2)
+    records = [recorded, {}]
+    results = fit(cohort, variables, [run_of(variables, table, group, seed, records[seed])
+                                      for seed in (0, 1)], splits)
+    want_params, want_masks = reference_auto_rgn(model, table, variables, splits["train"], 0,
+                                                 batches)
+    for epoch in range(EPOCHS):
+        got = flat(recorded[epoch])
+        assert got.keys() == want_masks[epoch].keys()
+        for path, want in want_masks[epoch].items():
+            assert float(got[path]) == pytest.approx(want, rel=1e-4, abs=1e-7), (epoch, path)
+    assert float(got[(HEAD_UNIT, "kernel")]) > 0
+    got = flat(results[0].final_variables["params"])
+    for path, want in flat(want_params).items():
+        np.testing.assert_allclose(got[path], want, rtol=2e-4, atol=2e-6, err_msg=str(path))
+    # BatchNorm neither trained nor moved its statistics.
+    for collection in ("params", "batch_stats"):
+        got = flat(results[0].final_variables[collection])
+        for path, value in flat(variables[collection]).items():
+            if path[0] in {r.name for r in table if r.kind == "batchnorm"}:
+                assert got[path].tobytes() == value.tobytes(), path
+    # The other seed measured its own batches: other multipliers.
+    assert any(float(a) != float(b) for a, b in zip(jax.tree.leaves(records[1][0]),
+                                                     jax.tree.leaves(recorded[0])))
