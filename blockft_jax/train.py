@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,15 +50,50 @@ def masked(inner: optax.GradientTransformation) -> optax.GradientTransformationE
         return jax.tree.map(lambda t, m: jnp.where(m > 0, t * m.astype(t.dtype),
                                                    jnp.zeros_like(t)), tree, mask)
 
+    inner = optax.with_extra_args_support(inner)
+
     def update(updates, state, params=None, *, mask, **extra):
         # Frozen params enter as zeros too: otherwise a decay term (wd * param) would still
         # reach the inner state (e.g. SGD's momentum trace) although the output is masked.
         if params is not None:
             params = zero_where_frozen(params, mask)
-        updates, state = inner.update(zero_where_frozen(updates, mask), state, params)
+        updates, state = inner.update(zero_where_frozen(updates, mask), state, params,
+                                      mask=mask)
         return scaled(updates, mask), state
 
     return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+class AdamState(NamedTuple):
+    adam: optax.ScaleByAdamState
+    steps: dict  # per tensor: the steps it trained
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999,
+                  eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+    """optax.scale_by_adam with its bias correction per tensor, from the steps that tensor
+    trained (`mask` > 0), as PyTorch's Adam counts steps per parameter: a tensor unfrozen at a
+    later epoch (gradual unfreezing) starts as a fresh Adam would, not with the run's step
+    count. A tensor trained on every step gets optax's update itself (bitwise)."""
+    inner = optax.scale_by_adam(b1, b2, eps)
+
+    def init(params):
+        return AdamState(inner.init(params),
+                         jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params))
+
+    def update(updates, state, params=None, *, mask, **extra):
+        updates, adam = inner.update(updates, state.adam)
+        steps = jax.tree.map(lambda n, m: jnp.where(m > 0, n + 1, n), state.steps, mask)
+
+        def own(u, mu, nu, n):
+            n = jnp.maximum(n, 1)  # a frozen tensor's update is dropped: no 0/0 to carry
+            fresh = (mu / (1 - b1 ** n).astype(mu.dtype)) / (
+                jnp.sqrt(nu / (1 - b2 ** n).astype(nu.dtype)) + eps)
+            return jnp.where(n == adam.count, u, fresh)
+
+        return jax.tree.map(own, updates, adam.mu, adam.nu, steps), AdamState(adam, steps)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -77,7 +113,8 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformationExtraArgs:
     """Adam/AdamW or SGD with momentum from `cfg` (the config's `train` block). Weight decay
     applies to kernels only (never to BN parameters or biases) and only to trained params;
-    'adamw' is 'adam' (with weight decay, both are AdamW: decoupled decay)."""
+    'adamw' is 'adam' (with weight decay, both are AdamW: decoupled decay). Adam counts its
+    steps per tensor (`scale_by_adam`)."""
     lr = learning_rate_schedule(cfg, total_steps)
     wd = cfg.get("weight_decay", 0.0)
 
@@ -87,7 +124,9 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformationExtraAr
 
     name = cfg.get("optimizer", "adam")
     if name in ("adam", "adamw"):
-        inner = optax.adamw(lr, weight_decay=wd, mask=decays) if wd else optax.adam(lr)
+        # optax.adamw / optax.adam, with Adam's bias correction per tensor.
+        parts = [optax.add_decayed_weights(wd, mask=decays)] if wd else []
+        inner = optax.chain(scale_by_adam(), *parts, optax.scale_by_learning_rate(lr))
     elif name == "sgd":
         parts = [optax.add_decayed_weights(wd, mask=decays)] if wd else []
         inner = optax.chain(*parts, optax.sgd(lr, momentum=cfg.get("momentum", 0.9)))

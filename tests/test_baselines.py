@@ -261,3 +261,39 @@ def test_auto_rgn_matches_a_reference_loop(model, engine, variables, table, spli
     # The other seed measured its own batches: other multipliers.
     assert any(float(a) != float(b) for a, b in zip(jax.tree.leaves(records[1][0]),
                                                      jax.tree.leaves(recorded[0])))
+
+
+def test_adam_counts_steps_per_tensor_from_when_it_trains():
+    """Under the search's Adam, a tensor unfrozen after some steps (gradual unfreezing) is
+    updated as by a fresh Adam begun at its first trained step (PyTorch's Adam counts steps per
+    parameter); one trained throughout exactly as by optax's Adam on the whole tree (bitwise,
+    compiled)."""
+    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": 0.1, "epochs": 1})
+    tx = train.make_optimizer(cfg, 10)
+    rng = np.random.default_rng(0)
+    params = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+             for _ in range(6)]
+    step_fn = jax.jit(lambda g, s, m: tx.update(g, s, params, mask=m))
+    state, got = tx.init(params), []
+    for step, g in enumerate(grads):
+        u, state = step_fn(g, state, {"a": np.float32(1.0), "b": np.float32(step >= 3)})
+        got.append(u)
+    schedule = train.learning_rate_schedule(cfg, 10)
+    # Before: optax's Adam, one step count, inside the same masking.
+    shared = train.masked(optax.adam(schedule))
+    shared_step = jax.jit(lambda g, s, m: shared.update(g, s, params, mask=m))
+    fresh = optax.adam(schedule)
+    fresh_step = jax.jit(fresh.update)
+    before, late = shared.init(params), fresh.init(params["b"])
+    for step, g in enumerate(grads):
+        u, before = shared_step(g, before, {"a": np.float32(1.0), "b": np.float32(step >= 3)})
+        assert np.asarray(got[step]["a"]).tobytes() == np.asarray(u["a"]).tobytes(), step
+        if step < 3:
+            np.testing.assert_array_equal(got[step]["b"], 0.0)
+        else:
+            u_b, late = fresh_step(g["b"], late)
+            np.testing.assert_allclose(got[step]["b"], u_b, rtol=1e-6, err_msg=str(step))
+            # One shared count would have given another update (bias-corrected at step 4+).
+            assert not np.allclose(u["b"], u_b, rtol=1e-3), step
