@@ -198,7 +198,9 @@ def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int) ->
     `parallel` when >= 1 (0: no cap of its own), MAX_COHORT, and on CPU the runs whose live
     state (x4: params, two moments, gradients) fits in the last-level cache -- a step reads
     and writes all of it, and beyond that the per-run step time grows (demo, 2-core EPYC, 32 MiB
-    L3, 4.5 MB per run: 4.9 ms per run-step at K=4-8, 7.1 ms at K=16-38)."""
+    L3, 4.5 MB per run: 4.9 ms per run-step at K=4-8, 7.1 ms at K=16-38). Within the caps, the
+    runs go in as few cohorts as they allow, of equal size: a padded run computes every step
+    for nothing (12 runs under a cap of 5: three cohorts of 4, not 5, 5 and 2 padded to 5)."""
     if parallel < 0:
         raise ValueError(f"parallel={parallel}: use 0 (as memory allows) or a cohort size >= 1.")
     caps = {"runs": max(int(runs), 1), "maximum": MAX_COHORT}
@@ -207,7 +209,9 @@ def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int) ->
     elif on_cpu(engine.mesh):
         caps["CPU cache"] = max(1, last_level_cache_bytes() // max(
             4 * live_state_bytes(engine, variables), 1))
-    return round_up(int(min(caps.values())), engine.mesh.shape["runs"]), caps
+    cap = int(min(caps.values()))
+    runs = max(int(runs), 1)
+    return round_up(-(-runs // -(-runs // cap)), engine.mesh.shape["runs"]), caps
 
 
 def round_up(size: int, positions: int) -> int:

@@ -34,9 +34,11 @@ def test_largest_cohort_caps(engine, variables):
         (engine.live_part(variables["params"]), engine.live_part(variables["batch_stats"]))))
     size = lambda parallel, runs: placement.largest_cohort(engine, variables, parallel, runs)[0]
     assert size(3, 10) == 3 and size(3, 2) == 2 and size(1, 10) == 1
+    # As few cohorts as the cap allows, of equal size: no padded run computing in vain.
+    assert size(5, 12) == 4 and size(5, 15) == 5 and size(5, 11) == 4 and size(4, 9) == 3
     # parallel=0: as many as the runs, the maximum and (on CPU) the last-level cache allow.
-    cache_cap = placement.last_level_cache_bytes() // (4 * live)
-    assert size(0, 500) == min(placement.MAX_COHORT, cache_cap, 500)
+    cache_cap = min(placement.MAX_COHORT, placement.last_level_cache_bytes() // (4 * live))
+    assert size(0, 500) == -(-500 // -(-500 // cache_cap))
     assert size(0, 3) == min(3, cache_cap)
     with pytest.raises(ValueError, match="parallel"):
         size(-1, 10)
