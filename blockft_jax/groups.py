@@ -24,9 +24,11 @@ STRATEGIES = ("classifier_only", "full", "layerwise", "topk", "blocks", "window"
 # strategies that train the whole network last.
 SEARCH_ORDER = ("classifier_only", "layerwise", "topk", "blocks", "window", "gradual", "full",
                 "llrd", "auto_rgn")
-# The baselines: the paper's two and today's one-run methods. Their candidates are settings,
-# not a search: successive halving never prunes them (every one trains every seed to the end).
-BASELINES = ("classifier_only", "full", "llrd", "gradual", "auto_rgn")
+# Today's one-run methods: masks of learning-rate multipliers, or masks that change by epoch.
+ONE_RUN_METHODS = ("llrd", "gradual", "auto_rgn")
+# The baselines: the paper's two and the one-run methods. Their candidates are settings, not a
+# search: successive halving never prunes them (every one trains every seed to the end).
+BASELINES = ("classifier_only", "full", *ONE_RUN_METHODS)
 # Every layer may train from the first epoch: they train from the network's first unit.
 WHOLE_NETWORK = ("full", "llrd", "auto_rgn")
 BOUNDARY_KINDS = ("pooling", "activation", "padding", "add", "multiply", "rescaling", "dropout")

@@ -161,7 +161,12 @@ def main(argv=None) -> None:
          for name in ("train", "validation", "test")}
     setup_seconds = time.perf_counter() - setup_started
 
-    strategies = [s for s in groups.SEARCH_ORDER if s in c.search.strategies]
+    # Keras trains a layer or not: no per-layer learning rate, no mask changing by epoch.
+    strategies = [s for s in groups.SEARCH_ORDER if s in c.search.strategies
+                  and s not in groups.ONE_RUN_METHODS]
+    left_out = [s for s in groups.ONE_RUN_METHODS if s in c.search.strategies]
+    if left_out:
+        print(f"Left out (Keras has no per-layer learning rate): {', '.join(left_out)}.")
     planned = {s: search.candidates(c, table, s) for s in strategies if s != "topk"}
     total_runs = (sum(len(g) for g in planned.values()) +
                   (len(c.search.topk) if "topk" in strategies else 0)) * c.train.seeds
