@@ -439,16 +439,14 @@ class Cohort:
     def compile_steps(self, variables, mask, bn_modes, batch_size: int,
                       image_shape: tuple[int, int, int],
                       device_split_sizes: dict[str, int] | None = None,
-                      eval_batch_multiple: int = EVAL_BATCH_MULTIPLE,
-                      norms: bool = False) -> dict:
+                      eval_batch_multiple: int = EVAL_BATCH_MULTIPLE) -> dict:
         """Traces and compiles the cohort's steps (and its state init) for global batches of
         `batch_size` without running them: run on a background thread, compilation overlaps
         with other work, and the real calls find the programs ready (shapes and shardings are
         part of the cache key). `mask` and `bn_modes` are any candidate's (only their structure
         matters). `device_split_sizes` ({'train': N, 'validation': N, ...}): the splits
         will be DeviceSplits of these sizes; compile the steps that gather their batches there
-        instead of the fed ones. `norms`: Auto-RGN's measurement too (for an engine that
-        trains it). Returns each program's memory ({'train': bytes, 'eval':
+        instead of the fed ones. Returns each program's memory ({'train': bytes, 'eval':
         bytes}: arguments, outputs and temporaries, less donated buffers) as XLA planned it,
         and the train step's flops per run ('flops')."""
         e = self.engine
@@ -480,9 +478,6 @@ class Cohort:
                          fed((), jnp.float32))
             compiled = self.train_step.lower(shared, runs, masks, bns, *fed_batch, keys,
                                              active).compile()
-            if norms:
-                self.gradient_norms_step.lower(shared, runs, bns, *fed_batch, keys,
-                                               index).compile()
             memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
             eval_images = jax.ShapeDtypeStruct((eval_size, *images.shape[1:]), images.dtype)
             evaluation = self.eval_step.lower(
@@ -505,10 +500,6 @@ class Cohort:
         compiled = self.train_step_gathered.lower(
             shared, runs, masks, bns, split_images, split_labels, stacked(order),
             stacked(weights), keys, active).compile()
-        if norms:
-            self.gradient_norms_step_gathered.lower(
-                shared, runs, bns, split_images, split_labels, stacked(order),
-                stacked(weights), keys, index).compile()
         memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
         evaluations = [self.eval_step_gathered.lower(shared, live(runs), *split(n, eval_size),
                                                      index).compile()
@@ -516,6 +507,41 @@ class Cohort:
         memory["eval"] = max(map(program_bytes, evaluations))
         self.executables = {"train": compiled, "eval": evaluations[-1]}  # the largest split's
         return memory
+
+
+    def compile_norms(self, variables, bn_modes, batch_size: int,
+                      image_shape: tuple[int, int, int],
+                      device_split_sizes: dict[str, int] | None = None) -> None:
+        """Traces and compiles Auto-RGN's measurement step (`gradient_norms`) ahead, as
+        `compile_steps` does the others (the same shapes, `bn_modes` any candidate's)."""
+        e = self.engine
+        repl, per_run, k = self.replicated, self.per_run, self.size
+        stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=per_run)
+        images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8)
+        if e.cached:
+            images = jax.eval_shape(e.prefix, variables, images)
+        shared = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                              self.shared_part(variables))
+        runs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=per_run),
+                            self.abstract_runs(variables))
+        bns = jax.tree.map(stacked, e.live_part(bn_modes))
+        keys = stacked(streams.seed_key(0))
+        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
+        if device_split_sizes is None:
+            fed = lambda shape, dtype: jax.ShapeDtypeStruct((k, batch_size, *shape), dtype,
+                                                            sharding=self.run_batch_sharding)
+            self.gradient_norms_step.lower(
+                shared, runs, bns, fed(images.shape[1:], images.dtype), fed((), jnp.int32),
+                fed((), jnp.float32), keys, index).compile()
+            return
+        n, steps = device_split_sizes["train"], -(-device_split_sizes["train"] // batch_size)
+        self.gradient_norms_step_gathered.lower(
+            shared, runs, bns,
+            jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype, sharding=repl),
+            jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
+            stacked(jax.ShapeDtypeStruct((steps, batch_size), jnp.int32)),
+            stacked(jax.ShapeDtypeStruct((steps, batch_size), jnp.float32)), keys,
+            index).compile()
 
 
 def flops(compiled) -> float:

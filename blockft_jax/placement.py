@@ -78,6 +78,9 @@ class Prepared:
     caps: dict
     placement: Placement | None = None
     announced: bool = False          # its placement logged
+    # Auto-RGN's measurement compiling in the background for the placed cohort (engines that
+    # train it): its runs wait for it, the others train meanwhile.
+    norms: concurrent.futures.Future | None = None
 
     @property
     def cohort(self) -> cohort_lib.Cohort:

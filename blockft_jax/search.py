@@ -164,16 +164,13 @@ class Search:
         return prepared
 
     def compile(self, cohort: cohort_lib.Cohort, device_split_sizes, multiple: int) -> dict:
-        """A cohort's steps compiled ahead (any candidate's mask: only structure matters), with
-        Auto-RGN's measurement where the engine trains it: their memory by XLA's plan, and the
-        train step's flops per run."""
+        """A cohort's steps compiled ahead (any candidate's mask: only structure matters):
+        their memory by XLA's plan, and the train step's flops per run."""
         c = self.config
         any_mask = groups.param_mask(self.variables["params"], self.table, [])
         any_bn = groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn)
-        unit = cohort.engine.from_unit
-        norms = any(self.plan.engine_of(g) == unit for g in self.plan.planned.get("auto_rgn", []))
         return cohort.compile_steps(self.variables, any_mask, any_bn, c.data.batch_size,
-                                    self.shape, device_split_sizes, multiple, norms=norms)
+                                    self.shape, device_split_sizes, multiple)
 
     def ready(self, from_unit: str) -> placement.Prepared:
         """The engine with its placement decided (process 0, from its compiled steps) and its
@@ -199,6 +196,12 @@ class Search:
             with self.clock.waiting():
                 prepared.compiled[p.cohort_size, p.eval_batch_multiple] = self.compile(
                     prepared.cohort, self._split_sizes(prepared), p.eval_batch_multiple)
+        if prepared.norms is None and any(self.plan.engine_of(g) == from_unit for g in
+                                          self.plan.planned.get("auto_rgn", [])):
+            prepared.norms = self.compiler.submit(
+                prepared.cohort.compile_norms, self.variables,
+                groups.bn_modes(self.table, [], freeze_bn=self.config.train.freeze_bn),
+                self.config.data.batch_size, self.shape, self._split_sizes(prepared))
         if not prepared.announced:
             log.info(placement.describe(from_unit, p, prepared.runs))
             prepared.announced = True
@@ -274,6 +277,9 @@ class Search:
                                           resume=resumes.get((g.candidate, seed)),
                                           mask_at=inputs.mask_at,
                                           norm_batches=inputs.norm_batches))
+        if any(m.norm_batches for m in members) and prepared.norms is not None:
+            with self.clock.waiting():  # Auto-RGN's measurement, compiled in the background
+                prepared.norms.result()
         writers = [self.scalar_writer(g, seed) for g, seed in runs]
         due = self.checkpoint_due()
         last = [time.perf_counter()]
