@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from blockft_jax import schedule
+from blockft_jax import groups, schedule
+from configs import tiny
 from test_resume import assert_same_search, finished, killed_then_resumed, rows
 
 # Rungs of 1, 2 and 4 epochs; the early rungs train seed 0, the last both seeds.
@@ -39,7 +40,12 @@ def test_halving_prunes_records_and_selects_finalists(whole):
         ranked = strategy["ranking"]
         assert [c["rung"] for c in ranked] == sorted((c["rung"] for c in ranked), reverse=True)
     # Fewer runs and epochs than the paper's protocol; the counts the plan promised.
-    assert len(table) == 16 and len(table) < 6 * 2 * 2
+    one_run = [r for r in table.values() if r["strategy"] in groups.ONE_RUN_METHODS]
+    assert len(table) - len(one_run) == 16 and len(table) - len(one_run) < 6 * 2 * 2
+    # The one-run methods are baselines: every candidate trained every seed to the end.
+    config = tiny.get_config().search
+    assert len(one_run) == (len(config.llrd_decays) + len(config.gradual_epochs) + 1) * 2
+    assert all(r["status"] == "ok" and r["epochs"] == 4 and r["rung"] == 2 for r in one_run)
     assert (whole / "schedule.json").exists() and not list((whole / "parked").glob("*"))
     # One train-step compilation per engine, whatever the rungs.
     record = json.loads((whole / "runs.jsonl").read_text().splitlines()[-1])
