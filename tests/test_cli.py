@@ -96,7 +96,8 @@ def test_dry_run_prints_the_plan_without_data_or_training(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for expected in ("Strategies, in the order they run: classifier_only, layerwise, topk, "
-                     "blocks, window, full", "layerwise:", "Runs: 10", "bytes per image",
+                     "blocks, window, gradual, full, llrd, auto_rgn", "layerwise:", "Runs: 16",
+                     "Engine from unit stem (full, llrd, auto_rgn)", "bytes per image",
                      "Train-step compilations: 2", f"Results would go to {tmp_path / 'wd'}"):
         assert expected in out, (expected, out)
     assert not (tmp_path / "wd").exists()  # nothing written, nothing trained
@@ -110,6 +111,10 @@ def test_dry_run_prints_the_plan_without_data_or_training(tmp_path):
     ("--config.model.options.minimalistic=True", "minimalistic"),
     ("--config.search.window=0", "search.window=0"),
     ("--config.train.optimizer=lion", "train.optimizer='lion'"),
+    ("--config.search.llrd_decays=(0.5,1.5)", "search.llrd_decays=(0.5, 1.5)"),
+    ("--config.search.llrd_decays=(0.0,)", "search.llrd_decays=(0.0,)"),
+    ("--config.search.gradual_epochs=(0,)", "search.gradual_epochs=(0,)"),
+    ("--config.search.auto_rgn_batches=0", "search.auto_rgn_batches=0"),
 ])
 def test_bad_values_are_one_line(override, message, tmp_path):
     result = run_cli("--config", "configs/tiny.py", override, "--dry_run", cwd=ROOT)
