@@ -1,10 +1,11 @@
 """The fine-tuning engine: a model's pure train and eval steps for every candidate group.
 
-What differs between candidates -- which parameters train (a boolean mask shaped like params)
-and which BatchNorm layers use batch statistics -- enters the step as *data*, so the step is
-traced and compiled once per search. The step starts at a unit boundary (`from_unit`): below
-it, the backbone is frozen for every candidate of the search, so no gradient flows there, and its
-output can be computed once per image and cached (`Engine.features`), in device memory when it
+What differs between candidates -- which parameters train, at what share of the learning rate
+(a mask of multipliers shaped like params, 0 frozen), and which BatchNorm layers use batch
+statistics -- enters the step as *data*, so the step is traced and compiled once per search.
+The step starts at a unit boundary (`from_unit`): below it, the backbone is frozen for every
+candidate of the search, so no gradient flows there, and its output can be computed once per
+image and cached (`Engine.features`), in device memory when it
 fits (`Engine.to_device`: then each step gathers its batch there; the host feeds nothing).
 
 The engine holds pure functions of one run; `cohort.py` vmaps and compiles them for K runs at
