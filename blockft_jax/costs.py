@@ -172,17 +172,23 @@ def estimate(plan, suffix: dict[str, float], speed: Speed, images: tuple[int, in
              batch_size: int, eval_batch_size: int) -> dict:
     """The search's estimated seconds, from the schedule's expected run-epochs per candidate,
     each engine's steps and flops per run-epoch, the prefix caches' one forward pass over
-    every image, and one compilation per engine: {'seconds', 'compile', 'train', 'prefix'}."""
+    every image, Auto-RGN's measurement batches, and one compilation per engine: {'seconds',
+    'compile', 'train', 'prefix'}."""
     train_images, validation_images = images
-    steps = -(-train_images // batch_size) + -(-validation_images // eval_batch_size)
+    train_steps = -(-train_images // batch_size)
+    steps = train_steps + -(-validation_images // eval_batch_size)
     train = 0.0
     for strategy in plan.strategies:
         count = plan.candidate_count(strategy)
         per_candidate = plan.expected(strategy)[1] / max(count, 1)
-        units = ([plan.engines[-1]] * count if strategy == "topk" else
-                 [plan.engine_of(g) for g in plan.planned[strategy]])
-        train += sum(per_candidate * speed.seconds(
-            epoch_flops(suffix[u], train_images, validation_images), steps) for u in units)
+        for group in ([None] * count if strategy == "topk" else plan.planned[strategy]):
+            unit = plan.engines[-1] if group is None else plan.engine_of(group)
+            epoch = speed.seconds(epoch_flops(suffix[unit], train_images, validation_images),
+                                  steps)
+            if strategy == "auto_rgn":  # its measurement: a gradient on a few batches an epoch
+                measured = min(int(group.setting), train_steps)
+                epoch += speed.seconds(3 * suffix[unit] * batch_size * measured, measured)
+            train += per_candidate * epoch
     first = suffix[plan.units[0]]
     prefix = sum(first - suffix[u] for u in plan.from_units) * (
         train_images + 2 * validation_images)

@@ -85,3 +85,29 @@ def test_engines_split_by_depth_trades_compile_for_training():
     # Two engines: the heavy b3 candidates get their own; b1 and b2 share b1's.
     assert costs.split(work, suffix, units, 2, cheap) == ["b3", "b1"]
     assert np.isfinite(sum(suffix.values()))
+
+
+def test_the_estimate_counts_auto_rgns_measurement():
+    """Auto-RGN's run-epochs also compute a gradient on `auto_rgn_batches` batches (at most an
+    epoch's): what the estimate adds over `full`'s, in the same engine, is those steps."""
+    def train_seconds(strategy, batches=5):
+        config = demo.get_config()
+        with config.unlocked():
+            config.search.strategies = (strategy,)
+            config.search.auto_rgn_batches = batches
+        module = plan.build_module(config, 5)
+        table = models.layer_table(module, (32, 32, 3))
+        searched = plan.make_plan(config, table, module)
+        suffix = costs.suffix_flops(table, models.variable_shapes(module, (32, 32, 3)),
+                                    module.unit_names())
+        speed = costs.Speed(seconds_per_flop=1e-9, compile_seconds=10.0, measured_on="test",
+                            step_seconds=0.01)
+        epochs = searched.expected(strategy)[1]
+        estimate = costs.estimate(searched, suffix, speed, (100, 400), 25, 100)["train"]
+        return estimate, epochs, suffix[searched.first_unit]
+
+    full, epochs, suffix = train_seconds("full")
+    for batches, measured in ((2, 2), (9, 4)):  # 100 images: 4 batches of 25 an epoch
+        auto_rgn, _, _ = train_seconds("auto_rgn", batches)
+        np.testing.assert_allclose(auto_rgn - full, epochs * (
+            measured * 0.01 + 3 * suffix * 25 * measured * 1e-9), rtol=1e-9)
