@@ -323,7 +323,7 @@ class Plan:
 def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | None = None
               ) -> Plan:
     """The plan of `config`'s search. With the machine's `speed` (costs.measure) and the
-    (train, validation) image counts, the candidates but full's go to at most
+    (train, validation) image counts, the candidates but the whole network's go to at most
     `search.engines` engines by depth (costs.split); without, to one engine."""
     from blockft_jax import costs
     s = config.search

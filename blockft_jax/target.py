@@ -292,14 +292,15 @@ def report(config, target: str) -> str:
         cost, decided, seconds = compiled[unit, work["runs"]]
         return dataclasses.replace(cost, run_epochs=work["run_epochs"]), decided, seconds
 
-    plan = plan_lib.make_plan(c, table, module)  # the candidates but full's in one engine
+    # The candidates but the whole network's in one engine, until the split below.
+    plan = plan_lib.make_plan(c, table, module)
     if c.search.engines > 1 and len({plan.lowest_unit(g) for g in plan.shared}) > 1:
         probe, _, seconds = cost_of(plan, plan.engines[0])
         step = probe.train_step
         speed = costs.Speed(roofline(step, chip) / max(step.flops, 1.0), seconds,
                             f"the train step from {probe.unit} compiled for {target}")
         plan = plan_lib.make_plan(c, table, module, speed=speed, images=images[:2])
-        lines.append(f"Engines by depth: candidates but full's train from units "
+        lines.append(f"Engines by depth: candidates but the whole network's train from units "
                      f"{', '.join(plan.engines)} (at most search.engines={c.search.engines}; "
                      f"split from the roofline of the train step from {probe.unit}, "
                      f"{speed.seconds_per_flop * 1e15:.3g} s per PFLOP, and its compile time "
