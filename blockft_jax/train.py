@@ -48,7 +48,7 @@ def masked(inner: optax.GradientTransformation) -> optax.GradientTransformationE
 
     def scaled(tree, mask):
         # t * 1 is t bitwise: a multiplier of 1 (or True) changes nothing.
-        return jax.tree.map(lambda t, m: jnp.where(m > 0, t * m.astype(t.dtype),
+        return jax.tree.map(lambda t, m: jnp.where(m > 0, t * jnp.asarray(m, t.dtype),
                                                    jnp.zeros_like(t)), tree, mask)
 
     inner = optax.with_extra_args_support(inner)

@@ -91,6 +91,8 @@ def main(argv):
             holds_diverged = any(not np.isfinite(r["train_loss"]) for h in histories
                                  for r in h)
             if {"full": any(c == "full" for c, _ in runs) and len(runs) > 1,
+                    "auto_rgn": any(c == "auto_rgn" for c, _ in runs),
+                    "gradual": any(c.startswith("gradual:") for c, _ in runs),
                     "top": all(c != "full" for c, _ in runs) and len(runs) > 1,
                     "diverged": holds_diverged,
                     f"save:{len(saves)}": True}.get(kill_at, False):

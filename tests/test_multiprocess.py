@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from blockft_jax import groups
 from test_newcomer import assert_best_is_the_winner
 from test_search import assert_same_models, same_engines
 
@@ -17,6 +18,10 @@ WORKER = Path(__file__).with_name("search_worker.py")
 ROOT = Path(__file__).parents[1]
 TIMEOUT = 600
 EXIT_UNSUPPORTED = 77
+# configs/tiny.py's runs, one seed and two epochs (halving is the exhaustive protocol there):
+# classifier_only 1, layerwise 3, topk 1, blocks 2, window 2, full 1, llrd 3 (decays), gradual
+# 2 (epochs per unit), auto_rgn 1.
+RUNS = 16
 
 
 def free_port() -> int:
@@ -51,14 +56,13 @@ def uninterrupted(tmp_path_factory):
 def test_two_process_search_runs_every_strategy_with_one_log(uninterrupted):
     workdir, (leader, other) = uninterrupted
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary["strategies"]) == {"classifier_only", "full", "layerwise", "topk",
-                                          "blocks", "window"}
+    assert set(summary["strategies"]) == set(groups.STRATEGIES)
     assert "comparisons" in summary
     rows = (workdir / "results.jsonl").read_text().splitlines()
-    assert len(rows) == 10
+    assert len(rows) == RUNS
     # One copy of the search's progress: process 0's.
-    assert "[10/10]" in leader and "Winner:" in leader
-    assert "[1/10]" not in other and "Winner:" not in other
+    assert f"[{RUNS}/{RUNS}]" in leader and "Winner:" in leader
+    assert f"[1/{RUNS}]" not in other and "Winner:" not in other
     assert_best_is_the_winner(workdir)  # models/best, copied by process 0
 
 
@@ -75,7 +79,7 @@ def test_kill_both_processes_and_restart_gives_the_same_summary_and_models(unint
     processes[1].send_signal(signal.SIGKILL)  # the other process of the preempted slice
     processes[1].communicate(timeout=60)
     done = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert 0 < len(done) < 10
+    assert 0 < len(done) < RUNS
     assert (tmp_path / "checkpoints" / "current.json").exists()
     finish(start(tmp_path))
     assert (json.loads((tmp_path / "summary.json").read_text()) ==

@@ -1,6 +1,7 @@
 """An interrupted search always resumes: killed (SIGKILL, as a preempted VM dies) right after a
 checkpoint in each phase of a search -- the top engine's cohorts, full fine-tuning's cohort (no
-frozen variables at all), a run that had diverged -- then rerun with the same command, it ends
+frozen variables at all), gradual unfreezing's and Auto-RGN's (masks that change between
+epochs), a run that had diverged -- then rerun with the same command, it ends
 with the uninterrupted search's summary.json, rows and saved models, bitwise."""
 import json
 import subprocess
@@ -14,8 +15,8 @@ from test_search import assert_same_models, same_engines
 WORKER = Path(__file__).with_name("preempted_search.py")
 ROOT = Path(__file__).parents[1]
 
-# Every strategy, two seeds: full's two runs train as one cohort, the top engine's in several.
-ALL_SIX = {"train.seeds": 2, "train.checkpoint_seconds": 0.0}
+# Every strategy, two seeds: the whole network's runs in cohorts, the top engine's in several.
+ALL_STRATEGIES = {"train.seeds": 2, "train.checkpoint_seconds": 0.0}
 # Every run diverges in its first epoch.
 BLOWS_UP = {"train.optimizer": "sgd", "train.learning_rate": 1e38, "train.epochs": 2,
             "train.checkpoint_seconds": 0.0,
@@ -71,16 +72,19 @@ def assert_same_search(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    return finished(tmp_path_factory.mktemp("whole"), ALL_SIX)
+    return finished(tmp_path_factory.mktemp("whole"), ALL_STRATEGIES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["top", "full"])
+@pytest.mark.parametrize("phase", ["top", "full", "gradual", "auto_rgn"])
 def test_killed_in_each_phase_resumes_bitwise(uninterrupted, tmp_path, phase):
-    """kill -9 right after the first checkpoint of the top engine's cohorts, or of full
-    fine-tuning's cohort, then the same command again."""
-    out = killed_then_resumed(tmp_path, ALL_SIX, phase, like=uninterrupted)
-    assert "KILLED" in out and (("'full'" in out) == (phase == "full")), out[-2000:]
+    """kill -9 right after the first checkpoint of the top engine's cohorts, of full
+    fine-tuning's cohort, or of a cohort holding runs whose masks change between epochs
+    (gradual unfreezing; Auto-RGN, whose next masks are measured from the restored state),
+    then the same command again."""
+    out = killed_then_resumed(tmp_path, ALL_STRATEGIES, phase, like=uninterrupted)
+    assert "KILLED" in out, out[-2000:]
+    assert ("'full'" not in out) if phase == "top" else (f"'{phase}" in out), out[-2000:]
     assert_same_search(uninterrupted, tmp_path)
 
 
