@@ -263,6 +263,28 @@ def test_auto_rgn_matches_a_reference_loop(model, engine, variables, table, spli
                                                      jax.tree.leaves(recorded[0])))
 
 
+def test_an_auto_rgn_run_trains_alike_beside_other_runs(engine, variables, table, splits):
+    """In a cohort with runs of other strategies (full's, gradual's, second and last), an
+    Auto-RGN run measures and trains on its own: its multipliers and final parameters are what
+    it gets alone, up to float order."""
+    auto, = groups.auto_rgn(table, 2)
+    full = groups.Group("full", "full", tuple(r.name for r in groups.backbone_layers(table)))
+    gradual, = groups.gradual(table, (1,), EPOCHS)
+    alone, mixed = {}, {}
+    single = fit(cohort_lib.Cohort(engine, 1), variables,
+                 [run_of(variables, table, auto, 1, alone)], splits)[0]
+    runs = [run_of(variables, table, full, 0), run_of(variables, table, auto, 1, mixed),
+            run_of(variables, table, gradual, 0)]
+    beside = fit(cohort_lib.Cohort(engine, 3), variables, runs, splits)[1]
+    for epoch in range(EPOCHS):
+        for path, want in flat(alone[epoch]).items():
+            assert float(flat(mixed[epoch])[path]) == pytest.approx(float(want), rel=1e-4,
+                                                                     abs=1e-7), (epoch, path)
+    got = flat(beside.final_variables["params"])
+    for path, want in flat(single.final_variables["params"]).items():
+        np.testing.assert_allclose(got[path], want, rtol=2e-4, atol=2e-6, err_msg=str(path))
+
+
 def test_adam_counts_steps_per_tensor_from_when_it_trains():
     """Under the search's Adam, a tensor unfrozen after some steps (gradual unfreezing) is
     updated as by a fresh Adam begun at its first trained step (PyTorch's Adam counts steps per
