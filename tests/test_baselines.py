@@ -34,12 +34,7 @@ def table(model):
 def variables(model):
     """Random weights with moving statistics unlike any batch's, and a head drawn from seed 0
     (its bias 0: a fresh head's)."""
-    v = jax.device_get(jax.jit(model.init)(jax.random.key(0),
-                                           jnp.zeros((1, base.SIZE, base.SIZE, 3))))
-    rng = np.random.default_rng(1)
-    for stats in v["batch_stats"].values():
-        stats["mean"] = rng.normal(0.0, 0.2, stats["mean"].shape).astype(np.float32)
-        stats["var"] = rng.uniform(0.5, 2.0, stats["var"].shape).astype(np.float32)
+    v = base.pretrained_like(model)
     head = models.init_head(model, (base.SIZE, base.SIZE, 3), streams.head_key(0))
     return {**v, "params": {**v["params"], HEAD_UNIT: jax.device_get(head)}}
 

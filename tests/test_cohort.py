@@ -12,7 +12,6 @@ import copy
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -46,14 +45,7 @@ def table(model):
 
 @pytest.fixture(scope="module")
 def variables(model):
-    """Random weights, and moving statistics unlike any batch's (as test_train's)."""
-    v = jax.device_get(jax.jit(model.init)(jax.random.key(0),
-                                           jnp.zeros((1, base.SIZE, base.SIZE, 3))))
-    rng = np.random.default_rng(1)
-    for stats in v["batch_stats"].values():
-        stats["mean"] = rng.normal(0.0, 0.2, stats["mean"].shape).astype(np.float32)
-        stats["var"] = rng.uniform(0.5, 2.0, stats["var"].shape).astype(np.float32)
-    return v
+    return base.pretrained_like(model)
 
 
 @pytest.fixture(scope="module")

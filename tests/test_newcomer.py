@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_cli import photo_folder, user_dir
+from test_cli import last_message, photo_folder, user_dir
 from test_search import flat_arrays
 
 # configs/photos.py shrunk to seconds: a random MobileNetV2 (width 0.35) at 32 px, one epoch.
@@ -291,6 +291,6 @@ def test_an_unexpected_error_names_only_a_log_that_exists(tmp_path, monkeypatch,
     with caplog.at_level(logging.INFO):
         assert launch.run(tiny.get_config(), str(tmp_path / "wd"), dry_run_only=True) == 1
     assert any(r.exc_info for r in caplog.records), "no traceback logged"
-    last = caplog.records[-1].getMessage()
+    last = last_message(caplog)
     assert "RuntimeError: a bug" in last and last.endswith("the traceback is above.")
     assert not (tmp_path / "wd").exists()

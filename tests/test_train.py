@@ -124,16 +124,21 @@ def table(model):
     return models.layer_table(model, (SIZE, SIZE, 3))
 
 
-@pytest.fixture(scope="module")
-def variables(model):
+def pretrained_like(model):
+    """Random weights, and moving statistics unlike any batch's (as after pretraining), so that
+    a BN using batch statistics and one using its moving statistics give visibly different
+    results."""
     v = jax.device_get(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3))))
-    # Moving statistics unlike any batch's (as after pretraining), so that a BN using batch
-    # statistics and one using its moving statistics give visibly different results.
     rng = np.random.default_rng(1)
     for stats in v["batch_stats"].values():
         stats["mean"] = rng.normal(0.0, 0.2, stats["mean"].shape).astype(np.float32)
         stats["var"] = rng.uniform(0.5, 2.0, stats["var"].shape).astype(np.float32)
     return v
+
+
+@pytest.fixture(scope="module")
+def variables(model):
+    return pretrained_like(model)
 
 
 def synthetic_split(n, seed):
