@@ -508,7 +508,6 @@ class Cohort:
         self.executables = {"train": compiled, "eval": evaluations[-1]}  # the largest split's
         return memory
 
-
     def compile_norms(self, variables, bn_modes, batch_size: int,
                       image_shape: tuple[int, int, int],
                       device_split_sizes: dict[str, int] | None = None) -> None:
