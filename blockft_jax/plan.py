@@ -361,8 +361,9 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
 
 def engine_work(plan: Plan) -> dict:
     """Per engine: the (candidate, seed) keys it trains (topk's by name, before its layers are
-    known: the deepest engine's), the runs of its first rung (what bounds its cohort size) and
-    its expected run-epochs."""
+    known: the deepest engine's), the runs of its first rung (what bounds its cohort size), its
+    expected run-epochs, and Auto-RGN's measurement, (runs, epochs, batches an epoch) for each
+    of its candidates (baselines train every seed to the end)."""
     work: dict[str, dict] = {}
     for strategy in plan.strategies:
         count = plan.candidate_count(strategy)
@@ -372,10 +373,14 @@ def engine_work(plan: Plan) -> dict:
         first = plan.rungs[plan.stopping_rungs(strategy)[0]]
         for name, group in members:
             unit = plan.engines[-1] if group is None else plan.engine_of(group)
-            entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0})
+            entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0,
+                                           "measurements": []})
             entry["keys"] += [(name, seed) for seed in range(plan.seeds)]
             entry["runs"] += len(first.seeds)
             entry["run_epochs"] += run_epochs
+            if strategy == "auto_rgn":
+                entry["measurements"].append(
+                    (plan.seeds, plan.rungs[-1].epochs, int(group.setting)))
     return work
 
 

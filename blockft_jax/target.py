@@ -38,19 +38,20 @@ class Chip:
     hbm_bandwidth: float    # bytes/s
     hbm_bytes: int
     chip_config: str        # get_topology_desc's chip_config_name: 'megacore' = 1 device a chip
+    accelerator_type: str   # a slice of this generation, as a TPU VM names it
     source: str
 
 
 GIB = 2**30
 # Google Cloud's TPU system architecture pages (retrieved 2025).
 CHIPS = {
-    "v4": Chip("TPU v4", 275e12, 1200e9, 32 * GIB, "megacore",
+    "v4": Chip("TPU v4", 275e12, 1200e9, 32 * GIB, "megacore", "v4-8",
                "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 197e12, 819e9, 16 * GIB, "default",
+    "v5e": Chip("TPU v5e", 197e12, 819e9, 16 * GIB, "default", "v5litepod-8",
                 "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95 * GIB, "megacore",
+    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95 * GIB, "megacore", "v5p-8",
                 "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32 * GIB, "default",
+    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32 * GIB, "default", "v6e-8",
                 "https://cloud.google.com/tpu/docs/v6e"),
 }
 
@@ -79,7 +80,7 @@ class EngineCost:
     """An engine's runs as a search trains them: `runs` runs at once at most (its first rung's),
     `run_epochs` epochs of runs in all (the schedule's), in cohorts of `cohort_size`; its train
     step and eval step (evaluation batches `eval_batch_multiple` x the training batch) per
-    device."""
+    device; Auto-RGN's measurements, (runs, epochs, batches an epoch) for each candidate."""
     unit: str
     runs: int
     run_epochs: float
@@ -87,6 +88,7 @@ class EngineCost:
     eval_batch_multiple: int
     train_step: StepCost
     eval_step: StepCost
+    measurements: tuple[tuple[int, int, int], ...] = ()
 
 
 def step_cost(compiled) -> StepCost:
@@ -108,20 +110,25 @@ def roofline(cost: StepCost, chip: Chip) -> float:
 def search_seconds(engines: Sequence[EngineCost], images: tuple[int, int, int],
                    batch_size: int, step_seconds: Callable[[StepCost], float]) -> dict:
     """The search's training time: every engine's cohort-epochs (its run-epochs over its
-    cohort size, rounded up) of train steps and a validation, and one test evaluation per
-    cohort of its runs, at `step_seconds(cost)` a step (e.g. `lambda cost: roofline(cost,
-    chip)`). `images`: (train, validation, test). Returns {'seconds', unit: seconds per
-    engine}. Not counted: compiling, the prefix caches' forward pass, a halving schedule's
-    extra test evaluations at its rungs, early stops (diverged runs)."""
+    cohort size, rounded up) of train steps and a validation, one test evaluation per cohort of
+    its runs, and Auto-RGN's measurement batches every epoch of its cohorts (a forward and
+    backward pass: at the train step's time), at `step_seconds(cost)` a step (e.g. `lambda
+    cost: roofline(cost, chip)`). `images`: (train, validation, test). Returns {'seconds',
+    unit: seconds per engine}. Not counted: compiling, the prefix caches' forward pass, a
+    halving schedule's extra test evaluations at its rungs, early stops (diverged runs)."""
     train_images, validation, test = images
     out = {}
+    train_steps = -(-train_images // batch_size)
     for e in engines:
         eval_batch = batch_size * e.eval_batch_multiple
-        epoch = (-(-train_images // batch_size) * step_seconds(e.train_step)
+        epoch = (train_steps * step_seconds(e.train_step)
                  + -(-validation // eval_batch) * step_seconds(e.eval_step))
+        measuring = sum(epochs * -(-runs // e.cohort_size) * min(batches, train_steps)
+                        for runs, epochs, batches in e.measurements)
         out[e.unit] = (math.ceil(e.run_epochs / e.cohort_size) * epoch
                        + -(-e.runs // e.cohort_size) * -(-test // eval_batch)
-                       * step_seconds(e.eval_step))
+                       * step_seconds(e.eval_step)
+                       + measuring * step_seconds(e.train_step))
     return {"seconds": sum(out.values()), **out}
 
 
@@ -150,6 +157,13 @@ def slice_devices(target: str) -> tuple[Chip, list]:
     # libtpu locks the machine's TPUs for one process; here there are none to guard, and
     # several processes (tests, two dry runs) may describe slices at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if os.environ.get("TPU_SKIP_MDS_QUERY") == "1":
+        # No TPU here (jax's cloud_tpu_init found none and asks libtpu not to query the VM's
+        # metadata): name a slice, or libtpu prints three lines of warnings about the VM it
+        # is not on. The slice compiled for is get_topology_desc's, whatever these say.
+        for name, value in (("TPU_ACCELERATOR_TYPE", chip.accelerator_type),
+                            ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+            os.environ.setdefault(name, value)
     from jax.experimental import topologies
     try:
         shape = [int(x) for x in topology.partition(":")[2].split("x")]
@@ -252,7 +266,8 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, work: 
     return EngineCost(unit, runs, work["run_epochs"], decided.cohort_size,
                       decided.eval_batch_multiple,
                       step_cost(cohort.executables["train"]),
-                      step_cost(cohort.executables["eval"])), decided
+                      step_cost(cohort.executables["eval"]),
+                      tuple(work.get("measurements", ()))), decided
 
 
 def report(config, target: str) -> str:
@@ -290,7 +305,8 @@ def report(config, target: str) -> str:
                                         images, chip.hbm_bytes, chip.name)
             compiled[unit, work["runs"]] = cost, decided, time.perf_counter() - started
         cost, decided, seconds = compiled[unit, work["runs"]]
-        return dataclasses.replace(cost, run_epochs=work["run_epochs"]), decided, seconds
+        return dataclasses.replace(cost, run_epochs=work["run_epochs"],
+                                   measurements=tuple(work["measurements"])), decided, seconds
 
     # The candidates but the whole network's in one engine, until the split below.
     plan = plan_lib.make_plan(c, table, module)
@@ -317,9 +333,11 @@ def report(config, target: str) -> str:
         bound = ("compute" if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth
                  else "memory")
         lines.append(
-            f"On the slice, engine from {unit}: {cost.runs} runs in cohorts of {cost.cohort_size}, laid out "
-            f"{decided.layout[0]} runs x {decided.layout[1]} data; {inputs}; "
-            f"{cost.run_epochs:,.0f} run-epochs ({c.search.schedule} schedule).")
+            f"On the slice, engine from {unit}: {cost.runs} runs in cohorts of "
+            f"{cost.cohort_size}, laid out {decided.layout[0]} runs x {decided.layout[1]} data; {inputs}; "
+            f"{cost.run_epochs:,.0f} run-epochs ({c.search.schedule} schedule)"
+            + "".join(f"; Auto-RGN measures {batches} batch(es) an epoch for {runs} run(s)"
+                      for runs, _, batches in cost.measurements) + ".")
         lines.append(
             f"  train step per chip: arguments {mb(t.argument_bytes)}, temporaries "
             f"{mb(t.temp_bytes)}, outputs {mb(t.output_bytes)} (of which reused "

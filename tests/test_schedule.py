@@ -111,3 +111,17 @@ def test_the_estimate_counts_auto_rgns_measurement():
         auto_rgn, _, _ = train_seconds("auto_rgn", batches)
         np.testing.assert_allclose(auto_rgn - full, epochs * (
             measured * 0.01 + 3 * suffix * 25 * measured * 1e-9), rtol=1e-9)
+
+
+def test_the_engines_work_holds_auto_rgns_measurement():
+    """What --target counts for Auto-RGN's measurement: its runs (every seed, a baseline),
+    their epochs (all of them) and its batches an epoch, in the engine that trains it."""
+    config = demo.get_config()
+    with config.unlocked():
+        config.search.strategies = ("full", "auto_rgn")
+    module = plan.build_module(config, 5)
+    searched = plan.make_plan(config, models.layer_table(module, (32, 32, 3)), module)
+    work = plan.engine_work(searched)[searched.first_unit]
+    assert work["measurements"] == [(config.train.seeds, config.train.epochs,
+                                     config.search.auto_rgn_batches)]
+    assert work["runs"] == 2 * config.train.seeds

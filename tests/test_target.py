@@ -1,6 +1,7 @@
 """--dry_run --target tpu:...: the search's steps compiled for a TPU slice on this machine (with
 libtpu; those tests are skipped without it), the chip table's roofline, the search's time
 estimate, and one-line errors for a bad target or a missing libtpu."""
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -45,6 +46,10 @@ def test_search_seconds_counts_cohort_epochs_and_steps():
     # 5 cohort-epochs x (4 train steps + 2 validation steps) + 3 cohorts x 1 test step
     got = target.search_seconds([engine], (100, 60, 40), 25, seconds.__getitem__)
     assert got == {"seconds": 5 * (4 * 1 + 2 * 3) + 3 * 1 * 3, "block_16": 59.0}
+    # Auto-RGN's 3 runs (in one cohort) measure on 5 batches (4: the epoch's) each of 6 epochs.
+    measured = dataclasses.replace(engine, measurements=((3, 6, 5),))
+    got = target.search_seconds([measured], (100, 60, 40), 25, seconds.__getitem__)
+    assert got["block_16"] == 59.0 + 6 * 4 * 1.0
 
 
 @pytest.mark.parametrize("bad", ["v5e:2x4", "gpu:h100", "tpu:v9:2x2", "tpu:v5e"])
@@ -84,6 +89,8 @@ def test_dry_run_compiles_for_a_slice(name, chips, hosts):
     the roofline times, and the whole search's estimate."""
     result = main("--target", name)
     assert result.returncode == 0, result.stderr[-3000:]
+    # libtpu's warnings about a TPU VM it is not on are silenced.
+    assert "TPU_ACCELERATOR_TYPE" not in result.stderr and "E0000" not in result.stderr
     out = result.stdout
     assert f"Target {name}: {chips} x TPU" in out and f"on {hosts} host(s)" in out
     engines = [line for line in out.splitlines() if line.startswith("On the slice, engine ")]
