@@ -198,6 +198,18 @@ def dataset_images(config) -> tuple[int, int, int, int]:
     return sizes
 
 
+def tpu_module(config, num_classes: int):
+    """The search's model as a TPU builds it: the layers' 'auto' implementations resolve by
+    the backend that traces them, which here is this machine's (on CPU: shifted multiply-adds
+    for depthwise convolutions, matmuls for 1x1 ones), not the slice's native convolutions."""
+    from blockft_jax import plan as plan_lib
+    config = config.copy_and_resolve_references()
+    for name in ("depthwise_impl", "conv_impl"):
+        if config.model.options[name] in (None, "auto"):
+            config.model.options[name] = "native"
+    return plan_lib.build_module(config, num_classes)
+
+
 def engine_cost(config, module, table, variables, tx, devices, unit: str, work: dict,
                 images: tuple[int, int, int], memory: int, device_name: str
                 ) -> tuple[EngineCost, placement.Placement]:
@@ -282,7 +294,7 @@ def report(config, target: str) -> str:
     c = config
     *images, classes = dataset_images(c)
     images = tuple(images)
-    module = plan_lib.build_module(c, classes)
+    module = tpu_module(c, classes)
     shape = (c.model.input_size, c.model.input_size, 3)
     table = models.layer_table(module, shape)
     variables = models.variable_shapes(module, shape)

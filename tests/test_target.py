@@ -4,6 +4,7 @@ estimate, and one-line errors for a bad target or a missing libtpu."""
 import dataclasses
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,20 @@ def test_dry_run_compiles_for_a_slice(name, chips, hosts):
     steps = [line for line in out.splitlines() if "train step per chip" in line]
     assert len(steps) == len(units) and all("GFLOP" in s and "roofline" in s for s in steps)
     assert "Estimated search time on " + name in out
+
+
+def test_the_slices_model_has_the_tpus_convolutions():
+    """Traced on this CPU, 'auto' would give shifted multiply-adds for depthwise convolutions;
+    the programs compiled for a slice have the grouped convolutions a TPU runs."""
+    import jax
+    import numpy as np
+
+    from configs import tiny
+    config = tiny.get_config()
+    module = target.tpu_module(config, 3)
+    x = np.zeros((2, 32, 32, 3), np.float32)
+    variables = jax.eval_shape(module.init, jax.random.key(0), x)
+    jaxpr = str(jax.make_jaxpr(lambda v: module.apply(v, x, train=False))(variables))
+    groups = {int(n) for n in re.findall(r"feature_group_count=(\d+)", jaxpr)}
+    assert max(groups) > 1, "no grouped (depthwise) convolution in the slice's model"
+    assert config.model.options.depthwise_impl is None  # the user's config is left as it is
