@@ -436,6 +436,37 @@ class Cohort:
 
     # -- ahead-of-time compilation --------------------------------------------------------------
 
+    def _abstract_arguments(self, variables, bn_modes, batch_size: int,
+                            image_shape: tuple[int, int, int]) -> "_AbstractArguments":
+        """The shapes and shardings the compiled steps are traced with (see `compile_steps`)."""
+        e, k = self.engine, self.size
+        stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=self.per_run)
+        images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8)
+        if e.cached:
+            images = jax.eval_shape(e.prefix, variables, images)
+        like = lambda sharding: lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                sharding=sharding)
+        fed = lambda shape, dtype: jax.ShapeDtypeStruct((k, batch_size, *shape), dtype,
+                                                        sharding=self.run_batch_sharding)
+        return _AbstractArguments(
+            stacked=stacked, images=images,
+            shared=jax.tree.map(like(self.replicated), self.shared_part(variables)),
+            runs=jax.tree.map(like(self.per_run), self.abstract_runs(variables)),
+            bn_modes=jax.tree.map(stacked, e.live_part(bn_modes)),
+            keys=stacked(streams.seed_key(0)),
+            index=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+            fed_batch=(fed(images.shape[1:], images.dtype), fed((), jnp.int32),
+                       fed((), jnp.float32)))
+
+    def _abstract_split(self, images, n: int, size: int) -> tuple:
+        """A DeviceSplit of `n` examples (images like `images`'s rows), and an epoch's order
+        and weights in batches of `size`."""
+        repl, steps = self.replicated, -(-n // size)
+        return (jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype, sharding=repl),
+                jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
+                jax.ShapeDtypeStruct((steps, size), jnp.int32, sharding=repl),
+                jax.ShapeDtypeStruct((steps, size), jnp.float32, sharding=repl))
+
     def compile_steps(self, variables, mask, bn_modes, batch_size: int,
                       image_shape: tuple[int, int, int],
                       device_split_sizes: dict[str, int] | None = None,
@@ -449,61 +480,39 @@ class Cohort:
         instead of the fed ones. Returns each program's memory ({'train': bytes, 'eval':
         bytes}: arguments, outputs and temporaries, less donated buffers) as XLA planned it,
         and the train step's flops per run ('flops')."""
-        e = self.engine
-        repl, per_run, k = self.replicated, self.per_run, self.size
-        like = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-        stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=per_run)
-        images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8)
-        if e.cached:
-            images = jax.eval_shape(e.prefix, variables, images)
-        shared = jax.tree.map(lambda x: like(x, repl), self.shared_part(variables))
-        live_vars = jax.tree.map(stacked, self.live_variables(variables))
-        runs = jax.tree.map(lambda x: like(x, per_run), self.abstract_runs(variables))
-        masks = jax.tree.map(lambda x: stacked(np.asarray(x, MASK_DTYPE)), e.live_part(mask))
-        bns = jax.tree.map(stacked, e.live_part(bn_modes))
-        keys = stacked(streams.seed_key(0))
-        active = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=per_run)
-        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
+        e, k = self.engine, self.size
+        a = self._abstract_arguments(variables, bn_modes, batch_size, image_shape)
+        live_vars = jax.tree.map(a.stacked, self.live_variables(variables))
+        masks = jax.tree.map(lambda x: a.stacked(np.asarray(x, MASK_DTYPE)), e.live_part(mask))
+        active = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self.per_run)
         memory = {}
         self._init_runs.lower(live_vars).compile()
         self._keep_best.lower(live_vars, live_vars, active).compile()
-        self._take_run.lower(live(runs), jax.ShapeDtypeStruct((), jnp.int32,
-                                                              sharding=repl)).compile()
+        self._take_run.lower(live(a.runs), a.index).compile()
         eval_size = batch_size * eval_batch_multiple
         if device_split_sizes is None:
-            fed = lambda shape, dtype: jax.ShapeDtypeStruct((k, batch_size, *shape), dtype,
-                                                            sharding=self.run_batch_sharding)
-            batch = e.batch_sharding
-            fed_batch = (fed(images.shape[1:], images.dtype), fed((), jnp.int32),
-                         fed((), jnp.float32))
-            compiled = self.train_step.lower(shared, runs, masks, bns, *fed_batch, keys,
-                                             active).compile()
+            compiled = self.train_step.lower(a.shared, a.runs, masks, a.bn_modes, *a.fed_batch,
+                                             a.keys, active).compile()
             memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
-            eval_images = jax.ShapeDtypeStruct((eval_size, *images.shape[1:]), images.dtype)
+            batch = lambda shape, dtype: jax.ShapeDtypeStruct((eval_size, *shape), dtype,
+                                                              sharding=e.batch_sharding)
             evaluation = self.eval_step.lower(
-                shared, live(runs), like(eval_images, batch),
-                jax.ShapeDtypeStruct((eval_size,), jnp.int32, sharding=batch),
-                jax.ShapeDtypeStruct((eval_size,), jnp.float32, sharding=batch)).compile()
+                a.shared, live(a.runs), batch(a.images.shape[1:], a.images.dtype),
+                batch((), jnp.int32), batch((), jnp.float32)).compile()
             memory["eval"] = program_bytes(evaluation)
             self.executables = {"train": compiled, "eval": evaluation}
             return memory
 
-        def split(n, size):  # a DeviceSplit's arrays, an epoch's order and weights
-            steps = -(-n // size)
-            return (jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype, sharding=repl),
-                    jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
-                    jax.ShapeDtypeStruct((steps, size), jnp.int32, sharding=repl),
-                    jax.ShapeDtypeStruct((steps, size), jnp.float32, sharding=repl))
-
         sizes = dict(device_split_sizes)
-        split_images, split_labels, order, weights = split(sizes.pop("train"), batch_size)
+        split_images, split_labels, order, weights = self._abstract_split(
+            a.images, sizes.pop("train"), batch_size)
         compiled = self.train_step_gathered.lower(
-            shared, runs, masks, bns, split_images, split_labels, stacked(order),
-            stacked(weights), keys, active).compile()
+            a.shared, a.runs, masks, a.bn_modes, split_images, split_labels, a.stacked(order),
+            a.stacked(weights), a.keys, active).compile()
         memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
-        evaluations = [self.eval_step_gathered.lower(shared, live(runs), *split(n, eval_size),
-                                                     index).compile()
-                       for n in sorted(set(sizes.values()))]
+        evaluations = [self.eval_step_gathered.lower(
+            a.shared, live(a.runs), *self._abstract_split(a.images, n, eval_size),
+            a.index).compile() for n in sorted(set(sizes.values()))]
         memory["eval"] = max(map(program_bytes, evaluations))
         self.executables = {"train": compiled, "eval": evaluations[-1]}  # the largest split's
         return memory
@@ -513,34 +522,31 @@ class Cohort:
                       device_split_sizes: dict[str, int] | None = None) -> None:
         """Traces and compiles Auto-RGN's measurement step (`gradient_norms`) ahead, as
         `compile_steps` does the others (the same shapes, `bn_modes` any candidate's)."""
-        e = self.engine
-        repl, per_run, k = self.replicated, self.per_run, self.size
-        stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=per_run)
-        images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8)
-        if e.cached:
-            images = jax.eval_shape(e.prefix, variables, images)
-        shared = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                              self.shared_part(variables))
-        runs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=per_run),
-                            self.abstract_runs(variables))
-        bns = jax.tree.map(stacked, e.live_part(bn_modes))
-        keys = stacked(streams.seed_key(0))
-        index = jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)
+        a = self._abstract_arguments(variables, bn_modes, batch_size, image_shape)
         if device_split_sizes is None:
-            fed = lambda shape, dtype: jax.ShapeDtypeStruct((k, batch_size, *shape), dtype,
-                                                            sharding=self.run_batch_sharding)
-            self.gradient_norms_step.lower(
-                shared, runs, bns, fed(images.shape[1:], images.dtype), fed((), jnp.int32),
-                fed((), jnp.float32), keys, index).compile()
+            self.gradient_norms_step.lower(a.shared, a.runs, a.bn_modes, *a.fed_batch, a.keys,
+                                           a.index).compile()
             return
-        n, steps = device_split_sizes["train"], -(-device_split_sizes["train"] // batch_size)
+        images, labels, order, weights = self._abstract_split(
+            a.images, device_split_sizes["train"], batch_size)
         self.gradient_norms_step_gathered.lower(
-            shared, runs, bns,
-            jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype, sharding=repl),
-            jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
-            stacked(jax.ShapeDtypeStruct((steps, batch_size), jnp.int32)),
-            stacked(jax.ShapeDtypeStruct((steps, batch_size), jnp.float32)), keys,
-            index).compile()
+            a.shared, a.runs, a.bn_modes, images, labels, a.stacked(order), a.stacked(weights),
+            a.keys, a.index).compile()
+
+
+@dataclasses.dataclass(frozen=True)
+class _AbstractArguments:
+    """What every compiled step of a cohort is traced with: `stacked(x)` gives `x` a leading
+    run axis sharded over 'runs'; `images` is a batch of the engine's inputs (the prefix
+    cache's rows when it trains on them); `fed_batch` a fed step's (images, labels, weights)."""
+    stacked: Callable
+    images: Any
+    shared: Any
+    runs: Any
+    bn_modes: Any
+    keys: Any
+    index: Any
+    fed_batch: tuple
 
 
 def flops(compiled) -> float:
