@@ -1,6 +1,8 @@
 """Today's one-run methods in the training loop: masks of learning-rate multipliers, masks that
 change between epochs (gradual unfreezing, Auto-RGN) with one compilation per engine, and
 Auto-RGN against a reference loop written here in plain JAX and optax."""
+import concurrent.futures
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -278,6 +280,25 @@ def test_an_auto_rgn_run_trains_alike_beside_other_runs(engine, variables, table
     got = flat(beside.final_variables["params"])
     for path, want in flat(single.final_variables["params"]).items():
         np.testing.assert_allclose(got[path], want, rtol=2e-4, atol=2e-6, err_msg=str(path))
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["fed", "device_split"])
+def test_the_norms_step_compiled_ahead_is_the_one_measuring(engine, variables, table, splits,
+                                                            on_device):
+    """compile_norms (the search runs it on a background thread) traces Auto-RGN's measurement
+    with the shapes and shardings of the real calls: training afterwards traces it no more,
+    with batches fed from the host and gathered from splits in device memory."""
+    cohort = cohort_lib.Cohort(engine, 2)
+    used = {k: engine.to_device(v) for k, v in splits.items()} if on_device else splits
+    sizes = {k: len(v.labels) for k, v in splits.items()} if on_device else None
+    auto, = groups.auto_rgn(table, 2)
+    bn_modes = run_of(variables, table, auto).bn_modes
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(cohort.compile_norms, variables, bn_modes, BATCH,
+                    (base.SIZE, base.SIZE, 3), sizes).result()
+    assert cohort.compilations["norms"] == 1
+    fit(cohort, variables, [run_of(variables, table, auto, seed) for seed in (0, 1)], used)
+    assert cohort.compilations["norms"] == 1
 
 
 def test_adam_counts_steps_per_tensor_from_when_it_trains():
