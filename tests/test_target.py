@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from blockft_jax import target
+from configs import tiny
 
 ROOT = Path(__file__).parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -112,10 +115,6 @@ def test_dry_run_compiles_for_a_slice(name, chips, hosts):
 def test_the_slices_model_has_the_tpus_convolutions():
     """Traced on this CPU, 'auto' would give shifted multiply-adds for depthwise convolutions;
     the programs compiled for a slice have the grouped convolutions a TPU runs."""
-    import jax
-    import numpy as np
-
-    from configs import tiny
     config = tiny.get_config()
     module = target.tpu_module(config, 3)
     x = np.zeros((2, 32, 32, 3), np.float32)
