@@ -201,12 +201,14 @@ def dataset_images(config) -> tuple[int, int, int, int]:
 def tpu_module(config, num_classes: int):
     """The search's model as a TPU builds it: the layers' 'auto' implementations resolve by
     the backend that traces them, which here is this machine's (on CPU: shifted multiply-adds
-    for depthwise convolutions, matmuls for 1x1 ones), not the slice's native convolutions."""
+    for depthwise convolutions, matmuls for 1x1 ones), so they are resolved for the TPU."""
     from blockft_jax import plan as plan_lib
+    from blockft_jax.models import layers
     config = config.copy_and_resolve_references()
-    for name in ("depthwise_impl", "conv_impl"):
-        if config.model.options[name] in (None, "auto"):
-            config.model.options[name] = "native"
+    options = config.model.options
+    options.depthwise_impl = layers.resolve_depthwise_impl(options.depthwise_impl or "auto",
+                                                           "tpu")
+    options.conv_impl = layers.resolve_conv_impl(options.conv_impl or "auto", "tpu")
     return plan_lib.build_module(config, num_classes)
 
 
@@ -279,7 +281,7 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, work: 
                       decided.eval_batch_multiple,
                       step_cost(cohort.executables["train"]),
                       step_cost(cohort.executables["eval"]),
-                      tuple(work.get("measurements", ()))), decided
+                      tuple(work["measurements"])), decided
 
 
 def report(config, target: str) -> str:
@@ -346,8 +348,8 @@ def report(config, target: str) -> str:
                  else "memory")
         lines.append(
             f"On the slice, engine from {unit}: {cost.runs} runs in cohorts of "
-            f"{cost.cohort_size}, laid out {decided.layout[0]} runs x {decided.layout[1]} data; {inputs}; "
-            f"{cost.run_epochs:,.0f} run-epochs ({c.search.schedule} schedule)"
+            f"{cost.cohort_size}, laid out {decided.layout[0]} runs x {decided.layout[1]} "
+            f"data; {inputs}; {cost.run_epochs:,.0f} run-epochs ({c.search.schedule} schedule)"
             + "".join(f"; Auto-RGN measures {batches} batch(es) an epoch for {runs} run(s)"
                       for runs, _, batches in cost.measurements) + ".")
         lines.append(

@@ -33,27 +33,29 @@ class BatchModes(dict):
 DEPTHWISE_IMPLS = ("auto", "native", "shifted")
 
 
-def resolve_depthwise_impl(impl: str) -> str:
+def resolve_depthwise_impl(impl: str, platform: str | None = None) -> str:
     """'auto' picks shifted multiply-adds on CPU, where XLA's grouped convolution is slow
-    (measured 11x forward, 6x in grad), and the native grouped convolution elsewhere."""
+    (measured 11x forward, 6x in grad), and the native grouped convolution elsewhere.
+    `platform`: the one compiled for (default: this machine's backend)."""
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise_impl={impl!r}: expected one of {DEPTHWISE_IMPLS}.")
     if impl == "auto":
-        return "shifted" if jax.default_backend() == "cpu" else "native"
+        return "shifted" if (platform or jax.default_backend()) == "cpu" else "native"
     return impl
 
 
 CONV_IMPLS = ("auto", "native", "matmul")
 
 
-def resolve_conv_impl(impl: str) -> str:
+def resolve_conv_impl(impl: str, platform: str | None = None) -> str:
     """How 1x1, stride-1 convolutions run. 'auto' picks a plain matmul over channels on CPU,
     where XLA runs it 2-3x faster forward and 3-7x faster in gradient than the same
-    convolution (measured on MobileNet/ResNet shapes), and the native convolution elsewhere."""
+    convolution (measured on MobileNet/ResNet shapes), and the native convolution elsewhere.
+    `platform`: the one compiled for (default: this machine's backend)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl={impl!r}: expected one of {CONV_IMPLS}.")
     if impl == "auto":
-        return "matmul" if jax.default_backend() == "cpu" else "native"
+        return "matmul" if (platform or jax.default_backend()) == "cpu" else "native"
     return impl
 
 
