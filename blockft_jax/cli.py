@@ -55,7 +55,11 @@ def setup_logging(verbosity: int | None = None) -> None:
     if verbosity is None:
         root.setLevel(logging.WARNING)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ notices (oneDNN)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ notices
+        # oneDNN's notice is printed as TensorFlow loads, before it reads its log level (with
+        # absl's "before absl::InitializeLog()" line) on CPUs with AVX-512: turn its kernels
+        # off instead. TensorFlow only reads and decodes images here, never a oneDNN op.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     else:
         from absl.logging import converter
         root.setLevel(converter.absl_to_standard(verbosity))
