@@ -109,17 +109,8 @@ def test_dry_run_prints_the_plan_without_data_or_training(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.data.batch_size=0", "data.batch_size=0"),
-    ("--config.train.learning_rate=-1", "train.learning_rate=-1"),
-    ("--config.train.epochs=0", "train.epochs=0"),
-    ("--config.data.splits=(0.5,0.5,0.5)", "data.splits"),
-    ("--config.model.options.minimalistic=True", "minimalistic"),
-    ("--config.search.window=0", "search.window=0"),
-    ("--config.train.optimizer=lion", "train.optimizer='lion'"),
-    ("--config.search.llrd_decays=(0.5,1.5)", "search.llrd_decays=(0.5, 1.5)"),
-    ("--config.search.llrd_decays=(0.0,)", "search.llrd_decays=(0.0,)"),
-    ("--config.search.gradual_epochs=(0,)", "search.gradual_epochs=(0,)"),
-    ("--config.search.auto_rgn_batches=0", "search.auto_rgn_batches=0"),
+    ("--config.data.batch_size=0", "data.batch_size=0"),  # a value the plan's checks refuse
+    ("--config.model.options.minimalistic=True", "minimalistic"),  # a key this model lacks
 ])
 def test_bad_values_are_one_line(override, message, tmp_path):
     result = run_cli("--config", "configs/tiny.py", override, "--dry_run", cwd=ROOT)
@@ -127,6 +118,33 @@ def test_bad_values_are_one_line(override, message, tmp_path):
     assert message in result.stderr and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, result.stderr
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("data.batch_size", 0, "data.batch_size=0"),
+    ("train.learning_rate", -1.0, "train.learning_rate=-1"),
+    ("train.epochs", 0, "train.epochs=0"),
+    ("data.splits", (0.5, 0.5, 0.5), "data.splits"),
+    ("search.window", 0, "search.window=0"),
+    ("train.optimizer", "lion", "train.optimizer='lion'"),
+    ("search.llrd_decays", (0.5, 1.5), "search.llrd_decays=(0.5, 1.5)"),
+    ("search.llrd_decays", (0.0,), "search.llrd_decays=(0.0,)"),
+    ("search.gradual_epochs", (0,), "search.gradual_epochs=(0,)"),
+    ("search.auto_rgn_batches", 0, "search.auto_rgn_batches=0"),
+])
+def test_bad_values_are_refused_in_one_line_before_any_work(key, value, message, tmp_path,
+                                                            caplog):
+    """The dry run's checks, in process (the command line's path to them is tested above)."""
+    config = tiny.get_config()
+    section, leaf = key.split(".")
+    config[section][leaf] = value
+    with caplog.at_level(logging.INFO):
+        assert launch.run(config, str(tmp_path / "wd"), dry_run_only=True) == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and not errors[0].exc_info, [r.getMessage() for r in errors]
+    text = errors[0].getMessage()
+    assert text.startswith("error: ") and message in text and "\n" not in text, text
+    assert not (tmp_path / "wd").exists()
 
 
 def test_documented_model_options_work_from_the_command_line():
