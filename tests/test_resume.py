@@ -1,8 +1,9 @@
 """An interrupted search always resumes: killed (SIGKILL, as a preempted VM dies) right after a
-checkpoint in each phase of a search -- the top engine's cohorts, full fine-tuning's cohort (no
-frozen variables at all), gradual unfreezing's and Auto-RGN's (masks that change between
-epochs), a run that had diverged -- then rerun with the same command, it ends
-with the uninterrupted search's summary.json, rows and saved models, bitwise."""
+checkpoint in each phase of a search -- the top engine's cohorts with gradual unfreezing's runs
+(masks that change between epochs), then, in the process that resumed it, full fine-tuning's
+cohort (no frozen variables at all) with Auto-RGN's runs (next masks measured from the restored
+state), a run that had diverged -- then rerun with the same command, it ends with the
+uninterrupted search's summary.json, rows and saved models, bitwise."""
 import json
 import subprocess
 import sys
@@ -39,16 +40,34 @@ def finished(workdir: Path, overrides: dict, diverge_at: str | None = None) -> P
     return workdir
 
 
+def killed_in_turn(workdir: Path, overrides: dict, kill_points: list[str],
+                   diverge_at: str | None = None, *, like: Path) -> list[str]:
+    """Killed at each of `kill_points` in turn (each rerun resumes the last one's checkpoint and
+    is killed at the next), then the same command to the end: in the engines of `like`, the
+    uninterrupted search it is compared with. The killed processes' outputs (stdout, then the
+    log on stderr), in order."""
+    same_engines(like, workdir)
+    outputs = []
+    for kill_at in kill_points:
+        cut = search(workdir, overrides, kill_at, diverge_at)
+        assert cut.returncode == -9, (kill_at, cut.returncode,
+                                      cut.stdout[-3000:] + cut.stderr[-3000:])
+        assert (workdir / "checkpoints" / "current.json").exists()
+        outputs.append(cut.stdout + cut.stderr)
+    finished(workdir, overrides, diverge_at)
+    return outputs
+
+
 def killed_then_resumed(workdir: Path, overrides: dict, kill_at: str,
                         diverge_at: str | None = None, *, like: Path) -> str:
-    """Killed at `kill_at`, then the same command: in the engines of `like`, the uninterrupted
-    search it is compared with."""
-    same_engines(like, workdir)
-    cut = search(workdir, overrides, kill_at, diverge_at)
-    assert cut.returncode == -9, (cut.returncode, cut.stdout[-3000:] + cut.stderr[-3000:])
-    assert (workdir / "checkpoints" / "current.json").exists()
-    finished(workdir, overrides, diverge_at)
-    return cut.stdout
+    """Killed once at `kill_at`, then the same command (see killed_in_turn)."""
+    return killed_in_turn(workdir, overrides, [kill_at], diverge_at, like=like)[0]
+
+
+def killed_line(output: str) -> str:
+    """The worker's line saying after which epoch of which runs it killed itself."""
+    (line,) = [x for x in output.splitlines() if x.startswith("KILLED")]
+    return line
 
 
 def rows(workdir: Path) -> dict:
@@ -70,22 +89,18 @@ def assert_same_search(a: Path, b: Path) -> None:
     assert not list((b / "pending").glob("*")) if (b / "pending").exists() else True
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return finished(tmp_path_factory.mktemp("whole"), ALL_STRATEGIES)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["top", "full", "gradual", "auto_rgn"])
-def test_killed_in_each_phase_resumes_bitwise(uninterrupted, tmp_path, phase):
-    """kill -9 right after the first checkpoint of the top engine's cohorts, of full
-    fine-tuning's cohort, or of a cohort holding runs whose masks change between epochs
-    (gradual unfreezing; Auto-RGN, whose next masks are measured from the restored state),
-    then the same command again."""
-    out = killed_then_resumed(tmp_path, ALL_STRATEGIES, phase, like=uninterrupted)
-    assert "KILLED" in out, out[-2000:]
-    assert ("'full'" not in out) if phase == "top" else (f"'{phase}" in out), out[-2000:]
-    assert_same_search(uninterrupted, tmp_path)
+def test_killed_in_each_phase_resumes_bitwise(tmp_path):
+    """kill -9 right after the first checkpoint of the top engine's first cohort (it holds
+    gradual unfreezing's runs), then, in the process that resumed it, after the first
+    checkpoint of full fine-tuning's cohort (it holds Auto-RGN's), then the same command to
+    the end: the uninterrupted search's files."""
+    whole = finished(tmp_path / "whole", ALL_STRATEGIES)
+    top, full = killed_in_turn(tmp_path / "cut", ALL_STRATEGIES, ["top", "full"], like=whole)
+    top, full = killed_line(top), killed_line(full)
+    assert "'gradual:" in top and "'full'" not in top, top
+    assert "'full'" in full and "'auto_rgn" in full, full
+    assert_same_search(whole, tmp_path / "cut")
 
 
 @pytest.mark.slow
