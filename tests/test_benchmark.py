@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "benchmark.py"
 TOY = ["--model", "mobilenet_v2", "--trainable", "block_16", "--size", "32", "--images", "16",
        "--batch", "8", "--epochs", "1"]
@@ -42,6 +44,7 @@ def test_input_pipeline_check_on_mock_tf_flowers():
     assert re.search(r"^ratio pipeline/device_resident = \d", out, re.M), out
 
 
+@pytest.mark.slow
 def test_search_level_benchmark_on_the_tiny_search():
     """--search end to end (Keras loop aside: the tiny model's `blocks` option has no Keras
     counterpart; one cache state, to keep the suite short): one at a time and cohorts, ratios."""

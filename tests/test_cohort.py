@@ -10,6 +10,7 @@ here), not bitwise. Accuracies and best epochs agree exactly."""
 import concurrent.futures
 import copy
 import dataclasses
+import json
 
 import jax
 import ml_collections
@@ -311,7 +312,8 @@ def test_checkpoint_of_runs_at_different_epochs(cohort, variables, table, splits
     """A run that joins a cohort ahead of the others (parked at a rung of a halving search),
     saved by checkpoint.Checkpoint after the cohort's first epoch and restored: its history
     and state are where it stood, not cut at the cohort's epoch, and the cohort finishes
-    bitwise as if never interrupted. A save holding none of a cohort's runs is not restored."""
+    bitwise as if never interrupted. A save killed before it was whole is passed over; a save
+    holding none of a cohort's runs is not restored."""
     runs = RUNS[4:]
     keys = [(str(layers), seed) for layers, seed in runs]
     ahead = fit(cohort, variables, [make_run(starts, table, *runs[0])], splits, epochs=2,
@@ -329,6 +331,11 @@ def test_checkpoint_of_runs_at_different_epochs(cohort, variables, table, splits
     with pytest.raises(KeyboardInterrupt):
         fit(cohort, variables, members({keys[0]: ahead}), splits,
             on_epoch_end=killed_after_first_epoch)
+    # A later save killed while orbax wrote its arrays: its record is written first, its
+    # folder is still orbax's temporary one. Not whole: the whole save before it is restored.
+    record = json.loads((tmp_path / "current" / "save1.json").read_text())
+    (tmp_path / "current" / "save2.json").write_text(json.dumps({**record, "epoch": 2}))
+    (tmp_path / "current" / "save2.orbax-checkpoint-tmp").mkdir()
     restored = checkpoint.Checkpoint(tmp_path / "current", keys, cohort).restore(variables)
     assert [len(restored[key]["history"]) for key in keys] == [2, 1, 1, 1]
     for got, want in zip(fit(cohort, variables, members(restored), splits), whole):

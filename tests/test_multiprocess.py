@@ -23,6 +23,8 @@ EXIT_UNSUPPORTED = 77
 # 2 (epochs per unit), auto_rgn 1.
 RUNS = 16
 
+pytestmark = pytest.mark.slow  # two processes, a search each, then killed and restarted
+
 
 def free_port() -> int:
     with socket.socket() as s:
