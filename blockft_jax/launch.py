@@ -12,11 +12,12 @@ from pathlib import Path
 import jax
 
 from blockft_jax import multihost
+from blockft_jax import workdir as workdir_lib
 from blockft_jax.errors import UserError
 
 log = logging.getLogger("blockft_jax")
 
-LOG_FILE = "search.log"
+LOG_FILE = workdir_lib.LOG
 
 
 def resolve_paths(config) -> None:

@@ -30,16 +30,14 @@ from blockft_jax.groups import Group
 from blockft_jax.plan import (ConfigError, build_module, caches_prefix, candidates, check,
                               engine_work, make_plan, validate)
 from blockft_jax.results import rank
-from blockft_jax.workdir import (Workdir, copy_tree_atomic, finished_keys, jsonable,
-                                 write_atomic)
+from blockft_jax.workdir import (ENGINES, PARKED, Workdir, copy_tree_atomic, finished_keys,
+                                 jsonable, write_atomic)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["run", "Search", "ConfigError", "build_module", "candidates", "validate"]
 
 DECISIONS = "schedule.json"   # the halving search's decisions
-ENGINES = "engines.json"      # the split of the candidates into engines by depth
-PARKED = "parked"             # runs stopped at a rung, until they go on or are pruned
 
 
 @dataclasses.dataclass

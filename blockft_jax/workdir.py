@@ -17,12 +17,18 @@ from blockft_jax.errors import UserError
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
+LOG = "search.log"
+PARKED = "parked"  # runs stopped at a rung of a halving search
+ENGINES = "engines.json"  # the split of the candidates into engines by depth
 # Config keys that cannot change a search's results: a rerun that changes only these resumes.
 RESUME_NEUTRAL = ("train.checkpoint_seconds", "train.prefix_cache", "data.data_dir")
-# What a search leaves before its first run trains. All but the log (kept) and the lock follow
-# from its config, so a search that trained nothing gives way to a rerun with another config.
-BEFORE_TRAINING = (CONFIG, "cohorts.json", "predictions", "skipped_files.txt")
-KEPT = ("search.log", ".lock", "archive")
+# What a search writes before its first run finishes that follows from its config alone (the
+# engines' split, the first cohort's scalars included): a search with no finished run gives way
+# to a rerun with another config, and these go. Anything else it left (a first cohort's
+# checkpoint) is moved to archive/<time>/, never deleted.
+BEFORE_TRAINING = (CONFIG, "cohorts.json", "predictions", "skipped_files.txt", ENGINES,
+                   "tensorboard")
+KEPT = (LOG, ".lock", "archive")
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +93,9 @@ class Workdir:
         """Ties the workdir to one config. A config that differs in keys that can change
         results is refused, or with `start_over` the earlier contents are moved to
         archive/<time>/ (never deleted); other differences (RESUME_NEUTRAL) resume. A search
-        that trained nothing (it stopped at a mistake before its first run) gives way to the
-        new config. Decided on process 0, which alone writes."""
+        with no finished run (it stopped at a mistake, a failed compilation, an interruption
+        before its first run ended) gives way to the new config. Decided on process 0, which
+        alone writes."""
         def decide() -> dict:
             stored = self.path / CONFIG
             if not stored.exists():
@@ -98,7 +105,7 @@ class Workdir:
                              if previous.get(k) != current.get(k))
             blocking = [k for k in changed if k not in RESUME_NEUTRAL]
             if blocking:
-                action = ("archive" if start_over else "restart" if not self.trained()
+                action = ("archive" if start_over else "restart" if not self.finished_runs()
                           else "refuse")
                 return {"action": action, "changed": blocking}
             return {"action": "resume", "changed": changed}
@@ -117,6 +124,9 @@ class Workdir:
             if self.writer:
                 for name in BEFORE_TRAINING:
                     _remove(self.path / name)
+                if any(e.name not in KEPT for e in self.path.iterdir()):
+                    log.info("Its other files (an unfinished run's checkpoint) moved to %s",
+                             self.archive())
         if decision.get("changed") and decision["action"] == "resume":
             log.info("Resuming with %s changed (they do not change results)",
                      ", ".join(decision["changed"]))
@@ -124,23 +134,23 @@ class Workdir:
             write_atomic(self.path / CONFIG, json.dumps(config_dict, indent=2, sort_keys=True))
         multihost.barrier("workdir claimed")
 
-    def trained(self) -> bool:
-        """Whether any run of the search here has trained (or holds anything beyond what a
-        search writes before its first run)."""
-        if not self.path.is_dir():
-            return False
-        predictions = self.path / "predictions"
-        return (any(e.name not in BEFORE_TRAINING + KEPT for e in self.path.iterdir())
-                or (predictions.is_dir() and any(p.name != "labels.npz"
-                                                 for p in predictions.iterdir())))
+    def finished_runs(self) -> bool:
+        """Whether any run of the search here has finished: a row in results.jsonl, or a run
+        parked at a rung of a halving search."""
+        parked = self.path / PARKED
+        return bool(self.results()) or (parked.is_dir() and any(parked.iterdir()))
 
     def archive(self) -> Path:
+        """The earlier search's files moved to archive/<time>/ (never deleted). Its log is
+        copied there and kept: this process already writes to it."""
         if not self.writer:
             return self.path / "archive"
         target = self.path / "archive" / time.strftime("%Y%m%d-%H%M%S")
-        target.mkdir(parents=True)
+        target.mkdir(parents=True, exist_ok=True)
         for entry in self.path.iterdir():
-            if entry.name not in ("archive", ".lock"):
+            if entry.name == LOG:
+                shutil.copy2(entry, target / entry.name)
+            elif entry.name not in ("archive", ".lock"):
                 shutil.move(str(entry), target / entry.name)
         return target
 

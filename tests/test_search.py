@@ -1,5 +1,6 @@
 """The search end to end on configs/tiny.py: outputs, resume, and bad input."""
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from blockft_jax import checkpoint, groups, models, search
+from blockft_jax import checkpoint, groups, launch, models, search
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.workdir import WorkdirError
 from configs import tiny
@@ -316,6 +317,57 @@ def test_different_config_refused_unless_start_over(finished, tmp_path):
     search.run(config, copy, start_over=True)
     archived = list((copy / "archive").glob("*/results.jsonl"))
     assert archived and archived[0].read_text() == before
+
+
+def test_start_over_logs_on_in_the_workdirs_log(finished, tmp_path, caplog):
+    """--start_over archives the earlier search with a copy of its log; the new search logs on
+    in workdir/search.log, the file its messages point to."""
+    workdir, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    (copy / "search.log").write_text("the earlier search's log\n")
+    config = tiny_config(**{"search.strategies": ("classifier_only",), "train.epochs": 1})
+    with caplog.at_level(logging.INFO):
+        assert launch.run(config, str(copy), start_over=True) == 0
+    (archived,) = (copy / "archive").glob("*/search.log")
+    assert archived.read_text().startswith("the earlier search's log\n")
+    live = (copy / "search.log").read_text()
+    assert live.startswith("the earlier search's log\n") and "Done. Winner" in live, live
+
+
+@pytest.mark.parametrize("stop", ["compiling", "after_a_checkpoint"])
+def test_a_search_with_no_finished_run_takes_a_changed_config(tmp_path, monkeypatch, stop):
+    """Stopped before any run finished -- its first epoch failed (a compilation, out of memory)
+    after the engines' split and the first cohort's scalars were written, or it was interrupted
+    after the first cohort's first checkpoint -- then rerun with a fixed config: it starts
+    afresh, and the unfinished runs' checkpoint is moved to archive/, not lost."""
+    config = tiny_config(**{"search.strategies": ("classifier_only", "layerwise"),
+                            "train.epochs": 2, "train.checkpoint_seconds": 0.0})
+    if stop == "compiling":
+        def failing(*args, **kwargs):
+            raise RuntimeError("XLA compilation failed")
+        monkeypatch.setattr(cohort_lib, "train_epoch", failing)
+    else:
+        original = checkpoint.Checkpoint.save
+
+        def preempting(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.ckptr.wait_until_finished()
+            raise KeyboardInterrupt
+        monkeypatch.setattr(checkpoint.Checkpoint, "save", preempting)
+    with pytest.raises((RuntimeError, KeyboardInterrupt)):
+        search.run(config, tmp_path)
+    monkeypatch.undo()
+    left = {e.name for e in tmp_path.iterdir()}
+    assert {search.ENGINES, "tensorboard"} <= left and "results.jsonl" not in left, left
+    assert ("checkpoints" in left) == (stop == "after_a_checkpoint"), left
+    fixed = tiny_config(**{"search.strategies": ("classifier_only", "layerwise"),
+                           "train.epochs": 1})
+    summary = search.run(fixed, tmp_path)
+    assert set(summary["strategies"]) == {"classifier_only", "layerwise"}
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["epochs"] == 1
+    archived = list((tmp_path / "archive").glob("*/checkpoints"))
+    assert len(archived) == (stop == "after_a_checkpoint"), archived
 
 
 @pytest.mark.parametrize("override,message", [
