@@ -242,15 +242,17 @@ class Search:
                 if self.wd.writer else None)
 
     def checkpoint_due(self):
-        """A clock: true after an epoch once train.checkpoint_seconds have passed."""
+        """A clock: true after an epoch once train.checkpoint_seconds have passed, by process
+        0's clock (a checkpoint is collective: processes whose clocks disagree near the
+        boundary must not enter it apart)."""
         last = [time.perf_counter()]
 
-        def due() -> bool:
+        def decide() -> bool:
             if time.perf_counter() - last[0] < self.config.train.checkpoint_seconds:
                 return False
             last[0] = time.perf_counter()
             return True
-        return due
+        return lambda: multihost.broadcast_json(decide)
 
     # -- a cohort of runs ----------------------------------------------------------------------
     def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str, rung: int):

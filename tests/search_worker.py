@@ -1,11 +1,13 @@
 """One process of a 2-process search on localhost (CPU collectives over gloo), for
 tests/test_multiprocess.py:
 
-    python tests/search_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR [DIE_AFTER_SAVES]
+    python tests/search_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR [DIE_AFTER_SAVES|skewed]
 
 Runs configs/tiny.py (every strategy) through the command line's launcher. With
 DIE_AFTER_SAVES=N, process 0 kills itself (SIGKILL, as a preempted VM dies) right after its N-th
-epoch checkpoint; the test then kills the other process the same way.
+epoch checkpoint; the test then kills the other process the same way. With `skewed`,
+train.checkpoint_seconds is 20 and process 1's clock runs 10,000 times fast: left to itself, it
+would checkpoint after every epoch and process 0 rarely.
 """
 import os
 import signal
@@ -17,7 +19,8 @@ EXIT_UNSUPPORTED = 77  # the platform cannot run CPU multi-process collectives a
 def main(argv):
     port, process_id, num_processes = (int(a) for a in argv[1:4])
     workdir = argv[4]
-    die_after = int(argv[5]) if len(argv) > 5 else None
+    skewed = len(argv) > 5 and argv[5] == "skewed"
+    die_after = int(argv[5]) if len(argv) > 5 and not skewed else None
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     try:
@@ -46,7 +49,17 @@ def main(argv):
             return save
 
         checkpoint.Checkpoint.save = preempting(checkpoint.Checkpoint.save)
-    status = launch.run(tiny.get_config(), workdir)
+    config = tiny.get_config()
+    if skewed:
+        from blockft_jax import search
+        config.train.checkpoint_seconds = 20.0
+        if process_id == 1:  # the search's clock, not the libraries'
+            import time
+            import types
+            search.time = types.SimpleNamespace(**{
+                name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+            search.time.perf_counter = lambda: 1e4 * time.perf_counter()
+    status = launch.run(config, workdir)
     # Leave together: process 0 hosts the coordination service, and exiting while the other
     # process still talks to it aborts the process (a check failure in its shutdown).
     launch.leave_distributed()
