@@ -4,8 +4,9 @@ search sets one up, on random variables and synthetic data; K runs of it in a co
 on batches placed on the device once (the step alone, no host loop) or epoch by epoch; and the
 harness that runs each measurement in its own process and reads its result back.
 
-The search never imports this. At module level it imports the standard library only: the
-harness also serves gpu_check's PyTorch worker, whose interpreter may lack JAX.
+The search imports only `random_variables` (the dry run's timed step). At module level this
+imports the standard library only: the harness also serves gpu_check's PyTorch worker, whose
+interpreter may lack JAX.
 """
 from __future__ import annotations
 

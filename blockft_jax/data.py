@@ -33,7 +33,6 @@ from typing import Iterable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from blockft_jax.errors import UserError
 
@@ -872,39 +871,7 @@ def batch_order(n: int, batch_size: int, *, shuffle_rng: np.random.Generator | N
 
 def batches(split: Split, batch_size: int, *, shuffle_rng: np.random.Generator | None
             ) -> Iterator[Batch]:
-    """The batches of `batch_order` (see there), as host arrays; on several hosts, feed
-    `process_slice` of each batch."""
+    """The batches of `batch_order` (see there), as host arrays."""
     indices, mask = batch_order(len(split.labels), batch_size, shuffle_rng=shuffle_rng)
     for idx, m in zip(indices, mask):
         yield Batch(split.images[idx], split.labels[idx].astype(np.int32), m)
-
-
-def process_slice(batch: Batch) -> Batch:
-    """This process's contiguous share of a global-size host batch (identity on one process)."""
-    count, index = jax.process_count(), jax.process_index()
-    if count == 1:
-        return batch
-    size = len(batch.labels)
-    if size % count:
-        raise ValueError(f"Global batch size {size} is not divisible by the {count} processes.")
-    rows = slice(index * size // count, (index + 1) * size // count)
-    return Batch(batch.images[rows], batch.labels[rows], batch.mask[rows])
-
-
-def global_batch(batch: Batch, mesh: Mesh) -> Batch:
-    """A batch of global jax.Arrays sharded along the mesh axis 'data' (replicated over any
-    other axis), built from this process's local rows, so the same code runs on one host or
-    a pod."""
-    if "data" not in mesh.axis_names:
-        raise ValueError(f"The mesh needs a 'data' axis, it has {mesh.axis_names}.")
-    axis = mesh.axis_names.index("data")
-    local_shards = len({pos[axis] for pos, device in np.ndenumerate(mesh.devices)
-                        if device.process_index == jax.process_index()})
-    size = len(batch.labels)
-    if size % local_shards:
-        raise ValueError(f"Per-process batch size {size} is not divisible by the {local_shards} "
-                         "local devices along the mesh's 'data' axis; choose a batch size that is "
-                         f"a multiple of {local_shards * jax.process_count()}.")
-    sharding = NamedSharding(mesh, P("data"))
-    put = lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))
-    return Batch(put(batch.images), put(batch.labels), put(batch.mask))

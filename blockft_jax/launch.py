@@ -51,7 +51,7 @@ def dry_run(config, inputs: list[str]) -> str:
         return "\n".join([*inputs, plan.describe(config, searched, table, (
             "Estimated time: known once the dataset's size is (after its first load)."
             if images is None else None))])
-    speed = _speed(config, module, table, searched, shape)
+    speed = _speed(config, module, table, searched, shape, images[0])
     searched = plan.make_plan(config, table, module, speed=speed, images=images)
     suffix = costs.suffix_flops(table, models.variable_shapes(module, shape), searched.units)
     cost = costs.estimate(searched, suffix, speed, images, config.data.batch_size,
@@ -66,12 +66,12 @@ def dry_run(config, inputs: list[str]) -> str:
     return "\n".join([*inputs, plan.describe(config, searched, table, estimate)])
 
 
-def _speed(config, module, table, searched, shape):
+def _speed(config, module, table, searched, shape, train_images: int):
     """This machine's speed (costs.measure) from the engine of the search's shallowest
-    candidates, with random variables (nothing is loaded)."""
+    candidates, with random variables (nothing is loaded) and the search's optimizer."""
     from blockft_jax import benchmarking, costs, train
     variables = benchmarking.random_variables(module, shape, seed=0)
-    tx = train.make_optimizer(config.train, config.train.epochs)
+    tx = train.make_optimizer(config.train, train.total_steps(config, train_images))
     log.info("Timing this machine for the estimate (two small compilations)...")
     return costs.measure(searched, module, table, variables, tx,
                          batch_size=config.data.batch_size, image_shape=shape)

@@ -27,15 +27,15 @@ from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.progress import CompileClock, Progress
 from blockft_jax.groups import Group
-from blockft_jax.plan import (ConfigError, build_module, caches_prefix, candidates, check,
-                              engine_work, make_plan, validate)
+from blockft_jax.plan import (build_module, caches_prefix, candidates, check, engine_work,
+                              make_plan)
 from blockft_jax.results import rank
 from blockft_jax.workdir import (ENGINES, PARKED, Workdir, copy_tree_atomic, finished_keys,
                                  jsonable, write_atomic)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "Search", "ConfigError", "build_module", "candidates", "validate"]
+__all__ = ["run", "Search"]
 
 DECISIONS = "schedule.json"   # the halving search's decisions
 
@@ -54,8 +54,7 @@ class Search:
         self.table = models.layer_table(self.module, self.shape)
         self.variables = pretrained.load(c, self.module)
         self.mesh = train.data_mesh()  # every device; each engine lays them out (`layout`)
-        self.steps_per_epoch = -(-len(self.dataset.train.labels) // c.data.batch_size)
-        self.tx = train.make_optimizer(c.train, c.train.epochs * self.steps_per_epoch)
+        self.tx = train.make_optimizer(c.train, train.total_steps(c, len(self.dataset.train)))
         self.plan = self._plan()
         self.engines: dict[str, placement.Prepared] = {}
         # One background thread compiles the engines' steps, one engine after another.

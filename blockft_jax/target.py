@@ -300,8 +300,7 @@ def report(config, target: str) -> str:
     shape = (c.model.input_size, c.model.input_size, 3)
     table = models.layer_table(module, shape)
     variables = models.variable_shapes(module, shape)
-    steps_per_epoch = -(-images[0] // c.data.batch_size)
-    tx = train.make_optimizer(c.train, c.train.epochs * steps_per_epoch)
+    tx = train.make_optimizer(c.train, train.total_steps(c, images[0]))
     hosts = len({d.process_index for d in devices})
     lines = [f"Target {target}: {len(devices)} x {chip.name} on {hosts} host(s); "
              f"{chip.hbm_bytes / GIB:.0f} GiB HBM, {chip.bf16_flops / 1e12:.0f} TFLOP/s "

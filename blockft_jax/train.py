@@ -111,6 +111,12 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
                                  optax.constant_schedule(cfg.learning_rate)], [warmup])
 
 
+def total_steps(config, train_images: int) -> int:
+    """The optimizer steps of one run of `config` on `train_images` images (the learning-rate
+    schedule's length): its epochs of batches, the last one padded."""
+    return config.train.epochs * -(-train_images // config.data.batch_size)
+
+
 def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformationExtraArgs:
     """Adam/AdamW or SGD with momentum from `cfg` (the config's `train` block). Weight decay
     applies to kernels only (never to BN parameters or biases) and only to trained params;

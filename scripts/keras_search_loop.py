@@ -4,7 +4,7 @@
     python scripts/keras_search_loop.py [--backend tensorflow|jax] [--runs N] [--config FILE]
 
 The same runs as `python -m blockft_jax.main --config configs/demo.py` (candidates derived from
-blockft_jax: `search.candidates` on the layer table, in the search's strategy order; top-k from
+blockft_jax: `plan.candidates` on the layer table, in the search's strategy order; top-k from
 this loop's own layer-wise ranking, `results.rank`), each (candidate, seed) trained by a plain
 Keras loop: one keras.applications.MobileNetV2(alpha, include_top=False, weights=None) + global
 average pooling + Dense head, built once; per run its weights are set to the config's starting
@@ -120,12 +120,12 @@ def main(argv=None) -> None:
     import numpy as np
 
     from blockft_jax import data as data_lib
-    from blockft_jax import groups, models, pretrained, results, search
+    from blockft_jax import groups, models, plan, pretrained, results
 
     config = load_config(args.config)
     c = config
     dataset = data_lib.load_from_config(c)  # the search's own images and splits
-    module = search.build_module(c, len(dataset.class_names))
+    module = plan.build_module(c, len(dataset.class_names))
     shape = (c.model.input_size, c.model.input_size, 3)
     table = models.layer_table(module, shape)
     # The config's starting weights (the demo's: its backbone pretrained on digits 0-4); the
@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     left_out = [s for s in groups.ONE_RUN_METHODS if s in c.search.strategies]
     if left_out:
         print(f"Left out (Keras has no per-layer learning rate): {', '.join(left_out)}.")
-    planned = {s: search.candidates(c, table, s) for s in strategies if s != "topk"}
+    planned = {s: plan.candidates(c, table, s) for s in strategies if s != "topk"}
     total_runs = (sum(len(g) for g in planned.values()) +
                   (len(c.search.topk) if "topk" in strategies else 0)) * c.train.seeds
     limit = total_runs if args.runs is None else min(args.runs, total_runs)
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
         if strategy == "topk":
             ranking = [r["layers"][0] for r in results.rank(
                 [row for row in rows if row["strategy"] == "layerwise"])]
-            planned["topk"] = search.candidates(c, table, "topk", ranking)
+            planned["topk"] = plan.candidates(c, table, "topk", ranking)
         for group in planned[strategy]:
             for seed in range(c.train.seeds):
                 if len(rows) >= limit:

@@ -4,9 +4,6 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
-import textwrap
 import urllib.error
 import urllib.request
 from unittest import mock
@@ -525,51 +522,3 @@ def test_batches_shuffle_is_seeded():
     assert order(0) == order(0) != order(1)
     with pytest.raises(ValueError, match="batch_size"):
         next(data.batches(_split(10), 0, shuffle_rng=None))
-
-
-# ---------------------------------------------------------------------------------- sharding
-
-def test_global_batch_single_device_and_process_slice(monkeypatch):
-    batch = next(data.batches(_split(8), 8, shuffle_rng=None))
-    assert data.process_slice(batch) is batch
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    out = data.global_batch(batch, mesh)
-    assert isinstance(out.images, jax.Array)
-    assert out.images.sharding.spec == jax.sharding.PartitionSpec("data")
-    for name in ("images", "labels", "mask"):
-        np.testing.assert_array_equal(getattr(out, name), getattr(batch, name))
-    with pytest.raises(ValueError, match="'data' axis"):
-        data.global_batch(batch, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",)))
-
-    # Two processes: each feeds its half, and the halves make the whole.
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    halves = []
-    for index in (0, 1):
-        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        halves.append(data.process_slice(batch))
-    np.testing.assert_array_equal(np.concatenate([h.labels for h in halves]), batch.labels)
-
-
-def test_global_batch_shards_over_two_devices():
-    # The device count is fixed when JAX starts, so two CPU devices need a fresh process.
-    code = textwrap.dedent("""
-        import jax, numpy as np
-        from blockft_jax import data
-        mesh = jax.make_mesh((2,), ("data",))
-        split = data.Split(np.zeros((6, 2, 2, 3), np.uint8), np.arange(6, dtype=np.int32))
-        batch = next(data.batches(split, 4, shuffle_rng=None))
-        out = data.global_batch(batch, mesh)
-        assert [s.data.shape[0] for s in out.labels.addressable_shards] == [2, 2]
-        assert out.labels.tolist() == [0, 1, 2, 3]
-        try:
-            data.global_batch(next(data.batches(split, 3, shuffle_rng=None)), mesh)
-        except ValueError as e:
-            assert "not divisible by the 2 local devices" in str(e), e
-        else:
-            raise AssertionError("no error for an odd batch")
-    """)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from blockft_jax import checkpoint, groups, launch, models, search
+from blockft_jax import checkpoint, groups, launch, models, plan, search
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.workdir import WorkdirError
 from configs import tiny
@@ -153,7 +153,7 @@ def test_topk_uses_layerwise_ranking(finished):
 def test_saved_models_load_and_frozen_layers_unchanged(finished):
     workdir, summary = finished
     config = tiny_config()
-    module = search.build_module(config, 3)
+    module = plan.build_module(config, 3)
     start = module.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     for strategy in ("layerwise", "classifier_only"):
         variables, meta = checkpoint.load_model(workdir / "models" / strategy)
@@ -173,7 +173,7 @@ def test_one_run_methods_are_baselines_with_saved_models(finished):
     workdir, summary = finished
     config = tiny_config()
     rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
-    module = search.build_module(config, 3)
+    module = plan.build_module(config, 3)
     start = module.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     batchnorm = {r.name for r in models.layer_table(module, (32, 32, 3))
                  if r.kind == "batchnorm"}
