@@ -17,8 +17,6 @@ from blockft_jax.errors import UserError
 
 log = logging.getLogger("blockft_jax")
 
-LOG_FILE = workdir_lib.LOG
-
 
 def resolve_paths(config) -> None:
     """Makes every path in `config` absolute, once, here at the edge: the search may change
@@ -100,11 +98,11 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
             print(f"Results would go to {workdir}.")
             return 0
         if multihost.is_leader():
-            log_file = _log_to_file(workdir / LOG_FILE)
+            log_file = _log_to_file(workdir / workdir_lib.LOG)
         _use_compilation_cache()
         log.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
-        log.info("Results go to %s (log: %s)", workdir, workdir / LOG_FILE)
+        log.info("Results go to %s (log: %s)", workdir, workdir / workdir_lib.LOG)
         search.run(config, workdir, start_over=start_over)
         if distributed:
             leave_distributed()

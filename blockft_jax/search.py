@@ -30,8 +30,8 @@ from blockft_jax.groups import Group
 from blockft_jax.plan import (build_module, caches_prefix, candidates, check, engine_work,
                               make_plan)
 from blockft_jax.results import rank
-from blockft_jax.workdir import (ENGINES, PARKED, Workdir, copy_tree_atomic, finished_keys,
-                                 jsonable, write_atomic)
+from blockft_jax.workdir import (ENGINES, PARKED, TENSORBOARD, Workdir, copy_tree_atomic,
+                                 finished_keys, jsonable, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class Search:
                              freeze_bn=self.config.train.freeze_bn)
 
     def scalar_writer(self, group: Group, seed: int):
-        return (scalars.ScalarWriter(self.wd.path / "tensorboard" /
+        return (scalars.ScalarWriter(self.wd.path / TENSORBOARD /
                                      f"{results.slug(group.candidate)}-seed{seed}")
                 if self.wd.writer else None)
 

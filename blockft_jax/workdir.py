@@ -20,6 +20,7 @@ CONFIG = "config.json"
 LOG = "search.log"
 PARKED = "parked"  # runs stopped at a rung of a halving search
 ENGINES = "engines.json"  # the split of the candidates into engines by depth
+TENSORBOARD = "tensorboard"  # each run's scalars
 # Config keys that cannot change a search's results: a rerun that changes only these resumes.
 RESUME_NEUTRAL = ("train.checkpoint_seconds", "train.prefix_cache", "data.data_dir")
 # What a search writes before its first run finishes that follows from its config alone (the
@@ -27,7 +28,7 @@ RESUME_NEUTRAL = ("train.checkpoint_seconds", "train.prefix_cache", "data.data_d
 # to a rerun with another config, and these go. Anything else it left (a first cohort's
 # checkpoint) is moved to archive/<time>/, never deleted.
 BEFORE_TRAINING = (CONFIG, "cohorts.json", "predictions", "skipped_files.txt", ENGINES,
-                   "tensorboard")
+                   TENSORBOARD)
 KEPT = (LOG, ".lock", "archive")
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Workdir:
         if not self.writer:
             return self.path / "archive"
         target = self.path / "archive" / time.strftime("%Y%m%d-%H%M%S")
-        target.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True)
         for entry in self.path.iterdir():
             if entry.name == LOG:
                 shutil.copy2(entry, target / entry.name)

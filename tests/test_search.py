@@ -255,18 +255,25 @@ def test_resume_after_a_checkpoint_past_the_best_epoch_saves_the_best_model(tmp_
     assert_same_models(tmp_path / "whole", tmp_path / "cut")
 
 
-def test_resume_mid_cohort_gives_the_same_summary_and_models(finished, tmp_path, monkeypatch):
-    """Killed after the first epoch checkpoint of a cohort (several runs trained at once, the
-    search's default), then rerun: the same summary and the same saved models, bitwise."""
-    _, uninterrupted = finished
+def interrupt_after_the_first_checkpoint(monkeypatch):
+    """Checkpoint.save raises KeyboardInterrupt once its save is whole (after the first epoch of
+    the first cohort); returns the original save."""
     original = checkpoint.Checkpoint.save
 
-    def preempting(self, *args, **kwargs):  # after the first epoch of the first cohort
+    def preempting(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.ckptr.wait_until_finished()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.Checkpoint, "save", preempting)
+    return original
+
+
+def test_resume_mid_cohort_gives_the_same_summary_and_models(finished, tmp_path, monkeypatch):
+    """Killed after the first epoch checkpoint of a cohort (several runs trained at once, the
+    search's default), then rerun: the same summary and the same saved models, bitwise."""
+    _, uninterrupted = finished
+    original = interrupt_after_the_first_checkpoint(monkeypatch)
     same_engines(finished[0], tmp_path)
     with pytest.raises(KeyboardInterrupt):
         search.run(tiny_config(), tmp_path)
@@ -348,13 +355,7 @@ def test_a_search_with_no_finished_run_takes_a_changed_config(tmp_path, monkeypa
             raise RuntimeError("XLA compilation failed")
         monkeypatch.setattr(cohort_lib, "train_epoch", failing)
     else:
-        original = checkpoint.Checkpoint.save
-
-        def preempting(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            self.ckptr.wait_until_finished()
-            raise KeyboardInterrupt
-        monkeypatch.setattr(checkpoint.Checkpoint, "save", preempting)
+        interrupt_after_the_first_checkpoint(monkeypatch)
     with pytest.raises((RuntimeError, KeyboardInterrupt)):
         search.run(config, tmp_path)
     monkeypatch.undo()
