@@ -186,7 +186,7 @@ def estimate(plan, suffix: dict[str, float], speed: Speed, images: tuple[int, in
             epoch = speed.seconds(epoch_flops(suffix[unit], train_images, validation_images),
                                   steps)
             if strategy == "auto_rgn":  # its measurement: a gradient on a few batches an epoch
-                measured = min(int(group.setting), train_steps)
+                measured = min(int(group.option), train_steps)
                 epoch += speed.seconds(3 * suffix[unit] * batch_size * measured, measured)
             train += per_candidate * epoch
     first = suffix[plan.units[0]]

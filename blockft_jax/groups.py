@@ -26,8 +26,8 @@ SEARCH_ORDER = ("classifier_only", "layerwise", "topk", "blocks", "window", "gra
                 "llrd", "auto_rgn")
 # Today's one-run methods: masks of learning-rate multipliers, or masks that change by epoch.
 ONE_RUN_METHODS = ("llrd", "gradual", "auto_rgn")
-# The baselines: the paper's two and the one-run methods. Their candidates are settings, not a
-# search: successive halving never prunes them (every one trains every seed to the end).
+# The baselines: the paper's two and the one-run methods. Their candidates are options, not a
+# search: successive halving never prunes one (its best setting trains every seed to the end).
 BASELINES = ("classifier_only", "full", *ONE_RUN_METHODS)
 # Every layer may train from the first epoch: they train from the network's first unit.
 WHOLE_NETWORK = ("full", "llrd", "auto_rgn")
@@ -39,8 +39,11 @@ class Group:
     strategy: str
     candidate: str            # short id, e.g. 'layerwise:block_16_project'
     layers: tuple[str, ...]   # trained backbone layers (the head always trains too)
-    setting: float | None = None  # a one-run method's: llrd's decay, gradual's epochs per
-                                  # unit, auto_rgn's measurement batches
+    option: float | None = None  # a one-run method's: llrd's decay, gradual's epochs per
+                                 # unit, auto_rgn's measurement batches
+    # Its setting (settings.py): how the layers train.
+    bn_policy: str = "train"
+    lr_factor: float = 1.0
 
 
 def backbone_layers(table: Sequence[LayerRecord]) -> list[LayerRecord]:
@@ -227,7 +230,7 @@ def rgn_mask(params, table, norms: dict) -> Any:
 def bn_modes(table, layers: Iterable[str], *, freeze_bn: bool = False) -> dict[str, np.ndarray]:
     """{BN layer: use batch statistics?} for every BatchNorm: Keras's rule, a BN trains (batch
     statistics, moving averages updated) exactly when it is in the trained group; with
-    `freeze_bn` every BN stays in inference mode."""
+    `freeze_bn` every BN stays in inference mode (the 'frozen' policy of settings.py)."""
     layers = set(layers)
     return {r.name: np.asarray(not freeze_bn and r.name in layers)
             for r in table if r.kind == "batchnorm"}
@@ -254,15 +257,16 @@ class Inputs:
     norm_batches: int = 0
 
 
-def inputs(params, table, group: Group, *, freeze_bn: bool = False) -> Inputs:
-    """A candidate's `Inputs`: fixed for the search's strategies, llrd's multipliers, gradual
-    unfreezing's units by epoch, Auto-RGN's multipliers measured each epoch."""
-    bn = lambda layers: bn_modes(table, layers, freeze_bn=freeze_bn)
+def inputs(params, table, group: Group) -> Inputs:
+    """A candidate's `Inputs` before its setting (settings.apply): fixed for the search's
+    strategies, llrd's multipliers, gradual unfreezing's units by epoch, Auto-RGN's multipliers
+    measured each epoch."""
+    bn = lambda layers: bn_modes(table, layers)
     if group.strategy == "llrd":
-        return Inputs(llrd_mask(params, table, group.setting), bn(group.layers))
+        return Inputs(llrd_mask(params, table, group.option), bn(group.layers))
     if group.strategy == "gradual":
         def mask_at(epoch, norms=None):
-            layers = unit_layers(table, gradual_units(table, epoch, int(group.setting)))
+            layers = unit_layers(table, gradual_units(table, epoch, int(group.option)))
             return param_mask(params, table, layers), bn(layers)
         return Inputs(*mask_at(0), mask_at=mask_at)
     if group.strategy == "auto_rgn":
@@ -270,5 +274,5 @@ def inputs(params, table, group: Group, *, freeze_bn: bool = False) -> Inputs:
         return Inputs(param_mask(params, table, group.layers), bn(group.layers),
                       mask_at=lambda epoch, norms: (rgn_mask(params, table, norms),
                                                     bn(group.layers)),
-                      norm_batches=int(group.setting))
+                      norm_batches=int(group.option))
     return Inputs(param_mask(params, table, group.layers), bn(group.layers))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from blockft_jax import groups, models, schedule
+from blockft_jax import groups, models, schedule, settings
 from blockft_jax.errors import UserError
 from blockft_jax.groups import Group
 
@@ -92,6 +92,12 @@ def validate(config) -> None:
     need(t.compute_dtype in ("float32", "bfloat16", "float16"),
          f"train.compute_dtype={t.compute_dtype!r}: use float32, bfloat16 or float16.")
     number(t.checkpoint_seconds, "train.checkpoint_seconds", 0)
+    need(t.freeze_bn is None,
+         f"train.freeze_bn={t.freeze_bn!r}: replaced by search.bn_policies. Use "
+         f"--config.search.bn_policies=\"('frozen',)\" to keep every BatchNorm in inference mode, "
+         f"or \"('train', 'frozen')\" to search both.")
+    if t.head_learning_rate is not None:
+        number(t.head_learning_rate, "train.head_learning_rate", 0, low_open=True)
 
     unknown = [x for x in s.strategies if x not in groups.STRATEGIES]
     need(not unknown, f"search.strategies has unknown {unknown}; choose from "
@@ -143,6 +149,20 @@ def validate(config) -> None:
     need(isinstance(s.eta, int) and not isinstance(s.eta, bool) and s.eta >= 2,
          f"search.eta={s.eta!r}: use a whole number >= 2 (the best 1/eta go on at each rung).")
     positive_int(s.halving_seeds, "search.halving_seeds")
+    positive_int(s.min_rung_steps, "search.min_rung_steps")
+    need(isinstance(s.prune_only_on_evidence, bool),
+         f"search.prune_only_on_evidence={s.prune_only_on_evidence!r}: use True or False.")
+    policies = tuple(s.bn_policies)
+    need(len(policies) > 0 and all(p in settings.BN_POLICIES for p in policies)
+         and len(set(policies)) == len(policies),
+         f"search.bn_policies={policies!r}: use distinct policies from "
+         f"{', '.join(map(repr, settings.BN_POLICIES))}, e.g. ('train', 'frozen').")
+    factors = tuple(s.lr_factors)
+    need(len(factors) > 0 and all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                                  and math.isfinite(f) and f > 0 for f in factors)
+         and len(set(factors)) == len(factors),
+         f"search.lr_factors={factors!r}: use distinct numbers > 0 (multipliers of the "
+         f"backbone's learning rate), e.g. (0.1, 1.0, 10.0).")
     positive_int(s.engines, "search.engines")
     if m.weights == "demo":
         positive_int(config.demo.pretrain_epochs, "demo.pretrain_epochs")
@@ -215,6 +235,13 @@ def boundaries(text: str):
 
 
 def candidates(config, table, strategy: str, layerwise_ranking=None) -> list[Group]:
+    """`strategy`'s candidates: its groups of layers, each under every setting that can change
+    its training (settings.expand)."""
+    return settings.expand(layer_groups(config, table, strategy, layerwise_ranking), table,
+                           settings.of_config(config))
+
+
+def layer_groups(config, table, strategy: str, layerwise_ranking=None) -> list[Group]:
     s = config.search
     if strategy == "classifier_only":
         return groups.classifier_only()
@@ -253,6 +280,7 @@ class Plan:
     topk: tuple[int, ...]
     rungs: list[schedule.Rung]
     eta: int
+    settings: list = dataclasses.field(default_factory=lambda: [settings.Setting()])
 
     def lowest_unit(self, group: Group) -> str:
         """The lowest unit `group` trains (the head's unit when it trains no backbone layer)."""
@@ -286,22 +314,49 @@ class Plan:
 
     @property
     def topk_names(self) -> list[str]:
-        return [groups.topk_candidate(k) for k in self.topk] if "topk" in self.strategies else []
+        """topk's candidates before the ranking fills them: each k under each setting (the
+        names a setting takes when it matters)."""
+        if "topk" not in self.strategies:
+            return []
+        if "topk" in self.planned:
+            return [g.candidate for g in self.planned["topk"]]
+        many = len(self.settings) > 1
+        bn = len({x.bn_policy for x in self.settings}) > 1
+        lr = len({x.lr_factor for x in self.settings}) > 1
+        return [groups.topk_candidate(k) + (settings.SEPARATOR + settings.label(x, bn, lr)
+                                            if many else "")
+                for k in self.topk for x in self.settings]
+
+    def pools(self, strategy: str) -> dict[str, list[Group]]:
+        """What successive halving ranks together: all of a searched strategy's candidates
+        (layers, setting); a baseline's settings, candidate by candidate (a baseline candidate
+        is never pruned: its settings compete, and its best trains every seed to the end)."""
+        members = self.planned.get(strategy, [])
+        if strategy not in groups.BASELINES:
+            return {strategy: members}
+        pools: dict[str, list[Group]] = {}
+        for g in members:
+            pools.setdefault(settings.base(g.candidate), []).append(g)
+        return pools
+
+    def pool_sizes(self, strategy: str) -> list[int]:
+        if strategy == "topk" and "topk" not in self.planned:
+            return [len(self.topk_names)]
+        return [len(m) for m in self.pools(strategy).values()]
 
     def candidate_count(self, strategy: str) -> int:
-        return len(self.topk) if strategy == "topk" else len(self.planned[strategy])
+        return sum(self.pool_sizes(strategy))
 
-    def stopping_rungs(self, strategy: str) -> list[int]:
-        """The rungs where `strategy` stops: a baseline's candidates only at the last (never
-        pruned), the searched strategies' as halving says."""
-        if strategy in groups.BASELINES:
-            return [len(self.rungs) - 1]
-        return schedule.stopping_rungs(self.candidate_count(strategy), self.rungs, self.eta)
+    def stopping_rungs(self, pool_size: int) -> list[int]:
+        """The rungs where a pool of `pool_size` candidates stops, as planned (a pool of one
+        only at the last)."""
+        return schedule.stopping_rungs(pool_size, self.rungs, self.eta)
 
     def expected(self, strategy: str) -> tuple[int, int]:
-        """(runs recorded, epochs trained over all runs) of `strategy`."""
-        rungs = self.rungs[-1:] if strategy in groups.BASELINES else self.rungs
-        return schedule.expected(self.candidate_count(strategy), rungs, self.eta)
+        """(runs recorded, epochs trained over all runs) of `strategy`, as planned (a rung that
+        finds no evidence to prune trains more)."""
+        counts = [schedule.expected(n, self.rungs, self.eta) for n in self.pool_sizes(strategy)]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     @property
     def runs(self) -> int:
@@ -320,21 +375,28 @@ class Plan:
         return set(self.engines) | ({self.first_unit} if whole else set())
 
 
-def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | None = None
-              ) -> Plan:
+def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | None = None,
+              train_images: int | None = None) -> Plan:
     """The plan of `config`'s search. With the machine's `speed` (costs.measure) and the
     (train, validation) image counts, the candidates but the whole network's go to at most
-    `search.engines` engines by depth (costs.split); without, to one engine."""
+    `search.engines` engines by depth (costs.split); without, to one engine. The rungs are
+    sized in optimizer steps from `train_images` (default: `images`' or the dataset's size
+    when known without loading it; unknown, no rung is dropped)."""
     from blockft_jax import costs
     s = config.search
     strategies = [x for x in groups.SEARCH_ORDER if x in s.strategies]
     planned = {x: candidates(config, table, x) for x in strategies if x != "topk"}
     units = list(module.unit_names())
     layer_unit = {r.name: r.unit for r in groups.backbone_layers(table)}
+    if train_images is None:
+        known = images or dataset_sizes(config)
+        train_images = known[0] if known else None
+    steps_per_epoch = None if train_images is None else -(-train_images // config.data.batch_size)
     rungs = schedule.rungs(s.schedule, config.train.epochs, config.train.seeds, s.eta,
-                           s.halving_seeds)
+                           s.halving_seeds, min_steps=s.min_rung_steps,
+                           steps_per_epoch=steps_per_epoch)
     plan = Plan(strategies, planned, units, layer_unit, [], units[0], config.train.seeds,
-                tuple(s.topk), rungs, s.eta)
+                tuple(s.topk), rungs, s.eta, settings.of_config(config))
     # topk's layers come from layerwise's, so layerwise's reach bounds theirs.
     shared = plan.shared
     lowest = sorted({plan.lowest_unit(g) for g in shared}, key=units.index)
@@ -370,8 +432,11 @@ def engine_work(plan: Plan) -> dict:
         members = [(name, None) for name in plan.topk_names] if strategy == "topk" else \
             [(g.candidate, g) for g in plan.planned[strategy]]
         run_epochs = plan.expected(strategy)[1] / max(count, 1)
-        first = plan.rungs[plan.stopping_rungs(strategy)[0]]
+        pool_of = {}
+        for members_of_pool in plan.pools(strategy).values():
+            pool_of.update({g.candidate: len(members_of_pool) for g in members_of_pool})
         for name, group in members:
+            first = plan.rungs[plan.stopping_rungs(pool_of.get(name, count))[0]]
             unit = plan.engines[-1] if group is None else plan.engine_of(group)
             entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0,
                                            "measurements": []})
@@ -380,7 +445,7 @@ def engine_work(plan: Plan) -> dict:
             entry["run_epochs"] += run_epochs
             if strategy == "auto_rgn":
                 entry["measurements"].append(
-                    (plan.seeds, plan.rungs[-1].epochs, int(group.setting)))
+                    (plan.seeds, plan.rungs[-1].epochs, int(group.option)))
     return work
 
 
@@ -410,7 +475,8 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
     lines = [f"Plan: {c.model.name} (width {c.model.width}, {c.model.input_size} px, weights "
              f"{c.model.weights}) on {c.data.name}; {c.train.epochs} epochs x {c.train.seeds} "
              f"seed(s) per candidate, batch {c.data.batch_size}.",
-             f"Strategies, in the order they run: {', '.join(plan.strategies)}."]
+             f"Strategies, in the order they run: {', '.join(plan.strategies)}.",
+             describe_settings(config)]
     for strategy in plan.strategies:
         if strategy == "topk":
             lines.append(f"  topk: k in {list(plan.topk)}: the k best layers of the layer-wise "
@@ -431,9 +497,13 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
                      f"{c.train.epochs} epochs x {c.train.seeds} seed(s).")
     else:
         lines.append(f"Schedule: halving: rungs of {[r.epochs for r in plan.rungs]} epochs "
-                     f"({len(plan.rungs[0].seeds)} seed(s) before the last); at each, every "
-                     f"strategy's best 1/{plan.eta} go on; the finalists, and every baseline "
-                     f"candidate, train every seed.")
+                     f"({len(plan.rungs[0].seeds)} seed(s) before the last; none under "
+                     f"{c.search.min_rung_steps} steps); at each, every searched strategy's best "
+                     f"1/{plan.eta} (layers, setting) go on, and each baseline candidate's best "
+                     f"settings"
+                     + ("; a candidate is pruned only when the paired test puts it below the "
+                        "rung's leader" if c.search.prune_only_on_evidence else "")
+                     + "; the finalists train every seed.")
     lines.append(f"Runs: {plan.runs}, {plan.run_epochs:,} run-epochs (the paper's exhaustive "
                  f"protocol: {exhaustive_runs(plan)} runs).")
     for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
@@ -448,6 +518,16 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
     if estimate:
         lines.append(estimate)
     return "\n".join(lines)
+
+
+def describe_settings(config) -> str:
+    """The settings line of the dry run."""
+    t, s = config.train, config.search
+    head = (f"the head at {t.head_learning_rate:g}" if t.head_learning_rate is not None
+            else "the head at the same rate")
+    return (f"Settings, searched with the layers where they can change training: BatchNorm "
+            f"{' / '.join(s.bn_policies)}; backbone learning rate {t.learning_rate:g} x "
+            f"{' / '.join(f'{f:g}' for f in s.lr_factors)}; {head}.")
 
 
 def exhaustive_runs(plan: Plan) -> int:

@@ -36,10 +36,13 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {LABELS[strategy]} | `{c['candidate']}` | {len(c['layers'])} | "
                      f"{_pm(c['val_accuracy'])} | {_pm(c['test_accuracy'])} |")
     w = summary["winner"]
-    lines += ["", f"**Winner:** `{w['candidate']}` ({LABELS[w['strategy']]}), validation "
-              f"{_pm(w['val_accuracy'])}, test {_pm(w['test_accuracy'])}.",
+    lines += ["", f"**Winner:** `{w['candidate']}` ({LABELS[w['strategy']]}): "
+              f"{_trains(w)}; validation {_pm(w['val_accuracy'])}, test "
+              f"{_pm(w['test_accuracy'])}.",
               f"Train-step compilations: {summary['train_step_compilations']}.", ""]
     lines += is_the_winner_better(summary)
+    lines += what_the_setting_did(summary)
+    lines += what_each_rung_pruned(summary)
     for strategy, s in summary["strategies"].items():
         if len(s["ranking"]) < 2:
             continue
@@ -60,6 +63,83 @@ def markdown(summary: dict) -> str:
                          "its best epoch before it was pruned.")
         lines.append("")
     return "\n".join(lines)
+
+
+def _trains(c: dict) -> str:
+    """'3 layers and the head, BatchNorm frozen, backbone learning rate x1'."""
+    layers = len(c["layers"])
+    what = f"{layers} layer{'s' if layers != 1 else ''} and the head" if layers else "the head"
+    return (f"trains {what}, BatchNorm {c.get('bn_policy', 'train')}, backbone learning rate "
+            f"x{c.get('lr_factor', 1.0):g}")
+
+
+def _setting_words(c: dict) -> str:
+    """'BatchNorm policy: frozen beats train by +0.320 [+0.270, +0.370]' (the parts that
+    differ between the two settings of a comparison)."""
+    a, b = c["a_setting"], c["b_setting"]
+    names, ours, theirs = [], [], []
+    if a["bn_policy"] != b["bn_policy"]:
+        names.append("BatchNorm policy")
+        ours.append(a["bn_policy"])
+        theirs.append(b["bn_policy"])
+    if a["lr_factor"] != b["lr_factor"]:
+        names.append("learning rate")
+        ours.append(f"x{a['lr_factor']:g}")
+        theirs.append(f"x{b['lr_factor']:g}")
+    lo, hi = c["ci95"]
+    interval = f"{c['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    ours, theirs = " and ".join(ours), " and ".join(theirs)
+    if not c["distinguishable"]:
+        said = f"{ours} against {theirs}: not distinguishable ({interval})"
+    else:
+        said = f"{ours} {'beats' if c['difference'] > 0 else 'trails'} {theirs} by {interval}"
+    return f"{' and '.join(names)}: {said}"
+
+
+def what_the_setting_did(summary: dict) -> list[str]:
+    """The winner against its own layers under each other setting: what mattered."""
+    compared = summary.get("settings")
+    if not compared:
+        return []
+    lines = ["## What mattered: the winner's layers under each other setting", "",
+             f"`{summary['winner']['candidate']}` against the same layers trained otherwise "
+             f"(the winner's setting first); {compared[0]['method']}. Validation chose; test "
+             f"is for the record.", ""]
+    for c in compared:
+        pruned = (f"; the other was pruned after {c['b_pruned_after']} epoch(s), compared over "
+                  f"seed(s) {', '.join(map(str, c['seeds']))} as they stood"
+                  if c.get("b_pruned_after") else "")
+        lines.append(f"- {c['split']}: {_setting_words(c)}{pruned}")
+    return lines + [""]
+
+
+def what_each_rung_pruned(summary: dict) -> list[str]:
+    """Per pool and rung of a halving search: how many went, on what margin, and how many were
+    held for lack of evidence."""
+    halving = summary.get("halving")
+    if not halving or not halving["decisions"]:
+        return []
+    lines = ["## What each rung pruned", "",
+             "A pool is what competes: a searched strategy's (layers, setting) candidates, or "
+             "one baseline candidate's settings. Margin: the leader minus the pruned, on "
+             "validation at the rung (paired 95% interval where evidence was required).", ""]
+    for pool, rungs in halving["decisions"].items():
+        for index, d in sorted(rungs.items(), key=lambda kv: int(kv[0])):
+            rung = halving["rungs"][int(index)]
+            total = len(d["kept"]) + len(d["pruned"])
+            text = (f"- `{pool}`, rung {index} ({rung['epochs']} epochs, {rung['seeds']} "
+                    f"seed(s)): {len(d['pruned'])} of {total} pruned")
+            if d["pruned"]:
+                name, closest = min(d["pruned"].items(), key=lambda kv: kv[1]["difference"])
+                interval = (f" [{closest['ci95'][0]:+.3f}, {closest['ci95'][1]:+.3f}]"
+                            if "ci95" in closest else "")
+                text += (f"; the closest, `{name}`, trailed the leader `{d['leader']}` by "
+                         f"{closest['difference']:+.3f}{interval}")
+            if d["held"]:
+                text += (f"; {len(d['held'])} kept for lack of evidence"
+                         + (" (the leader was within chance)" if d["within_chance"] else ""))
+            lines.append(text)
+    return lines + [""]
 
 
 def is_the_winner_better(summary: dict) -> list[str]:

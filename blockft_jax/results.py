@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blockft_jax import settings
 from blockft_jax.groups import SEARCH_ORDER
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def rank(rows: list[dict]) -> list[dict]:
         test = [r["test_accuracy"] for r in rs if r.get("test_accuracy") is not None]
         ranked.append({"candidate": candidate, "strategy": rs[0]["strategy"],
                        "layers": rs[0]["layers"], "depth": rs[0]["depth"], "seeds": len(rs),
+                       "bn_policy": rs[0].get("bn_policy", "train"),
+                       "lr_factor": rs[0].get("lr_factor", 1.0),
                        "val_accuracy": _mean_std(val), "test_accuracy": _mean_std(test),
                        "diverged": sum(r["status"] == "diverged" for r in rs),
                        "rung": max(r.get("rung", 0) for r in rs),
@@ -87,6 +90,7 @@ def summarize(config, rows: list[dict], train_step_compilations: int,
         summary["comparisons"] = compare_winner(rows, strategies, winner, predictions_dir)
         summary["distinguishable"], summary["verdict"] = verdict(
             summary["comparisons"], strategies, winner)
+        summary["settings"] = compare_settings(rows, winner, predictions_dir)
     return summary
 
 
@@ -287,6 +291,29 @@ def compare_winner(rows: list[dict], strategies: dict, winner: dict, predictions
                         replicates=replicates, seed=seed)
             if c is not None:
                 out.append(c)
+    return out
+
+
+def compare_settings(rows: list[dict], winner: dict, predictions_dir, *,
+                     replicates: int = REPLICATES, seed: int = BOOTSTRAP_SEED) -> list[dict]:
+    """The winner against its own layers under each other setting (what the setting did), on
+    validation then test, over the seeds both have (a setting pruned at an early rung: its
+    early seeds, at the epochs it trained). Each carries the other's setting and, when pruned,
+    its epochs."""
+    ranked = {c["candidate"]: c for c in rank(rows)}
+    same = [c for name, c in ranked.items() if name != winner["candidate"]
+            and settings.base(name) == settings.base(winner["candidate"])]
+    out = []
+    for split in SPLITS:
+        if not has_split(predictions_dir, split):
+            continue
+        for other in same:
+            c = compare(rows, winner["candidate"], other["candidate"], split, predictions_dir,
+                        replicates=replicates, seed=seed)
+            if c is not None:
+                out.append({**c, "a_setting": {k: winner[k] for k in ("bn_policy", "lr_factor")},
+                            "b_setting": {k: other[k] for k in ("bn_policy", "lr_factor")},
+                            "b_pruned_after": other["epochs"] if other["pruned"] else None})
     return out
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from blockft_jax import data as data_lib
 from blockft_jax import (checkpoint, costs, groups, models, multihost, placement, pretrained,
-                         report, results, scalars, schedule, streams, train, weights)
+                         report, results, scalars, schedule, settings, streams, train, weights)
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.progress import CompileClock, Progress
@@ -82,7 +82,8 @@ class Search:
         from this machine's speed (real train steps compiled and timed) when there is a choice.
         The split is kept in engines.json: a rerun trains each run in the engine it began in."""
         c = self.config
-        plan = make_plan(c, self.table, self.module)
+        train_images = len(self.dataset.train)
+        plan = make_plan(c, self.table, self.module, train_images=train_images)
         lowest = sorted({plan.lowest_unit(g) for g in plan.shared}, key=plan.units.index)
         if c.search.engines == 1 or len(lowest) < 2:
             return plan
@@ -96,7 +97,8 @@ class Search:
             plan, self.module, self.table, self.variables, self.tx,
             batch_size=c.data.batch_size, image_shape=self.shape).to_json()))
         images = (len(self.dataset.train), len(self.dataset.validation))
-        plan = make_plan(c, self.table, self.module, speed=speed, images=images)
+        plan = make_plan(c, self.table, self.module, speed=speed, images=images,
+                         train_images=train_images)
         self.wd.write_json(ENGINES, {"engines": plan.engines, "speed": speed.to_json()})
         log.info("Engines by depth: candidates but the whole network's train from units %s (at "
                  "most search.engines=%d; chosen for the least compile plus training time: %.1f s "
@@ -165,7 +167,7 @@ class Search:
         their memory by XLA's plan, and the train step's flops per run."""
         c = self.config
         any_mask = groups.param_mask(self.variables["params"], self.table, [])
-        any_bn = groups.bn_modes(self.table, [], freeze_bn=c.train.freeze_bn)
+        any_bn = groups.bn_modes(self.table, [])
         return cohort.compile_steps(self.variables, any_mask, any_bn, c.data.batch_size,
                                     self.shape, device_split_sizes, multiple)
 
@@ -197,7 +199,7 @@ class Search:
                                           self.plan.planned.get("auto_rgn", [])):
             prepared.norms = self.compiler.submit(
                 prepared.cohort.compile_norms, self.variables,
-                groups.bn_modes(self.table, [], freeze_bn=self.config.train.freeze_bn),
+                groups.bn_modes(self.table, []),
                 self.config.data.batch_size, self.shape, self._split_sizes(prepared))
         if not prepared.announced:
             log.info(placement.describe(from_unit, p, prepared.runs))
@@ -231,9 +233,10 @@ class Search:
             self.engines[from_unit].splits = {}
 
     def candidate_inputs(self, group: Group) -> groups.Inputs:
-        """A candidate's mask and BN modes (and how they change between epochs)."""
-        return groups.inputs(self.variables["params"], self.table, group,
-                             freeze_bn=self.config.train.freeze_bn)
+        """A candidate's mask and BN modes (and how they change between epochs), under its
+        setting."""
+        return settings.apply(groups.inputs(self.variables["params"], self.table, group), group,
+                              settings.head_factor(self.config))
 
     def scalar_writer(self, group: Group, seed: int):
         return (scalars.ScalarWriter(self.wd.path / TENSORBOARD /
@@ -323,7 +326,8 @@ class Search:
         """The results.jsonl row of a run as it stands at rung `rung` (the index of the rung
         it reached)."""
         return {"strategy": group.strategy, "candidate": group.candidate,
-                "layers": list(group.layers), "depth": self._depth(group), "seed": seed,
+                "layers": list(group.layers), **settings.of_group(group),
+                "depth": self._depth(group), "seed": seed,
                 "epochs": result.epochs, "best_epoch": result.best_epoch,
                 "val_accuracy": result.val_accuracy, "test_accuracy": result.test_accuracy,
                 "final_val_accuracy": result.final_val_accuracy, "val_loss": result.val_loss,
@@ -331,43 +335,65 @@ class Search:
                 "status": result.status, "rung": rung}
 
     # -- the schedule: which candidates go on -------------------------------------------------
-    def alive(self, strategy: str, rung: int) -> list[Group]:
-        """The candidates of `strategy` still searched at rung `rung` (decisions before it)."""
-        alive = self.plan.planned[strategy]
-        for index, kept in sorted((int(i), k) for i, k in
-                                  self.decisions.get(strategy, {}).items()):
+    def alive(self, pool: str, members: list[Group], rung: int) -> list[Group]:
+        """The candidates of a pool (plan.pools) still searched at rung `rung` (decisions
+        before it)."""
+        alive = members
+        for index, entry in sorted((int(i), e) for i, e in self.decisions.get(pool, {}).items()):
             if index < rung:
-                alive = [g for g in alive if g.candidate in kept]
+                alive = [g for g in alive if g.candidate in entry["kept"]]
         return alive
 
-    def decide(self, strategy: str, rung: int) -> list[Group]:
-        """At a rung where `strategy` stops (not the last), its best 1/eta candidates by mean
-        validation accuracy (best epoch so far) over the rung's seeds go on; the others' runs
-        are recorded, pruned. Decided on process 0 and kept in schedule.json (a rerun finds the
-        same). Returns the pruned candidates."""
-        alive = self.alive(strategy, rung)
+    def decide(self, pool: str, members: list[Group], rung: int) -> list[Group]:
+        """At a rung where a pool stops (not the last), its best 1/eta candidates by mean
+        validation accuracy (best epoch so far) over the rung's seeds go on, and with
+        search.prune_only_on_evidence those the rung cannot tell apart from its leader too
+        (schedule.evidence); the others' runs are recorded, pruned. Decided on process 0 and
+        kept in schedule.json (a rerun finds the same). Returns the pruned candidates."""
+        alive = self.alive(pool, members, rung)
         seeds = self.plan.rungs[rung].seeds
+        c = self.config
 
-        def decide() -> list[str]:
-            kept = self.decisions.get(strategy, {}).get(str(rung))
-            if kept is not None:
-                return kept
-            rows = {(r["candidate"], r["seed"]): r for r in self.rows}
-            accuracy = {}
-            for g in alive:
-                records = [rows.get((g.candidate, seed)) or
-                           checkpoint.parked(self.parked_stem(g.candidate, seed))["row"]
-                           for seed in seeds]
-                accuracy[g.candidate] = float(np.mean([r["val_accuracy"] for r in records]))
-            return schedule.promote([g.candidate for g in alive], accuracy, self.plan.eta)
+        def decide() -> dict:
+            entry = self.decisions.get(pool, {}).get(str(rung))
+            if entry is not None:
+                return entry
+            names = [g.candidate for g in alive]
+            accuracy = {g.candidate: float(np.mean([self._standing(g.candidate, seed)[0]
+                                                    ["val_accuracy"] for seed in seeds]))
+                        for g in alive}
+            if not c.search.prune_only_on_evidence:
+                kept = schedule.promote(names, accuracy, self.plan.eta)
+                leader = kept[0] if len(kept) == 1 else max(kept, key=accuracy.get)
+                return {"kept": kept, "leader": leader, "within_chance": False, "held": {},
+                        "pruned": {n: {"difference": accuracy[leader] - accuracy[n]}
+                                   for n in names if n not in kept}}
+            labels = self.dataset.validation.labels
+            correct = {g.candidate: np.stack([self._standing(g.candidate, seed)[1] == labels
+                                              for seed in seeds]) for g in alive}
+            chance = schedule.chance_bound(len(self.dataset.class_names), len(labels))
+            return schedule.evidence(names, accuracy, correct, self.plan.eta, chance)
 
-        kept = multihost.broadcast_json(decide)
-        self.decisions.setdefault(strategy, {})[str(rung)] = kept
+        entry = multihost.broadcast_json(decide)
+        planned = schedule.survivors(len(alive), self.plan.eta)
+        self.decisions.setdefault(pool, {})[str(rung)] = entry
         self.wd.write_json(DECISIONS, self.decisions)
+        kept = entry["kept"]
         pruned = [g for g in alive if g.candidate not in kept]
-        log.info("%s, rung %d (%d epochs): %d of %d candidates go on (%s)", strategy, rung,
+        closest = min(entry["pruned"].items(), key=lambda kv: kv[1]["difference"], default=None)
+        log.info("%s, rung %d (%d epochs): %d of %d candidates go on (%s)%s%s", pool, rung,
                  self.plan.rungs[rung].epochs, len(kept), len(alive),
-                 ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""))
+                 ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""),
+                 f"; the closest pruned, {closest[0]}, trails {entry['leader']} by "
+                 f"{closest[1]['difference']:.3f}" if closest else "",
+                 f"; {len(entry['held'])} kept for lack of evidence"
+                 f"{' (the leader is within chance)' if entry['within_chance'] else ''}"
+                 if entry["held"] else "")
+        # A rung that holds candidates trains more than the plan counted.
+        rest = self.plan.rungs[rung + 1:]
+        self.progress.total += (schedule.expected(len(kept), rest, self.plan.eta)[0]
+                                - schedule.expected(planned, rest, self.plan.eta)[0]
+                                - len(entry["held"]) * len(seeds))
         finished = finished_keys(self.rows)
         for g in pruned:
             for seed in seeds:
@@ -384,6 +410,22 @@ class Search:
                 self.progress.finished(self.add_result({**record["row"], "status": "pruned"}))
                 checkpoint.unpark_clear(stem)
         return pruned
+
+    def _standing(self, candidate: str, seed: int) -> tuple[dict, np.ndarray]:
+        """A run as it stands at a rung (process 0): its row and its validation predictions
+        (-1 where it has none), parked or, had it diverged, recorded."""
+        row = next((r for r in self.rows if (r["candidate"], r["seed"]) == (candidate, seed)),
+                   None)
+        if row is None:
+            record = checkpoint.parked(self.parked_stem(candidate, seed))
+            validation, _ = _predictions(record["predictions"])
+            row = record["row"]
+        else:
+            path = results.prediction_path(self.predictions_dir, candidate, seed)
+            validation = np.load(path)["validation"] if path.exists() else None
+        if validation is None:
+            validation = np.full(len(self.dataset.validation), -1)
+        return row, validation
 
     def start_variables(self, seed: int) -> dict:
         """The pretrained backbone with a head drawn from `seed`: seeds differ in their head
@@ -460,8 +502,8 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
     for phase in (top, ["topk"], list(groups.WHOLE_NETWORK)):
         phase = [s for s in phase if s in plan.strategies]
         if phase == ["topk"]:  # the k best of layerwise's ranking, the same on every process
-            ranking = [c["layers"][0] for c in rank([r for r in search.rows
-                                                     if r["strategy"] == "layerwise"])]
+            ranking = list(dict.fromkeys(c["layers"][0] for c in rank(
+                [r for r in search.rows if r["strategy"] == "layerwise"])))
             plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
         if phase and phase[0] in groups.WHOLE_NETWORK:
             for unit in plan.engines:
@@ -488,18 +530,19 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
 
 def _train_phase(search: Search, strategies: list[str]) -> float:
     """Trains the strategies' runs rung by rung (one rung: the paper's protocol): at each rung,
-    every run of the candidates still searched, engine by engine in cohorts, up to the rung's
-    epochs; then, where a strategy stops, its best 1/eta go on. Returns the training seconds."""
+    every run of the candidates still searched in the pools that stop there, engine by engine
+    in cohorts, up to the rung's epochs; then each such pool decides which go on. Returns the
+    training seconds."""
     plan = search.plan
-    stopping = {s: plan.stopping_rungs(s) for s in strategies}
+    pools = [(pool, members) for s in strategies for pool, members in plan.pools(s).items()]
     training = 0.0
     for rung, budget in enumerate(plan.rungs):
         finished = finished_keys(search.rows)
+        stopping = [(pool, members) for pool, members in pools if schedule.stops(
+            len(search.alive(pool, members, rung)), budget, plan.eta)]
         jobs = []
-        for strategy in strategies:
-            if rung not in stopping[strategy]:
-                continue
-            for group in search.alive(strategy, rung):
+        for pool, members in stopping:
+            for group in search.alive(pool, members, rung):
                 for seed in budget.seeds:
                     key = (group.candidate, seed)
                     parked = multihost.broadcast_json(
@@ -511,9 +554,9 @@ def _train_phase(search: Search, strategies: list[str]) -> float:
             mine = [job for job in jobs if plan.engine_of(job[0]) == unit]
             if mine:
                 training += _train_runs(search, mine, unit, rung)
-        for strategy in strategies:
-            if rung in stopping[strategy] and not budget.final:
-                for group in search.decide(strategy, rung):
+        if not budget.final:
+            for pool, members in stopping:
+                for group in search.decide(pool, members, rung):
                     _promote(search, group)
     for strategy in strategies:  # after an interruption between a record and its model
         for group in plan.planned[strategy]:
@@ -543,10 +586,15 @@ def _summarize(search: Search) -> dict:
     """The summary, with the paired comparisons its predictions allow (on process 0)."""
     args = (search.config, search.rows, len(search.plan.from_units))
     try:
-        return results.summarize(*args, predictions_dir=search.predictions_dir)
+        summary = results.summarize(*args, predictions_dir=search.predictions_dir)
     except results.StalePredictionsError as e:  # never lose the summary of a whole search
         log.warning("No paired comparisons: %s", e)
-        return results.summarize(*args)
+        summary = results.summarize(*args)
+    if len(search.plan.rungs) > 1:  # what each rung decided, for the report
+        summary["halving"] = {"rungs": [{"epochs": r.epochs, "seeds": len(r.seeds)}
+                                        for r in search.plan.rungs],
+                              "decisions": search.decisions}
+    return summary
 
 
 def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
@@ -661,7 +709,10 @@ def model_meta(search: Search, group: Group, seed: int) -> dict:
     """model.json: everything needed to rebuild and use a saved model without the config."""
     model = jsonable(search.config)["model"]
     return {"strategy": group.strategy, "candidate": group.candidate,
-            "layers": list(group.layers), "setting": group.setting, "seed": seed,
+            "layers": list(group.layers), "option": group.option,
+            "setting": {**settings.of_group(group),
+                        "head_learning_rate": search.config.train.head_learning_rate},
+            "seed": seed,
             "model": model,
             "input_size": model["input_size"],
             "preprocessing": type(search.module).preprocessing,

@@ -228,7 +228,7 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, work: 
     cached = plan_lib.caches_prefix(c, unit, module.unit_names())
     at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
     mask = groups.param_mask(variables["params"], table, [])
-    bn_modes = groups.bn_modes(table, [], freeze_bn=c.train.freeze_bn)
+    bn_modes = groups.bn_modes(table, [])
     engines, cohorts, compiled = {}, {}, {}
 
     def engine_for(layout):

@@ -8,6 +8,7 @@
   python scripts/benchmark.py --search [--keras-runs N]   # the demo search: cohorts vs one at a time vs Keras
   python scripts/benchmark.py --checkpoints   # the demo search's checkpoint cost; checkpoint sizes
   python scripts/benchmark.py --halving [--tasks demo,swapped]   # whole network: exhaustive vs halving
+  python scripts/benchmark.py --recipes [--tasks demo,swapped]   # the winner vs the best fixed recipe
 
 The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
 with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
@@ -632,6 +633,70 @@ def halving_benchmark(args) -> None:
               f"(validation interval [{lo:+.3f}, {hi:+.3f}])")
 
 
+# --- the search's winner against the best fixed recipe ---------------------------------------
+
+# The fixed recipes: classifier-only and full fine-tuning, each under every setting the search
+# has, every seed to the end (the paper's protocol), the best chosen on validation.
+RECIPES = ["--config.search.strategies=('classifier_only', 'full')",
+           "--config.search.schedule=exhaustive"]
+
+
+def recipe_benchmark(args) -> None:
+    """Per task: the search of --search-config as it ships, and the fixed recipes (RECIPES);
+    the best recipe (by validation) minus the search's winner, paired, on validation and test.
+    The target: on test (validation chose both, so compare where no choice was made) the recipe
+    is not distinguishably better than the winner (its interval includes 0 or lies below)."""
+    import tempfile
+
+    import numpy as np
+
+    from blockft_jax import results
+    scratch = args.scratch or tempfile.mkdtemp(prefix="blockft_recipe_bench_")
+    base_overrides = list(args.search_override)
+    rows = []
+    for task in args.tasks.split(","):
+        args.search_override = base_overrides + HALVING_TASKS[task]
+        outcome = {}
+        for name, extra in (("search", []), ("recipes", RECIPES)):
+            workdir = os.path.join(scratch, task, name)
+            timed = os.path.join(scratch, task, f"{name}.json")
+            if os.path.exists(timed):
+                with open(timed) as f:
+                    timing = json.load(f)
+            else:
+                if not os.path.exists(os.path.join(scratch, task, "warm")):
+                    warm_up(args, os.path.join(scratch, task))
+                timing = timed_search(args, workdir, os.path.join(scratch, task, f"cache-{name}"),
+                                      extra)
+                with open(timed, "w") as f:
+                    json.dump(timing, f)
+            outcome[name] = {**timing, **_search_outcome(workdir)}
+            print(f"{task}, {name}: {outcome[name]}", file=sys.stderr, flush=True)
+        paired = {}
+        for split in ("validation", "test"):
+            correct = [results.load_correct(os.path.join(r["workdir"], results.PREDICTIONS_DIR),
+                                            r["winner_candidate"], r["seeds"], split)
+                       for r in (outcome["recipes"], outcome["search"])]
+            paired[split] = (float(np.mean(correct[0]) - np.mean(correct[1])),
+                             results.interval95(results.paired_bootstrap(*correct)))
+        rows.append((task, outcome, paired))
+
+    print(f"## The search's winner against the best fixed recipe, {args.search_config} "
+          f"{' '.join(base_overrides)}, one command\n")
+    print("| task | search winner (val, test) | best recipe (val, test) | search wall s | "
+          "recipe - winner, validation [95%] | recipe - winner, test [95%] |")
+    print("|---|---|---|---:|---|---|")
+    for task, o, paired in rows:
+        print(f"| {task} | {o['search']['winner_line']} | {o['recipes']['winner_line']} | "
+              f"{o['search']['wall_s']:.0f} | " + " | ".join(
+                  f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in paired.values()) + " |")
+    print(f"\nPaired: {results.METHOD.format(results.REPLICATES)}; over the seeds both trained.")
+    for task, o, paired in rows:
+        lo, hi = paired["test"][1]
+        print(f"{task}_winner_not_worse_than_recipe={'yes' if lo <= 0 else 'no'} "
+              f"(test interval [{lo:+.3f}, {hi:+.3f}])")
+
+
 def _search_outcome(workdir: str) -> dict:
     """What a finished search chose and what it trained, from its files."""
     with open(os.path.join(workdir, "summary.json")) as f:
@@ -642,6 +707,8 @@ def _search_outcome(workdir: str) -> dict:
     seeds = sorted(r["seed"] for r in rows if r["candidate"] == winner["candidate"])
     return {"workdir": workdir, "runs": len(rows), "run_epochs": sum(r["epochs"] for r in rows),
             "winner_candidate": winner["candidate"], "seeds": seeds,
+            "winner_line": f"`{winner['candidate']}` {winner['val_accuracy']['mean']:.3f}, "
+                           f"{winner['test_accuracy']['mean']:.3f}",
             "selected": {name: f"{s['selected']['candidate']} "
                                f"{s['selected']['val_accuracy']['mean']:.3f}"
                          for name, s in summary["strategies"].items()}}
@@ -766,6 +833,9 @@ def main(argv=None):
     parser.add_argument("--halving", action="store_true",
                         help="the demo over the whole network: exhaustive against halving, on "
                              "--tasks")
+    parser.add_argument("--recipes", action="store_true",
+                        help="the demo search as it ships against the best fixed recipe "
+                             "(classifier-only and full under every setting), on --tasks")
     parser.add_argument("--tasks", default=",".join(HALVING_TASKS),
                         help="with --halving: the tasks (demo: digits 5-9 from a backbone "
                              "pretrained on 0-4; swapped: 0-4 from 5-9)")
@@ -809,11 +879,11 @@ def main(argv=None):
         return search_benchmark(args)
     if args.checkpoints:
         return checkpoint_benchmark(args)
-    if args.halving:
+    if args.halving or args.recipes:
         unknown = sorted(set(args.tasks.split(",")) - set(HALVING_TASKS))
         if unknown:
             parser.error(f"--tasks: unknown {unknown}; choose from {','.join(HALVING_TASKS)}")
-        return halving_benchmark(args)
+        return halving_benchmark(args) if args.halving else recipe_benchmark(args)
 
     if args.input_check:
         if args.model not in models.MODEL_NAMES:

@@ -19,7 +19,7 @@ import pytest
 
 from blockft_jax import checkpoint
 from blockft_jax import cohort as cohort_lib
-from blockft_jax import data, models, streams, train
+from blockft_jax import data, groups, models, settings, streams, train
 from blockft_jax.models import HEAD_UNIT
 
 import test_train as base
@@ -436,3 +436,46 @@ def test_named_random_streams_are_disjoint():
     # Other seeds draw other orders; the same seed and epoch, the same order.
     order = lambda seed, epoch: streams.batch_order(seed, epoch).permutation(20).tolist()
     assert order(3, 0) == order(3, 0) and order(3, 0) != order(3, 1) != order(4, 1)
+
+
+# --- settings: BatchNorm policy and learning-rate factors are data of the same step ---------
+
+SETTINGS = [("train", 1.0, 1.0), ("frozen", 1.0, 1.0), ("train", 0.1, 10.0),
+            ("frozen", 10.0, 0.5)]  # (BN policy, backbone factor, head factor)
+
+
+def setting_run(starts, table, bn_policy, factor, head, seed=0):
+    group = groups.Group("blocks", "x", base.CANDIDATE, bn_policy=bn_policy, lr_factor=factor)
+    inputs = settings.apply(groups.inputs(starts[seed]["params"], table, group), group, head)
+    return cohort_lib.Run(inputs.mask, inputs.bn_modes, seed, variables=starts[seed])
+
+
+def test_settings_train_in_one_cohort_as_alone(cohort, single, variables, table, splits,
+                                               starts, engine):
+    """Four settings of one candidate in one cohort (one compilation): each run as it trains
+    alone; 'frozen' leaves every moving average bitwise as it was, 'train' moves the trained
+    BN's only; the factors scale the steps (the runs differ)."""
+    compiled = cohort.compilations["train"]
+    together = fit(cohort, variables, [setting_run(starts, table, *s) for s in SETTINGS], splits)
+    assert cohort.compilations["train"] == max(compiled, 1)  # at most the first, here
+    for got, s in zip(together, SETTINGS):
+        alone = fit(single, variables, [setting_run(starts, table, *s)], splits)[0]
+        assert_same_result(got, alone, variables, engine.live)
+        start = base.flat(starts[0]["batch_stats"])
+        after = base.flat(got.final_variables["batch_stats"])
+        for path, value in start.items():
+            moved = path[0] in base.CANDIDATE and s[0] == "train"
+            assert np.array_equal(after[path], value) != moved, (s, path)
+    heads = [base.flat(r.final_variables["params"][HEAD_UNIT]) for r in together]
+    assert all(not np.array_equal(heads[0][k], heads[2][k]) for k in heads[0])
+
+
+def test_the_default_setting_is_todays_inputs_bitwise(starts, table):
+    """'train' with factors of 1: the inputs the candidate had before settings, unchanged."""
+    group = groups.Group("blocks", "x", base.CANDIDATE)
+    before = groups.inputs(starts[0]["params"], table, group)
+    assert settings.apply(before, group, 1.0) is before
+    scaled = settings.apply(before, dataclasses.replace(group, lr_factor=0.1), 10.0)
+    for path, value in base.flat(scaled.mask).items():
+        want = base.flat(before.mask)[path] * np.float32(10.0 if path[0] == HEAD_UNIT else 0.1)
+        assert scaled.mask is not before.mask and np.array_equal(value, want), path

@@ -184,7 +184,7 @@ def test_auto_rgn_multipliers_normalise_relative_gradient_norms(tiny):
     params = shapes(module)["params"]
     (group,) = groups.auto_rgn(table, 3)
     batchnorm = {r.name for r in table if r.kind == "batchnorm"}
-    assert set(group.layers) == set(weighted(table)) - batchnorm and group.setting == 3
+    assert set(group.layers) == set(weighted(table)) - batchnorm and group.option == 3
     rng = np.random.default_rng(0)
     gradient = jax.tree.map(lambda x: rng.uniform(0.1, 2.0, 3), params)
     parameter = jax.tree.map(lambda x: rng.uniform(0.5, 3.0), params)

@@ -10,9 +10,12 @@ from blockft_jax import groups, schedule
 from configs import tiny
 from test_resume import assert_same_search, finished, killed_in_turn, killed_line, rows
 
-# Rungs of 1, 2 and 4 epochs; the early rungs train seed 0, the last both seeds.
+# Rungs of 1, 2 and 4 epochs (3, 6 and 12 steps); the early rungs train seed 0, the last both
+# seeds. The random tiny backbone sits at chance, where a rung on evidence prunes nothing
+# (test_settings.py): here halving prunes on rank alone, as it did before evidence.
 HALVING = {"train.epochs": 4, "train.seeds": 2, "train.checkpoint_seconds": 0.0,
-           "search.schedule": "halving", "search.eta": 2, "search.halving_seeds": 1}
+           "search.schedule": "halving", "search.eta": 2, "search.halving_seeds": 1,
+           "search.min_rung_steps": 1, "search.prune_only_on_evidence": False}
 
 
 @pytest.fixture(scope="module")

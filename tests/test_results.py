@@ -141,9 +141,10 @@ def test_summarize_compares_the_winner_with_every_other_strategy_on_both_splits(
     rows = fake_search(tmp_path, ACCURACY)
     plain = results.summarize(CONFIG, rows, 2)
     summary = results.summarize(CONFIG, rows, 2, predictions_dir=tmp_path)
-    # Everything summarize gave before is unchanged; three keys are added.
+    # Everything summarize gave before is unchanged; four keys are added.
     assert {k: v for k, v in summary.items()
-            if k not in ("comparisons", "distinguishable", "verdict")} == plain
+            if k not in ("comparisons", "distinguishable", "verdict", "settings")} == plain
+    assert summary["settings"] == []  # one setting each: nothing to compare the winner with
     assert "comparisons" not in plain
     assert summary["winner"]["candidate"] == "topk:2"
     others = ["classifier_only", "layerwise:block_16_project", "full"]  # each strategy's choice

@@ -95,6 +95,7 @@ def test_the_estimate_counts_auto_rgns_measurement():
         with config.unlocked():
             config.search.strategies = (strategy,)
             config.search.auto_rgn_batches = batches
+            config.search.bn_policies = ("train",)  # one candidate each
         module = plan.build_module(config, 5)
         table = models.layer_table(module, (32, 32, 3))
         searched = plan.make_plan(config, table, module)
@@ -119,6 +120,7 @@ def test_the_engines_work_holds_auto_rgns_measurement():
     config = demo.get_config()
     with config.unlocked():
         config.search.strategies = ("full", "auto_rgn")
+        config.search.bn_policies = ("train",)  # one candidate each: never pruned
     module = plan.build_module(config, 5)
     searched = plan.make_plan(config, models.layer_table(module, (32, 32, 3)), module)
     work = plan.engine_work(searched)[searched.first_unit]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from blockft_jax import data, groups, models, placement, train
+from blockft_jax import data, groups, models, placement, settings, train
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.models import HEAD_UNIT
 
@@ -108,8 +108,12 @@ def evaluate(engine, state, split):
 
 
 def candidate(variables, table, layers, freeze_bn=False):
-    return (groups.param_mask(variables["params"], table, layers),
-            groups.bn_modes(table, layers, freeze_bn=freeze_bn))
+    """The mask and BN modes of `layers` under BatchNorm policy 'frozen' (freeze_bn) or
+    'train', as the search makes them (settings.apply)."""
+    group = groups.Group("blocks", "x", tuple(layers),
+                         bn_policy="frozen" if freeze_bn else "train")
+    inputs = settings.apply(groups.inputs(variables["params"], table, group), group, head=1.0)
+    return inputs.mask, inputs.bn_modes
 
 
 # --- shared model, data and compiled engines ---------------------------------------------------
