@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from blockft_jax import strategies
+
 
 def unit_flops(table, variables) -> dict[str, float]:
     """Forward flops per image of each unit, from the layer table and the variables' shapes."""
@@ -181,11 +183,11 @@ def estimate(plan, suffix: dict[str, float], speed: Speed, images: tuple[int, in
     for strategy in plan.strategies:
         count = plan.candidate_count(strategy)
         per_candidate = plan.expected(strategy)[1] / max(count, 1)
-        for group in ([None] * count if strategy == "topk" else plan.planned[strategy]):
+        for group in plan.planned.get(strategy, [None] * count):
             unit = plan.engines[-1] if group is None else plan.engine_of(group)
             epoch = speed.seconds(epoch_flops(suffix[unit], train_images, validation_images),
                                   steps)
-            if strategy == "auto_rgn":  # its measurement: a gradient on a few batches an epoch
+            if strategies.REGISTRY[strategy].measures:  # a gradient on a few batches an epoch
                 measured = min(int(group.option), train_steps)
                 epoch += speed.seconds(3 * suffix[unit] * batch_size * measured, measured)
             train += per_candidate * epoch

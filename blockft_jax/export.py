@@ -85,7 +85,16 @@ def keras_model(model: predict.SavedModel):
     outputs = keras.layers.Dense(len(model.class_names), activation="softmax", name="head")(x)
     result = keras.Model(inputs, outputs, name=f"blockft_jax_{name}")
     _copy_weights(result, model)
+    if bn_frozen(meta):  # fine-tuned on in Keras, its BN layers stay in inference mode
+        for layer in result.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
     return result
+
+
+def bn_frozen(meta: dict) -> bool:
+    """Whether the saved model trained under the 'frozen' BatchNorm policy (settings.py)."""
+    return (meta.get("setting") or {}).get("bn_policy") == "frozen"
 
 
 def _preprocessing(keras, mode: str):

@@ -18,19 +18,6 @@ from flax import traverse_util
 
 from blockft_jax.models import HEAD_UNIT, LayerRecord
 
-STRATEGIES = ("classifier_only", "full", "layerwise", "topk", "blocks", "window", "llrd",
-              "gradual", "auto_rgn")
-# The order a search runs them in: layerwise before topk (topk needs its ranking); the
-# strategies that train the whole network last.
-SEARCH_ORDER = ("classifier_only", "layerwise", "topk", "blocks", "window", "gradual", "full",
-                "llrd", "auto_rgn")
-# Today's one-run methods: masks of learning-rate multipliers, or masks that change by epoch.
-ONE_RUN_METHODS = ("llrd", "gradual", "auto_rgn")
-# The baselines: the paper's two and the one-run methods. Their candidates are options, not a
-# search: successive halving never prunes one (its best setting trains every seed to the end).
-BASELINES = ("classifier_only", "full", *ONE_RUN_METHODS)
-# Every layer may train from the first epoch: they train from the network's first unit.
-WHOLE_NETWORK = ("full", "llrd", "auto_rgn")
 BOUNDARY_KINDS = ("pooling", "activation", "padding", "add", "multiply", "rescaling", "dropout")
 
 
@@ -257,22 +244,25 @@ class Inputs:
     norm_batches: int = 0
 
 
-def inputs(params, table, group: Group) -> Inputs:
-    """A candidate's `Inputs` before its setting (settings.apply): fixed for the search's
-    strategies, llrd's multipliers, gradual unfreezing's units by epoch, Auto-RGN's multipliers
-    measured each epoch."""
-    bn = lambda layers: bn_modes(table, layers)
-    if group.strategy == "llrd":
-        return Inputs(llrd_mask(params, table, group.option), bn(group.layers))
-    if group.strategy == "gradual":
-        def mask_at(epoch, norms=None):
-            layers = unit_layers(table, gradual_units(table, epoch, int(group.option)))
-            return param_mask(params, table, layers), bn(layers)
-        return Inputs(*mask_at(0), mask_at=mask_at)
-    if group.strategy == "auto_rgn":
-        # BatchNorm trains nowhere: its layers stay in inference mode (Keras's rule).
-        return Inputs(param_mask(params, table, group.layers), bn(group.layers),
-                      mask_at=lambda epoch, norms: (rgn_mask(params, table, norms),
-                                                    bn(group.layers)),
-                      norm_batches=int(group.option))
-    return Inputs(param_mask(params, table, group.layers), bn(group.layers))
+# The one-run methods' inputs (strategies.py names them): (params, table, group) -> Inputs.
+
+def llrd_inputs(params, table, group: Group) -> Inputs:
+    """llrd's multipliers, `decay ** depth`."""
+    return Inputs(llrd_mask(params, table, group.option), bn_modes(table, group.layers))
+
+
+def gradual_inputs(params, table, group: Group) -> Inputs:
+    """Gradual unfreezing: its units by epoch."""
+    def mask_at(epoch, norms=None):
+        layers = unit_layers(table, gradual_units(table, epoch, int(group.option)))
+        return param_mask(params, table, layers), bn_modes(table, layers)
+    return Inputs(*mask_at(0), mask_at=mask_at)
+
+
+def auto_rgn_inputs(params, table, group: Group) -> Inputs:
+    """Auto-RGN: its multipliers measured at the start of each epoch on `group.option`
+    batches. BatchNorm trains nowhere: its layers stay in inference mode (Keras's rule)."""
+    return Inputs(param_mask(params, table, group.layers), bn_modes(table, group.layers),
+                  mask_at=lambda epoch, norms: (rgn_mask(params, table, norms),
+                                                bn_modes(table, group.layers)),
+                  norm_batches=int(group.option))

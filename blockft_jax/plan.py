@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from blockft_jax import groups, models, schedule, settings
+from blockft_jax import groups, models, schedule, settings, strategies
 from blockft_jax.errors import UserError
 from blockft_jax.groups import Group
 
@@ -99,14 +99,17 @@ def validate(config) -> None:
     if t.head_learning_rate is not None:
         number(t.head_learning_rate, "train.head_learning_rate", 0, low_open=True)
 
-    unknown = [x for x in s.strategies if x not in groups.STRATEGIES]
+    known = strategies.SEARCH_ORDER
+    unknown = [x for x in s.strategies if x not in known]
     need(not unknown, f"search.strategies has unknown {unknown}; choose from "
-                      f"{', '.join(groups.STRATEGIES)}.")
+                      f"{', '.join(known)}.")
     need(len(s.strategies) > 0, "search.strategies is empty; choose from "
-                                f"{', '.join(groups.STRATEGIES)}.")
-    need("topk" not in s.strategies or "layerwise" in s.strategies,
-         "search.strategies has 'topk' but no 'layerwise': topk trains the k best layers of "
-         "the layer-wise ranking, so add 'layerwise'.")
+                                f"{', '.join(known)}.")
+    for x in s.strategies:
+        after = strategies.REGISTRY[x].after
+        need(not after or after in s.strategies,
+             f"search.strategies has {x!r} but no {after!r}: {x} trains from {after}'s "
+             f"ranking, so add {after!r}.")
     need(isinstance(s.parallel, int) and s.parallel >= 0,
          f"search.parallel={s.parallel!r}: use 0 (as many runs at once as memory allows), 1 "
          f"(one at a time) or a cohort size.")
@@ -118,15 +121,10 @@ def validate(config) -> None:
     reach(s.max_layers, "search.max_layers")
     for k in s.topk:
         positive_int(k, "search.topk entry")
-    if "topk" in s.strategies and s.max_layers and s.topk:
-        need(max(s.topk) <= s.max_layers,
-             f"search.topk asks for k={max(s.topk)} but layerwise ranks only "
-             f"search.max_layers={s.max_layers} layers; raise max_layers.")
-    if "blocks" in s.strategies:
-        try:
-            groups.blocks([], boundaries(s.block_boundaries))
-        except ValueError as e:
-            raise ConfigError(f"search.block_boundaries: {e}") from None
+    for x in s.strategies:  # each strategy's own keys, as it reads them
+        check_keys = strategies.REGISTRY[x].check
+        problem = check_keys(config) if check_keys else None
+        need(problem is None, problem or "")
     reach(s.max_blocks, "search.max_blocks")
     positive_int(s.window, "search.window")
     positive_int(s.stride, "search.stride", allow_none=True)
@@ -228,41 +226,16 @@ def build_module(config, num_classes: int | None):
                          dtype=jnp.dtype(config.train.compute_dtype), **options)
 
 
-def boundaries(text: str):
-    """'pooling,activation' -> ('pooling', 'activation'); 'units' stays as it is."""
-    return "units" if text.strip() == "units" else tuple(
-        kind.strip() for kind in text.split(",") if kind.strip())
-
-
-def candidates(config, table, strategy: str, layerwise_ranking=None) -> list[Group]:
+def candidates(config, table, strategy: str, ranking=None) -> list[Group]:
     """`strategy`'s candidates: its groups of layers, each under every setting that can change
-    its training (settings.expand)."""
-    return settings.expand(layer_groups(config, table, strategy, layerwise_ranking), table,
+    its training (settings.expand). `ranking`: the layers its `after` strategy ranked."""
+    return settings.expand(layer_groups(config, table, strategy, ranking), table,
                            settings.of_config(config))
 
 
-def layer_groups(config, table, strategy: str, layerwise_ranking=None) -> list[Group]:
-    s = config.search
-    if strategy == "classifier_only":
-        return groups.classifier_only()
-    if strategy == "full":
-        return groups.full(table)
-    # max_*: 0 (or None) = the whole backbone.
-    if strategy == "layerwise":
-        return groups.layerwise(table, s.max_layers or None)
-    if strategy == "topk":
-        return groups.topk(layerwise_ranking, s.topk, table)
-    if strategy == "blocks":
-        return groups.blocks(table, boundaries(s.block_boundaries), s.max_blocks or None)
-    if strategy == "window":
-        return groups.windows(table, s.window, s.stride, s.max_windows or None)
-    if strategy == "llrd":
-        return groups.llrd(table, s.llrd_decays)
-    if strategy == "gradual":
-        return groups.gradual(table, s.gradual_epochs, config.train.epochs)
-    if strategy == "auto_rgn":
-        return groups.auto_rgn(table, s.auto_rgn_batches)
-    raise ConfigError(f"Unknown strategy {strategy!r}.")
+def layer_groups(config, table, strategy: str, ranking=None) -> list[Group]:
+    """`strategy`'s groups of layers, before settings (strategies.py)."""
+    return strategies.candidates(config, table, strategy, ranking)
 
 
 @dataclasses.dataclass
@@ -277,10 +250,10 @@ class Plan:
                                       # auto_rgn): the engines' lowest units, shallowest first
     first_unit: str                   # where the whole network's strategies start
     seeds: int
-    topk: tuple[int, ...]
+    # The strategies planned after another has run: their candidates' names until then.
+    unplanned: dict[str, list[str]]
     rungs: list[schedule.Rung]
     eta: int
-    settings: list = dataclasses.field(default_factory=lambda: [settings.Setting()])
 
     def lowest_unit(self, group: Group) -> str:
         """The lowest unit `group` trains (the head's unit when it trains no backbone layer)."""
@@ -299,7 +272,7 @@ class Plan:
         """The unit of the engine that trains `group`: the first unit for the strategies that
         train the whole network, else the shallowest engine at or below the group's lowest
         unit."""
-        if group.strategy in groups.WHOLE_NETWORK:
+        if group.strategy in strategies.WHOLE_NETWORK:
             return self.first_unit
         lowest = self.units.index(self.lowest_unit(group))
         return max((e for e in self.engines if self.units.index(e) <= lowest),
@@ -309,30 +282,22 @@ class Plan:
     def shared(self) -> list[Group]:
         """The candidates of the shared engines (all but the whole network's; topk's once
         known)."""
-        return [g for s, gs in self.planned.items() if s not in groups.WHOLE_NETWORK
+        return [g for s, gs in self.planned.items() if s not in strategies.WHOLE_NETWORK
                 for g in gs]
 
-    @property
-    def topk_names(self) -> list[str]:
-        """topk's candidates before the ranking fills them: each k under each setting (the
-        names a setting takes when it matters)."""
-        if "topk" not in self.strategies:
-            return []
-        if "topk" in self.planned:
-            return [g.candidate for g in self.planned["topk"]]
-        many = len(self.settings) > 1
-        bn = len({x.bn_policy for x in self.settings}) > 1
-        lr = len({x.lr_factor for x in self.settings}) > 1
-        return [groups.topk_candidate(k) + (settings.SEPARATOR + settings.label(x, bn, lr)
-                                            if many else "")
-                for k in self.topk for x in self.settings]
+    def names(self, strategy: str) -> list[str]:
+        """Its candidates' names: planned, or (for a strategy planned after another) as they
+        are expected to be."""
+        if strategy in self.planned:
+            return [g.candidate for g in self.planned[strategy]]
+        return self.unplanned[strategy]
 
     def pools(self, strategy: str) -> dict[str, list[Group]]:
         """What successive halving ranks together: all of a searched strategy's candidates
         (layers, setting); a baseline's settings, candidate by candidate (a baseline candidate
         is never pruned: its settings compete, and its best trains every seed to the end)."""
         members = self.planned.get(strategy, [])
-        if strategy not in groups.BASELINES:
+        if strategy not in strategies.BASELINES:
             return {strategy: members}
         pools: dict[str, list[Group]] = {}
         for g in members:
@@ -340,8 +305,8 @@ class Plan:
         return pools
 
     def pool_sizes(self, strategy: str) -> list[int]:
-        if strategy == "topk" and "topk" not in self.planned:
-            return [len(self.topk_names)]
+        if strategy not in self.planned:
+            return [len(self.unplanned[strategy])]
         return [len(m) for m in self.pools(strategy).values()]
 
     def candidate_count(self, strategy: str) -> int:
@@ -371,7 +336,7 @@ class Plan:
     @property
     def from_units(self) -> set[str]:
         """The distinct lowest trainable units: one train-step compilation each."""
-        whole = any(s in groups.WHOLE_NETWORK for s in self.strategies)
+        whole = any(s in strategies.WHOLE_NETWORK for s in self.strategies)
         return set(self.engines) | ({self.first_unit} if whole else set())
 
 
@@ -384,8 +349,10 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
     when known without loading it; unknown, no rung is dropped)."""
     from blockft_jax import costs
     s = config.search
-    strategies = [x for x in groups.SEARCH_ORDER if x in s.strategies]
-    planned = {x: candidates(config, table, x) for x in strategies if x != "topk"}
+    names = [x for x in strategies.SEARCH_ORDER if x in s.strategies]
+    # A strategy that needs another's ranking is planned once that has run (`Plan.planned`).
+    planned = {x: candidates(config, table, x) for x in names
+               if not strategies.REGISTRY[x].after}
     units = list(module.unit_names())
     layer_unit = {r.name: r.unit for r in groups.backbone_layers(table)}
     if train_images is None:
@@ -395,8 +362,11 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
     rungs = schedule.rungs(s.schedule, config.train.epochs, config.train.seeds, s.eta,
                            s.halving_seeds, min_steps=s.min_rung_steps,
                            steps_per_epoch=steps_per_epoch)
-    plan = Plan(strategies, planned, units, layer_unit, [], units[0], config.train.seeds,
-                tuple(s.topk), rungs, s.eta, settings.of_config(config))
+    unplanned = {x: settings.expected_names(strategies.REGISTRY[x].names_before(config),
+                                            settings.of_config(config))
+                 for x in names if x not in planned}
+    plan = Plan(names, planned, units, layer_unit, [], units[0], config.train.seeds,
+                unplanned, rungs, s.eta)
     # topk's layers come from layerwise's, so layerwise's reach bounds theirs.
     shared = plan.shared
     lowest = sorted({plan.lowest_unit(g) for g in shared}, key=units.index)
@@ -408,8 +378,8 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
     suffix = costs.suffix_flops(table, models.variable_shapes(module, (
         config.model.input_size, config.model.input_size, 3)), units)
     work: dict[str, float] = {}
-    for strategy in strategies:
-        if strategy in groups.WHOLE_NETWORK:
+    for strategy in names:
+        if strategy in strategies.WHOLE_NETWORK:
             continue
         members = planned.get(strategy, [])
         count = plan.candidate_count(strategy)
@@ -429,8 +399,8 @@ def engine_work(plan: Plan) -> dict:
     work: dict[str, dict] = {}
     for strategy in plan.strategies:
         count = plan.candidate_count(strategy)
-        members = [(name, None) for name in plan.topk_names] if strategy == "topk" else \
-            [(g.candidate, g) for g in plan.planned[strategy]]
+        members = ([(g.candidate, g) for g in plan.planned[strategy]]
+                   if strategy in plan.planned else [(n, None) for n in plan.names(strategy)])
         run_epochs = plan.expected(strategy)[1] / max(count, 1)
         pool_of = {}
         for members_of_pool in plan.pools(strategy).values():
@@ -443,7 +413,7 @@ def engine_work(plan: Plan) -> dict:
             entry["keys"] += [(name, seed) for seed in range(plan.seeds)]
             entry["runs"] += len(first.seeds)
             entry["run_epochs"] += run_epochs
-            if strategy == "auto_rgn":
+            if strategies.REGISTRY[strategy].measures:
                 entry["measurements"].append(
                     (plan.seeds, plan.rungs[-1].epochs, int(group.option)))
     return work
@@ -478,9 +448,8 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
              f"Strategies, in the order they run: {', '.join(plan.strategies)}.",
              describe_settings(config)]
     for strategy in plan.strategies:
-        if strategy == "topk":
-            lines.append(f"  topk: k in {list(plan.topk)}: the k best layers of the layer-wise "
-                         f"ranking (known once layerwise has run)")
+        if strategy not in plan.planned:
+            lines.append(f"  {strategy}: {strategies.REGISTRY[strategy].preview(config)}")
             continue
         members = plan.planned[strategy]
         lines.append(f"  {strategy}: {len(members)} candidate(s)")
@@ -508,12 +477,13 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
                  f"protocol: {exhaustive_runs(plan)} runs).")
     for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
         users = [s for s in plan.strategies if any(
-            plan.engine_of(g) == unit for g in plan.planned.get(s, []))]
+            plan.engine_of(g) == unit for g in plan.planned.get(s, []))] or [
+            s for s in plan.strategies if s not in plan.planned]  # planned later (top-k)
         per_image = (prefix_bytes_per_image(table, unit)
                      if caches_prefix(c, unit, plan.units) else None)
         cache = (f"prefix cache {per_image:,} bytes per image" if per_image else
                  "no prefix cache (nothing frozen below it, or augmentation/prefix_cache off)")
-        lines.append(f"Engine from unit {unit} ({', '.join(users) or 'topk'}): {cache}.")
+        lines.append(f"Engine from unit {unit} ({', '.join(users)}): {cache}.")
     lines.append(f"Train-step compilations: {len(plan.from_units)}.")
     if estimate:
         lines.append(estimate)

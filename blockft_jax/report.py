@@ -11,15 +11,10 @@ import sys
 from pathlib import Path
 
 from blockft_jax import results
-from blockft_jax.groups import BASELINES
+from blockft_jax.strategies import BASELINES, LABELS, REGISTRY
 
-LABELS = {"classifier_only": "Classifier only (baseline)", "full": "Full fine-tuning (baseline)",
-          "layerwise": "Layer-wise", "topk": "Top-k layers", "blocks": "Blocks",
-          "window": "Sliding window", "llrd": "Layer-wise LR decay (baseline)",
-          "gradual": "Gradual unfreezing (baseline)", "auto_rgn": "Auto-RGN (baseline)"}
 # How each baseline's line looks on the searched strategies' plots.
-BASELINE_STYLES = {"classifier_only": ":", "full": "-.", "llrd": "--", "gradual": (0, (5, 1)),
-                   "auto_rgn": (0, (3, 1, 1, 1, 1, 1))}
+BASELINE_STYLES = {name: REGISTRY[name].style for name in BASELINES}
 
 
 def _pm(stat) -> str:
@@ -205,8 +200,8 @@ def plot(summary: dict, path: Path) -> None:
     axes = top.subplots(1, columns, squeeze=False, sharey=True)
     for ax, (strategy, s) in zip(axes[0], searched.items()):
         ranking = sorted(s["ranking"], key=lambda c: c["depth"])
-        x = [c["depth"] for c in ranking] if strategy != "topk" else \
-            [len(c["layers"]) for c in ranking]
+        by_count = bool(REGISTRY[strategy].after)  # top-k: k layers from a ranking
+        x = [len(c["layers"]) for c in ranking] if by_count else [c["depth"] for c in ranking]
         ax.errorbar(x, [c["val_accuracy"]["mean"] for c in ranking],
                     yerr=[c["val_accuracy"]["std"] for c in ranking], marker="o",
                     label="validation", capsize=2)
@@ -218,7 +213,7 @@ def plot(summary: dict, path: Path) -> None:
                            linestyle=BASELINE_STYLES[base], color="grey", label=LABELS[base])
         ax.set_xticks(sorted(set(x)))  # depths and k count layers: ticks where candidates are
         ax.set_title(LABELS[strategy])
-        ax.set_xlabel("k (layers)" if strategy == "topk" else "depth below the output (layers)")
+        ax.set_xlabel("k (layers)" if by_count else "depth below the output (layers)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
     if searched:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from blockft_jax import settings
-from blockft_jax.groups import SEARCH_ORDER
+from blockft_jax.strategies import SEARCH_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -318,9 +318,8 @@ def compare_settings(rows: list[dict], winner: dict, predictions_dir, *,
 
 
 def simplest(strategies: dict) -> dict:
-    """The simplest selected candidate: classifier_only, else the fewest trained layers."""
-    if "classifier_only" in strategies:
-        return strategies["classifier_only"]["selected"]
+    """The simplest selected candidate: the fewest trained layers (classifier-only's none),
+    ties in search order."""
     return min((s["selected"] for s in strategies.values()), key=lambda c: len(c["layers"]))
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from blockft_jax import data as data_lib
 from blockft_jax import (checkpoint, costs, groups, models, multihost, placement, pretrained,
-                         report, results, scalars, schedule, settings, streams, train, weights)
+                         report, results, scalars, schedule, settings, strategies, streams, train,
+                         weights)
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.progress import CompileClock, Progress
@@ -66,7 +67,7 @@ class Search:
         self.progress = Progress(self.plan.runs, len(finished_keys(self.rows)),
                                  flops=lambda unit: self.engines[unit].flops_per_run()
                                  if unit in self.engines else None)
-        # The halving search's decisions so far: {strategy: {rung index: [candidates kept]}}.
+        # The halving search's decisions so far: {pool: {rung index: schedule.evidence's}}.
         self.decisions: dict = multihost.broadcast_json(lambda: json.loads(
             (self.wd.path / DECISIONS).read_text()) if (self.wd.path / DECISIONS).exists()
             else {})
@@ -195,8 +196,9 @@ class Search:
             with self.clock.waiting():
                 prepared.compiled[p.cohort_size, p.eval_batch_multiple] = self.compile(
                     prepared.cohort, self._split_sizes(prepared), p.eval_batch_multiple)
-        if prepared.norms is None and any(self.plan.engine_of(g) == from_unit for g in
-                                          self.plan.planned.get("auto_rgn", [])):
+        if prepared.norms is None and any(
+                self.plan.engine_of(g) == from_unit for name in self.plan.strategies
+                if strategies.REGISTRY[name].measures for g in self.plan.planned.get(name, [])):
             prepared.norms = self.compiler.submit(
                 prepared.cohort.compile_norms, self.variables,
                 groups.bn_modes(self.table, []),
@@ -235,7 +237,7 @@ class Search:
     def candidate_inputs(self, group: Group) -> groups.Inputs:
         """A candidate's mask and BN modes (and how they change between epochs), under its
         setting."""
-        return settings.apply(groups.inputs(self.variables["params"], self.table, group), group,
+        return settings.apply(strategies.inputs(self.variables["params"], self.table, group), group,
                               settings.head_factor(self.config))
 
     def scalar_writer(self, group: Group, seed: int):
@@ -498,14 +500,20 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
             search.progress.plan(unit, work[unit]["run_epochs"])
             search.prepare(unit, work[unit]["runs"])
     training = 0.0  # seconds in the runs' training (fits), for runs.jsonl
-    top = [s for s in plan.strategies if s != "topk" and s not in groups.WHOLE_NETWORK]
-    for phase in (top, ["topk"], list(groups.WHOLE_NETWORK)):
+    # Three phases: the strategies that need no other's ranking and train from a unit above
+    # the first; those that need a ranking (after it); the whole network's.
+    registry = strategies.REGISTRY
+    top = [s for s in plan.strategies if not registry[s].after and not registry[s].whole_network]
+    ranked = [s for s in plan.strategies if registry[s].after]
+    for phase in (top, ranked, list(strategies.WHOLE_NETWORK)):
         phase = [s for s in phase if s in plan.strategies]
-        if phase == ["topk"]:  # the k best of layerwise's ranking, the same on every process
-            ranking = list(dict.fromkeys(c["layers"][0] for c in rank(
-                [r for r in search.rows if r["strategy"] == "layerwise"])))
-            plan.planned["topk"] = candidates(config, search.table, "topk", ranking)
-        if phase and phase[0] in groups.WHOLE_NETWORK:
+        for strategy in phase:  # from the layers its `after` ranked: the same on every process
+            after = registry[strategy].after
+            if after:
+                ranking = list(dict.fromkeys(layer for c in rank(
+                    [r for r in search.rows if r["strategy"] == after]) for layer in c["layers"]))
+                plan.planned[strategy] = candidates(config, search.table, strategy, ranking)
+        if phase and phase[0] in strategies.WHOLE_NETWORK:
             for unit in plan.engines:
                 if unit != plan.first_unit:
                     search.release(unit)

@@ -89,6 +89,16 @@ def expand(members: Sequence[Group], table, settings: Sequence[Setting]) -> list
     return out
 
 
+def expected_names(names: Sequence[str], settings: Sequence[Setting]) -> list[str]:
+    """Candidates' names under `settings` before their layers are known (topk's before the
+    ranking): every part that varies in the search (`expand` drops those that cannot matter
+    once the layers are known)."""
+    bn = len({s.bn_policy for s in settings}) > 1
+    lr = len({s.lr_factor for s in settings}) > 1
+    return [name + (SEPARATOR + label(s, bn, lr) if bn or lr else "")
+            for name in names for s in settings]
+
+
 def apply(inputs: Inputs, group: Group, head: float) -> Inputs:
     """A candidate's inputs under its setting: the backbone's multipliers times its factor,
     the head's times `head` (the head's rate over the backbone's), and under 'frozen' every BN

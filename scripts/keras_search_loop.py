@@ -120,7 +120,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     from blockft_jax import data as data_lib
-    from blockft_jax import groups, models, plan, pretrained, results
+    from blockft_jax import models, plan, pretrained, results, strategies
 
     config = load_config(args.config)
     c = config
@@ -162,9 +162,9 @@ def main(argv=None) -> None:
     setup_seconds = time.perf_counter() - setup_started
 
     # Keras trains a layer or not: no per-layer learning rate, no mask changing by epoch.
-    strategies = [s for s in groups.SEARCH_ORDER if s in c.search.strategies
-                  and s not in groups.ONE_RUN_METHODS]
-    left_out = [s for s in groups.ONE_RUN_METHODS if s in c.search.strategies]
+    strategies = [s for s in strategies.SEARCH_ORDER if s in c.search.strategies
+                  and s not in strategies.ONE_RUN_METHODS]
+    left_out = [s for s in strategies.ONE_RUN_METHODS if s in c.search.strategies]
     if left_out:
         print(f"Left out (Keras has no per-layer learning rate): {', '.join(left_out)}.")
     planned = {s: plan.candidates(c, table, s) for s in strategies if s != "topk"}

@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from blockft_jax import cohort as cohort_lib
-from blockft_jax import data, groups, models, streams, train
+from blockft_jax import data, groups, models, streams, strategies, train
 from blockft_jax.models import HEAD_UNIT
 
 import test_train as base
@@ -59,7 +59,7 @@ def splits():
 
 def run_of(variables, table, group, seed=0, record=None):
     """A cohort.Run of `group`; with `record`, every mask it is given, by epoch."""
-    inputs = groups.inputs(variables["params"], table, group)
+    inputs = strategies.inputs(variables["params"], table, group)
     mask_at = inputs.mask_at
     if record is not None and mask_at is not None:
         def mask_at(epoch, norms, inner=inputs.mask_at):

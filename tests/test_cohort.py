@@ -19,7 +19,7 @@ import pytest
 
 from blockft_jax import checkpoint
 from blockft_jax import cohort as cohort_lib
-from blockft_jax import data, groups, models, settings, streams, train
+from blockft_jax import data, groups, models, settings, streams, strategies, train
 from blockft_jax.models import HEAD_UNIT
 
 import test_train as base
@@ -446,7 +446,7 @@ SETTINGS = [("train", 1.0, 1.0), ("frozen", 1.0, 1.0), ("train", 0.1, 10.0),
 
 def setting_run(starts, table, bn_policy, factor, head, seed=0):
     group = groups.Group("blocks", "x", base.CANDIDATE, bn_policy=bn_policy, lr_factor=factor)
-    inputs = settings.apply(groups.inputs(starts[seed]["params"], table, group), group, head)
+    inputs = settings.apply(strategies.inputs(starts[seed]["params"], table, group), group, head)
     return cohort_lib.Run(inputs.mask, inputs.bn_modes, seed, variables=starts[seed])
 
 
@@ -473,7 +473,7 @@ def test_settings_train_in_one_cohort_as_alone(cohort, single, variables, table,
 def test_the_default_setting_is_todays_inputs_bitwise(starts, table):
     """'train' with factors of 1: the inputs the candidate had before settings, unchanged."""
     group = groups.Group("blocks", "x", base.CANDIDATE)
-    before = groups.inputs(starts[0]["params"], table, group)
+    before = strategies.inputs(starts[0]["params"], table, group)
     assert settings.apply(before, group, 1.0) is before
     scaled = settings.apply(before, dataclasses.replace(group, lr_factor=0.1), 10.0)
     for path, value in base.flat(scaled.mask).items():

@@ -88,3 +88,16 @@ def test_export_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "keras", None)  # as if Keras were not installed
     with pytest.raises(export.ExportError, match=r"pip install -e '\.\[keras\]'"):
         export._import_keras()
+
+
+@pytest.mark.parametrize("policy", ["train", "frozen"])
+def test_the_bn_policy_travels_to_keras(tmp_path, policy):
+    """A model trained with every BatchNorm in inference mode exports with Keras's BN layers
+    non-trainable (Keras then keeps them in inference mode when fine-tuned on); 'train' keeps
+    Keras's default."""
+    make_saved_model(tmp_path / "m", "mobilenet_v2", width=0.35,
+                     setting={"bn_policy": policy, "lr_factor": 1.0, "head_learning_rate": None})
+    model = export.keras_model(predict.load(tmp_path / "m"))
+    batchnorms = [layer for layer in model.layers
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorms and {layer.trainable for layer in batchnorms} == {policy == "train"}

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from blockft_jax import groups, models
+from blockft_jax import groups, models, strategies
 
 SHAPE = (32, 32, 3)
 
@@ -117,7 +117,7 @@ def test_masks_are_float32_multipliers_for_every_strategy(tiny):
     params = shapes(module)["params"]
     for group in (groups.classifier_only() + groups.full(table) + groups.llrd(table, [0.5])
                   + groups.gradual(table, [1], 3) + groups.auto_rgn(table, 2)):
-        inputs = groups.inputs(params, table, group)
+        inputs = strategies.inputs(params, table, group)
         assert {np.asarray(x).dtype for x in jax.tree.leaves(inputs.mask)} == {np.dtype(np.float32)}
         assert all(0 <= float(x) <= 1 for x in jax.tree.leaves(inputs.mask))
 
@@ -146,7 +146,7 @@ def test_llrd_multipliers_decay_by_unit_below_the_head(tiny, decay):
         expected *= decay
         assert per_unit[unit] == pytest.approx(expected, rel=1e-6), unit
     # Every layer trains, BatchNorm included (with batch statistics).
-    assert all(groups.inputs(params, table, group).bn_modes.values())
+    assert all(strategies.inputs(params, table, group).bn_modes.values())
 
 
 def test_gradual_unfreezes_one_unit_every_k_epochs_from_the_top(tiny):
@@ -157,7 +157,7 @@ def test_gradual_unfreezes_one_unit_every_k_epochs_from_the_top(tiny):
                   if any(r.unit == u and r.has_weights for r in table)][::-1]
     k, epochs = 2, 5
     (group,) = groups.gradual(table, [k], epochs)
-    inputs = groups.inputs(params, table, group)
+    inputs = strategies.inputs(params, table, group)
     trained_units = []
     for epoch in range(epochs):
         mask, bn = inputs.mask_at(epoch, None)
@@ -203,5 +203,5 @@ def test_auto_rgn_multipliers_normalise_relative_gradient_norms(tiny):
     assert max(float(mask[layer][name]) for layer, name in ratio) == 1.0
     assert float(mask[models.HEAD_UNIT]["bias"]) == 1.0  # no norm to be relative to
     assert jax.tree.structure(mask) == jax.tree.structure(params)
-    inputs = groups.inputs(params, table, group)
+    inputs = strategies.inputs(params, table, group)
     assert inputs.norm_batches == 3 and not any(inputs.bn_modes.values())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blockft_jax import groups, schedule
+from blockft_jax import schedule, strategies
 from configs import tiny
 from test_resume import assert_same_search, finished, killed_in_turn, killed_line, rows
 
@@ -43,7 +43,7 @@ def test_halving_prunes_records_and_selects_finalists(whole):
         ranked = strategy["ranking"]
         assert [c["rung"] for c in ranked] == sorted((c["rung"] for c in ranked), reverse=True)
     # Fewer runs and epochs than the paper's protocol; the counts the plan promised.
-    one_run = [r for r in table.values() if r["strategy"] in groups.ONE_RUN_METHODS]
+    one_run = [r for r in table.values() if r["strategy"] in strategies.ONE_RUN_METHODS]
     assert len(table) - len(one_run) == 16 and len(table) - len(one_run) < 6 * 2 * 2
     # The one-run methods are baselines: every candidate trained every seed to the end.
     config = tiny.get_config().search

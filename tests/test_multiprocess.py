@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from blockft_jax import groups
+from blockft_jax import strategies
 from test_newcomer import assert_best_is_the_winner
 from test_search import assert_same_models, same_engines
 
@@ -60,7 +60,7 @@ def uninterrupted(tmp_path_factory):
 def test_two_process_search_runs_every_strategy_with_one_log(uninterrupted):
     workdir, (leader, other) = uninterrupted
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary["strategies"]) == set(groups.STRATEGIES)
+    assert set(summary["strategies"]) == set(strategies.SEARCH_ORDER)
     assert "comparisons" in summary
     rows = (workdir / "results.jsonl").read_text().splitlines()
     assert len(rows) == RUNS

@@ -62,7 +62,7 @@ def random_variables(module, size, seed=0):
 
 
 def make_saved_model(path, name="mobilenet_v2", *, size=32, width=1.0, dropout_rate=0.0,
-                     options=None, class_names=CLASSES, seed=0):
+                     options=None, class_names=CLASSES, seed=0, setting=None):
     """A models/<strategy> directory as the search writes it (checkpoint.save_model and the
     model.json keys of search.model_meta), with random variables. Returns (module, variables).
     """
@@ -75,7 +75,9 @@ def make_saved_model(path, name="mobilenet_v2", *, size=32, width=1.0, dropout_r
             "model": {"name": name, "width": width, "input_size": size, "weights": "random",
                       "dropout_rate": dropout_rate, "options": options},
             "input_size": size, "preprocessing": models.model_class(name).preprocessing,
-            "class_names": list(class_names), "dataset": "image_folder"}
+            "class_names": list(class_names), "dataset": "image_folder",
+            "setting": setting or {"bn_policy": "train", "lr_factor": 1.0,
+                                   "head_learning_rate": None}}
     checkpoint.save_model(path, variables, meta)
     return module, variables
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from blockft_jax import checkpoint, groups, launch, models, plan, search
+from blockft_jax import checkpoint, launch, models, plan, search, strategies
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.workdir import WorkdirError
 from configs import tiny
@@ -56,8 +56,8 @@ def test_every_strategy_and_output(finished):
     workdir, summary = finished
     rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
     assert all(ROW_KEYS <= set(r) for r in rows)
-    assert {r["strategy"] for r in rows} == set(groups.STRATEGIES)
-    assert set(summary["strategies"]) == set(groups.STRATEGIES)
+    assert {r["strategy"] for r in rows} == set(strategies.SEARCH_ORDER)
+    assert set(summary["strategies"]) == set(strategies.SEARCH_ORDER)
     assert summary["train_step_compilations"] == engine_count(workdir)
     # Each engine's steps compiled once (ahead, in the background) and were reused.
     run_record = json.loads((workdir / "runs.jsonl").read_text().splitlines()[-1])

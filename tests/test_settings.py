@@ -4,7 +4,7 @@ evidence; a baseline's settings compete among themselves."""
 import numpy as np
 import pytest
 
-from blockft_jax import groups, models, plan, schedule, settings
+from blockft_jax import groups, models, plan, schedule, settings, strategies
 from configs import demo, tiny
 
 
@@ -45,7 +45,7 @@ def test_frozen_policy_and_factors_are_data(table):
     params = models.variable_shapes(plan.build_module(tiny.get_config(), 3), (32, 32, 3))
     params = {"params": jax_zeros(params["params"])}["params"]
     group = groups.gradual(table, [1], 3)[0]
-    frozen = settings.apply(groups.inputs(params, table, group),
+    frozen = settings.apply(strategies.inputs(params, table, group),
                             groups.Group(**{**group.__dict__, "bn_policy": "frozen",
                                             "lr_factor": 0.5}), 4.0)
     for epoch in range(3):
@@ -215,3 +215,16 @@ def test_a_search_of_settings_compiles_no_more_and_records_them(searched):
 def jax_leaves(tree):
     import jax
     return jax.tree.leaves(tree)
+
+
+def test_only_the_registry_names_strategies():
+    """One place per strategy: the modules that plan, search, cost and report a search read
+    strategies.REGISTRY and name none (adding one touches strategies.py, groups.py, tests)."""
+    import inspect
+    import re
+    from blockft_jax import costs, launch, report, results, search, target
+    for module in (plan, search, costs, report, results, launch, target):
+        source = inspect.getsource(module)
+        named = [name for name in strategies.SEARCH_ORDER if re.search(f"[\"']{name}[\"':]",
+                                                                       source)]
+        assert not named, f"{module.__name__} names {named}"

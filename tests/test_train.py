@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from blockft_jax import data, groups, models, placement, settings, train
+from blockft_jax import data, groups, models, placement, settings, strategies, train
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.models import HEAD_UNIT
 
@@ -112,7 +112,7 @@ def candidate(variables, table, layers, freeze_bn=False):
     'train', as the search makes them (settings.apply)."""
     group = groups.Group("blocks", "x", tuple(layers),
                          bn_policy="frozen" if freeze_bn else "train")
-    inputs = settings.apply(groups.inputs(variables["params"], table, group), group, head=1.0)
+    inputs = settings.apply(strategies.inputs(variables["params"], table, group), group, head=1.0)
     return inputs.mask, inputs.bn_modes
 
 
