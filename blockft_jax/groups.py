@@ -3,8 +3,8 @@
 A *layer* here is a layer with weights (conv, depthwise, batchnorm, dense) of the backbone; the
 classifier head is trained with every group. Groups are listed from the output end, as the
 paper searches. A group's parameter mask is a pytree shaped like `params` of learning-rate
-multipliers in [0, 1] (0 frozen, 1 the full rate; float32 for every strategy, so that one
-compilation serves all); its BN modes say which BatchNorm layers use batch statistics (those
+multipliers (0 frozen, 1 the full rate, scaled by the candidate's setting; float32 for every
+strategy, so that one compilation serves all); its BN modes say which BatchNorm layers use batch statistics (those
 trained, Keras's rule for trainable BN) -- both are *data* for the one compiled train step. The
 one-run methods' masks may change between epochs (`Inputs.mask_at`): data again, placed anew.
 """

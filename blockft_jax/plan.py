@@ -229,13 +229,8 @@ def build_module(config, num_classes: int | None):
 def candidates(config, table, strategy: str, ranking=None) -> list[Group]:
     """`strategy`'s candidates: its groups of layers, each under every setting that can change
     its training (settings.expand). `ranking`: the layers its `after` strategy ranked."""
-    return settings.expand(layer_groups(config, table, strategy, ranking), table,
+    return settings.expand(strategies.candidates(config, table, strategy, ranking), table,
                            settings.of_config(config))
-
-
-def layer_groups(config, table, strategy: str, ranking=None) -> list[Group]:
-    """`strategy`'s groups of layers, before settings (strategies.py)."""
-    return strategies.candidates(config, table, strategy, ranking)
 
 
 @dataclasses.dataclass
@@ -473,8 +468,10 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
                      + ("; a candidate is pruned only when the paired test puts it below the "
                         "rung's leader" if c.search.prune_only_on_evidence else "")
                      + "; the finalists train every seed.")
-    lines.append(f"Runs: {plan.runs}, {plan.run_epochs:,} run-epochs (the paper's exhaustive "
-                 f"protocol: {exhaustive_runs(plan)} runs).")
+    more = len(plan.rungs) > 1 and c.search.prune_only_on_evidence
+    lines.append(f"Runs: {plan.runs}, {plan.run_epochs:,} run-epochs"
+                 f"{' if every rung prunes (one that finds no evidence trains more)' if more else ''}"
+                 f" (the paper's exhaustive protocol: {exhaustive_runs(plan)} runs).")
     for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
         users = [s for s in plan.strategies if any(
             plan.engine_of(g) == unit for g in plan.planned.get(s, []))] or [

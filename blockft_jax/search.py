@@ -366,7 +366,7 @@ class Search:
                         for g in alive}
             if not c.search.prune_only_on_evidence:
                 kept = schedule.promote(names, accuracy, self.plan.eta)
-                leader = kept[0] if len(kept) == 1 else max(kept, key=accuracy.get)
+                leader = max(kept, key=accuracy.get)
                 return {"kept": kept, "leader": leader, "within_chance": False, "held": {},
                         "pruned": {n: {"difference": accuracy[leader] - accuracy[n]}
                                    for n in names if n not in kept}}
@@ -536,13 +536,13 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
     return summary, counts, training
 
 
-def _train_phase(search: Search, strategies: list[str]) -> float:
-    """Trains the strategies' runs rung by rung (one rung: the paper's protocol): at each rung,
+def _train_phase(search: Search, names: list[str]) -> float:
+    """Trains the strategies' (`names`) runs rung by rung (one rung: the paper's protocol): at each rung,
     every run of the candidates still searched in the pools that stop there, engine by engine
     in cohorts, up to the rung's epochs; then each such pool decides which go on. Returns the
     training seconds."""
     plan = search.plan
-    pools = [(pool, members) for s in strategies for pool, members in plan.pools(s).items()]
+    pools = [(pool, members) for s in names for pool, members in plan.pools(s).items()]
     training = 0.0
     for rung, budget in enumerate(plan.rungs):
         finished = finished_keys(search.rows)
@@ -566,7 +566,7 @@ def _train_phase(search: Search, strategies: list[str]) -> float:
             for pool, members in stopping:
                 for group in search.decide(pool, members, rung):
                     _promote(search, group)
-    for strategy in strategies:  # after an interruption between a record and its model
+    for strategy in names:  # after an interruption between a record and its model
         for group in plan.planned[strategy]:
             _promote(search, group)
     return training

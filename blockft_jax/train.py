@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def masked(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Runs `inner` where `mask` (an extra argument, i.e. data) is above 0 and scales its
-    updates by it: a mask of learning-rate multipliers in [0, 1] per parameter (0 frozen, 1 the
+    updates by it: a mask of learning-rate multipliers >= 0 per parameter (0 frozen, 1 the
     full rate; booleans act as 0 and 1, bitwise). Scaling the output is a per-tensor learning
     rate, weight decay included (as an optimizer's parameter group with its own rate). Frozen
     entries get zero gradients in and zero updates out, so their optimizer moments stay zero
