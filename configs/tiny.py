@@ -19,6 +19,7 @@ def get_config():
     config.train.epochs = 2
     config.train.seeds = 1
     config.train.learning_rate = 1e-3
+    config.train.head_learning_rate = None  # the backbone's, whatever a test sets it to
     # Tests interrupt searches right after a checkpoint: one after every epoch.
     config.train.checkpoint_seconds = 0.0
 
