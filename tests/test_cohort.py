@@ -26,6 +26,7 @@ import test_train as base
 
 BATCH = 8
 EPOCHS = 3
+LEARNING_RATE = 1e-2
 FROM_UNIT = "block_1"
 # Mixed strategies: classifier only, one conv layer, one BN layer, a two-layer group.
 CANDIDATES = ((), ("block_2_project",), ("block_1_depthwise_BN",), base.CANDIDATE)
@@ -51,7 +52,7 @@ def variables(model):
 
 @pytest.fixture(scope="module")
 def engine(model, table):
-    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": 1e-2,
+    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": LEARNING_RATE,
                                      "epochs": EPOCHS})
     return train.Engine(model, train.make_optimizer(cfg, EPOCHS * 3), FROM_UNIT,
                         train.data_mesh(), cached=True, table=table)
@@ -110,7 +111,26 @@ def reference(single, variables, starts, table, splits):
             for layers, seed in RUNS}
 
 
-def assert_same_result(got: cohort_lib.FitResult, want: cohort_lib.FitResult, variables, live):
+# Adam moves a parameter by up to about its rate each step whatever the gradient's size, so
+# where a gradient nearly cancels, float order (the cohort's batched reductions against one
+# run's, or another CPU's) can move it by a share of a step, not of its value. Seen: 1.1% of a
+# step on an AMD EPYC (the factor-10 setting's 0.1 steps). A wrong setting, slot or rate moves
+# parameters by whole steps.
+STEP_SHARE = 0.05
+
+
+def assert_close_within_steps(got, want, step):
+    """{'params', 'batch_stats'} trained alike, by Adam steps of at most `step`."""
+    for key in ("params", "batch_stats"):
+        got_flat, want_flat = base.flat(got[key]), base.flat(want[key])
+        assert got_flat.keys() == want_flat.keys()
+        for path, value in want_flat.items():
+            np.testing.assert_allclose(got_flat[path], value, rtol=1e-5,
+                                       atol=1e-5 + STEP_SHARE * step, err_msg=str(path))
+
+
+def assert_same_result(got: cohort_lib.FitResult, want: cohort_lib.FitResult, variables, live,
+                       step: float | None = None):
     assert (got.status, got.epochs, got.best_epoch, got.steps) == \
         (want.status, want.epochs, want.best_epoch, want.steps)
     assert got.val_accuracy == want.val_accuracy
@@ -125,8 +145,12 @@ def assert_same_result(got: cohort_lib.FitResult, want: cohort_lib.FitResult, va
             assert g.get(key) == w.get(key), key
         np.testing.assert_allclose([g["train_loss"], g["val_loss"]],
                                    [w["train_loss"], w["val_loss"]], rtol=1e-5)
-    base.assert_close_states(got.final_variables, want.final_variables)
-    base.assert_close_states(got.best_variables, want.best_variables)
+    for got_variables, want_variables in ((got.final_variables, want.final_variables),
+                                          (got.best_variables, want.best_variables)):
+        if step is None:
+            base.assert_close_states(got_variables, want_variables)
+        else:  # large steps (a factor of 10): within a share of one
+            assert_close_within_steps(got_variables, want_variables, step)
     # The frozen layers' variables come out bitwise as they went in.
     for collection in ("params", "batch_stats"):
         start, best = base.flat(variables[collection]), base.flat(got.best_variables[collection])
@@ -460,7 +484,8 @@ def test_settings_train_in_one_cohort_as_alone(cohort, single, variables, table,
     assert cohort.compilations["train"] == max(compiled, 1)  # at most the first, here
     for got, s in zip(together, SETTINGS):
         alone = fit(single, variables, [setting_run(starts, table, *s)], splits)[0]
-        assert_same_result(got, alone, variables, engine.live)
+        step = LEARNING_RATE * max(s[1], s[2])  # the run's largest rate
+        assert_same_result(got, alone, variables, engine.live, step=step)
         start = base.flat(starts[0]["batch_stats"])
         after = base.flat(got.final_variables["batch_stats"])
         for path, value in start.items():
