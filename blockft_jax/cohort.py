@@ -110,6 +110,7 @@ class Run:
     resume: dict | None = None
     mask_at: Callable | None = None
     norm_batches: int = 0
+    penalty: tuple[float, float] = (0.0, 0.0)  # L2-SP's (alpha, beta): train.Engine.anchored
 
 
 @dataclasses.dataclass
@@ -191,8 +192,13 @@ class Cohort:
     # -- the shared and the per-run part of a run's variables ----------------------------------
 
     def shared_part(self, variables) -> dict:
-        return {"params": self.engine.frozen_part(variables["params"]),
-                "batch_stats": self.engine.frozen_part(variables.get("batch_stats", {}))}
+        """What every run of the cohort reads and none changes: the frozen layers' variables,
+        and for an anchored engine L2-SP's starting weights of its live layers."""
+        shared = {"params": self.engine.frozen_part(variables["params"]),
+                  "batch_stats": self.engine.frozen_part(variables.get("batch_stats", {}))}
+        if self.engine.anchored:
+            shared["anchor"] = self.engine.anchor(variables["params"])
+        return shared
 
     def live_variables(self, variables) -> dict:
         """The live {'params', 'batch_stats'} of a run's (whole) variables."""
@@ -216,11 +222,15 @@ class Cohort:
 
     def _stepped(self, shared, run, active, step_fn):
         state = {**self.whole(shared, run), "opt_state": run["opt_state"], "step": run["step"]}
+        if self.engine.anchored:
+            state.update(penalty=run["penalty"], anchor=shared["anchor"])
         new_state, metrics = step_fn(state)
         e = self.engine
         new_run = {"params": e.live_part(new_state["params"]),
                    "batch_stats": e.live_part(new_state["batch_stats"]),
                    "opt_state": new_state["opt_state"], "step": new_state["step"]}
+        if self.engine.anchored:
+            new_run["penalty"] = run["penalty"]
         new_run = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_run, run)
         return new_run, metrics
 
@@ -309,7 +319,8 @@ class Cohort:
     def _check_shared(self, variables, start) -> None:
         """A run's own starting variables must agree with the cohort's outside live layers
         (those are held once for all runs)."""
-        for collection, frozen in self.shared_part(variables).items():
+        for collection in ("params", "batch_stats"):
+            frozen = self.shared_part(variables)[collection]
             theirs = start.get(collection, {})
             for layer, tree in frozen.items():
                 mine = theirs.get(layer)
@@ -360,6 +371,8 @@ class Cohort:
         starts = [fetched[id(variables if r.variables is None else r.variables)] for r in runs]
         stack = lambda *xs: np.stack(xs)
         state = self._init_runs(self.place_runs(jax.tree.map(stack, *starts)))
+        if self.engine.anchored:
+            state["penalty"] = self.place_runs(np.asarray([r.penalty for r in runs], np.float32))
         bests = starts
         if any(r.resume for r in runs):  # resuming: rare, so on the host
             fresh = self.fetch(state)
@@ -386,7 +399,7 @@ class Cohort:
     def host_best(self, state: CohortState) -> list[dict]:
         """Every run's best {'params', 'batch_stats'} as host copies, fetched at once (the
         frozen entries are one host copy, shared by all runs)."""
-        shared, best = self.fetch((state.shared, state.best))
+        shared, best = self.fetch((live(state.shared), state.best))
         return [self.whole(shared, jax.tree.map(lambda x: np.array(x[i]), best))
                 for i in range(self.size)]
 

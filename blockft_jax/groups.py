@@ -26,8 +26,8 @@ class Group:
     strategy: str
     candidate: str            # short id, e.g. 'layerwise:block_16_project'
     layers: tuple[str, ...]   # trained backbone layers (the head always trains too)
-    option: float | None = None  # a one-run method's: llrd's decay, gradual's epochs per
-                                 # unit, auto_rgn's measurement batches
+    option: float | tuple | None = None  # a one-run method's: llrd's decay, gradual's
+    # epochs per unit, lp_ft's probe epochs, auto_rgn's measurement batches, l2sp's (alpha, beta)
     # Its setting (settings.py): how the layers train.
     bn_policy: str = "train"
     lr_factor: float = 1.0
@@ -155,6 +155,20 @@ def gradual(table, epochs_per_unit: Iterable[int], epochs: int) -> list[Group]:
             for k in epochs_per_unit]
 
 
+def lp_ft(table, probe_epochs: int) -> list[Group]:
+    """LP-FT (Kumar et al., ICLR 2022): a linear probe (the head alone) for `probe_epochs`
+    epochs, then every layer from that head."""
+    return [Group("lp_ft", "lp_ft", tuple(r.name for r in backbone_layers(table)),
+                  int(probe_epochs))]
+
+
+def l2sp(table, alphas: Iterable[float], beta: float) -> list[Group]:
+    """L2-SP (Li et al., ICML 2018): every layer trains, pulled towards its starting weights
+    (alpha / 2 * ||w - w0||^2) and the head towards 0 (beta / 2 * ||w_head||^2), per alpha."""
+    layers = tuple(r.name for r in backbone_layers(table))
+    return [Group("l2sp", f"l2sp:{a:g}", layers, (float(a), float(beta))) for a in alphas]
+
+
 def auto_rgn(table, batches: int) -> list[Group]:
     """Auto-RGN: every layer but BatchNorm trains (as in its reference), at a multiplier
     measured each epoch."""
@@ -242,6 +256,7 @@ class Inputs:
     bn_modes: dict
     mask_at: Callable | None = None
     norm_batches: int = 0
+    penalty: tuple[float, float] = (0.0, 0.0)  # L2-SP's (alpha, beta)
 
 
 # The one-run methods' inputs (strategies.py names them): (params, table, group) -> Inputs.
@@ -257,6 +272,22 @@ def gradual_inputs(params, table, group: Group) -> Inputs:
         layers = unit_layers(table, gradual_units(table, epoch, int(group.option)))
         return param_mask(params, table, layers), bn_modes(table, layers)
     return Inputs(*mask_at(0), mask_at=mask_at)
+
+
+def lp_ft_inputs(params, table, group: Group) -> Inputs:
+    """LP-FT: the head alone (every BN in inference mode) before epoch `group.option`, then
+    the whole network. The backbone's optimizer state starts fresh at the switch: frozen
+    tensors keep zero moments and count no Adam steps (train.masked, train.scale_by_adam)."""
+    def mask_at(epoch, norms=None):
+        layers = group.layers if epoch >= group.option else ()
+        return param_mask(params, table, layers), bn_modes(table, layers)
+    return Inputs(*mask_at(0), mask_at=mask_at)
+
+
+def l2sp_inputs(params, table, group: Group) -> Inputs:
+    """L2-SP: every layer at the full rate, with its penalty's strengths (alpha, beta)."""
+    return Inputs(param_mask(params, table, group.layers), bn_modes(table, group.layers),
+                  penalty=tuple(map(float, group.option)))
 
 
 def auto_rgn_inputs(params, table, group: Group) -> Inputs:

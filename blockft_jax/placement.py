@@ -289,6 +289,8 @@ def decide(engine: train.Engine, variables, compile_for: Callable[[int, int], di
     live = live_state_bytes(engine, variables)
     frozen = train.tree_bytes((engine.frozen_part(variables["params"]),
                                engine.frozen_part(variables.get("batch_stats", {}))))
+    if engine.anchored:  # L2-SP's starting weights, once beside the runs
+        frozen += train.tree_bytes(engine.anchor(variables["params"]))
     positions = engine.mesh.shape["runs"]  # a device holds 1/positions of the runs
     size, multiple, figures = fit_to_memory(
         compile_for, size, free=free_memory(engine.mesh) if free is None else free,

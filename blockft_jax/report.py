@@ -17,6 +17,11 @@ from blockft_jax.strategies import BASELINES, LABELS, REGISTRY
 BASELINE_STYLES = {name: REGISTRY[name].style for name in BASELINES}
 
 
+def _label(summary: dict, strategy: str) -> str:
+    """A strategy's name as the search called it (older summaries: the registry's)."""
+    return summary.get("labels", {}).get(strategy) or LABELS[strategy]
+
+
 def _pm(stat) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["mean"] == stat["mean"] else "-"
 
@@ -28,10 +33,10 @@ def markdown(summary: dict) -> str:
              "|---|---|---|---|---|"]
     for strategy, s in summary["strategies"].items():
         c = s["selected"]
-        lines.append(f"| {LABELS[strategy]} | `{c['candidate']}` | {len(c['layers'])} | "
+        lines.append(f"| {_label(summary, strategy)} | `{c['candidate']}` | {len(c['layers'])} | "
                      f"{_pm(c['val_accuracy'])} | {_pm(c['test_accuracy'])} |")
     w = summary["winner"]
-    lines += ["", f"**Winner:** `{w['candidate']}` ({LABELS[w['strategy']]}): "
+    lines += ["", f"**Winner:** `{w['candidate']}` ({_label(summary, w['strategy'])}): "
               f"{_trains(w)}; validation {_pm(w['val_accuracy'])}, test "
               f"{_pm(w['test_accuracy'])}.",
               f"Train-step compilations: {summary['train_step_compilations']}.", ""]
@@ -42,7 +47,7 @@ def markdown(summary: dict) -> str:
         if len(s["ranking"]) < 2:
             continue
         halved = any(c.get("pruned") for c in s["ranking"])
-        lines += [f"## {LABELS[strategy]}: ranking", "",
+        lines += [f"## {_label(summary, strategy)}: ranking", "",
                   "| rank | candidate | depth | validation acc. | test acc. | diverged |" +
                   (" searched |" if halved else ""),
                   "|---|---|---|---|---|---|" + ("---|" if halved else "")]
@@ -212,7 +217,7 @@ def plot(summary: dict, path: Path) -> None:
                 ax.axhline(summary["strategies"][base]["selected"]["val_accuracy"]["mean"],
                            linestyle=BASELINE_STYLES[base], color="grey", label=LABELS[base])
         ax.set_xticks(sorted(set(x)))  # depths and k count layers: ticks where candidates are
-        ax.set_title(LABELS[strategy])
+        ax.set_title(_label(summary, strategy))
         ax.set_xlabel("k (layers)" if by_count else "depth below the output (layers)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from blockft_jax import settings
-from blockft_jax.strategies import SEARCH_ORDER
+from blockft_jax.strategies import SEARCH_ORDER, labels
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def summarize(config, rows: list[dict], train_step_compilations: int,
                "selection": "mean validation accuracy over seeds (of the candidates that reached "
                             "the last rung); test accuracy is for the record",
                "strategies": strategies, "winner": winner,
+               "labels": labels(config, strategies),
                "train_step_compilations": train_step_compilations}
     if predictions_dir is not None and labels_path(predictions_dir).exists():
         summary["comparisons"] = compare_winner(rows, strategies, winner, predictions_dir)

@@ -131,7 +131,8 @@ class Search:
         engine = train.Engine(self.module, self.tx, from_unit,
                               train.mesh(self.mesh.devices, runs=layout[0]), cached=cached,
                               augment=None if cached else augment, table=self.table,
-                              prefix_chunk_bytes=train.default_prefix_chunk_bytes())
+                              prefix_chunk_bytes=train.default_prefix_chunk_bytes(),
+                              anchored=strategies.anchored(c))
         splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                   "test": self.dataset.test}
         images = sum(map(len, splits.values()))
@@ -280,7 +281,8 @@ class Search:
                                           variables=self.start_variables(seed),
                                           resume=resumes.get((g.candidate, seed)),
                                           mask_at=inputs.mask_at,
-                                          norm_batches=inputs.norm_batches))
+                                          norm_batches=inputs.norm_batches,
+                                          penalty=inputs.penalty))
         if any(m.norm_batches for m in members) and prepared.norms is not None:
             with self.clock.waiting():  # Auto-RGN's measurement, compiled in the background
                 prepared.norms.result()

@@ -119,8 +119,8 @@ def apply(inputs: Inputs, group: Group, head: float) -> Inputs:
     def mask_at(epoch, norms=None, inner=inputs.mask_at):
         m, b = inner(epoch, norms)
         return mask(m), bn(b)
-    return Inputs(mask(inputs.mask), bn(inputs.bn_modes),
-                  mask_at if inputs.mask_at is not None else None, inputs.norm_batches)
+    return dataclasses.replace(inputs, mask=mask(inputs.mask), bn_modes=bn(inputs.bn_modes),
+                               mask_at=mask_at if inputs.mask_at is not None else None)
 
 
 def of_group(group: Group) -> dict:

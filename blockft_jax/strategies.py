@@ -27,12 +27,15 @@ class Strategy:
     # epoch; None: a fixed mask, 1 for the group's layers and the head.
     inputs: Callable[..., Inputs] | None = None
     measures: bool = False        # measures gradient norms each epoch (one more compiled step)
+    penalises: bool = False       # a penalty pulls towards the start: engines carry w0
     after: str | None = None      # the strategy whose ranking it needs: it runs after it
     # For a strategy planned `after` another: its candidates' names before the ranking fills
     # them (config -> names), and the dry run's words for them.
     names_before: Callable[[Any], list[str]] | None = None
     preview: Callable[[Any], str] | None = None
     style: Any = None             # a baseline's line on the searched strategies' plots
+    # (config) -> the report's name where the config changes what the strategy is, else None.
+    label_of: Callable[[Any], str | None] | None = None
     # (config) -> what is wrong with the search keys it reads (one line), or None.
     check: Callable[[Any], str | None] | None = None
 
@@ -63,6 +66,25 @@ def _check_blocks(config) -> str | None:
     return None
 
 
+def _check_lp_ft(config) -> str | None:
+    probe, epochs = config.search.lp_epochs, config.train.epochs
+    if not 1 <= probe < epochs:
+        return (f"search.lp_epochs={probe}: LP-FT probes the head for lp_epochs epochs, then "
+                f"fine-tunes every layer; choose 1..{epochs - 1} (train.epochs={epochs}).")
+    return None
+
+
+def _check_l2sp(config) -> str | None:
+    alphas, beta = tuple(config.search.l2sp_alphas), config.search.l2sp_beta
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1e6
+    if not alphas or not all(map(number, alphas)) or len(set(alphas)) < len(alphas):
+        return (f"search.l2sp_alphas={alphas!r}: use distinct numbers >= 0 (L2-SP's pull "
+                f"towards the starting weights, one candidate each), e.g. (0.01, 0.1).")
+    if not number(beta):
+        return f"search.l2sp_beta={beta!r}: use a number >= 0 (the head's L2 penalty), e.g. 0.01."
+    return None
+
+
 def _fixed(params, table, group: Group) -> Inputs:
     return Inputs(groups.param_mask(params, table, group.layers),
                   groups.bn_modes(table, group.layers))
@@ -83,7 +105,11 @@ _ALL = [
     Strategy("blocks", "Blocks",
              lambda c, table, ranking: groups.blocks(table, boundaries(c.search.block_boundaries),
                                                      _reach(c.search.max_blocks)),
-             check=_check_blocks),
+             check=_check_blocks,
+             # One unit at a time is Lee et al.'s (ICLR 2023) surgical fine-tuning, picked on
+             # validation: their oracle.
+             label_of=lambda c: ("Blocks = units (the surgical fine-tuning oracle)"
+                                 if boundaries(c.search.block_boundaries) == "units" else None)),
     Strategy("window", "Sliding window",
              lambda c, table, ranking: groups.windows(table, c.search.window, c.search.stride,
                                                       _reach(c.search.max_windows))),
@@ -97,6 +123,15 @@ _ALL = [
     Strategy("llrd", "Layer-wise LR decay (baseline)",
              lambda c, table, ranking: groups.llrd(table, c.search.llrd_decays),
              baseline=True, whole_network=True, inputs=groups.llrd_inputs, style="--"),
+    Strategy("lp_ft", "LP-FT (baseline)",
+             lambda c, table, ranking: groups.lp_ft(table, c.search.lp_epochs),
+             baseline=True, whole_network=True, inputs=groups.lp_ft_inputs,
+             style=(0, (1, 1)), check=_check_lp_ft),
+    Strategy("l2sp", "L2-SP (baseline)",
+             lambda c, table, ranking: groups.l2sp(table, c.search.l2sp_alphas,
+                                                   c.search.l2sp_beta),
+             baseline=True, whole_network=True, inputs=groups.l2sp_inputs, penalises=True,
+             style=(0, (2, 1, 2, 3)), check=_check_l2sp),
     Strategy("auto_rgn", "Auto-RGN (baseline)",
              lambda c, table, ranking: groups.auto_rgn(table, c.search.auto_rgn_batches),
              baseline=True, whole_network=True, inputs=groups.auto_rgn_inputs, measures=True,
@@ -111,6 +146,18 @@ WHOLE_NETWORK = tuple(s.name for s in _ALL if s.whole_network)
 # The one-run methods in use today: masks of multipliers, or masks that change by epoch.
 ONE_RUN_METHODS = tuple(s.name for s in _ALL if s.inputs is not None)
 LABELS = {s.name: s.label for s in _ALL}
+
+
+def labels(config, names) -> dict[str, str]:
+    """The report's name of each strategy in `names`, as `config` makes it."""
+    return {name: (REGISTRY[name].label_of and REGISTRY[name].label_of(config)) or LABELS[name]
+            for name in names}
+
+
+def anchored(config) -> bool:
+    """Whether a search's engines carry the starting weights and each run's penalty (one of
+    its strategies penalises; train.Engine.anchored)."""
+    return any(REGISTRY[name].penalises for name in config.search.strategies)
 
 
 def inputs(params, table, group: Group) -> Inputs:

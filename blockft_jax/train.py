@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from blockft_jax import data as data_lib
 from blockft_jax import streams
-from blockft_jax.models import Backbone
+from blockft_jax.models import HEAD_UNIT, Backbone
 from blockft_jax.models.layers import BatchModes
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,11 @@ class Engine:
     # docs/performance.md). Bytes of the largest prefix activation per micro-batch and device;
     # None: off (the default elsewhere: accelerators want the whole batch).
     prefix_chunk_bytes: int | None = None
+    # L2-SP's step (Li et al. 2018): each run's state holds its `penalty` (alpha, beta), and
+    # the step adds alpha * (w - w0) to a backbone tensor's gradient and beta * w to the
+    # head's, w0 the starting weights (`anchor`, held once per cohort). Off: a step without
+    # them. A search turns it on for all its engines when one of its strategies penalises.
+    anchored: bool = False
     compilations: dict = dataclasses.field(default_factory=lambda: {"features": 0})
 
     def __post_init__(self):
@@ -345,6 +350,27 @@ class Engine:
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(live)
         return loss, logits, batch_stats, grads, live
 
+    def anchor(self, params) -> dict:
+        """L2-SP's w0: the live backbone tensors of `params` (the head is pulled to 0)."""
+        return {k: v for k, v in self.live_part(params).items() if k != HEAD_UNIT}
+
+    def penalised(self, grads, live, state):
+        """`grads` plus L2-SP's penalty gradient: alpha * (w - w0) on the backbone, beta * w
+        on the head (`state['penalty']` = (alpha, beta); `state['anchor']` = w0). A strength
+        of 0 leaves a gradient bitwise as it was."""
+        if not self.anchored:
+            return grads
+        alpha, beta = state["penalty"][0], state["penalty"][1]
+
+        def pull(layer, grad, weight):
+            strength = beta if layer == HEAD_UNIT else alpha
+            start = (jax.tree.map(jnp.zeros_like, weight) if layer == HEAD_UNIT
+                     else state["anchor"][layer])
+            return jax.tree.map(lambda g, w, w0: jnp.where(
+                strength > 0, g + (strength * (w.astype(jnp.float32) - w0)).astype(g.dtype), g),
+                grad, weight, start)
+        return {layer: pull(layer, grads[layer], live[layer]) for layer in grads}
+
     def train_step(self, state, mask, bn_modes, images, labels, weights, seed_key):
         """One step of one run: `state` holds its params and BN statistics (all, or the live
         ones over frozen ones merged in by the caller), optimizer state and step; `mask` (the
@@ -356,6 +382,7 @@ class Engine:
         dropout_rng = streams.step_key(seed_key, streams.DROPOUT, step)
         loss, logits, batch_stats, grads, live = self._gradients(
             state, bn_modes, images, labels, weights, augment_rng, dropout_rng)
+        grads = self.penalised(grads, live, state)
         live_mask = self.live_part(mask)
         updates, opt_state = self.tx.update(grads, state["opt_state"], live, mask=live_mask)
         # where(), not params + 0: frozen parameters stay bitwise identical (even -0.0).
@@ -416,10 +443,13 @@ class Engine:
         """A fresh train state of `variables` (new buffers: the train step donates its state):
         the optimizer state covers the live parameters only."""
         params = jax.tree.map(jnp.copy, variables["params"])
-        return {"params": params,
-                "batch_stats": jax.tree.map(jnp.copy, variables.get("batch_stats", {})),
-                "opt_state": self.tx.init(self.live_part(params)),
-                "step": jnp.zeros((), jnp.int32)}
+        state = {"params": params,
+                 "batch_stats": jax.tree.map(jnp.copy, variables.get("batch_stats", {})),
+                 "opt_state": self.tx.init(self.live_part(params)),
+                 "step": jnp.zeros((), jnp.int32)}
+        if self.anchored:  # no penalty until the cohort sets the run's (alpha, beta)
+            state["penalty"] = jnp.zeros((2,), jnp.float32)
+        return state
 
     def _features_fn(self, variables, images):
         self.compilations["features"] += 1

@@ -76,7 +76,7 @@ def get_config():
     # memory allows (the rule in blockft_jax/cohort.py), 1 = one at a time, N = up to N.
     config.search.parallel = 0
     config.search.strategies = ("classifier_only", "full", "layerwise", "topk", "blocks",
-                                "window", "llrd", "gradual", "auto_rgn")
+                                "window", "llrd", "gradual", "lp_ft", "l2sp", "auto_rgn")
     # How far down each strategy searches, in layers / blocks / windows from the output;
     # 0 = the whole backbone, down to its first weighted layer.
     config.search.max_layers = 0
@@ -95,6 +95,14 @@ def get_config():
     config.search.llrd_decays = (0.5, 0.65, 0.8)
     config.search.gradual_epochs = (1, 3)
     config.search.auto_rgn_batches = 5
+    # lp_ft (LP-FT, Kumar et al. 2022): the head alone for this many epochs (a linear probe),
+    # then every layer from that head, the backbone's optimizer state fresh.
+    config.search.lp_epochs = 3
+    # l2sp (L2-SP, Li et al. 2018): every layer trains with alpha / 2 * ||w - w0||^2 pulling
+    # the backbone towards its starting weights w0, one candidate per alpha, and
+    # beta / 2 * ||w||^2 on the head (the paper's alpha 0.01-0.1, beta 0.01).
+    config.search.l2sp_alphas = (0.01, 0.1)
+    config.search.l2sp_beta = 0.01
     # How the layers train, searched with them (a candidate is (layers, setting); settings
     # are data for the one compiled step, never new compilations). BatchNorm: 'train' (the BN
     # layers a candidate trains use batch statistics, as Keras's trainable BN) and/or 'frozen'

@@ -42,4 +42,7 @@ def get_config():
     config.search.llrd_decays = (0.65,)
     config.search.gradual_epochs = (3,)
     config.search.auto_rgn_batches = 2
+    # LP-FT probes the head for a third of the epochs; L2-SP at the paper's smaller alpha.
+    config.search.lp_epochs = 10
+    config.search.l2sp_alphas = (0.01,)
     return config

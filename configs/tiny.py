@@ -29,5 +29,6 @@ def get_config():
     config.search.topk = (2,)
     config.search.max_blocks = 2
     config.search.window = 2
+    config.search.lp_epochs = 1
     config.search.max_windows = 2
     return config

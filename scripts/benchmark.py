@@ -691,6 +691,15 @@ def recipe_benchmark(args) -> None:
               f"{o['search']['wall_s']:.0f} | " + " | ".join(
                   f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in paired.values()) + " |")
     print(f"\nPaired: {results.METHOD.format(results.REPLICATES)}; over the seeds both trained.")
+    print("\nEvery strategy of the search (its selected candidate, mean ± std over seeds; what "
+          "its candidates trained, of the search's wall above):\n")
+    print("| task | strategy | selected | validation | test | runs | run-epochs |")
+    print("|---|---|---|---|---|---:|---:|")
+    pm = lambda stat: f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    for task, o, _ in rows:
+        for name, s in o["search"]["strategies"].items():
+            print(f"| {task} | {name} | `{s['selected']}` | {pm(s['val'])} | {pm(s['test'])} | "
+                  f"{s['runs']} | {s['run_epochs']:,} |")
     for task, o, paired in rows:
         lo, hi = paired["test"][1]
         print(f"{task}_winner_not_worse_than_recipe={'yes' if lo <= 0 else 'no'} "
@@ -711,7 +720,15 @@ def _search_outcome(workdir: str) -> dict:
                            f"{winner['test_accuracy']['mean']:.3f}",
             "selected": {name: f"{s['selected']['candidate']} "
                                f"{s['selected']['val_accuracy']['mean']:.3f}"
-                         for name, s in summary["strategies"].items()}}
+                         for name, s in summary["strategies"].items()},
+            # Per strategy: its selected candidate's accuracies over the seeds, and what all
+            # its candidates trained (a strategy's wall is not separable: cohorts mix them).
+            "strategies": {name: {
+                "selected": s["selected"]["candidate"],
+                "val": s["selected"]["val_accuracy"], "test": s["selected"]["test_accuracy"],
+                "runs": sum(r["strategy"] == name for r in rows),
+                "run_epochs": sum(r["epochs"] for r in rows if r["strategy"] == name)}
+                for name, s in summary["strategies"].items()}}
 
 
 # --- checkpoints -----------------------------------------------------------------------------

@@ -361,3 +361,102 @@ def test_adam_counts_steps_per_tensor_from_when_it_trains():
             np.testing.assert_allclose(got[step]["b"], u_b, rtol=1e-6, err_msg=str(step))
             # One shared count would have given another update (bias-corrected at step 4+).
             assert not np.allclose(u["b"], u_b, rtol=1e-3), step
+
+
+# --- LP-FT and L2-SP -------------------------------------------------------------------------------
+
+def test_lp_ft_probes_as_classifier_only_then_fine_tunes_with_a_fresh_backbone_state(
+        engine, variables, table, splits):
+    """LP-FT's probe epochs are classifier-only's run, bit for bit (history and parameters);
+    then every layer trains, the head's Adam state carried on and the backbone's fresh: the
+    same as classifier-only stopped after the probe and resumed with every layer."""
+    probe = EPOCHS - 1
+    (lp_ft,) = groups.lp_ft(table, probe)
+    (head_only,) = groups.classifier_only()
+    snapshots = []
+    cohort = cohort_lib.Cohort(engine, 2)
+    both = fit(cohort, variables, [run_of(variables, table, head_only),
+                                   run_of(variables, table, lp_ft)], splits,
+               on_epoch_end=lambda epoch, state, histories: snapshots.append(
+                   [flat(jax.tree.map(lambda x: x[i], state.runs["params"])) for i in (0, 1)]))
+    assert cohort.compilations["train"] == 1
+    history = [r.history for r in both]
+    assert history[0][:probe] == history[1][:probe]
+    assert history[0][probe] != history[1][probe]
+    start = flat(variables["params"])
+    for epoch in range(EPOCHS):
+        head, lp = snapshots[epoch]
+        for path in start:
+            if epoch < probe:
+                assert lp[path].tobytes() == head[path].tobytes(), (epoch, path)
+            elif path[0] != HEAD_UNIT and path[-1] == "kernel":
+                assert not np.array_equal(lp[path], start[path]), (epoch, path)
+    # Classifier-only stopped after the probe, resumed with every layer: LP-FT's run.
+    stopped = cohort_lib.fit(cohort, variables, [run_of(variables, table, head_only)] * 2,
+                             splits["train"], splits["validation"], splits["test"],
+                             epochs=probe, batch_size=BATCH, keep_state=True)[0].stopped
+    everything = groups.Group("full", "full", lp_ft.layers)
+    resumed = run_of(variables, table, everything)
+    resumed.resume = stopped
+    again = fit(cohort, variables, [resumed, run_of(variables, table, head_only)], splits)[0]
+    assert again.history == both[1].history
+    assert_params_close(flat(again.final_variables["params"]),
+                        flat(both[1].final_variables["params"]))
+
+
+def test_l2sp_penalty_gradient_is_alpha_times_the_distance_and_beta_times_the_head(
+        model, table, variables):
+    """The gradient L2-SP adds: alpha * (w - w0) on a backbone tensor, beta * w on the head;
+    strengths of 0 leave every gradient bitwise as it was."""
+    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": 1e-3, "epochs": 1})
+    anchored = train.Engine(model, train.make_optimizer(cfg, 1), model.unit_names()[0],
+                            train.data_mesh(), table=table, anchored=True)
+    rng = np.random.default_rng(0)
+    live = anchored.live_part(variables["params"])
+    moved = jax.tree.map(lambda w: w + rng.normal(size=w.shape).astype(w.dtype), live)
+    grads = jax.tree.map(lambda w: rng.normal(size=w.shape).astype(np.float32), live)
+    anchor = anchored.anchor(variables["params"])
+    assert HEAD_UNIT not in anchor and anchor.keys() == live.keys() - {HEAD_UNIT}
+    for alpha, beta in ((0.0, 0.0), (0.1, 0.0), (0.0, 0.5), (0.1, 0.5)):
+        state = {"penalty": jnp.asarray([alpha, beta], jnp.float32), "anchor": anchor}
+        got = flat(anchored.penalised(grads, moved, state))
+        g, w, w0 = flat(grads), flat(moved), flat(variables["params"])
+        for path in g:
+            strength = beta if path[0] == HEAD_UNIT else alpha
+            if strength == 0:
+                assert got[path].tobytes() == g[path].tobytes(), (alpha, beta, path)
+                continue
+            pulled_to = 0.0 if path[0] == HEAD_UNIT else w0[path]
+            np.testing.assert_allclose(got[path], g[path] + strength * (w[path] - pulled_to),
+                                       rtol=1e-6, atol=1e-6, err_msg=str(path))
+
+
+def test_l2sp_at_zero_trains_as_full_bitwise_and_pulls_towards_the_start(
+        model, variables, table, splits):
+    """In one cohort of an anchored engine (one compilation): L2-SP with alpha = beta = 0 is
+    full fine-tuning bit for bit; a strong alpha keeps the backbone nearer its start, a strong
+    beta the head nearer 0."""
+    cfg = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": LEARNING_RATE,
+                                     "epochs": EPOCHS})
+    anchored = train.Engine(model, train.make_optimizer(cfg, EPOCHS * 3), model.unit_names()[0],
+                            train.data_mesh(), table=table, anchored=True)
+    (full,) = groups.full(table)
+    zero, strong = groups.l2sp(table, (0.0,), 0.0) + groups.l2sp(table, (30.0,), 30.0)
+
+    def run(group):
+        inputs = strategies.inputs(variables["params"], table, group)
+        return cohort_lib.Run(inputs.mask, inputs.bn_modes, 0, variables=variables,
+                              penalty=inputs.penalty)
+    assert run(zero).penalty == (0.0, 0.0) and run(strong).penalty == (30.0, 30.0)
+    cohort = cohort_lib.Cohort(anchored, 3)
+    results = fit(cohort, variables, [run(full), run(zero), run(strong)], splits)
+    assert cohort.compilations["train"] == 1
+    got = [flat(r.final_variables["params"]) for r in results]
+    for path in got[0]:
+        assert got[0][path].tobytes() == got[1][path].tobytes(), path
+    start = flat(variables["params"])
+    distance = lambda params, head: sum(
+        float(np.sum(np.square(params[p] - (0.0 if head else start[p])))) for p in params
+        if (p[0] == HEAD_UNIT) == head)
+    assert distance(got[2], False) < 0.5 * distance(got[0], False)
+    assert distance(got[2], True) < distance(got[0], True)

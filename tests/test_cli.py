@@ -101,9 +101,9 @@ def test_dry_run_prints_the_plan_without_data_or_training(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for expected in ("Strategies, in the order they run: classifier_only, layerwise, topk, "
-                     "blocks, window, gradual, full, llrd, auto_rgn", "layerwise:", "Runs: 16",
-                     "Engine from unit stem (full, llrd, auto_rgn)", "bytes per image",
-                     "Train-step compilations: 2", f"Results would go to {tmp_path / 'wd'}"):
+                     "blocks, window, gradual, full, llrd, lp_ft, l2sp, auto_rgn", "layerwise:",
+                     "Runs: 19", "Engine from unit stem (full, llrd, lp_ft, l2sp, auto_rgn)",
+                     "bytes per image", "Train-step compilations: 2", f"Results would go to {tmp_path / 'wd'}"):
         assert expected in out, (expected, out)
     assert not (tmp_path / "wd").exists()  # nothing written, nothing trained
 

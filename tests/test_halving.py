@@ -47,7 +47,8 @@ def test_halving_prunes_records_and_selects_finalists(whole):
     assert len(table) - len(one_run) == 16 and len(table) - len(one_run) < 6 * 2 * 2
     # The one-run methods are baselines: every candidate trained every seed to the end.
     config = tiny.get_config().search
-    assert len(one_run) == (len(config.llrd_decays) + len(config.gradual_epochs) + 1) * 2
+    assert len(one_run) == (len(config.llrd_decays) + len(config.gradual_epochs) + 1  # lp_ft
+                            + len(config.l2sp_alphas) + 1) * 2  # auto_rgn
     assert all(r["status"] == "ok" and r["epochs"] == 4 and r["rung"] == 2 for r in one_run)
     assert (whole / "schedule.json").exists() and not list((whole / "parked").glob("*"))
     # One train-step compilation per engine, whatever the rungs.

@@ -1,5 +1,6 @@
 """report.py: report.md and report.png from summary.json, with and without paired comparisons
 (synthetic workdirs, no training)."""
+import copy
 import json
 
 import matplotlib.image
@@ -107,3 +108,19 @@ def test_report_png_counts_whole_layers(tmp_path, monkeypatch):
         low, high = axes[title].get_xlim()
         ticks = [t for t in axes[title].get_xticks() if low <= t <= high]
         assert ticks and all(float(t).is_integer() for t in ticks), (title, ticks)
+
+
+def test_blocks_of_units_are_named_the_surgical_fine_tuning_oracle(tmp_path):
+    """With search.block_boundaries='units', a block is one unit trained alone, picked on
+    validation: Lee et al.'s (ICLR 2023) surgical fine-tuning oracle, and the report says so."""
+    accuracy = {"classifier_only": 0.5, "blocks:block_16": 0.7, "full": 0.6}
+    for boundaries, named in (("pooling,activation", False), ("units", True)):
+        config = copy.deepcopy(CONFIG)
+        config.search.block_boundaries = boundaries
+        rows = fake_search(tmp_path / boundaries, accuracy)
+        summary = results.summarize(config, rows, 2, predictions_dir=tmp_path / boundaries)
+        text = report.markdown(summary)
+        oracle = "Blocks = units (the surgical fine-tuning oracle)"
+        assert (f"| {oracle} | `blocks:block_16` |" in text) == named
+        assert (f"**Winner:** `blocks:block_16` ({oracle})" in text) == named
+        assert ("| Blocks | `blocks:block_16` |" in text) != named

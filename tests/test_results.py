@@ -8,8 +8,10 @@ import pytest
 from blockft_jax import results
 
 CONFIG = types.SimpleNamespace(model=types.SimpleNamespace(name="mobilenet_v2"),
-                               data=types.SimpleNamespace(name="digits"))
+                               data=types.SimpleNamespace(name="digits"),
+                               search=types.SimpleNamespace(block_boundaries="pooling,activation"))
 LAYERS = {"classifier_only": [], "layerwise": ["block_16_project"],
+          "blocks": ["block_16_project", "block_16_project_BN"],
           "topk": ["block_16_project", "block_16_expand"], "full": ["a", "b", "c", "d"]}
 
 

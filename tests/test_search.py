@@ -72,7 +72,8 @@ def test_every_strategy_and_output(finished):
         assert (workdir / name).exists(), name
     report = (workdir / "report.md").read_text()
     for label in ("Classifier only", "Full fine-tuning", "Layer-wise", "Top-k", "Blocks",
-                  "Sliding window", "Layer-wise LR decay", "Gradual unfreezing", "Auto-RGN"):
+                  "Sliding window", "Layer-wise LR decay", "Gradual unfreezing", "LP-FT",
+                  "L2-SP", "Auto-RGN"):
         assert label in report
     # TensorBoard scalars: one run directory per (candidate, seed), one point per epoch.
     runs = sorted(p.name for p in (workdir / "tensorboard").iterdir())
@@ -167,7 +168,7 @@ def test_saved_models_load_and_frozen_layers_unchanged(finished):
 
 
 def test_one_run_methods_are_baselines_with_saved_models(finished):
-    """llrd, gradual and auto_rgn: every candidate trained every seed to the end (never
+    """The one-run methods (llrd, gradual, lp_ft, l2sp, auto_rgn): every candidate trained every seed to the end (never
     pruned), ranked, their selected candidate saved and compared with the winner; what each
     left frozen is bitwise the start."""
     workdir, summary = finished
@@ -178,7 +179,8 @@ def test_one_run_methods_are_baselines_with_saved_models(finished):
     batchnorm = {r.name for r in models.layer_table(module, (32, 32, 3))
                  if r.kind == "batchnorm"}
     expected = {"llrd": len(config.search.llrd_decays),
-                "gradual": len(config.search.gradual_epochs), "auto_rgn": 1}
+                "gradual": len(config.search.gradual_epochs), "lp_ft": 1,
+                "l2sp": len(config.search.l2sp_alphas), "auto_rgn": 1}
     compared = {c["b"] for c in summary["comparisons"]} | {summary["winner"]["candidate"]}
     for strategy, count in expected.items():
         mine = [r for r in rows if r["strategy"] == strategy]
