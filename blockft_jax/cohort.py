@@ -373,6 +373,9 @@ class Cohort:
         state = self._init_runs(self.place_runs(jax.tree.map(stack, *starts)))
         if self.engine.anchored:
             state["penalty"] = self.place_runs(np.asarray([r.penalty for r in runs], np.float32))
+        elif any(any(r.penalty) for r in runs):
+            raise ValueError("A run with a penalty (L2-SP) in a cohort of an engine without "
+                             "one (train.Engine.anchored=False).")
         bests = starts
         if any(r.resume for r in runs):  # resuming: rare, so on the host
             fresh = self.fetch(state)

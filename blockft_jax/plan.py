@@ -273,6 +273,12 @@ class Plan:
         return max((e for e in self.engines if self.units.index(e) <= lowest),
                    key=self.units.index)
 
+    def anchored(self, unit: str) -> bool:
+        """Whether the engine from `unit` trains a strategy that penalises (L2-SP): its step
+        then carries the starting weights and each run's penalty (train.Engine.anchored)."""
+        return any(self.engine_of(g) == unit for s in self.strategies
+                   if strategies.REGISTRY[s].penalises for g in self.planned.get(s, []))
+
     @property
     def shared(self) -> list[Group]:
         """The candidates of the shared engines (all but the whole network's; topk's once
@@ -404,7 +410,7 @@ def engine_work(plan: Plan) -> dict:
             first = plan.rungs[plan.stopping_rungs(pool_of.get(name, count))[0]]
             unit = plan.engines[-1] if group is None else plan.engine_of(group)
             entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0,
-                                           "measurements": []})
+                                           "measurements": [], "anchored": plan.anchored(unit)})
             entry["keys"] += [(name, seed) for seed in range(plan.seeds)]
             entry["runs"] += len(first.seeds)
             entry["run_epochs"] += run_epochs

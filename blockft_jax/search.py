@@ -132,7 +132,7 @@ class Search:
                               train.mesh(self.mesh.devices, runs=layout[0]), cached=cached,
                               augment=None if cached else augment, table=self.table,
                               prefix_chunk_bytes=train.default_prefix_chunk_bytes(),
-                              anchored=strategies.anchored(c))
+                              anchored=self.plan.anchored(from_unit))
         splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                   "test": self.dataset.test}
         images = sum(map(len, splits.values()))

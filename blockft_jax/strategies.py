@@ -27,7 +27,7 @@ class Strategy:
     # epoch; None: a fixed mask, 1 for the group's layers and the head.
     inputs: Callable[..., Inputs] | None = None
     measures: bool = False        # measures gradient norms each epoch (one more compiled step)
-    penalises: bool = False       # a penalty pulls towards the start: engines carry w0
+    penalises: bool = False       # a penalty pulls towards the start: its engine carries w0
     after: str | None = None      # the strategy whose ranking it needs: it runs after it
     # For a strategy planned `after` another: its candidates' names before the ranking fills
     # them (config -> names), and the dry run's words for them.
@@ -152,12 +152,6 @@ def labels(config, names) -> dict[str, str]:
     """The report's name of each strategy in `names`, as `config` makes it."""
     return {name: (REGISTRY[name].label_of and REGISTRY[name].label_of(config)) or LABELS[name]
             for name in names}
-
-
-def anchored(config) -> bool:
-    """Whether a search's engines carry the starting weights and each run's penalty (one of
-    its strategies penalises; train.Engine.anchored)."""
-    return any(REGISTRY[name].penalises for name in config.search.strategies)
 
 
 def inputs(params, table, group: Group) -> Inputs:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import jax
 
 from blockft_jax import cohort as cohort_lib
-from blockft_jax import groups, models, placement, strategies, train
+from blockft_jax import groups, models, placement, train
 from blockft_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, work: 
             engines[layout] = train.Engine(
                 module, tx, unit, train.mesh(devices, runs=layout[0]), cached=cached,
                 augment=None if cached else augment, table=table, prefix_chunk_bytes=None,
-                anchored=strategies.anchored(c))
+                anchored=work["anchored"])
         return engines[layout]
 
     def cache_bytes(engine) -> int:  # in device memory when it fits, as the search decides

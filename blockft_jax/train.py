@@ -247,7 +247,8 @@ class Engine:
     # L2-SP's step (Li et al. 2018): each run's state holds its `penalty` (alpha, beta), and
     # the step adds alpha * (w - w0) to a backbone tensor's gradient and beta * w to the
     # head's, w0 the starting weights (`anchor`, held once per cohort). Off: a step without
-    # them. A search turns it on for all its engines when one of its strategies penalises.
+    # them. A search turns it on for the engine that trains a strategy that penalises
+    # (plan.Plan.anchored).
     anchored: bool = False
     compilations: dict = dataclasses.field(default_factory=lambda: {"features": 0})
 

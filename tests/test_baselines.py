@@ -363,7 +363,7 @@ def test_adam_counts_steps_per_tensor_from_when_it_trains():
             assert not np.allclose(u["b"], u_b, rtol=1e-3), step
 
 
-# --- LP-FT and L2-SP -------------------------------------------------------------------------------
+# --- LP-FT and L2-SP ---------------------------------------------------------------------------
 
 def test_lp_ft_probes_as_classifier_only_then_fine_tunes_with_a_fresh_backbone_state(
         engine, variables, table, splits):
@@ -432,7 +432,7 @@ def test_l2sp_penalty_gradient_is_alpha_times_the_distance_and_beta_times_the_he
 
 
 def test_l2sp_at_zero_trains_as_full_bitwise_and_pulls_towards_the_start(
-        model, variables, table, splits):
+        model, variables, table, splits, engine):
     """In one cohort of an anchored engine (one compilation): L2-SP with alpha = beta = 0 is
     full fine-tuning bit for bit; a strong alpha keeps the backbone nearer its start, a strong
     beta the head nearer 0."""
@@ -448,6 +448,8 @@ def test_l2sp_at_zero_trains_as_full_bitwise_and_pulls_towards_the_start(
         return cohort_lib.Run(inputs.mask, inputs.bn_modes, 0, variables=variables,
                               penalty=inputs.penalty)
     assert run(zero).penalty == (0.0, 0.0) and run(strong).penalty == (30.0, 30.0)
+    with pytest.raises(ValueError, match="without one"):  # never a penalty silently dropped
+        fit(cohort_lib.Cohort(engine, 1), variables, [run(strong)], splits)
     cohort = cohort_lib.Cohort(anchored, 3)
     results = fit(cohort, variables, [run(full), run(zero), run(strong)], splits)
     assert cohort.compilations["train"] == 1

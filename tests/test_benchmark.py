@@ -60,3 +60,30 @@ def test_search_level_benchmark_on_the_tiny_search():
     assert "| filled |" not in out
     ratio = float(re.search(r"^search_wall_ratio=(\S+)$", out, re.M).group(1))
     assert math.isfinite(ratio) and ratio > 0, out
+
+
+def test_search_outcome_gives_every_strategys_selection_and_work(tmp_path):
+    """--recipes' per-strategy table reads a finished search's files: each strategy's selected
+    candidate, its accuracies over seeds, and the runs and run-epochs of all its candidates."""
+    import importlib.util
+    import json
+
+    from blockft_jax import results
+    from test_results import CONFIG, fake_search
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    rows = fake_search(tmp_path / results.PREDICTIONS_DIR,
+                       {"classifier_only": 0.5, "topk:2": 0.8, "topk:3": 0.6, "full": 0.7})
+    for i, row in enumerate(rows):
+        row["epochs"] = 10 + i
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = results.summarize(CONFIG, rows, 2,
+                                predictions_dir=tmp_path / results.PREDICTIONS_DIR)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    outcome = benchmark._search_outcome(str(tmp_path))
+    topk = outcome["strategies"]["topk"]
+    assert topk["selected"] == "topk:2" and topk["runs"] == 6
+    assert topk["run_epochs"] == sum(r["epochs"] for r in rows if r["strategy"] == "topk")
+    assert topk["val"] == summary["strategies"]["topk"]["selected"]["val_accuracy"]
+    assert set(outcome["strategies"]) == {"classifier_only", "topk", "full"}

@@ -168,9 +168,9 @@ def test_saved_models_load_and_frozen_layers_unchanged(finished):
 
 
 def test_one_run_methods_are_baselines_with_saved_models(finished):
-    """The one-run methods (llrd, gradual, lp_ft, l2sp, auto_rgn): every candidate trained every seed to the end (never
-    pruned), ranked, their selected candidate saved and compared with the winner; what each
-    left frozen is bitwise the start."""
+    """The one-run methods (llrd, gradual, lp_ft, l2sp, auto_rgn): every candidate trained
+    every seed to the end (never pruned), ranked, their selected candidate saved and compared
+    with the winner; what each left frozen is bitwise the start."""
     workdir, summary = finished
     config = tiny_config()
     rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
@@ -178,6 +178,10 @@ def test_one_run_methods_are_baselines_with_saved_models(finished):
     start = module.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     batchnorm = {r.name for r in models.layer_table(module, (32, 32, 3))
                  if r.kind == "batchnorm"}
+    # L2-SP's engine (the whole network's) alone carries the starting weights.
+    searched = plan.make_plan(config, models.layer_table(module, (32, 32, 3)), module)
+    assert searched.anchored(searched.first_unit)
+    assert not any(searched.anchored(unit) for unit in searched.engines)
     expected = {"llrd": len(config.search.llrd_decays),
                 "gradual": len(config.search.gradual_epochs), "lp_ft": 1,
                 "l2sp": len(config.search.l2sp_alphas), "auto_rgn": 1}
