@@ -29,6 +29,10 @@ def get_config():
     config.search.topk = (2,)
     config.search.max_blocks = 2
     config.search.window = 2
-    config.search.lp_epochs = 1
     config.search.max_windows = 2
+    # One option of the one-run methods that have several (their options differ in numbers,
+    # not in code paths): 16 runs, every strategy.
+    config.search.llrd_decays = (0.65,)
+    config.search.lp_epochs = 1
+    config.search.l2sp_alphas = (0.01,)
     return config

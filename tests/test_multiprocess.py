@@ -20,8 +20,8 @@ ROOT = Path(__file__).parents[1]
 TIMEOUT = 600
 EXIT_UNSUPPORTED = 77
 # configs/tiny.py's runs, one seed and two epochs (halving is the exhaustive protocol there):
-# classifier_only 1, layerwise 3, topk 1, blocks 2, window 2, full 1, llrd 3 (decays), gradual
-# 2 (epochs per unit), auto_rgn 1.
+# classifier_only 1, layerwise 3, topk 1, blocks 2, window 2, full 1, llrd 1, gradual 2 (epochs
+# per unit), lp_ft 1, l2sp 1, auto_rgn 1.
 RUNS = 16
 
 pytestmark = pytest.mark.slow  # two processes, a search each, then killed and restarted

@@ -126,6 +126,7 @@ def test_a_baselines_settings_compete_among_themselves():
     with config.unlocked():
         config.search.strategies = ("classifier_only", "full", "blocks", "llrd")
         config.search.llrd_decays = (0.5, 0.8)
+        config.train.seeds = 4
     module = plan.build_module(config, 5)
     searched = plan.make_plan(config, models.layer_table(module, (32, 32, 3)), module)
     assert list(searched.pools("full")) == ["full"] and len(searched.pools("full")["full"]) == 2
