@@ -132,6 +132,9 @@ def test_bad_values_are_one_line(override, message, tmp_path):
     ("search.llrd_decays", (0.0,), "search.llrd_decays=(0.0,)"),
     ("search.gradual_epochs", (0,), "search.gradual_epochs=(0,)"),
     ("search.auto_rgn_batches", 0, "search.auto_rgn_batches=0"),
+    ("search.lp_epochs", 2, "search.lp_epochs=2: LP-FT probes the head"),  # tiny: 2 epochs
+    ("search.l2sp_alphas", (0.01, -0.1), "search.l2sp_alphas=(0.01, -0.1)"),
+    ("search.l2sp_beta", -1.0, "search.l2sp_beta=-1.0"),
 ])
 def test_bad_values_are_refused_in_one_line_before_any_work(key, value, message, tmp_path,
                                                             caplog):
