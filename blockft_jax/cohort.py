@@ -319,8 +319,9 @@ class Cohort:
     def _check_shared(self, variables, start) -> None:
         """A run's own starting variables must agree with the cohort's outside live layers
         (those are held once for all runs)."""
-        for collection in ("params", "batch_stats"):
-            frozen = self.shared_part(variables)[collection]
+        shared = self.shared_part(variables)
+        for collection in ("params", "batch_stats"):  # not L2-SP's anchor: runs start there
+            frozen = shared[collection]
             theirs = start.get(collection, {})
             for layer, tree in frozen.items():
                 mine = theirs.get(layer)

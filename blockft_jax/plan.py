@@ -409,8 +409,10 @@ def engine_work(plan: Plan) -> dict:
         for name, group in members:
             first = plan.rungs[plan.stopping_rungs(pool_of.get(name, count))[0]]
             unit = plan.engines[-1] if group is None else plan.engine_of(group)
-            entry = work.setdefault(unit, {"keys": [], "runs": 0, "run_epochs": 0.0,
-                                           "measurements": [], "anchored": plan.anchored(unit)})
+            if unit not in work:
+                work[unit] = {"keys": [], "runs": 0, "run_epochs": 0.0, "measurements": [],
+                              "anchored": plan.anchored(unit)}
+            entry = work[unit]
             entry["keys"] += [(name, seed) for seed in range(plan.seeds)]
             entry["runs"] += len(first.seeds)
             entry["run_epochs"] += run_epochs

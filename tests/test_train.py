@@ -178,12 +178,12 @@ def engine_adam(model):
 
 # --- checks ------------------------------------------------------------------------------------
 
-def assert_close_states(got, want):
+def assert_close_states(got, want, atol=1e-5):
     for key in ("params", "batch_stats"):
         got_flat, want_flat = flat(got[key]), flat(want[key])
         assert got_flat.keys() == want_flat.keys()
         for path, value in want_flat.items():
-            np.testing.assert_allclose(got_flat[path], value, rtol=1e-5, atol=1e-5,
+            np.testing.assert_allclose(got_flat[path], value, rtol=1e-5, atol=atol,
                                        err_msg=str(path))
 
 
