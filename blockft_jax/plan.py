@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from blockft_jax import groups, models, schedule, settings, strategies
+from blockft_jax import groups, models, schedule, settings, strategies, subtuning
 from blockft_jax.errors import UserError
 from blockft_jax.groups import Group
 
@@ -249,6 +249,9 @@ class Plan:
     unplanned: dict[str, list[str]]
     rungs: list[schedule.Rung]
     eta: int
+    # A strategy in rounds (SubTuning): its (runs, run-epochs) as planned, every round allowed
+    # run (`planned` holds the rounds known so far).
+    estimates: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def lowest_unit(self, group: Group) -> str:
         """The lowest unit `group` trains (the head's unit when it trains no backbone layer)."""
@@ -320,7 +323,9 @@ class Plan:
 
     def expected(self, strategy: str) -> tuple[int, int]:
         """(runs recorded, epochs trained over all runs) of `strategy`, as planned (a rung that
-        finds no evidence to prune trains more)."""
+        finds no evidence to prune trains more; a strategy in rounds that stops early less)."""
+        if strategy in self.estimates:
+            return self.estimates[strategy]
         counts = [schedule.expected(n, self.rungs, self.eta) for n in self.pool_sizes(strategy)]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
@@ -368,6 +373,10 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
                  for x in names if x not in planned}
     plan = Plan(names, planned, units, layer_unit, [], units[0], config.train.seeds,
                 unplanned, rungs, s.eta)
+    for x in names:
+        if strategies.REGISTRY[x].rounds:
+            plan.estimates[x] = subtuning.expected(round_sizes(config, table, x), round_rung(
+                config, rungs), rungs[-1])
     # topk's layers come from layerwise's, so layerwise's reach bounds theirs.
     shared = plan.shared
     lowest = sorted({plan.lowest_unit(g) for g in shared}, key=units.index)
@@ -390,6 +399,19 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
                 3 * images[0] + images[1])
     plan.engines = costs.split(work, suffix, units, s.engines, speed)
     return plan
+
+
+def round_rung(config, rungs) -> schedule.Rung:
+    """The budget of each round of a strategy in rounds."""
+    return subtuning.round_rung(rungs, config.train.epochs, config.search.eta,
+                                config.search.halving_seeds)
+
+
+def round_sizes(config, table, strategy: str) -> list[int]:
+    """The candidates of each round of a strategy in rounds, as planned (every round allowed
+    run, subtuning.planned_choices)."""
+    return [len(candidates(config, table, strategy, chosen))
+            for chosen in subtuning.planned_choices(config, table)]
 
 
 def engine_work(plan: Plan) -> dict:
@@ -455,7 +477,12 @@ def describe(config, plan: Plan, table, estimate: str | None = None) -> str:
             lines.append(f"  {strategy}: {strategies.REGISTRY[strategy].preview(config)}")
             continue
         members = plan.planned[strategy]
-        lines.append(f"  {strategy}: {len(members)} candidate(s)")
+        if strategies.REGISTRY[strategy].rounds:
+            lines.append(f"  {strategy}: {strategies.REGISTRY[strategy].preview(config)}; "
+                         f"{plan.expected(strategy)[0]} runs if every round is run; round 1's "
+                         f"{len(members)} candidate(s):")
+        else:
+            lines.append(f"  {strategy}: {len(members)} candidate(s)")
         shown = members if len(members) <= 12 else members[:6] + [None] + members[-3:]
         for g in shown:
             if g is None:
@@ -506,7 +533,9 @@ def describe_settings(config) -> str:
 
 
 def exhaustive_runs(plan: Plan) -> int:
-    return sum(plan.candidate_count(s) for s in plan.strategies) * plan.seeds
+    """The runs of the paper's protocol (a strategy in rounds: its rounds, as planned)."""
+    return sum(plan.expected(s)[0] if s in plan.estimates
+               else plan.candidate_count(s) * plan.seeds for s in plan.strategies)
 
 
 # Images in TFDS datasets the configs name, for estimates before the download

@@ -43,6 +43,7 @@ def markdown(summary: dict) -> str:
     lines += is_the_winner_better(summary)
     lines += what_the_setting_did(summary)
     lines += what_each_rung_pruned(summary)
+    lines += the_rounds(summary)
     for strategy, s in summary["strategies"].items():
         if len(s["ranking"]) < 2:
             continue
@@ -140,6 +141,29 @@ def what_each_rung_pruned(summary: dict) -> list[str]:
                          + (" (the leader was within chance)" if d["within_chance"] else ""))
             lines.append(text)
     return lines + [""]
+
+
+def the_rounds(summary: dict) -> list[str]:
+    """Per strategy in rounds (SubTuning): each round's leader, the unit it added and the
+    gain that decided it."""
+    lines = []
+    for strategy, entries in summary.get("rounds", {}).items():
+        if not entries:
+            continue
+        lines += [f"## {_label(summary, strategy)}: rounds", "",
+                  f"Each round trained {entries[0]['epochs']} epoch(s) with "
+                  f"{entries[0]['seeds']} seed(s): the units chosen so far plus one more, each "
+                  f"unit not chosen yet; its leader's unit was added while the gain in "
+                  f"validation accuracy over the last choice reached epsilon. The chosen "
+                  f"candidate then trained every seed to the end.", "",
+                  "| round | candidates | leader | leader's validation | gain | unit added |",
+                  "|---|---|---|---|---|---|"]
+        for e in entries:
+            lines.append(f"| {e['round']} | {e['candidates']} | `{e['leader']}` | "
+                         f"{e['accuracy'][e['leader']]:.3f} | {e['gain']:+.3f} | "
+                         f"{e['added'] or 'none: stop'} |")
+        lines += ["", f"Chosen: `{entries[-1]['chosen']}`.", ""]
+    return lines
 
 
 def is_the_winner_better(summary: dict) -> list[str]:

@@ -40,8 +40,9 @@ BATCH_ELEMENTS = 2**22
 
 def rank(rows: list[dict]) -> list[dict]:
     """Candidates by mean validation accuracy over seeds (best first), those that reached a
-    later rung of a halving search before those pruned earlier (only the last rung's can be
-    selected); ties keep search order."""
+    later rung of a halving search before those pruned earlier, and those never pruned before
+    the pruned (only the last rung's finalists can be selected: a SubTuning round's pruned
+    runs may stand at the last rung's index when there is one rung); ties keep search order."""
     by_candidate: dict[str, list[dict]] = {}
     for r in rows:
         by_candidate.setdefault(r["candidate"], []).append(r)
@@ -59,7 +60,8 @@ def rank(rows: list[dict]) -> list[dict]:
                        "epochs": max((r["epochs"] for r in rs if "epochs" in r), default=None),
                        "pruned": any(r["status"] == "pruned" for r in rs)})
     order = {c: i for i, c in enumerate(by_candidate)}
-    ranked.sort(key=lambda c: (-c["rung"], -c["val_accuracy"]["mean"], order[c["candidate"]]))
+    ranked.sort(key=lambda c: (-c["rung"], c["pruned"], -c["val_accuracy"]["mean"],
+                               order[c["candidate"]]))
     return ranked
 
 

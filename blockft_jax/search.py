@@ -22,14 +22,14 @@ import numpy as np
 
 from blockft_jax import data as data_lib
 from blockft_jax import (checkpoint, costs, groups, models, multihost, placement, pretrained,
-                         report, results, scalars, schedule, settings, strategies, streams, train,
-                         weights)
+                         report, results, scalars, schedule, settings, strategies, streams,
+                         subtuning, train, weights)
 from blockft_jax import cohort as cohort_lib
 from blockft_jax.checkpoint import Checkpoint, save_model
 from blockft_jax.progress import CompileClock, Progress
 from blockft_jax.groups import Group
 from blockft_jax.plan import (build_module, caches_prefix, candidates, check, engine_work,
-                              make_plan)
+                              make_plan, round_rung)
 from blockft_jax.results import rank
 from blockft_jax.workdir import (ENGINES, PARKED, TENSORBOARD, Workdir, copy_tree_atomic,
                                  finished_keys, jsonable, write_atomic)
@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run", "Search"]
 
-DECISIONS = "schedule.json"   # the halving search's decisions
+DECISIONS = "schedule.json"   # the halving search's decisions, and the rounds'
+
+
+def round_pool(strategy: str, index: int) -> str:
+    """A round's name in schedule.json (a pool of one rung)."""
+    return f"{strategy} round {index}"
 
 
 @dataclasses.dataclass
@@ -260,11 +265,14 @@ class Search:
         return lambda: multihost.broadcast_json(decide)
 
     # -- a cohort of runs ----------------------------------------------------------------------
-    def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str, rung: int):
-        """Trains (candidate, seed) runs together as one cohort up to rung `rung`'s epochs,
-        each from where it stopped (the cohort checkpoint, else its parked state, else its
-        start); returns ([(results row, cohort.FitResult)], its Checkpoint)."""
+    def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str, rung: int,
+                   budget: schedule.Rung | None = None):
+        """Trains (candidate, seed) runs together as one cohort up to rung `rung`'s epochs
+        (`budget`'s, when given: a round's), each from where it stopped (the cohort
+        checkpoint, else its parked state, else its start); returns ([(results row,
+        cohort.FitResult)], its Checkpoint)."""
         c = self.config
+        budget = budget or self.plan.rungs[rung]
         prepared = self.engines[from_unit]
         cohort, splits = prepared.cohort, prepared.splits
         keys = [(g.candidate, seed) for g, seed in runs]
@@ -302,14 +310,13 @@ class Search:
                 ckpt.save(state, histories, epoch)
             last[0] = time.perf_counter()
 
-        final = self.plan.rungs[rung].final
         try:
             fitted = cohort_lib.fit(
                 cohort, self.variables, members, splits["train"], splits["validation"],
-                splits["test"], epochs=self.plan.rungs[rung].epochs,
+                splits["test"], epochs=budget.epochs,
                 batch_size=c.data.batch_size,
                 eval_batch_multiple=prepared.placement.eval_batch_multiple,
-                keep_state=not final, on_epoch_end=on_epoch_end)
+                keep_state=not budget.final, on_epoch_end=on_epoch_end)
         finally:
             for writer in writers:
                 if writer is not None:
@@ -398,10 +405,17 @@ class Search:
         self.progress.total += (schedule.expected(len(kept), rest, self.plan.eta)[0]
                                 - schedule.expected(planned, rest, self.plan.eta)[0]
                                 - len(entry["held"]) * len(seeds))
+        self.record_pruned(pruned, seeds)
+        return pruned
+
+    def record_pruned(self, pruned: list[Group], seeds) -> None:
+        """Records the parked runs (`seeds`) of `pruned` candidates as they stand, status
+        'pruned' (their predictions, then their rows), and unparks them; a run already
+        recorded (it diverged, or an earlier run of the search recorded it) is left as it is."""
         finished = finished_keys(self.rows)
         for g in pruned:
             for seed in seeds:
-                if (g.candidate, seed) in finished:  # it had diverged: recorded then
+                if (g.candidate, seed) in finished:
                     continue
                 stem = self.parked_stem(g.candidate, seed)
                 record = multihost.broadcast_json(lambda stem=stem: checkpoint.parked(stem))
@@ -413,7 +427,37 @@ class Search:
                         else validation, test)
                 self.progress.finished(self.add_result({**record["row"], "status": "pruned"}))
                 checkpoint.unpark_clear(stem)
-        return pruned
+
+    def decide_round(self, strategy: str, index: int, members: list[Group], previous,
+                     budget: schedule.Rung, last: bool) -> dict:
+        """Round `index` of a strategy in rounds (subtuning.decide, from its candidates' mean
+        validation over the round's seeds): decided on process 0 and kept in schedule.json
+        (a rerun finds the same), its pruned runs recorded. `previous`: (candidate, units,
+        accuracy) chosen before, None in round 1. Returns the decision."""
+        pool = round_pool(strategy, index)
+
+        def decide() -> dict:
+            entry = self.decisions.get(pool, {}).get("0")
+            if entry is not None:
+                return entry
+            accuracy = {g.candidate: float(np.mean([self._standing(g.candidate, seed)[0]
+                                                    ["val_accuracy"] for seed in budget.seeds]))
+                        for g in members}
+            return subtuning.decide(index, members, accuracy, previous,
+                                    self.config.search.subtuning_epsilon, last)
+
+        entry = multihost.broadcast_json(decide)
+        self.decisions.setdefault(pool, {})["0"] = entry
+        self.wd.write_json(DECISIONS, self.decisions)
+        log.info("%s, round %d (%d candidates, %d epochs): %s%s", strategy, index, len(members),
+                 budget.epochs, f"adds {entry['added']} ({entry['chosen']}" if entry["added"]
+                 else f"adds nothing ({entry['leader']}",
+                 f", validation {entry['accuracy'][entry['leader']]:.3f}, a gain of "
+                 f"{entry['gain']:+.3f}); " + ("the search in rounds stops" if entry["stop"]
+                                              else "the next round goes on from it"))
+        self.record_pruned([g for g in self.plan.planned[strategy]
+                            if g.candidate in entry["pruned"]], budget.seeds)
+        return entry
 
     def _standing(self, candidate: str, seed: int) -> tuple[dict, np.ndarray]:
         """A run as it stands at a rung (process 0): its row and its validation predictions
@@ -541,37 +585,89 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
 def _train_phase(search: Search, names: list[str]) -> float:
     """Trains the strategies' (`names`) runs rung by rung (one rung: the paper's protocol): at each rung,
     every run of the candidates still searched in the pools that stop there, engine by engine
-    in cohorts, up to the rung's epochs; then each such pool decides which go on. Returns the
-    training seconds."""
+    in cohorts, up to the rung's epochs; then each such pool decides which go on. The
+    strategies in rounds follow, one after another. Returns the training seconds."""
     plan = search.plan
-    pools = [(pool, members) for s in names for pool, members in plan.pools(s).items()]
+    in_rounds = [s for s in names if strategies.REGISTRY[s].rounds]
+    pools = [(pool, members) for s in names if s not in in_rounds
+             for pool, members in plan.pools(s).items()]
     training = 0.0
     for rung, budget in enumerate(plan.rungs):
-        finished = finished_keys(search.rows)
         stopping = [(pool, members) for pool, members in pools if schedule.stops(
             len(search.alive(pool, members, rung)), budget, plan.eta)]
-        jobs = []
-        for pool, members in stopping:
-            for group in search.alive(pool, members, rung):
-                for seed in budget.seeds:
-                    key = (group.candidate, seed)
-                    parked = multihost.broadcast_json(
-                        lambda key=key: checkpoint.parked(search.parked_stem(*key)))
-                    if key in finished or (parked and len(parked["history"]) >= budget.epochs):
-                        continue
-                    jobs.append((group, seed))
-        for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
-            mine = [job for job in jobs if plan.engine_of(job[0]) == unit]
-            if mine:
-                training += _train_runs(search, mine, unit, rung)
+        jobs = _unfinished(search, [g for pool, members in stopping
+                                    for g in search.alive(pool, members, rung)], budget)
+        training += _train_engines(search, jobs, rung)
         if not budget.final:
             for pool, members in stopping:
                 for group in search.decide(pool, members, rung):
                     _promote(search, group)
+    for strategy in in_rounds:
+        training += _train_rounds(search, strategy)
     for strategy in names:  # after an interruption between a record and its model
         for group in plan.planned[strategy]:
             _promote(search, group)
     return training
+
+
+def _unfinished(search: Search, members: list[Group], budget: schedule.Rung) -> list:
+    """The (candidate, seed) runs of `members` that `budget` still has to train: neither
+    recorded nor parked at its epochs."""
+    finished = finished_keys(search.rows)
+    jobs = []
+    for group in members:
+        for seed in budget.seeds:
+            key = (group.candidate, seed)
+            parked = multihost.broadcast_json(
+                lambda key=key: checkpoint.parked(search.parked_stem(*key)))
+            if key in finished or (parked and len(parked["history"]) >= budget.epochs):
+                continue
+            jobs.append((group, seed))
+    return jobs
+
+
+def _train_engines(search: Search, jobs: list, rung: int,
+                   budget: schedule.Rung | None = None) -> float:
+    """Trains `jobs` engine by engine, the shallowest first (`_train_runs`)."""
+    plan, training = search.plan, 0.0
+    for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
+        mine = [job for job in jobs if plan.engine_of(job[0]) == unit]
+        if mine:
+            training += _train_runs(search, mine, unit, rung, budget)
+    return training
+
+
+def _train_rounds(search: Search, strategy: str) -> float:
+    """A strategy in rounds (subtuning.py): each round's candidates train the round's budget
+    (its early seeds), then the round's decision (schedule.json) prunes all but the candidate
+    chosen; after the last round, the chosen trains every seed to the end (its early seeds
+    from where they stopped). A rerun walks the same rounds from the decisions kept.
+    Returns the training seconds."""
+    plan, config = search.plan, search.config
+    budget = round_rung(config, plan.rungs)
+    last_rung = len(plan.rungs) - 1
+    reach = len(subtuning.units_in_reach(search.table, subtuning.reach(config)))
+    limit = min(config.search.subtuning_rounds or reach, reach)
+    previous, sizes, training = None, [], 0.0
+    for index in range(1, limit + 1):
+        members = candidates(config, search.table, strategy, previous and previous[1])
+        known = {g.candidate for g in plan.planned[strategy]}
+        plan.planned[strategy] += [g for g in members if g.candidate not in known]
+        sizes.append(len(members))
+        training += _train_engines(search, _unfinished(search, members, budget), 0, budget)
+        entry = search.decide_round(strategy, index, members, previous, budget,
+                                    last=index == limit)
+        if entry["stop"]:
+            break
+        previous = (entry["chosen"], tuple(entry["units"]), entry["accuracy"][entry["chosen"]])
+    # The progress counted every round allowed; a search that stopped early records fewer.
+    search.progress.total += (subtuning.expected(sizes, budget, plan.rungs[-1])[0]
+                              - plan.expected(strategy)[0])
+    chosen = next(g for g in plan.planned[strategy] if g.candidate == entry["chosen"])
+    final = plan.rungs[-1]
+    finished = finished_keys(search.rows)
+    jobs = [(chosen, seed) for seed in final.seeds if (chosen.candidate, seed) not in finished]
+    return training + _train_engines(search, jobs, last_rung)
 
 
 BEST_MODEL = "models/best"
@@ -600,15 +696,31 @@ def _summarize(search: Search) -> dict:
     except results.StalePredictionsError as e:  # never lose the summary of a whole search
         log.warning("No paired comparisons: %s", e)
         summary = results.summarize(*args)
+    rounds = {s: _rounds(search, s) for s in search.plan.strategies
+              if strategies.REGISTRY[s].rounds}
+    if rounds:  # each round's decision, for the report's table of rounds
+        summary["rounds"] = rounds
+    in_rounds = {round_pool(s, e["round"]) for s, entries in rounds.items() for e in entries}
     if len(search.plan.rungs) > 1:  # what each rung decided, for the report
         summary["halving"] = {"rungs": [{"epochs": r.epochs, "seeds": len(r.seeds)}
                                         for r in search.plan.rungs],
-                              "decisions": search.decisions}
+                              "decisions": {pool: d for pool, d in search.decisions.items()
+                                            if pool not in in_rounds}}
     return summary
 
 
+def _rounds(search: Search, strategy: str) -> list[dict]:
+    """The decisions of a strategy in rounds, round 1 first, with the rounds' budget."""
+    budget = round_rung(search.config, search.plan.rungs)
+    entries = []
+    while round_pool(strategy, len(entries) + 1) in search.decisions:
+        entries.append({**search.decisions[round_pool(strategy, len(entries) + 1)]["0"],
+                        "epochs": budget.epochs, "seeds": len(budget.seeds)})
+    return entries
+
+
 def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
-                rung: int) -> float:
+                rung: int, budget: schedule.Rung | None = None) -> float:
     """Trains (candidate, seed) runs of one engine up to rung `rung`'s epochs, in cohorts of the
     engine's size (the last one padded): at the last rung a run is recorded (its row, best
     variables and predictions), before it parked (it goes on, or is recorded when pruned); a
@@ -616,12 +728,12 @@ def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
     search.progress.plan(from_unit, 0)
     search.prepare(from_unit, len(runs))
     size = search.ready(from_unit).placement.cohort_size
-    final = search.plan.rungs[rung].final
+    final = (budget or search.plan.rungs[rung]).final
     training = 0.0
     for start in range(0, len(runs), size):
         chunk = runs[start:start + size]
         started = time.perf_counter()
-        finished, ckpt = search.run_cohort(chunk, from_unit, rung)
+        finished, ckpt = search.run_cohort(chunk, from_unit, rung, budget)
         training += time.perf_counter() - started
         for (group, seed), (row, result) in zip(chunk, finished):
             if final or result.status == "diverged":

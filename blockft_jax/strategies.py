@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from blockft_jax import groups
+from blockft_jax import groups, subtuning
 from blockft_jax.groups import Group, Inputs
 
 
@@ -32,12 +32,15 @@ class Strategy:
     # For a strategy planned `after` another: its candidates' names before the ranking fills
     # them (config -> names), and the dry run's words for them.
     names_before: Callable[[Any], list[str]] | None = None
-    preview: Callable[[Any], str] | None = None
+    preview: Callable[[Any], str] | None = None  # (and how a strategy in rounds goes on)
     style: Any = None             # a baseline's line on the searched strategies' plots
     # (config) -> the report's name where the config changes what the strategy is, else None.
     label_of: Callable[[Any], str | None] | None = None
     # (config) -> what is wrong with the search keys it reads (one line), or None.
     check: Callable[[Any], str | None] | None = None
+    # Its candidates come in rounds, each round's from the last one's choice (subtuning.py):
+    # `candidates`' ranking is then the units chosen so far (None: the first round).
+    rounds: bool = False
 
 
 def boundaries(text: str):
@@ -82,6 +85,23 @@ def _check_l2sp(config) -> str | None:
                 f"towards the starting weights, one candidate each), e.g. (0.01, 0.1).")
     if not number(beta):
         return f"search.l2sp_beta={beta!r}: use a number >= 0 (the head's L2 penalty), e.g. 0.01."
+    return None
+
+
+def _check_subtuning(config) -> str | None:
+    s = config.search
+    whole = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    if not whole(s.subtuning_units) or not whole(s.subtuning_rounds):
+        return (f"search.subtuning_units={s.subtuning_units!r}, search.subtuning_rounds="
+                f"{s.subtuning_rounds!r}: use whole numbers >= 0 (0: every unit; no limit on "
+                f"the rounds but the units and epsilon).")
+    eps = s.subtuning_epsilon
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 <= eps < 1):
+        return (f"search.subtuning_epsilon={eps!r}: use a number >= 0 and < 1 (the least gain "
+                f"in validation accuracy for which a round adds its unit), e.g. 0.01.")
+    if config.train.epochs < 2:
+        return (f"train.epochs={config.train.epochs}: subtuning's rounds train fewer epochs "
+                f"than its chosen units' final runs; use train.epochs >= 2 or drop subtuning.")
     return None
 
 
@@ -136,13 +156,19 @@ _ALL = [
              lambda c, table, ranking: groups.auto_rgn(table, c.search.auto_rgn_batches),
              baseline=True, whole_network=True, inputs=groups.auto_rgn_inputs, measures=True,
              style=(0, (3, 1, 1, 1, 1, 1))),
+    Strategy("subtuning", "SubTuning (greedy units)",
+             lambda c, table, chosen: subtuning.round_groups(table, chosen, subtuning.reach(c)),
+             rounds=True, check=_check_subtuning,
+             preview=lambda c: subtuning.words(c)),
 ]
 # In the order a search runs them: a strategy after the one whose ranking it needs; the
-# strategies that train the whole network last.
+# strategies that train the whole network last (a phase's strategies in rounds after its
+# others).
 REGISTRY: dict[str, Strategy] = {s.name: s for s in _ALL}
 SEARCH_ORDER = tuple(REGISTRY)
 BASELINES = tuple(s.name for s in _ALL if s.baseline)
 WHOLE_NETWORK = tuple(s.name for s in _ALL if s.whole_network)
+ROUNDS = tuple(s.name for s in _ALL if s.rounds)
 # The one-run methods in use today: masks of multipliers, or masks that change by epoch.
 ONE_RUN_METHODS = tuple(s.name for s in _ALL if s.inputs is not None)
 LABELS = {s.name: s.label for s in _ALL}

@@ -76,7 +76,8 @@ def get_config():
     # memory allows (the rule in blockft_jax/cohort.py), 1 = one at a time, N = up to N.
     config.search.parallel = 0
     config.search.strategies = ("classifier_only", "full", "layerwise", "topk", "blocks",
-                                "window", "llrd", "gradual", "lp_ft", "l2sp", "auto_rgn")
+                                "window", "llrd", "gradual", "lp_ft", "l2sp", "auto_rgn",
+                                "subtuning")
     # How far down each strategy searches, in layers / blocks / windows from the output;
     # 0 = the whole backbone, down to its first weighted layer.
     config.search.max_layers = 0
@@ -103,6 +104,13 @@ def get_config():
     # beta / 2 * ||w||^2 on the head (the paper's alpha 0.01-0.1, beta 0.01).
     config.search.l2sp_alphas = (0.01, 0.1)
     config.search.l2sp_beta = 0.01
+    # subtuning (SubTuning, Kaplun et al. 2023): greedy rounds over the top subtuning_units
+    # units (0: all); each round adds the unit that most improves validation at halving's first
+    # rung, while it gains >= subtuning_epsilon (theirs: 0.01), for at most subtuning_rounds
+    # rounds (0: no limit); the chosen units then train every seed.
+    config.search.subtuning_units = 0
+    config.search.subtuning_rounds = 3
+    config.search.subtuning_epsilon = 0.01
     # How the layers train, searched with them (a candidate is (layers, setting); settings
     # are data for the one compiled step, never new compilations). BatchNorm: 'train' (the BN
     # layers a candidate trains use batch statistics, as Keras's trainable BN) and/or 'frozen'

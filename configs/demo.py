@@ -47,4 +47,6 @@ def get_config():
     # LP-FT probes the head for a third of the epochs; L2-SP at the paper's smaller alpha.
     config.search.lp_epochs = 10
     config.search.l2sp_alphas = (0.01,)
+    # SubTuning over the top four units (of nineteen): at most 9 + 6 + 4 short runs.
+    config.search.subtuning_units = 4
     return config

@@ -35,4 +35,7 @@ def get_config():
     config.search.llrd_decays = (0.65,)
     config.search.lp_epochs = 1
     config.search.l2sp_alphas = (0.01,)
+    # SubTuning over the top two units: round 1 the head and each unit, round 2 the other unit.
+    config.search.subtuning_units = 2
+    config.search.subtuning_rounds = 2
     return config

@@ -7,7 +7,8 @@ checkpoint the process kills itself (kill -9: no cleanup, no atexit):
   full      the first checkpoint of a cohort that trains `full`;
   top       the first checkpoint of a cohort that does not;
   diverged  the first checkpoint that holds a diverged (non-finite) epoch;
-  save:N    the N-th checkpoint.
+  save:N    the N-th checkpoint;
+  round:N   right after round N of a strategy in rounds was decided (its pruned runs recorded).
 Without KILL_AT the search runs to the end. DIVERGE_AT ("CANDIDATE/SEED/EPOCH") makes that run's
 train loss non-finite at that epoch (1-based), as a learning rate that blows up late would, and
 its validation accuracy there the best of all (a non-finite epoch must never be the best one):
@@ -101,6 +102,17 @@ def main(argv):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         checkpoint.Checkpoint.save = preempting
+    if kill_at and kill_at.startswith("round:"):
+        decide_round = search.Search.decide_round
+
+        def deciding(self, strategy, index, *rest, **kwargs):
+            entry = decide_round(self, strategy, index, *rest, **kwargs)
+            if index == int(kill_at.split(":")[1]):
+                print(f"KILLED after round {index} of {strategy} was decided", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return entry
+
+        search.Search.decide_round = deciding
     return launch.run(config, workdir)
 
 

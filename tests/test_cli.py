@@ -101,8 +101,10 @@ def test_dry_run_prints_the_plan_without_data_or_training(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for expected in ("Strategies, in the order they run: classifier_only, layerwise, topk, "
-                     "blocks, window, gradual, full, llrd, lp_ft, l2sp, auto_rgn", "layerwise:",
-                     "Runs: 16", "Engine from unit stem (full, llrd, lp_ft, l2sp, auto_rgn)",
+                     "blocks, window, gradual, full, llrd, lp_ft, l2sp, auto_rgn, subtuning",
+                     "layerwise:", "Runs: 20", "subtuning: in rounds",
+                     "Engine from unit stem (full, llrd, lp_ft, l2sp, auto_rgn)",
+                     "window, gradual, subtuning): prefix cache",
                      "bytes per image", "Train-step compilations: 2",
                      f"Results would go to {tmp_path / 'wd'}"):
         assert expected in out, (expected, out)

@@ -44,7 +44,14 @@ def test_halving_prunes_records_and_selects_finalists(whole):
         assert [c["rung"] for c in ranked] == sorted((c["rung"] for c in ranked), reverse=True)
     # Fewer runs and epochs than the paper's protocol; the counts the plan promised.
     one_run = [r for r in table.values() if r["strategy"] in strategies.ONE_RUN_METHODS]
-    assert len(table) - len(one_run) == 16 and len(table) - len(one_run) < 6 * 2 * 2
+    in_rounds = [r for r in table.values() if r["strategy"] in strategies.ROUNDS]
+    searched = len(table) - len(one_run) - len(in_rounds)
+    assert searched == 16 and searched < 6 * 2 * 2
+    # SubTuning's rounds train the first rung (1 epoch, seed 0); its chosen, every seed.
+    assert {(r["rung"], r["epochs"], r["seed"]) for r in in_rounds
+            if r["status"] == "pruned"} == {(0, 1, 0)}
+    assert sorted((r["rung"], r["epochs"], r["seed"]) for r in in_rounds
+                  if r["status"] != "pruned") == [(2, 4, 0), (2, 4, 1)]
     # The one-run methods are baselines: every candidate trained every seed to the end.
     config = tiny.get_config().search
     assert len(one_run) == (len(config.llrd_decays) + len(config.gradual_epochs) + 1  # lp_ft
