@@ -29,7 +29,8 @@ def get_config():
     # Full fine-tuning of 100 images with batch statistics swings by 0.1 between seeds: with 2
     # seeds no comparison came out distinguishable (full 0.484 / 0.610), with 4 they did. With
     # BatchNorm frozen seeds agree within 0.03, and 3 seeds keep the demo (eleven strategies
-    # since LP-FT and L2-SP) within five minutes: 4 took 5 min 39 s cold (issue 29).
+    # since LP-FT and L2-SP) within five minutes on an AMD EPYC: 4 took 5 min 39 s cold there
+    # (issue 29). SubTuning added 6% (README, Results).
     config.train.seeds = 3
     config.train.learning_rate = 3e-3
     config.train.head_learning_rate = 3e-3  # the same: measured against 3e-2 (docs/settings.md)
