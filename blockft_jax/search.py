@@ -646,8 +646,7 @@ def _train_rounds(search: Search, strategy: str) -> float:
     plan, config = search.plan, search.config
     budget = round_rung(config, plan.rungs)
     last_rung = len(plan.rungs) - 1
-    reach = len(subtuning.units_in_reach(search.table, subtuning.reach(config)))
-    limit = min(config.search.subtuning_rounds or reach, reach)
+    limit = subtuning.rounds_allowed(config, search.table)
     previous, sizes, training = None, [], 0.0
     for index in range(1, limit + 1):
         members = candidates(config, search.table, strategy, previous and previous[1])

@@ -157,7 +157,7 @@ _ALL = [
              baseline=True, whole_network=True, inputs=groups.auto_rgn_inputs, measures=True,
              style=(0, (3, 1, 1, 1, 1, 1))),
     Strategy("subtuning", "SubTuning (greedy units)",
-             lambda c, table, chosen: subtuning.round_groups(table, chosen, subtuning.reach(c)),
+             lambda c, table, chosen: subtuning.round_groups(table, chosen, subtuning.reach_of(c)),
              rounds=True, check=_check_subtuning,
              preview=lambda c: subtuning.words(c)),
 ]

