@@ -366,13 +366,8 @@ class Search:
         c = self.config
 
         def decide() -> dict:
-            entry = self.decisions.get(pool, {}).get(str(rung))
-            if entry is not None:
-                return entry
             names = [g.candidate for g in alive]
-            accuracy = {g.candidate: float(np.mean([self._standing(g.candidate, seed)[0]
-                                                    ["val_accuracy"] for seed in seeds]))
-                        for g in alive}
+            accuracy = self._mean_accuracy(alive, seeds)
             if not c.search.prune_only_on_evidence:
                 kept = schedule.promote(names, accuracy, self.plan.eta)
                 leader = max(kept, key=accuracy.get)
@@ -385,10 +380,8 @@ class Search:
             chance = schedule.chance_bound(len(self.dataset.class_names), len(labels))
             return schedule.evidence(names, accuracy, correct, self.plan.eta, chance)
 
-        entry = multihost.broadcast_json(decide)
+        entry = self._decision(pool, rung, decide)
         planned = schedule.survivors(len(alive), self.plan.eta)
-        self.decisions.setdefault(pool, {})[str(rung)] = entry
-        self.wd.write_json(DECISIONS, self.decisions)
         kept = entry["kept"]
         pruned = [g for g in alive if g.candidate not in kept]
         closest = min(entry["pruned"].items(), key=lambda kv: kv[1]["difference"], default=None)
@@ -434,21 +427,9 @@ class Search:
         validation over the round's seeds): decided on process 0 and kept in schedule.json
         (a rerun finds the same), its pruned runs recorded. `previous`: (candidate, units,
         accuracy) chosen before, None in round 1. Returns the decision."""
-        pool = round_pool(strategy, index)
-
-        def decide() -> dict:
-            entry = self.decisions.get(pool, {}).get("0")
-            if entry is not None:
-                return entry
-            accuracy = {g.candidate: float(np.mean([self._standing(g.candidate, seed)[0]
-                                                    ["val_accuracy"] for seed in budget.seeds]))
-                        for g in members}
-            return subtuning.decide(index, members, accuracy, previous,
-                                    self.config.search.subtuning_epsilon, last)
-
-        entry = multihost.broadcast_json(decide)
-        self.decisions.setdefault(pool, {})["0"] = entry
-        self.wd.write_json(DECISIONS, self.decisions)
+        entry = self._decision(round_pool(strategy, index), 0, lambda: subtuning.decide(
+            index, members, self._mean_accuracy(members, budget.seeds), previous,
+            self.config.search.subtuning_epsilon, last))
         log.info("%s, round %d (%d candidates, %d epochs): %s%s", strategy, index, len(members),
                  budget.epochs, f"adds {entry['added']} ({entry['chosen']}" if entry["added"]
                  else f"adds nothing ({entry['leader']}",
@@ -458,6 +439,24 @@ class Search:
         self.record_pruned([g for g in self.plan.planned[strategy]
                             if g.candidate in entry["pruned"]], budget.seeds)
         return entry
+
+    def _decision(self, pool: str, rung: int, make) -> dict:
+        """A pool's decision at rung `rung`: the one kept in schedule.json, else process 0's
+        `make()`; the same on every process, and kept there (a rerun finds the same)."""
+        def decide() -> dict:
+            kept = self.decisions.get(pool, {}).get(str(rung))
+            return make() if kept is None else kept
+
+        entry = multihost.broadcast_json(decide)
+        self.decisions.setdefault(pool, {})[str(rung)] = entry
+        self.wd.write_json(DECISIONS, self.decisions)
+        return entry
+
+    def _mean_accuracy(self, members: list[Group], seeds) -> dict[str, float]:
+        """Each candidate's mean validation accuracy (its best epoch so far) over `seeds`, as
+        its runs stand (process 0)."""
+        return {g.candidate: float(np.mean([self._standing(g.candidate, seed)[0]["val_accuracy"]
+                                            for seed in seeds])) for g in members}
 
     def _standing(self, candidate: str, seed: int) -> tuple[dict, np.ndarray]:
         """A run as it stands at a rung (process 0): its row and its validation predictions
@@ -645,7 +644,6 @@ def _train_rounds(search: Search, strategy: str) -> float:
     Returns the training seconds."""
     plan, config = search.plan, search.config
     budget = round_rung(config, plan.rungs)
-    last_rung = len(plan.rungs) - 1
     limit = subtuning.rounds_allowed(config, search.table)
     previous, sizes, training = None, [], 0.0
     for index in range(1, limit + 1):
@@ -663,10 +661,8 @@ def _train_rounds(search: Search, strategy: str) -> float:
     search.progress.total += (subtuning.expected(sizes, budget, plan.rungs[-1])[0]
                               - plan.expected(strategy)[0])
     chosen = next(g for g in plan.planned[strategy] if g.candidate == entry["chosen"])
-    final = plan.rungs[-1]
-    finished = finished_keys(search.rows)
-    jobs = [(chosen, seed) for seed in final.seeds if (chosen.candidate, seed) not in finished]
-    return training + _train_engines(search, jobs, last_rung)
+    return training + _train_engines(search, _unfinished(search, [chosen], plan.rungs[-1]),
+                                     len(plan.rungs) - 1)
 
 
 BEST_MODEL = "models/best"
