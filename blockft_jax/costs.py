@@ -20,9 +20,11 @@ import math
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
-from blockft_jax import strategies
+from blockft_jax import cohort as cohort_lib
+from blockft_jax import groups, strategies, train
 
 
 def unit_flops(table, variables) -> dict[str, float]:
@@ -80,11 +82,6 @@ def measure(plan, module, table, variables, tx, *, batch_size: int, image_shape,
     others, and other processes, do not join its steps). The forward pass gives the seconds
     per flop (the bulk of a deep step's work: its convolutions), the train step what a step
     costs beyond its flops, and the two compilations one engine's compile time."""
-    import jax
-
-    from blockft_jax import cohort as cohort_lib
-    from blockft_jax import groups, train
-
     unit = max((plan.lowest_unit(g) for g in plan.shared), key=plan.units.index)
     mesh = train.data_mesh(jax.local_devices()[:1])
     names = module.unit_names()

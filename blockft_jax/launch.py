@@ -11,7 +11,9 @@ from pathlib import Path
 
 import jax
 
-from blockft_jax import multihost
+from blockft_jax import (benchmarking, cohort, costs, models, multihost, plan, progress, search,
+                         train, weights)
+from blockft_jax import target as target_lib
 from blockft_jax import workdir as workdir_lib
 from blockft_jax.errors import UserError
 
@@ -21,8 +23,6 @@ log = logging.getLogger("blockft_jax")
 def resolve_paths(config) -> None:
     """Makes every path in `config` absolute, once, here at the edge: the search may change
     directory-sensitive libraries (orbax refuses relative paths) and its workdir records them."""
-    from blockft_jax.plan import WEIGHT_SOURCES
-
     def absolute(path):
         if path is None or "://" in path:  # gs://, s3://: remote, already absolute
             return path
@@ -30,7 +30,7 @@ def resolve_paths(config) -> None:
 
     config.data.path = absolute(config.data.path)
     config.data.data_dir = absolute(config.data.data_dir)
-    if config.model.weights not in WEIGHT_SOURCES:
+    if config.model.weights not in plan.WEIGHT_SOURCES:
         config.model.weights = absolute(config.model.weights)
 
 
@@ -39,7 +39,6 @@ def dry_run(config, inputs: list[str]) -> str:
     without loading images or weights; with the dataset's size known (an image folder, the
     digits), the engines by depth and the estimated time, from one real train step compiled
     and timed on this machine (random inputs)."""
-    from blockft_jax import cohort, costs, models, plan, progress
     module = plan.build_module(config, num_classes=2)  # the head's size changes nothing here
     shape = (config.model.input_size, config.model.input_size, 3)
     table = models.layer_table(module, shape)
@@ -67,7 +66,6 @@ def dry_run(config, inputs: list[str]) -> str:
 def _speed(config, module, table, searched, shape, train_images: int):
     """This machine's speed (costs.measure) from the engine of the search's shallowest
     candidates, with random variables (nothing is loaded) and the search's optimizer."""
-    from blockft_jax import benchmarking, costs, train
     variables = benchmarking.random_variables(module, shape, seed=0)
     tx = train.make_optimizer(config.train, train.total_steps(config, train_images))
     log.info("Timing this machine for the estimate (two small compilations)...")
@@ -78,7 +76,6 @@ def _speed(config, module, table, searched, shape, train_images: int):
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,
         dry_run_only: bool = False, target: str | None = None) -> int:
     """Runs the search (or prints its plan); returns a process exit status."""
-    from blockft_jax import plan, search
     if distributed:
         jax.distributed.initialize()  # TPU pods and SLURM find their peers themselves
     if not multihost.is_leader():  # one copy of the search's progress: process 0's
@@ -93,7 +90,6 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
         if dry_run_only:
             print(dry_run(config, inputs))
             if target:  # the search's steps compiled for a TPU slice (target.py)
-                from blockft_jax import target as target_lib
                 print(target_lib.report(config, target))
             print(f"Results would go to {workdir}.")
             return 0
@@ -161,7 +157,6 @@ def _log_to_file(path: Path) -> logging.FileHandler:
 def _use_compilation_cache() -> None:
     if not jax.config.jax_compilation_cache_dir:
         # A resumed (preempted) or repeated search reuses its compiled steps.
-        from blockft_jax.weights import cache_dir
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation"))
+        jax.config.update("jax_compilation_cache_dir", str(weights.cache_dir() / "jax_compilation"))
         # Small programs too (the head init, eval steps: 0.2-0.5 s each on CPU).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from blockft_jax import groups, models, schedule, settings, strategies, subtuning
+from blockft_jax import costs, data, groups, models, schedule, settings, strategies, subtuning
 from blockft_jax.errors import UserError
 from blockft_jax.groups import Group
 
@@ -184,7 +184,6 @@ def check_inputs(config) -> list[str]:
     """What the search will read, checked without loading images or weights: the image folder
     (its classes and their image files), the TFDS dataset's name, the weights file. Returns the
     lines --dry_run prints; raises a UserError saying what to fix."""
-    from blockft_jax import data
     d, m = config.data, config.model
     if d.name == "image_folder":
         classes = data.image_folder_classes(d.path)
@@ -353,7 +352,6 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
     `search.engines` engines by depth (costs.split); without, to one engine. The rungs are
     sized in optimizer steps from `train_images` (default: `images`' or the dataset's size
     when known without loading it; unknown, no rung is dropped)."""
-    from blockft_jax import costs
     s = config.search
     names = [x for x in strategies.SEARCH_ORDER if x in s.strategies]
     # A strategy that needs another's ranking is planned once that has run (`Plan.planned`).
@@ -549,7 +547,6 @@ def dataset_sizes(config) -> tuple[int, int, int, int] | None:
     the bundled digits, a TFDS dataset of TFDS_SIZES carved by data.splits; else None."""
     d = config.data
     if d.name == "image_folder":
-        from blockft_jax import data
         per_class = [len(files) for _, files in data.image_folder_classes(d.path)]
     elif d.name == "digits":
         from sklearn.datasets import load_digits

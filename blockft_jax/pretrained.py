@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blockft_jax import cohort as cohort_lib
 from blockft_jax import data as data_lib
-from blockft_jax import groups, models, weights
+from blockft_jax import groups, models, train, weights
 from blockft_jax.models import HEAD_UNIT
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,6 @@ def demo_backbone(config, module, *, pretrain: bool = False) -> dict:
 
 
 def _pretrain(config, module, classes, path: Path) -> dict:
-    from blockft_jax import cohort as cohort_lib, train  # here: a one-way import graph
 
     # Its own batch and split, whatever the search's: the backbone depends only on its key.
     digits = data_lib.load_dataset("digits", image_size=config.model.input_size,

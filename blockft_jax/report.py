@@ -10,8 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from blockft_jax import results
+from blockft_jax import cli, results
 from blockft_jax.strategies import BASELINES, LABELS, REGISTRY
+from blockft_jax.workdir import write_atomic
 
 # How each baseline's line looks on the searched strategies' plots.
 BASELINE_STYLES = {name: REGISTRY[name].style for name in BASELINES}
@@ -286,13 +287,11 @@ def write(workdir) -> None:
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path} not found: run the search first.")
     summary = json.loads(summary_path.read_text())
-    from blockft_jax.workdir import write_atomic
     write_atomic(workdir / "report.md", markdown(summary) + "\n")
     plot(summary, workdir / "report.png")
 
 
 def main(argv=None) -> int:
-    from blockft_jax import cli
     parser = cli.ArgumentParser(prog="python -m blockft_jax.report",
                                 description="Rebuild report.md and report.png from a search's "
                                             "summary.json.")

@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from blockft_jax import statistics
+
 SCHEDULES = ("exhaustive", "halving")
 
 
@@ -84,7 +86,6 @@ def evidence(order: Sequence[str], accuracy: dict[str, float], correct: dict[str
     Nothing goes while the leader's accuracy is within `chance` (chance_bound).
     Returns {'kept': [...] in plan order, 'pruned': {candidate: {'difference', 'ci95'}},
     'held': {candidate: {...}} (kept for lack of evidence), 'leader', 'within_chance'}."""
-    from blockft_jax import results
     promoted = promote(order, accuracy, eta)
     leader = max(order, key=lambda c: (accuracy[c], -order.index(c)))
     within = accuracy[leader] <= chance
@@ -93,7 +94,7 @@ def evidence(order: Sequence[str], accuracy: dict[str, float], correct: dict[str
         if c in promoted:
             continue
         difference = accuracy[leader] - accuracy[c]
-        ci95 = results.interval95(results.paired_bootstrap(correct[leader], correct[c]))
+        ci95 = statistics.interval95(statistics.paired_bootstrap(correct[leader], correct[c]))
         entry = {"difference": difference, "ci95": ci95}
         (held if within or ci95[0] <= 0 else pruned)[c] = entry
     return {"kept": [c for c in order if c not in pruned], "pruned": pruned, "held": held,

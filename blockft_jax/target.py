@@ -24,7 +24,9 @@ from typing import Callable, Sequence
 import jax
 
 from blockft_jax import cohort as cohort_lib
-from blockft_jax import groups, models, placement, train
+from blockft_jax import costs, groups, models, placement, progress, train
+from blockft_jax import plan as plan_lib
+from blockft_jax.models import layers
 from blockft_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,6 @@ def slice_devices(target: str) -> tuple[Chip, list]:
 def dataset_images(config) -> tuple[int, int, int, int]:
     """(train, validation, test, classes) of the search's dataset without loading it
     (plan.dataset_sizes), or an error saying which datasets that works for."""
-    from blockft_jax import plan as plan_lib
     sizes = plan_lib.dataset_sizes(config)
     if sizes is None:
         raise TargetError(f"--target needs the dataset's size before loading it; it is known "
@@ -202,8 +203,6 @@ def tpu_module(config, num_classes: int):
     """The search's model as a TPU builds it: the layers' 'auto' implementations resolve by
     the backend that traces them, which here is this machine's (on CPU: shifted multiply-adds
     for depthwise convolutions, matmuls for 1x1 ones), so they are resolved for the TPU."""
-    from blockft_jax import plan as plan_lib
-    from blockft_jax.models import layers
     config = config.copy_and_resolve_references()
     options = config.model.options
     options.depthwise_impl = layers.resolve_depthwise_impl(options.depthwise_impl or "auto",
@@ -220,7 +219,6 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, work: 
     decided by the search's own rules with `memory` bytes free per device, and its train and
     eval steps compiled there, with their per-device cost. `images`: (train, validation,
     test); `variables` may be shapes only."""
-    from blockft_jax import plan as plan_lib
     runs = work["runs"]
     c = config
     shape = (c.model.input_size, c.model.input_size, 3)
@@ -291,8 +289,6 @@ def report(config, target: str) -> str:
     bytes per step, the roofline step times, and the whole search's estimated time. The
     engines by depth are split (costs.split) from the slice's speed: the roofline seconds per
     flop of one engine's compiled train step, and its compile time here."""
-    from blockft_jax import costs
-    from blockft_jax import plan as plan_lib
     chip, devices = slice_devices(target)
     c = config
     *images, classes = dataset_images(c)
@@ -373,6 +369,5 @@ def report(config, target: str) -> str:
 
 def _duration(seconds: float) -> str:
     """Under a minute to three figures (a slice's searches are short); else progress.duration."""
-    from blockft_jax import progress
     seconds = float(seconds)
     return f"{seconds:.3g} s" if seconds < 60 else progress.duration(round(seconds))

@@ -567,7 +567,7 @@ def halving_benchmark(args) -> None:
 
     import numpy as np
 
-    from blockft_jax import results
+    from blockft_jax import results, statistics
     scratch = args.scratch or tempfile.mkdtemp(prefix="blockft_halving_bench_")
     base_overrides = list(args.search_override)
     tables = []
@@ -598,7 +598,7 @@ def halving_benchmark(args) -> None:
                                             r["winner_candidate"], r["seeds"], split)
                        for r in (exhaustive, halving)]
             difference = float(np.mean(correct[0]) - np.mean(correct[1]))
-            paired[split] = (difference, results.interval95(results.paired_bootstrap(*correct)))
+            paired[split] = (difference, statistics.interval95(statistics.paired_bootstrap(*correct)))
         tables.append((task, searched, paired))
 
     print(f"## Whole network: exhaustive against halving, {args.search_config} "
@@ -623,7 +623,7 @@ def halving_benchmark(args) -> None:
     for task, _, paired in tables:
         print(f"| {task} | " + " | ".join(
             f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in paired.values()) + " |")
-    print(f"\nPaired: {results.METHOD.format(results.REPLICATES)}; over the seeds both winners "
+    print(f"\nPaired: {results.METHOD.format(statistics.REPLICATES)}; over the seeds both winners "
           f"trained.")
     for task, searched, paired in tables:
         e, h = searched["exhaustive"], searched["halving"]
@@ -650,7 +650,7 @@ def recipe_benchmark(args) -> None:
 
     import numpy as np
 
-    from blockft_jax import results
+    from blockft_jax import results, statistics
     scratch = args.scratch or tempfile.mkdtemp(prefix="blockft_recipe_bench_")
     base_overrides = list(args.search_override)
     rows = []
@@ -678,7 +678,7 @@ def recipe_benchmark(args) -> None:
                                             r["winner_candidate"], r["seeds"], split)
                        for r in (outcome["recipes"], outcome["search"])]
             paired[split] = (float(np.mean(correct[0]) - np.mean(correct[1])),
-                             results.interval95(results.paired_bootstrap(*correct)))
+                             statistics.interval95(statistics.paired_bootstrap(*correct)))
         rows.append((task, outcome, paired))
 
     print(f"## The search's winner against the best fixed recipe, {args.search_config} "
@@ -690,7 +690,7 @@ def recipe_benchmark(args) -> None:
         print(f"| {task} | {o['search']['winner_line']} | {o['recipes']['winner_line']} | "
               f"{o['search']['wall_s']:.0f} | " + " | ".join(
                   f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in paired.values()) + " |")
-    print(f"\nPaired: {results.METHOD.format(results.REPLICATES)}; over the seeds both trained.")
+    print(f"\nPaired: {results.METHOD.format(statistics.REPLICATES)}; over the seeds both trained.")
     print("\nEvery strategy of the search (its selected candidate, mean ± std over seeds; what "
           "its candidates trained, of the search's wall above):\n")
     print("| task | strategy | selected | validation | test | runs | run-epochs |")

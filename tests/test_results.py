@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from blockft_jax import results
+from blockft_jax import results, statistics
 
 CONFIG = types.SimpleNamespace(model=types.SimpleNamespace(name="mobilenet_v2"),
                                data=types.SimpleNamespace(name="digits"),
@@ -83,13 +83,13 @@ def test_predictions_from_another_split_size_are_refused(tmp_path):
 
 def test_identical_predictions_differ_by_exactly_zero():
     correct = np.random.default_rng(3).random((3, 100)) < 0.6
-    assert results.interval95(results.paired_bootstrap(correct, correct.copy())) == [0.0, 0.0]
+    assert statistics.interval95(statistics.paired_bootstrap(correct, correct.copy())) == [0.0, 0.0]
 
 
 def test_right_everywhere_against_wrong_everywhere_is_one():
     right, wrong = np.ones((2, 50), bool), np.zeros((2, 50), bool)
-    assert results.interval95(results.paired_bootstrap(right, wrong)) == [1.0, 1.0]
-    assert results.interval95(results.paired_bootstrap(wrong, right)) == [-1.0, -1.0]
+    assert statistics.interval95(statistics.paired_bootstrap(right, wrong)) == [1.0, 1.0]
+    assert statistics.interval95(statistics.paired_bootstrap(wrong, right)) == [-1.0, -1.0]
 
 
 def test_bootstrap_matches_a_plain_loop_over_replicates():
@@ -104,18 +104,18 @@ def test_bootstrap_matches_a_plain_loop_over_replicates():
         seeds = np.floor(seed_rng.random(3) * 3).astype(int)
         examples = np.floor(example_rng.random(37) * 37).astype(int)
         reference.append(diff[np.ix_(seeds, examples)].mean())
-    got = results.paired_bootstrap(a, b, replicates=replicates, seed=5)
+    got = statistics.paired_bootstrap(a, b, replicates=replicates, seed=5)
     np.testing.assert_allclose(got, reference, atol=1e-12)
-    assert results.interval95(got) == pytest.approx(
+    assert statistics.interval95(got) == pytest.approx(
         list(np.quantile(reference, [0.025, 0.975])), abs=1e-12)
 
 
 def test_batches_of_replicates_draw_the_same_stream(monkeypatch):
     rng = np.random.default_rng(8)
     a, b = rng.random((2, 50)) < 0.6, rng.random((2, 50)) < 0.5
-    whole = results.paired_bootstrap(a, b, replicates=40, seed=1)
-    monkeypatch.setattr(results, "BATCH_ELEMENTS", 120)  # batches of 2 replicates
-    np.testing.assert_allclose(results.paired_bootstrap(a, b, replicates=40, seed=1), whole,
+    whole = statistics.paired_bootstrap(a, b, replicates=40, seed=1)
+    monkeypatch.setattr(statistics, "BATCH_ELEMENTS", 120)  # batches of 2 replicates
+    np.testing.assert_allclose(statistics.paired_bootstrap(a, b, replicates=40, seed=1), whole,
                                atol=1e-12)
 
 
@@ -127,8 +127,8 @@ def test_bootstrap_is_reproducible_and_pairing_narrows_the_interval():
     b = a.copy()
     for k in range(3):
         b[k, np.flatnonzero(a[k])[:8]] = False
-    first = results.interval95(results.paired_bootstrap(a, b))
-    assert first == results.interval95(results.paired_bootstrap(a, b))
+    first = statistics.interval95(statistics.paired_bootstrap(a, b))
+    assert first == statistics.interval95(statistics.paired_bootstrap(a, b))
     lo, hi = first
     assert 0 < lo < 0.02 < hi < 0.04
 

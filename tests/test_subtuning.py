@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from blockft_jax import models, plan, schedule, strategies, subtuning
+from blockft_jax import models, plan, subtuning
 from blockft_jax.groups import Group, bn_modes, unit_layers, weighted_units
 from configs import tiny
 from test_resume import assert_same_search, finished, killed_line, rows, search
