@@ -48,7 +48,7 @@ def random_variables(module, shape, seed: int) -> dict:
     import numpy as np
     from flax import traverse_util
 
-    from blockft_jax import models  # here: the harness imports no JAX (docstring)
+    from blockft_jax import models  # here: the harness imports no JAX
 
     rng = np.random.default_rng(seed)
     flat = {}
@@ -112,7 +112,8 @@ class Job:
         """`runs` runs of this candidate (seeds seed, seed + 1, ...) in a cohort, fresh."""
         import numpy as np
 
-        from blockft_jax import cohort as cohort_lib  # here: the harness imports no JAX (docstring)
+        # here, not at the top: the harness imports no JAX (docstring)
+        from blockft_jax.engine import cohort as cohort_lib
 
         cohort = cohort_lib.Cohort(self.engine, runs)
         members = [cohort_lib.Run(self.mask, self.bn_modes, seed=self.seed + i)
@@ -132,7 +133,10 @@ def setup(model: str, trainable: str, *, size: int, width: float = 1.0, seed: in
     trained unit; otherwise every step runs the prefix too (the step level)."""
     import jax.numpy as jnp
 
-    from blockft_jax import groups, models, train  # here: the harness imports no JAX (docstring)
+    # here, not at the top: the harness imports no JAX (docstring)
+    from blockft_jax import models
+    from blockft_jax.candidates import groups
+    from blockft_jax.engine import train
 
     options = {} if dtype is None else {"dtype": getattr(jnp, dtype)}
     module = models.create(model, num_classes=NUM_CLASSES, width=width, **options)
@@ -193,7 +197,8 @@ class Runs:
         """One epoch of every run as the search trains it (`cohort.train_epoch`: each run's
         own order; a DeviceSplit's batches gathered on the device, a host split's fed);
         every run's train loss."""
-        from blockft_jax import cohort as cohort_lib  # here: the harness imports no JAX (docstring)
+        # here, not at the top: the harness imports no JAX (docstring)
+        from blockft_jax.engine import cohort as cohort_lib
         self.state, losses, _, _ = cohort_lib.train_epoch(
             self.cohort, self.state, self.masks, self.bn_modes, split, batch_size, self.seeds,
             epoch, self.keys, [True] * self.cohort.size)

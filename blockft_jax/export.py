@@ -20,8 +20,8 @@ import numpy as np
 from flax import traverse_util
 
 from blockft_jax import cli, models, predict
-from blockft_jax.errors import UserError
-from blockft_jax.weights import ALIASES, KERAS_VARIABLES
+from blockft_jax.common.errors import UserError
+from blockft_jax.inputs.weights import ALIASES, KERAS_VARIABLES
 
 # Options that choose how the Flax model computes, not what: Keras has no use for them.
 IMPLEMENTATION_OPTIONS = {"dtype", "depthwise_impl", "conv_impl"}
@@ -54,9 +54,9 @@ def keras_arguments(meta: dict) -> dict:
     """The keras.applications constructor's arguments for a saved model's model.json."""
     spec = meta["model"]
     name, size = spec["name"], int(meta["input_size"])
-    keras_name = models.REGISTRY[name][3]
+    keras_name = models.REGISTRY[name].keras_name
     arguments = {"include_top": False, "weights": None, "input_shape": (size, size, 3)}
-    if models.REGISTRY[name][2]:
+    if models.REGISTRY[name].has_width:
         arguments["alpha"] = float(spec.get("width", 1.0))
     for key, value in sorted((spec.get("options") or {}).items()):
         if value is None or key in IMPLEMENTATION_OPTIONS:
@@ -77,7 +77,8 @@ def keras_model(model: predict.SavedModel):
     inputs = keras.Input((size, size, 3), name="image")
     x = _preprocessing(keras, model.preprocessing)(inputs)
     # Built on our input tensor, the application's layers join this one graph (one flat model).
-    backbone = getattr(keras.applications, models.REGISTRY[name][3])(input_tensor=x, **arguments)
+    application = getattr(keras.applications, models.REGISTRY[name].keras_name)
+    backbone = application(input_tensor=x, **arguments)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
     rate = float(meta["model"].get("dropout_rate") or 0.0)
     if rate > 0:

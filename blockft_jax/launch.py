@@ -11,11 +11,14 @@ from pathlib import Path
 
 import jax
 
-from blockft_jax import (benchmarking, cohort, costs, models, multihost, plan, progress, search,
-                         train, weights)
+from blockft_jax import benchmarking, models
 from blockft_jax import target as target_lib
-from blockft_jax import workdir as workdir_lib
-from blockft_jax.errors import UserError
+from blockft_jax.common import multihost, progress
+from blockft_jax.common import workdir as workdir_lib
+from blockft_jax.common.errors import UserError
+from blockft_jax.engine import cohort, train
+from blockft_jax.inputs import weights
+from blockft_jax.search import costs, plan, search
 
 log = logging.getLogger("blockft_jax")
 

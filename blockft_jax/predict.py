@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockft_jax import checkpoint, cli, data, models
+from blockft_jax import cli, models
+from blockft_jax.engine import checkpoint
+from blockft_jax.inputs import data
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,11 +23,15 @@ from typing import Callable, Sequence
 
 import jax
 
-from blockft_jax import cohort as cohort_lib
-from blockft_jax import costs, groups, models, placement, progress, train
-from blockft_jax import plan as plan_lib
+from blockft_jax import models
+from blockft_jax.candidates import groups
+from blockft_jax.common import progress
+from blockft_jax.common.errors import UserError
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine import placement, train
 from blockft_jax.models import layers
-from blockft_jax.errors import UserError
+from blockft_jax.search import costs
+from blockft_jax.search import plan as plan_lib
 
 log = logging.getLogger(__name__)
 
@@ -222,19 +226,15 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, work: 
     runs = work["runs"]
     c = config
     shape = (c.model.input_size, c.model.input_size, 3)
-    augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
-    cached = plan_lib.caches_prefix(c, unit, module.unit_names())
-    at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
+    at_once = plan_lib.at_once(c, runs)
     mask = groups.param_mask(variables["params"], table, [])
     bn_modes = groups.bn_modes(table, [])
     engines, cohorts, compiled = {}, {}, {}
 
     def engine_for(layout):
         if layout not in engines:
-            engines[layout] = train.Engine(
-                module, tx, unit, train.mesh(devices, runs=layout[0]), cached=cached,
-                augment=None if cached else augment, table=table, prefix_chunk_bytes=None,
-                anchored=work["anchored"])
+            engines[layout] = plan_lib.engine(c, module, tx, table, unit, devices, layout[0],
+                                              work["anchored"], prefix_chunk_bytes=None)
         return engines[layout]
 
     def cache_bytes(engine) -> int:  # in device memory when it fits, as the search decides

@@ -118,7 +118,8 @@ def run_keras(args) -> dict:
     y = labels
 
     keras.utils.set_random_seed(args.seed)
-    _, _, has_width, constructor = models.REGISTRY[args.model]
+    entry = models.REGISTRY[args.model]
+    has_width, constructor = entry.has_width, entry.keras_name
     kwargs = dict(include_top=False, weights=None, input_shape=(args.size, args.size, 3))
     if has_width:
         kwargs["alpha"] = args.width
@@ -168,7 +169,8 @@ def blockft_job(args) -> bench.Job:
 def run_blockft(args) -> dict:
     import jax
 
-    from blockft_jax import data, placement
+    from blockft_jax.inputs import data
+    from blockft_jax.engine import placement
 
     split = data.Split(*bench.synthetic_data(args.images, args.size, args.seed))
     job = blockft_job(args)
@@ -226,7 +228,7 @@ def pipeline_data(args):
     (data.load_dataset: TFDS, decode, resize, carve, cache), and the seconds that took."""
     import tempfile
 
-    from blockft_jax import data
+    from blockft_jax.inputs import data
 
     def load(data_dir):
         started = time.perf_counter()
@@ -254,7 +256,7 @@ def run_input_check(args) -> dict:
     steps and the metrics fetch are the same; only the input differs."""
     import jax
 
-    from blockft_jax import data
+    from blockft_jax.inputs import data
 
     job = blockft_job(args)
     engine = job.engine
@@ -567,7 +569,8 @@ def halving_benchmark(args) -> None:
 
     import numpy as np
 
-    from blockft_jax import results, statistics
+    from blockft_jax.search import results
+    from blockft_jax.common import statistics
     scratch = args.scratch or tempfile.mkdtemp(prefix="blockft_halving_bench_")
     base_overrides = list(args.search_override)
     tables = []
@@ -650,7 +653,8 @@ def recipe_benchmark(args) -> None:
 
     import numpy as np
 
-    from blockft_jax import results, statistics
+    from blockft_jax.search import results
+    from blockft_jax.common import statistics
     scratch = args.scratch or tempfile.mkdtemp(prefix="blockft_recipe_bench_")
     base_overrides = list(args.search_override)
     rows = []
@@ -745,8 +749,10 @@ def checkpoint_bytes_table(cohort_size: int) -> list[str]:
     the frozen variables once and each run's best variables whole."""
     import importlib
 
-    from blockft_jax import checkpoint, models, plan, train
-    from blockft_jax import cohort as cohort_lib
+    from blockft_jax.engine import checkpoint, train
+    from blockft_jax import models
+    from blockft_jax.search import plan
+    from blockft_jax.engine import cohort as cohort_lib
 
     nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize
                               for x in __import__("jax").tree.leaves(tree))

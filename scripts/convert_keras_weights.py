@@ -10,7 +10,8 @@ import sys
 
 import jax
 
-from blockft_jax import models, weights
+from blockft_jax import models
+from blockft_jax.inputs import weights
 
 
 def main(argv=None):

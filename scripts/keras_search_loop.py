@@ -66,7 +66,7 @@ def keras_weights(layer, variables) -> list:
     weights.load_keras: depthwise (kh, kw, 1, c) -> (kh, kw, c, 1); BN scale/bias/mean/var ->
     gamma/beta/moving_mean/moving_variance)."""
     import numpy as np
-    from blockft_jax import weights as weights_lib
+    from blockft_jax.inputs import weights as weights_lib
 
     arrays = []
     kinds = dict(weights_lib.KERAS_VARIABLES[type(layer).__name__])
@@ -89,7 +89,7 @@ def check_mapping(keras, model, module, backbone, images, shape) -> None:
     """The Keras model with the mapped weights (and one head) computes blockft_jax's logits."""
     import jax
     import numpy as np
-    from blockft_jax import data as data_lib
+    from blockft_jax.inputs import data as data_lib
     from blockft_jax import models
 
     variables = {**backbone, "params": {**backbone["params"],
@@ -119,8 +119,10 @@ def main(argv=None) -> None:
     import jax
     import numpy as np
 
-    from blockft_jax import data as data_lib
-    from blockft_jax import models, plan, pretrained, results, strategies
+    from blockft_jax.inputs import data as data_lib
+    from blockft_jax import models
+    from blockft_jax.search import plan, pretrained, results
+    from blockft_jax.candidates import strategies
 
     config = load_config(args.config)
     c = config
@@ -136,7 +138,8 @@ def main(argv=None) -> None:
 
     import keras  # after KERAS_BACKEND
 
-    _, _, has_width, constructor = models.REGISTRY[c.model.name]
+    entry = models.REGISTRY[c.model.name]
+    has_width, constructor = entry.has_width, entry.keras_name
     options = dict(include_top=False, weights=None, input_shape=shape)
     if has_width:
         options["alpha"] = c.model.width

@@ -25,7 +25,8 @@ config_flags.DEFINE_config_file("config", None, "A config with model.weights='de
 def main(argv):
     del argv
     cli.setup_logging()
-    from blockft_jax import plan, pretrained, weights  # after the flags: --help needs no JAX
+    from blockft_jax.search import plan, pretrained
+    from blockft_jax.inputs import weights  # after the flags: --help needs no JAX
     config = flags.FLAGS.config
     if config.model.weights != "demo":
         cli.fail(f"model.weights={config.model.weights!r}: this script makes the 'demo' "

@@ -48,8 +48,11 @@ def train_steps(mesh, variables, images, labels, layers):
     import ml_collections
     import numpy as np
 
-    from blockft_jax import cohort as cohort_lib
-    from blockft_jax import data, groups, models, train
+    from blockft_jax.engine import cohort as cohort_lib
+    from blockft_jax.inputs import data
+    from blockft_jax.candidates import groups
+    from blockft_jax import models
+    from blockft_jax.engine import train
 
     module = models.create(MODEL["name"], width=MODEL["width"], blocks=MODEL["blocks"],
                            num_classes=MODEL["num_classes"])
@@ -87,8 +90,8 @@ def device_cache_epoch(mesh, module, tx, table, variables, split, mask, bn_modes
     import jax
     import numpy as np
 
-    from blockft_jax import cohort as cohort_lib
-    from blockft_jax import train
+    from blockft_jax.engine import cohort as cohort_lib
+    from blockft_jax.engine import train
     engine = train.Engine(module, tx, FROM_UNIT, mesh, cached=True, table=table)
     cache = engine.to_device(engine.features(variables, split, BATCH_SIZE))
     cohort = cohort_lib.Cohort(engine, 1)
@@ -110,7 +113,9 @@ def prefix_features(mesh, variables, images, labels):
     """The prefix cache's features (the output of the units below FROM_UNIT), on the host."""
     import ml_collections
 
-    from blockft_jax import data, models, train
+    from blockft_jax.inputs import data
+    from blockft_jax import models
+    from blockft_jax.engine import train
     module = models.create(MODEL["name"], width=MODEL["width"], blocks=MODEL["blocks"],
                            num_classes=MODEL["num_classes"])
     tx = train.make_optimizer(ml_collections.ConfigDict(OPTIMIZER), 10)
@@ -139,7 +144,7 @@ def main(argv):
         import jax
         import numpy as np
 
-        from blockft_jax import train
+        from blockft_jax.engine import train
         assert jax.device_count() == 8, jax.devices()
         variables, images, labels, layers = load_inputs(inputs)
         eight = train_steps(train.data_mesh(), variables, images, labels, layers)
@@ -167,7 +172,7 @@ def main(argv):
         assert jax.process_count() == num_processes
         assert jax.process_index() == process_id
 
-        from blockft_jax import train
+        from blockft_jax.engine import train
         variables, images, labels, layers = load_inputs(inputs)
         mesh = train.data_mesh()
         assert mesh.devices.size == jax.device_count() > jax.local_device_count()

@@ -35,12 +35,12 @@ class Reference:
 
 
 def keras_constructor(name):
-    return getattr(keras.applications, models.REGISTRY[name][3])
+    return getattr(keras.applications, models.REGISTRY[name].keras_name)
 
 
 def keras_kwargs(name, width, size, options):
     kwargs = dict(include_top=False, weights=None, input_shape=(size, size, 3), **dict(options))
-    if models.REGISTRY[name][2]:
+    if models.REGISTRY[name].has_width:
         kwargs["alpha"] = width
     return kwargs
 

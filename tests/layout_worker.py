@@ -33,7 +33,8 @@ def setup():
     import jax.numpy as jnp
     import ml_collections
 
-    from blockft_jax import models, train
+    from blockft_jax import models
+    from blockft_jax.engine import train
     module = models.create("mobilenet_v2", width=0.35, blocks=3, num_classes=3)
     shape = (32, 32, 3)
     table = models.layer_table(module, shape)
@@ -44,14 +45,14 @@ def setup():
 
 
 def engines(mesh, module, table, tx):
-    from blockft_jax import train
+    from blockft_jax.engine import train
     return {"fed": train.Engine(module, tx, FROM_UNIT, mesh, table=table),
             "gathered": train.Engine(module, tx, FROM_UNIT, mesh, cached=True, table=table)}
 
 
 def runs(table, variables):
-    from blockft_jax import cohort as cohort_lib
-    from blockft_jax import groups
+    from blockft_jax.engine import cohort as cohort_lib
+    from blockft_jax.candidates import groups
     return [cohort_lib.Run(groups.param_mask(variables["params"], table, layers),
                            groups.bn_modes(table, layers), seed)
             for seed in (0, 1) for layers in CANDIDATES]
@@ -86,8 +87,8 @@ def replica_groups(text: str) -> list[list[int]]:
 def hlo(out):
     import jax
 
-    from blockft_jax import cohort as cohort_lib
-    from blockft_jax import train
+    from blockft_jax.engine import cohort as cohort_lib
+    from blockft_jax.engine import train
     module, table, variables, tx, shape = setup()
     mask, bn = runs(table, variables)[0].mask, runs(table, variables)[0].bn_modes
     found = {}
@@ -115,8 +116,10 @@ def hlo(out):
 def steps(out):
     import jax
 
-    from blockft_jax import cohort as cohort_lib
-    from blockft_jax import data, models, train
+    from blockft_jax.engine import cohort as cohort_lib
+    from blockft_jax.inputs import data
+    from blockft_jax import models
+    from blockft_jax.engine import train
     module, table, variables, tx, shape = setup()
     rng = np.random.default_rng(0)
     split = data.Split(rng.integers(0, 256, (BATCH, *shape), dtype=np.uint8),
@@ -153,7 +156,8 @@ def search(workdir, layout):
     """The tiny search (configs/tiny.py) in `layout` ('RxD'; 'auto': as placement decides)."""
     import logging
 
-    from blockft_jax import launch, placement
+    from blockft_jax import launch
+    from blockft_jax.engine import placement
     from configs import tiny
     if layout != "auto":
         forced = tuple(int(x) for x in layout.split("x"))

@@ -29,8 +29,10 @@ def main(argv):
 
     import numpy as np
 
-    from blockft_jax import checkpoint, launch, search
-    from blockft_jax import cohort as cohort_lib
+    from blockft_jax.engine import checkpoint
+    from blockft_jax import launch
+    from blockft_jax.search import search
+    from blockft_jax.engine import cohort as cohort_lib
     from configs import tiny
 
     logging.getLogger().setLevel(logging.INFO)

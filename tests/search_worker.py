@@ -33,7 +33,8 @@ def main(argv):
         return EXIT_UNSUPPORTED
     import logging
 
-    from blockft_jax import checkpoint, launch
+    from blockft_jax.engine import checkpoint
+    from blockft_jax import launch
     from configs import tiny
     logging.getLogger().setLevel(logging.INFO)
     if die_after is not None and process_id == 0:
@@ -51,7 +52,7 @@ def main(argv):
         checkpoint.Checkpoint.save = preempting(checkpoint.Checkpoint.save)
     config = tiny.get_config()
     if skewed:
-        from blockft_jax import search
+        from blockft_jax.search import search
         config.train.checkpoint_seconds = 20.0
         if process_id == 1:  # the search's clock, not the libraries'
             import time

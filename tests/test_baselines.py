@@ -11,8 +11,12 @@ import optax
 import pytest
 from flax import traverse_util
 
-from blockft_jax import cohort as cohort_lib
-from blockft_jax import data, groups, models, streams, strategies, train
+from blockft_jax import models
+from blockft_jax.candidates import groups, strategies
+from blockft_jax.common import streams
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine import train
+from blockft_jax.inputs import data
 from blockft_jax.models import HEAD_UNIT
 
 import test_train as base

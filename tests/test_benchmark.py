@@ -68,7 +68,7 @@ def test_search_outcome_gives_every_strategys_selection_and_work(tmp_path):
     import importlib.util
     import json
 
-    from blockft_jax import results
+    from blockft_jax.search import results
     from test_results import CONFIG, fake_search
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
     benchmark = importlib.util.module_from_spec(spec)

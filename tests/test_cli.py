@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from blockft_jax import launch, search, target
-from blockft_jax.workdir import Workdir
+from blockft_jax import launch, target
+from blockft_jax.common.workdir import Workdir
+from blockft_jax.search import search
 from configs import tiny
 
 ROOT = Path(__file__).parents[1]

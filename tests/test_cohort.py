@@ -1,7 +1,7 @@
-"""The training loop (blockft_jax.cohort): K runs vmapped give what a cohort of one gives each
-run alone, with one compilation per engine, shared frozen variables left bitwise unchanged,
-padding and diverging runs that disturb nobody, the best epoch's variables kept on the device,
-and checkpoint/resume per run.
+"""The training loop (blockft_jax.engine.cohort): K runs vmapped give what a cohort of one
+gives each run alone, with one compilation per engine, shared frozen variables left bitwise
+unchanged, padding and diverging runs that disturb nobody, the best epoch's variables kept on
+the device, and checkpoint/resume per run.
 
 Float order: the vmapped step batches the live layers' matmuls over the run axis (a batched
 dot instead of K plain ones) and reduces BN statistics over a batched array; XLA:CPU may sum
@@ -17,9 +17,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from blockft_jax import checkpoint
-from blockft_jax import cohort as cohort_lib
-from blockft_jax import data, groups, models, settings, streams, strategies, train
+from blockft_jax import models
+from blockft_jax.candidates import groups, settings, strategies
+from blockft_jax.common import streams
+from blockft_jax.engine import checkpoint
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine import train
+from blockft_jax.inputs import data
 from blockft_jax.models import HEAD_UNIT
 
 import test_train as base

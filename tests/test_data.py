@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blockft_jax import data
-from blockft_jax.data import DataError
+from blockft_jax.inputs import data
+from blockft_jax.inputs.data import DataError
 
 
 def _assert_carving(ds, n_total):
@@ -202,7 +202,7 @@ def test_tfds_refuses_what_memory_cannot_hold(tmp_path, monkeypatch):
 
 
 def test_search_end_to_end_on_a_tfds_dataset(tmp_path):
-    from blockft_jax import search
+    from blockft_jax.search import search
     from configs import tiny
     config = tiny.get_config()
     config.data.name = "beans"
@@ -318,14 +318,14 @@ def test_image_folder_skips_unreadable_files_with_one_warning(tmp_path, caplog):
         locked = _save(Image.new("RGB", (4, 4)), root / "ant" / "locked.png")
         locked.chmod(0)
         expected["ant/locked.png"] = "permission denied"
-    with caplog.at_level(logging.WARNING, logger="blockft_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="blockft_jax.inputs.data"):
         ds = data.load_dataset("image_folder", image_size=8, path=str(root))
     assert len(ds.train) + len(ds.validation) + len(ds.test) == 3 * 5  # the readable ones
     reasons = {os.path.relpath(path, root): reason for path, reason in ds.skipped}
     assert set(reasons) == set(expected)
     for name, reason in expected.items():
         assert reasons[name].startswith(reason), (name, reasons[name])
-    warnings = [r for r in caplog.records if r.name == "blockft_jax.data"]
+    warnings = [r for r in caplog.records if r.name == "blockft_jax.inputs.data"]
     assert len(warnings) == 1
     message = warnings[0].getMessage()
     assert f"Skipped {len(expected)} of {3 * 5 + len(expected)} files" in message
@@ -368,7 +368,7 @@ def test_load_from_config_relative_paths(tmp_path, monkeypatch, caplog):
     config.data.path = "imgs"  # relative, as users type it
     config.data.train_per_class = 5
     config.model.input_size = 8
-    with caplog.at_level(logging.WARNING, logger="blockft_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="blockft_jax.inputs.data"):
         ds = data.load_from_config(config)
     assert "data.classes: not used by data.name='image_folder'" in caplog.text
     direct = data.load_dataset("image_folder", image_size=8, path=str(tmp_path / "imgs"),

@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from blockft_jax import groups, models, strategies
+from blockft_jax import models
+from blockft_jax.candidates import groups, strategies
 
 SHAPE = (32, 32, 3)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blockft_jax import schedule, strategies
+from blockft_jax.candidates import halving, strategies
 from configs import tiny
 from test_resume import assert_same_search, finished, killed_in_turn, killed_line, rows
 
@@ -26,7 +26,7 @@ def whole(tmp_path_factory):
 def test_halving_prunes_records_and_selects_finalists(whole):
     table = rows(whole)
     summary = json.loads((whole / "summary.json").read_text())
-    rungs = schedule.rungs("halving", 4, 2, eta=2, halving_seeds=1)
+    rungs = halving.rungs("halving", 4, 2, eta=2, halving_seeds=1)
     assert [r.epochs for r in rungs] == [1, 2, 4]
     layerwise = {key: r for key, r in table.items() if r["strategy"] == "layerwise"}
     pruned = [r for r in layerwise.values() if r["status"] == "pruned"]

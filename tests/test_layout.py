@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from blockft_jax import placement, strategies
+from blockft_jax.candidates import strategies
+from blockft_jax.engine import placement
 from cpu_devices import cpu_devices_env
 
 WORKER = Path(__file__).with_name("layout_worker.py")

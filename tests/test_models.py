@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from blockft_jax import models, weights
+from blockft_jax import models
+from blockft_jax.inputs import weights
 from keras_oracle import reference
 
 # (model, width, input size, options): small inputs and reduced widths keep this fast on CPU;

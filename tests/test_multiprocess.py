@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from blockft_jax import strategies
+from blockft_jax.candidates import strategies
 from test_newcomer import assert_best_is_the_winner
 from test_search import assert_same_models, same_engines
 

@@ -131,7 +131,7 @@ def test_a_typo_then_the_fix_trains_and_the_log_says_what_it_found(photos_search
 
 
 def assert_best_is_the_winner(workdir):
-    from blockft_jax import checkpoint
+    from blockft_jax.engine import checkpoint
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["best_model"] == "models/best"
     best, meta = checkpoint.load_model(workdir / "models" / "best")
@@ -260,7 +260,7 @@ def test_adamw_is_accepted(checkout):
 def test_adamw_is_adam_with_weight_decay():
     import jax
     import ml_collections
-    from blockft_jax import train
+    from blockft_jax.engine import train
     params = {"conv": {"kernel": np.ones((3, 3), np.float32), "bias": np.ones(3, np.float32)}}
     grads = jax.tree.map(lambda p: 0.5 * p, params)
     mask = jax.tree.map(lambda p: True, params)
@@ -285,7 +285,8 @@ def test_an_unexpected_error_names_only_a_log_that_exists(tmp_path, monkeypatch,
     """A bug in a dry run keeps its traceback; no log was written, so none is named."""
     import logging
 
-    from blockft_jax import launch, plan
+    from blockft_jax import launch
+    from blockft_jax.search import plan
     from configs import tiny
 
     def broken(*args, **kwargs):

@@ -8,8 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from blockft_jax import cohort as cohort_lib
-from blockft_jax import models, placement, train
+from blockft_jax import models
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine import placement, train
 
 import test_train as base
 
@@ -69,7 +70,7 @@ def test_fit_to_memory_shrinks_the_cohort_then_the_evaluation_batch(caplog):
 
 def test_compiled_memory_grows_with_the_cohort(engine, variables):
     """The figures come from XLA's plan of the real steps: more runs, more bytes."""
-    from blockft_jax import groups
+    from blockft_jax.candidates import groups
     mask = groups.param_mask(variables["params"], engine.table, [])
     bn_modes = groups.bn_modes(engine.table, [])
     memory = {k: cohort_lib.Cohort(engine, k).compile_steps(

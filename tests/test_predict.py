@@ -12,7 +12,9 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from blockft_jax import checkpoint, data, models, predict
+from blockft_jax import models, predict
+from blockft_jax.engine import checkpoint
+from blockft_jax.inputs import data
 
 CLASSES = ["ant", "cat", "dog"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

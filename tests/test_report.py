@@ -6,7 +6,8 @@ import json
 import matplotlib.image
 import numpy as np
 
-from blockft_jax import report, results
+from blockft_jax import report as report_command
+from blockft_jax.search import report, results
 from test_results import ACCURACY, CONFIG, fake_search
 
 
@@ -21,7 +22,7 @@ def workdir_with(tmp_path, accuracy=ACCURACY, predictions=True, **options):
 
 def test_report_says_whether_the_winner_is_better(tmp_path):
     summary = workdir_with(tmp_path)
-    report.main(["--workdir", str(tmp_path)])
+    report_command.main(["--workdir", str(tmp_path)])
     text = (tmp_path / "report.md").read_text()
     assert "## Is the winner better?" in text
     assert summary["verdict"] in text
@@ -71,7 +72,7 @@ def test_report_png_shows_the_intervals(tmp_path):
 def test_report_without_comparisons_still_builds(tmp_path):
     summary = workdir_with(tmp_path, predictions=False)
     assert "comparisons" not in summary
-    report.main(["--workdir", str(tmp_path)])
+    report_command.main(["--workdir", str(tmp_path)])
     text = (tmp_path / "report.md").read_text()
     assert "Is the winner better?" not in text
     assert "No per-example predictions in this workdir" in text

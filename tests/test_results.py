@@ -5,7 +5,8 @@ import types
 import numpy as np
 import pytest
 
-from blockft_jax import results, statistics
+from blockft_jax.common import statistics
+from blockft_jax.search import results
 
 CONFIG = types.SimpleNamespace(model=types.SimpleNamespace(name="mobilenet_v2"),
                                data=types.SimpleNamespace(name="digits"),

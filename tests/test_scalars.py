@@ -1,7 +1,7 @@
 """The TensorFlow-free scalar writer, read back by TensorBoard's own event reader."""
 from tensorboard.backend.event_processing import event_accumulator
 
-from blockft_jax.scalars import ScalarWriter
+from blockft_jax.common.scalars import ScalarWriter
 
 
 def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:

@@ -3,44 +3,46 @@ candidates into engines by depth: pure rules, checked by hand-counted cases."""
 import numpy as np
 import pytest
 
-from blockft_jax import costs, models, plan, schedule
+from blockft_jax import models
+from blockft_jax.candidates import halving
+from blockft_jax.search import costs, plan
 from configs import demo, tiny
 
 
 def test_rungs_grow_by_eta_and_end_with_every_seed():
-    rungs = schedule.rungs("halving", 30, 4, eta=3, halving_seeds=1)
+    rungs = halving.rungs("halving", 30, 4, eta=3, halving_seeds=1)
     assert [r.epochs for r in rungs] == [1, 3, 10, 30]
     assert [r.seeds for r in rungs] == [(0,), (0,), (0,), (0, 1, 2, 3)]
     assert [r.final for r in rungs] == [False, False, False, True]
-    assert schedule.rungs("exhaustive", 30, 4) == [schedule.Rung(30, (0, 1, 2, 3), True)]
+    assert halving.rungs("exhaustive", 30, 4) == [halving.Rung(30, (0, 1, 2, 3), True)]
     # Too few epochs for a rung below them: halving is exhaustive.
-    assert schedule.rungs("halving", 2, 1, eta=3) == schedule.rungs("exhaustive", 2, 1)
-    assert [r.epochs for r in schedule.rungs("halving", 4, 2, eta=2)] == [1, 2, 4]
+    assert halving.rungs("halving", 2, 1, eta=3) == halving.rungs("exhaustive", 2, 1)
+    assert [r.epochs for r in halving.rungs("halving", 4, 2, eta=2)] == [1, 2, 4]
     with pytest.raises(ValueError, match="schedule"):
-        schedule.rungs("greedy", 10, 1)
+        halving.rungs("greedy", 10, 1)
 
 
 def test_promote_keeps_the_best_fraction_ties_in_plan_order():
     order = ["a", "b", "c", "d", "e"]
     accuracy = {"a": 0.5, "b": 0.7, "c": 0.5, "d": 0.9, "e": 0.5}
-    assert schedule.survivors(5, 3) == 2 and schedule.survivors(1, 3) == 1
-    assert schedule.promote(order, accuracy, 3) == ["b", "d"]
+    assert halving.survivors(5, 3) == 2 and halving.survivors(1, 3) == 1
+    assert halving.promote(order, accuracy, 3) == ["b", "d"]
     # Ties: the candidate earlier in plan order (nearer the output) goes on.
-    assert schedule.promote(order, {c: 0.5 for c in order}, 3) == ["a", "b"]
-    assert schedule.promote(["x"], {"x": 0.0}, 3) == ["x"]
+    assert halving.promote(order, {c: 0.5 for c in order}, 3) == ["a", "b"]
+    assert halving.promote(["x"], {"x": 0.0}, 3) == ["x"]
 
 
 def test_a_strategy_stops_only_where_it_prunes_and_its_expected_work():
-    rungs = schedule.rungs("halving", 30, 4, eta=3, halving_seeds=1)
-    assert schedule.stopping_rungs(1, rungs, 3) == [3]        # a baseline: straight to the end
-    assert schedule.stopping_rungs(3, rungs, 3) == [0, 3]     # 3 -> 1 finalist
-    assert schedule.stopping_rungs(104, rungs, 3) == [0, 1, 2, 3]
+    rungs = halving.rungs("halving", 30, 4, eta=3, halving_seeds=1)
+    assert halving.stopping_rungs(1, rungs, 3) == [3]        # a baseline: straight to the end
+    assert halving.stopping_rungs(3, rungs, 3) == [0, 3]     # 3 -> 1 finalist
+    assert halving.stopping_rungs(104, rungs, 3) == [0, 1, 2, 3]
     # 104 candidates: 104 one-epoch runs, 35 go on to 3 epochs, 12 to 10, 4 finalists train 4
     # seeds to 30 (seed 0 from its 10 epochs).
-    runs, epochs = schedule.expected(104, rungs, 3)
+    runs, epochs = halving.expected(104, rungs, 3)
     assert runs == (104 - 35) + (35 - 12) + (12 - 4) + 4 * 4
     assert epochs == 104 * 1 + 35 * 2 + 12 * 7 + 4 * (20 + 3 * 30)
-    assert schedule.expected(104, schedule.rungs("exhaustive", 30, 4), 3) == (416, 416 * 30)
+    assert halving.expected(104, halving.rungs("exhaustive", 30, 4), 3) == (416, 416 * 30)
 
 
 def test_zero_reaches_the_whole_backbone():

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from blockft_jax import checkpoint, launch, models, plan, search, strategies
-from blockft_jax import cohort as cohort_lib
-from blockft_jax.workdir import WorkdirError
+from blockft_jax import launch, models
+from blockft_jax.candidates import strategies
+from blockft_jax.common.workdir import WorkdirError
+from blockft_jax.engine import checkpoint
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.search import plan, search
 from configs import tiny
 
 ROW_KEYS = {"strategy", "candidate", "layers", "seed", "epochs", "val_accuracy", "test_accuracy",
@@ -89,7 +92,7 @@ def test_every_strategy_and_output(finished):
 def test_predictions_and_paired_comparisons(finished):
     """Every run's per-example predictions are kept, agree with its row, and the summary
     compares the winner with every other strategy's selected candidate on both splits."""
-    from blockft_jax import results
+    from blockft_jax.search import results
     workdir, summary = finished
     rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
     labels = np.load(workdir / "predictions" / "labels.npz")
@@ -108,7 +111,7 @@ def test_predictions_and_paired_comparisons(finished):
 
 
 def test_each_seed_draws_its_head_and_every_candidate_shares_it(tmp_path):
-    from blockft_jax.workdir import Workdir
+    from blockft_jax.common.workdir import Workdir
     s = search.Search(tiny_config(), Workdir(tmp_path), search.CompileClock())
     seed0, again, seed1 = s.start_variables(0), s.start_variables(0), s.start_variables(1)
     a, b, c = flat_arrays(seed0), flat_arrays(again), flat_arrays(seed1)
@@ -118,14 +121,14 @@ def test_each_seed_draws_its_head_and_every_candidate_shares_it(tmp_path):
 
 
 def test_report_rebuilds_from_the_workdir(finished, tmp_path):
-    from blockft_jax import report
+    from blockft_jax import report as report_command
     workdir, _ = finished
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy)
     original = (copy / "report.md").read_text()
     (copy / "report.md").unlink()
     (copy / "report.png").unlink()
-    report.main(["--workdir", str(copy)])
+    report_command.main(["--workdir", str(copy)])
     assert (copy / "report.md").read_text() == original
     assert (copy / "report.png").stat().st_size > 0
 
@@ -307,7 +310,7 @@ def test_changing_keys_that_cannot_change_results_still_resumes(finished, tmp_pa
 
 
 def test_second_process_is_refused(tmp_path):
-    from blockft_jax.workdir import Workdir
+    from blockft_jax.common.workdir import Workdir
     holder = Workdir(tmp_path)
     holder.lock()
     try:
@@ -391,7 +394,7 @@ def test_bad_config_is_a_clear_error(tmp_path, override, message):
 
 
 def test_weights_file_for_another_model(tmp_path):
-    from blockft_jax import weights
+    from blockft_jax.inputs import weights
     other = models.create("mobilenet_v2", width=0.5, blocks=3, num_classes=3)
     variables = other.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
     path = tmp_path / "other.msgpack"

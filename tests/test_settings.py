@@ -4,7 +4,9 @@ evidence; a baseline's settings compete among themselves."""
 import numpy as np
 import pytest
 
-from blockft_jax import groups, models, plan, schedule, settings, strategies
+from blockft_jax import models
+from blockft_jax.candidates import groups, halving, settings, strategies
+from blockft_jax.search import plan
 from configs import demo, tiny
 
 
@@ -87,9 +89,9 @@ def test_bad_settings_are_refused_with_the_fix(key, value, expected):
 def test_rungs_shorter_than_the_minimum_steps_are_dropped():
     # The demo: 100 training images in batches of 25, 4 steps an epoch: rungs of 1 and 3
     # epochs (4 and 12 steps) rank noise; 10 epochs (40 steps) stay.
-    rungs = schedule.rungs("halving", 30, 4, eta=3, min_steps=30, steps_per_epoch=4)
+    rungs = halving.rungs("halving", 30, 4, eta=3, min_steps=30, steps_per_epoch=4)
     assert [r.epochs for r in rungs] == [10, 30]
-    assert [r.epochs for r in schedule.rungs("halving", 30, 4, eta=3)] == [1, 3, 10, 30]
+    assert [r.epochs for r in halving.rungs("halving", 30, 4, eta=3)] == [1, 3, 10, 30]
     config = demo.get_config()
     module = plan.build_module(config, 5)
     searched = plan.make_plan(config, models.layer_table(module, (32, 32, 3)), module)
@@ -106,17 +108,17 @@ def test_a_rung_prunes_only_on_evidence():
                "farther": right(100, 260)}
     accuracy = {k: float(v.mean()) for k, v in correct.items()}
     order = list(correct)
-    decided = schedule.evidence(order, accuracy, correct, eta=3, chance=0.3)
+    decided = halving.evidence(order, accuracy, correct, eta=3, chance=0.3)
     # promote keeps 2 of 4 (lead, close); the far ones are clearly below the leader.
     assert decided["kept"] == ["lead", "close"] and set(decided["pruned"]) == {"far", "farther"}
     assert all(e["ci95"][0] > 0 for e in decided["pruned"].values())
     # Without a clear gap, the rung holds: 'close' would be pruned at eta=4, but goes on.
-    decided = schedule.evidence(order, accuracy, correct, eta=4, chance=0.3)
+    decided = halving.evidence(order, accuracy, correct, eta=4, chance=0.3)
     assert decided["kept"] == ["lead", "close"] and "close" in decided["held"]
     # A leader within chance: nothing is pruned.
-    decided = schedule.evidence(order, accuracy, correct, eta=3, chance=0.95)
+    decided = halving.evidence(order, accuracy, correct, eta=3, chance=0.95)
     assert decided["kept"] == order and decided["within_chance"] and not decided["pruned"]
-    assert schedule.chance_bound(5, 400) == pytest.approx(0.2 + 2 * (0.2 * 0.8 / 400) ** 0.5)
+    assert halving.chance_bound(5, 400) == pytest.approx(0.2 + 2 * (0.2 * 0.8 / 400) ** 0.5)
 
 
 def test_a_baselines_settings_compete_among_themselves():
@@ -142,7 +144,7 @@ def searched(tmp_path_factory):
     """A tiny halving search over two BN policies and two factors, the head at its own rate;
     rungs of at least 6 steps (3 an epoch: the 1-epoch rung goes); the paired test decides
     (the random tiny backbone sits near chance, so chance is put at 0 here)."""
-    from blockft_jax import search
+    from blockft_jax.search import search
     from test_search import tiny_config
     config = tiny_config(**{
         "search.strategies": ("classifier_only", "full", "blocks"),
@@ -151,7 +153,7 @@ def searched(tmp_path_factory):
         "search.schedule": "halving", "search.eta": 2, "search.min_rung_steps": 6})
     workdir = tmp_path_factory.mktemp("settings")
     patch = pytest.MonkeyPatch()
-    patch.setattr(schedule, "chance_bound", lambda classes, examples: 0.0)
+    patch.setattr(halving, "chance_bound", lambda classes, examples: 0.0)
     try:
         summary = search.run(config, workdir)
     finally:
@@ -161,7 +163,7 @@ def searched(tmp_path_factory):
 
 def test_a_search_of_settings_compiles_no_more_and_records_them(searched):
     import json
-    from blockft_jax import checkpoint
+    from blockft_jax.engine import checkpoint
     config, workdir, summary = searched
     rows = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
     # Settings are data: one train-step compilation per engine, the engines of one setting.
@@ -223,7 +225,8 @@ def test_only_the_registry_names_strategies():
     strategies.REGISTRY and name none (adding one touches strategies.py, groups.py, tests)."""
     import inspect
     import re
-    from blockft_jax import costs, launch, report, results, search, target
+    from blockft_jax.search import costs, report, results, search
+    from blockft_jax import launch, target
     for module in (plan, search, costs, report, results, launch, target):
         source = inspect.getsource(module)
         named = [name for name in strategies.SEARCH_ORDER if re.search(f"[\"']{name}[\"':]",

@@ -1,12 +1,14 @@
-"""SubTuning (blockft_jax/subtuning.py): its rounds' candidates and decisions, a search of rounds
-end to end on configs/tiny.py (schedule.json, the rows, the chosen candidate's model, the
+"""SubTuning (blockft_jax/candidates/subtuning.py): its rounds' candidates and decisions, a
+search of rounds end to end on configs/tiny.py (schedule.json, the rows, the chosen candidate's model, the
 report's table of rounds), and a kill -9 between rounds resumed to the same files, bitwise."""
 import json
 
 import pytest
 
-from blockft_jax import models, plan, subtuning
-from blockft_jax.groups import Group, bn_modes, unit_layers, weighted_units
+from blockft_jax import models
+from blockft_jax.candidates import subtuning
+from blockft_jax.candidates.groups import Group, bn_modes, unit_layers, weighted_units
+from blockft_jax.search import plan
 from configs import tiny
 from test_resume import assert_same_search, finished, killed_line, rows, search
 from test_search import same_engines

@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from blockft_jax import data, groups, models, placement, settings, strategies, train
-from blockft_jax import cohort as cohort_lib
+from blockft_jax import models
+from blockft_jax.candidates import groups, settings, strategies
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine import placement, train
+from blockft_jax.inputs import data
 from blockft_jax.models import HEAD_UNIT
 
 import distributed_worker as worker

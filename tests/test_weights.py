@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from blockft_jax import models, weights
+from blockft_jax import models
+from blockft_jax.inputs import weights
 from keras_oracle import reference
 
 V2 = ("mobilenet_v2", 0.35, 33, ())
@@ -152,7 +153,7 @@ def test_demo_backbone_ships_with_the_package(monkeypatch, tmp_path):
     import fnmatch
     import tomllib
 
-    from blockft_jax import plan, pretrained
+    from blockft_jax.search import plan, pretrained
     from configs import demo
 
     def no_pretraining(*args):

@@ -12,14 +12,22 @@ from blockft_jax.models.base import (HEAD_UNIT, Backbone, LayerRecord, init_head
                                      init_variables, keras_auto_name, layer_table,
                                      variable_shapes)
 
-# name -> (module file, class, whether `width` applies, keras.applications constructor)
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """A model of the zoo: where its Flax port lives and which Keras model it mirrors."""
+    file: str          # the module under blockft_jax/models/
+    cls: str           # the Flax class in it
+    has_width: bool    # whether `width` (Keras's alpha) applies
+    keras_name: str    # its keras.applications constructor
+
+
 REGISTRY = {
-    "vgg16": ("vgg16", "VGG16", False, "VGG16"),
-    "mobilenet_v1": ("mobilenet_v1", "MobileNetV1", True, "MobileNet"),
-    "mobilenet_v2": ("mobilenet_v2", "MobileNetV2", True, "MobileNetV2"),
-    "mobilenet_v3_small": ("mobilenet_v3", "MobileNetV3Small", True, "MobileNetV3Small"),
-    "mobilenet_v3_large": ("mobilenet_v3", "MobileNetV3Large", True, "MobileNetV3Large"),
-    "resnet50_v2": ("resnet_v2", "ResNet50V2", False, "ResNet50V2"),
+    "vgg16": ModelEntry("vgg16", "VGG16", False, "VGG16"),
+    "mobilenet_v1": ModelEntry("mobilenet_v1", "MobileNetV1", True, "MobileNet"),
+    "mobilenet_v2": ModelEntry("mobilenet_v2", "MobileNetV2", True, "MobileNetV2"),
+    "mobilenet_v3_small": ModelEntry("mobilenet_v3", "MobileNetV3Small", True, "MobileNetV3Small"),
+    "mobilenet_v3_large": ModelEntry("mobilenet_v3", "MobileNetV3Large", True, "MobileNetV3Large"),
+    "resnet50_v2": ModelEntry("resnet_v2", "ResNet50V2", False, "ResNet50V2"),
 }
 MODEL_NAMES = tuple(REGISTRY)
 
@@ -27,8 +35,8 @@ MODEL_NAMES = tuple(REGISTRY)
 def model_class(name: str) -> type[Backbone]:
     if name not in REGISTRY:
         raise ValueError(f"Unknown model {name!r}. Available models: {', '.join(MODEL_NAMES)}.")
-    file, cls, _, _ = REGISTRY[name]
-    return getattr(importlib.import_module(f"blockft_jax.models.{file}"), cls)
+    entry = REGISTRY[name]
+    return getattr(importlib.import_module(f"blockft_jax.models.{entry.file}"), entry.cls)
 
 
 def create(name: str, *, num_classes: int | None = None, width: float = 1.0,
@@ -51,7 +59,7 @@ def create(name: str, *, num_classes: int | None = None, width: float = 1.0,
                          f"valid options: {sorted(fields - {'num_classes', 'width'})}.")
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}.")
-    if REGISTRY[name][2]:
+    if REGISTRY[name].has_width:
         if not width > 0:
             raise ValueError(f"width (Keras's alpha) must be positive, got {width!r}.")
         options["width"] = float(width)
@@ -60,4 +68,5 @@ def create(name: str, *, num_classes: int | None = None, width: float = 1.0,
 
 __all__ = ["create", "layer_table", "variable_shapes", "init_variables", "init_head",
            "model_class", "Backbone", "LayerRecord", "HEAD_UNIT", "MODEL_NAMES", "REGISTRY",
+           "ModelEntry",
            "keras_auto_name"]

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from blockft_jax import costs, data, groups, models, schedule, settings, strategies, subtuning
-from blockft_jax.errors import UserError
-from blockft_jax.groups import Group
+from blockft_jax import models
+from blockft_jax.candidates import groups, halving, settings, strategies, subtuning
+from blockft_jax.candidates.groups import Group
+from blockft_jax.common.errors import UserError
+from blockft_jax.engine import train
+from blockft_jax.inputs import data
+from blockft_jax.search import costs
 
 # model.weights values that are not files.
 WEIGHT_SOURCES = ("imagenet", "random", "demo")
@@ -28,149 +32,176 @@ class ConfigError(UserError, ValueError):
 
 def validate(config) -> None:
     """Checks every value of the config before any work; each problem is one line saying
-    what is wrong and what is allowed."""
-    m, d, t, s = config.model, config.data, config.train, config.search
+    what is wrong and what is allowed (the first one found, section by section)."""
+    _validate_model(config)
+    _validate_data(config.data)
+    _validate_train(config.train)
+    _validate_strategies(config)
+    _validate_schedule(config.search)
+    if config.model.weights == "demo":
+        _validate_demo(config.demo)
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
 
-    def positive_int(value, name, allow_none=False):
-        need((allow_none and value is None) or (isinstance(value, int) and not
-                                                  isinstance(value, bool) and value >= 1),
-             f"{name}={value!r}: use a whole number >= 1{' or None' if allow_none else ''}.")
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
-    def number(value, name, low, high=math.inf, low_open=False):
-        ok = isinstance(value, (int, float)) and math.isfinite(value) and (
-            value > low if low_open else value >= low) and value <= high
-        bound = f"> {low}" if low_open else f">= {low}"
-        need(ok, f"{name}={value!r}: use a number {bound}"
-                 f"{f' and <= {high}' if high != math.inf else ''}.")
 
-    need(m.name in models.MODEL_NAMES,
-         f"model.name={m.name!r} is unknown; choose one of {', '.join(models.MODEL_NAMES)}.")
-    number(m.width, "model.width", 0, low_open=True)
-    positive_int(m.input_size, "model.input_size")
-    need(m.input_size >= 32, f"model.input_size={m.input_size}: the backbones need >= 32.")
-    need(isinstance(m.weights, str) and (m.weights in WEIGHT_SOURCES or Path(m.weights).exists()),
-         f"model.weights={m.weights!r}: no such file. Use {', '.join(map(repr, WEIGHT_SOURCES))}"
-         f" or a path to a Keras .h5/.weights.h5 file or a converted .msgpack.")
-    number(m.dropout_rate, "model.dropout_rate", 0, 0.99)
+def _positive_int(value, name, allow_none=False):
+    _need((allow_none and value is None) or (isinstance(value, int) and not
+                                              isinstance(value, bool) and value >= 1),
+          f"{name}={value!r}: use a whole number >= 1{' or None' if allow_none else ''}.")
+
+
+def _number(value, name, low, high=math.inf, low_open=False):
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+        value > low if low_open else value >= low) and value <= high
+    bound = f"> {low}" if low_open else f">= {low}"
+    _need(ok, f"{name}={value!r}: use a number {bound}"
+              f"{f' and <= {high}' if high != math.inf else ''}.")
+
+
+def _reach(value, name):
+    _need(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                            and value >= 0),
+          f"{name}={value!r}: use a whole number >= 1, or 0 for the whole backbone.")
+
+
+def _validate_model(config) -> None:
+    m = config.model
+    _need(m.name in models.MODEL_NAMES,
+          f"model.name={m.name!r} is unknown; choose one of {', '.join(models.MODEL_NAMES)}.")
+    _number(m.width, "model.width", 0, low_open=True)
+    _positive_int(m.input_size, "model.input_size")
+    _need(m.input_size >= 32, f"model.input_size={m.input_size}: the backbones need >= 32.")
+    _need(isinstance(m.weights, str)
+          and (m.weights in WEIGHT_SOURCES or Path(m.weights).exists()),
+          f"model.weights={m.weights!r}: no such file. Use {', '.join(map(repr, WEIGHT_SOURCES))}"
+          f" or a path to a Keras .h5/.weights.h5 file or a converted .msgpack.")
+    _number(m.dropout_rate, "model.dropout_rate", 0, 0.99)
     try:
         build_module(config, num_classes=2)
     except ValueError as e:  # an option this model does not have, or a bad value of one
         raise ConfigError(f"model.options: {e}") from None
 
-    need(isinstance(d.name, str) and d.name, "data.name is empty: name a TFDS dataset, "
-                                             "'image_folder' or 'digits'.")
-    need(d.name != "image_folder" or bool(d.path),
-         "data.name='image_folder' needs data.path=<directory with one subfolder per class>.")
+
+def _validate_data(d) -> None:
+    _need(isinstance(d.name, str) and d.name, "data.name is empty: name a TFDS dataset, "
+                                              "'image_folder' or 'digits'.")
+    _need(d.name != "image_folder" or bool(d.path),
+          "data.name='image_folder' needs data.path=<directory with one subfolder per class>.")
     fractions = tuple(d.splits)
-    need(len(fractions) == 3 and all(isinstance(f, (int, float)) and f > 0 for f in fractions)
-         and math.isclose(sum(fractions), 1.0, abs_tol=1e-6),
-         f"data.splits={fractions!r}: use three positive fractions (train, validation, test) "
-         f"summing to 1.")
-    positive_int(d.batch_size, "data.batch_size")  # any: devices split runs before batches
-    positive_int(d.train_per_class, "data.train_per_class", allow_none=True)
-    need(d.tfds_splits is None or (
-        len(d.tfds_splits) == 3 and isinstance(d.tfds_splits[0], str) and d.tfds_splits[0]
-        and all(x is None or (isinstance(x, str) and x) for x in d.tfds_splits[1:])),
-        f"data.tfds_splits={d.tfds_splits!r}: use three TFDS split strings (train, "
-        f"validation, test), e.g. ('train[:80%]', 'train[80%:]', 'test'); validation or test "
-        f"may be None (carved from train); or None for all.")
+    _need(len(fractions) == 3 and all(isinstance(f, (int, float)) and f > 0 for f in fractions)
+          and math.isclose(sum(fractions), 1.0, abs_tol=1e-6),
+          f"data.splits={fractions!r}: use three positive fractions (train, validation, test) "
+          f"summing to 1.")
+    _positive_int(d.batch_size, "data.batch_size")  # any: devices split runs before batches
+    _positive_int(d.train_per_class, "data.train_per_class", allow_none=True)
+    _need(d.tfds_splits is None or (
+          len(d.tfds_splits) == 3 and isinstance(d.tfds_splits[0], str) and d.tfds_splits[0]
+          and all(x is None or (isinstance(x, str) and x) for x in d.tfds_splits[1:])),
+          f"data.tfds_splits={d.tfds_splits!r}: use three TFDS split strings (train, "
+          f"validation, test), e.g. ('train[:80%]', 'train[80%:]', 'test'); validation or test "
+          f"may be None (carved from train); or None for all.")
 
-    positive_int(t.epochs, "train.epochs")
-    positive_int(t.seeds, "train.seeds")
-    need(t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r}: use "
-                                    f"{', '.join(map(repr, OPTIMIZERS))}.")
-    number(t.learning_rate, "train.learning_rate", 0, low_open=True)
-    number(t.momentum, "train.momentum", 0, 1)
-    number(t.weight_decay, "train.weight_decay", 0)
-    need(t.schedule in ("constant", "cosine"),
-         f"train.schedule={t.schedule!r}: use 'constant' or 'cosine'.")
-    number(t.warmup_epochs, "train.warmup_epochs", 0, t.epochs)
-    need(t.compute_dtype in ("float32", "bfloat16", "float16"),
-         f"train.compute_dtype={t.compute_dtype!r}: use float32, bfloat16 or float16.")
-    number(t.checkpoint_seconds, "train.checkpoint_seconds", 0)
-    need(t.freeze_bn is None,
-         f"train.freeze_bn={t.freeze_bn!r}: replaced by search.bn_policies. Use "
-         f"--config.search.bn_policies=\"('frozen',)\" to keep every BatchNorm in inference mode, "
-         f"or \"('train', 'frozen')\" to search both.")
+
+def _validate_train(t) -> None:
+    _positive_int(t.epochs, "train.epochs")
+    _positive_int(t.seeds, "train.seeds")
+    _need(t.optimizer in OPTIMIZERS, f"train.optimizer={t.optimizer!r}: use "
+                                     f"{', '.join(map(repr, OPTIMIZERS))}.")
+    _number(t.learning_rate, "train.learning_rate", 0, low_open=True)
+    _number(t.momentum, "train.momentum", 0, 1)
+    _number(t.weight_decay, "train.weight_decay", 0)
+    _need(t.schedule in ("constant", "cosine"),
+          f"train.schedule={t.schedule!r}: use 'constant' or 'cosine'.")
+    _number(t.warmup_epochs, "train.warmup_epochs", 0, t.epochs)
+    _need(t.compute_dtype in ("float32", "bfloat16", "float16"),
+          f"train.compute_dtype={t.compute_dtype!r}: use float32, bfloat16 or float16.")
+    _number(t.checkpoint_seconds, "train.checkpoint_seconds", 0)
+    _need(t.freeze_bn is None,
+          f"train.freeze_bn={t.freeze_bn!r}: replaced by search.bn_policies. Use "
+          f"--config.search.bn_policies=\"('frozen',)\" to keep every BatchNorm in inference mode, "
+          f"or \"('train', 'frozen')\" to search both.")
     if t.head_learning_rate is not None:
-        number(t.head_learning_rate, "train.head_learning_rate", 0, low_open=True)
+        _number(t.head_learning_rate, "train.head_learning_rate", 0, low_open=True)
 
+
+def _validate_strategies(config) -> None:
+    s = config.search
     known = strategies.SEARCH_ORDER
     unknown = [x for x in s.strategies if x not in known]
-    need(not unknown, f"search.strategies has unknown {unknown}; choose from "
-                      f"{', '.join(known)}.")
-    need(len(s.strategies) > 0, "search.strategies is empty; choose from "
-                                f"{', '.join(known)}.")
+    _need(not unknown, f"search.strategies has unknown {unknown}; choose from "
+                       f"{', '.join(known)}.")
+    _need(len(s.strategies) > 0, "search.strategies is empty; choose from "
+                                 f"{', '.join(known)}.")
     for x in s.strategies:
         after = strategies.REGISTRY[x].after
-        need(not after or after in s.strategies,
-             f"search.strategies has {x!r} but no {after!r}: {x} trains from {after}'s "
-             f"ranking, so add {after!r}.")
-    need(isinstance(s.parallel, int) and s.parallel >= 0,
-         f"search.parallel={s.parallel!r}: use 0 (as many runs at once as memory allows), 1 "
-         f"(one at a time) or a cohort size.")
-    def reach(value, name):
-        need(value is None or (isinstance(value, int) and not isinstance(value, bool)
-                               and value >= 0),
-             f"{name}={value!r}: use a whole number >= 1, or 0 for the whole backbone.")
-
-    reach(s.max_layers, "search.max_layers")
+        _need(not after or after in s.strategies,
+              f"search.strategies has {x!r} but no {after!r}: {x} trains from {after}'s "
+              f"ranking, so add {after!r}.")
+    _need(isinstance(s.parallel, int) and s.parallel >= 0,
+          f"search.parallel={s.parallel!r}: use 0 (as many runs at once as memory allows), 1 "
+          f"(one at a time) or a cohort size.")
+    _reach(s.max_layers, "search.max_layers")
     for k in s.topk:
-        positive_int(k, "search.topk entry")
+        _positive_int(k, "search.topk entry")
     for x in s.strategies:  # each strategy's own keys, as it reads them
         check_keys = strategies.REGISTRY[x].check
         problem = check_keys(config) if check_keys else None
-        need(problem is None, problem or "")
-    reach(s.max_blocks, "search.max_blocks")
-    positive_int(s.window, "search.window")
-    positive_int(s.stride, "search.stride", allow_none=True)
-    reach(s.max_windows, "search.max_windows")
+        _need(problem is None, problem or "")
+    _reach(s.max_blocks, "search.max_blocks")
+    _positive_int(s.window, "search.window")
+    _positive_int(s.stride, "search.stride", allow_none=True)
+    _reach(s.max_windows, "search.max_windows")
     decays = tuple(s.llrd_decays)
-    need(len(decays) > 0 and all(isinstance(d, (int, float)) and not isinstance(d, bool)
-                                 and math.isfinite(d) and 0 < d <= 1 for d in decays)
-         and len(set(decays)) == len(decays),
-         f"search.llrd_decays={decays!r}: use distinct numbers > 0 and <= 1 (the learning rate "
-         f"is multiplied by decay ** depth below the head), e.g. (0.5, 0.65, 0.8).")
+    _need(len(decays) > 0 and all(isinstance(d, (int, float)) and not isinstance(d, bool)
+                                  and math.isfinite(d) and 0 < d <= 1 for d in decays)
+          and len(set(decays)) == len(decays),
+          f"search.llrd_decays={decays!r}: use distinct numbers > 0 and <= 1 (the learning rate "
+          f"is multiplied by decay ** depth below the head), e.g. (0.5, 0.65, 0.8).")
     every = tuple(s.gradual_epochs)
-    need(len(every) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
-                                for k in every) and len(set(every)) == len(every),
-         f"search.gradual_epochs={every!r}: use distinct whole numbers >= 1 (epochs between "
-         f"two units unfrozen), e.g. (1, 3).")
-    positive_int(s.auto_rgn_batches, "search.auto_rgn_batches")
-    need(s.schedule in schedule.SCHEDULES,
-         f"search.schedule={s.schedule!r}: use 'halving' (successive halving) or 'exhaustive' "
-         f"(the paper's protocol).")
-    need(isinstance(s.eta, int) and not isinstance(s.eta, bool) and s.eta >= 2,
-         f"search.eta={s.eta!r}: use a whole number >= 2 (the best 1/eta go on at each rung).")
-    positive_int(s.halving_seeds, "search.halving_seeds")
-    positive_int(s.min_rung_steps, "search.min_rung_steps")
-    need(isinstance(s.prune_only_on_evidence, bool),
-         f"search.prune_only_on_evidence={s.prune_only_on_evidence!r}: use True or False.")
+    _need(len(every) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                 for k in every) and len(set(every)) == len(every),
+          f"search.gradual_epochs={every!r}: use distinct whole numbers >= 1 (epochs between "
+          f"two units unfrozen), e.g. (1, 3).")
+    _positive_int(s.auto_rgn_batches, "search.auto_rgn_batches")
+
+
+def _validate_schedule(s) -> None:
+    """The schedule, the settings and the engines."""
+    _need(s.schedule in halving.SCHEDULES,
+          f"search.schedule={s.schedule!r}: use 'halving' (successive halving) or 'exhaustive' "
+          f"(the paper's protocol).")
+    _need(isinstance(s.eta, int) and not isinstance(s.eta, bool) and s.eta >= 2,
+          f"search.eta={s.eta!r}: use a whole number >= 2 (the best 1/eta go on at each rung).")
+    _positive_int(s.halving_seeds, "search.halving_seeds")
+    _positive_int(s.min_rung_steps, "search.min_rung_steps")
+    _need(isinstance(s.prune_only_on_evidence, bool),
+          f"search.prune_only_on_evidence={s.prune_only_on_evidence!r}: use True or False.")
     policies = tuple(s.bn_policies)
-    need(len(policies) > 0 and all(p in settings.BN_POLICIES for p in policies)
-         and len(set(policies)) == len(policies),
-         f"search.bn_policies={policies!r}: use distinct policies from "
-         f"{', '.join(map(repr, settings.BN_POLICIES))}, e.g. ('train', 'frozen').")
+    _need(len(policies) > 0 and all(p in settings.BN_POLICIES for p in policies)
+          and len(set(policies)) == len(policies),
+          f"search.bn_policies={policies!r}: use distinct policies from "
+          f"{', '.join(map(repr, settings.BN_POLICIES))}, e.g. ('train', 'frozen').")
     factors = tuple(s.lr_factors)
-    need(len(factors) > 0 and all(isinstance(f, (int, float)) and not isinstance(f, bool)
-                                  and math.isfinite(f) and f > 0 for f in factors)
-         and len(set(factors)) == len(factors),
-         f"search.lr_factors={factors!r}: use distinct numbers > 0 (multipliers of the "
-         f"backbone's learning rate), e.g. (0.1, 1.0, 10.0).")
-    positive_int(s.engines, "search.engines")
-    if m.weights == "demo":
-        positive_int(config.demo.pretrain_epochs, "demo.pretrain_epochs")
-        classes = tuple(config.demo.pretrain_classes)
-        need(len(classes) >= 2 and len(set(classes)) == len(classes) and
-             all(isinstance(c, int) and 0 <= c <= 9 for c in classes),
-             f"demo.pretrain_classes={classes!r}: use two or more distinct digits 0-9, e.g. "
-             f"'(0, 1, 2, 3, 4)'.")
-        number(config.demo.pretrain_learning_rate, "demo.pretrain_learning_rate", 0,
-               low_open=True)
+    _need(len(factors) > 0 and all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                                   and math.isfinite(f) and f > 0 for f in factors)
+          and len(set(factors)) == len(factors),
+          f"search.lr_factors={factors!r}: use distinct numbers > 0 (multipliers of the "
+          f"backbone's learning rate), e.g. (0.1, 1.0, 10.0).")
+    _positive_int(s.engines, "search.engines")
+
+
+def _validate_demo(demo) -> None:
+    _positive_int(demo.pretrain_epochs, "demo.pretrain_epochs")
+    classes = tuple(demo.pretrain_classes)
+    _need(len(classes) >= 2 and len(set(classes)) == len(classes) and
+          all(isinstance(c, int) and 0 <= c <= 9 for c in classes),
+          f"demo.pretrain_classes={classes!r}: use two or more distinct digits 0-9, e.g. "
+          f"'(0, 1, 2, 3, 4)'.")
+    _number(demo.pretrain_learning_rate, "demo.pretrain_learning_rate", 0,
+            low_open=True)
 
 
 def check(config) -> list[str]:
@@ -246,7 +277,7 @@ class Plan:
     seeds: int
     # The strategies planned after another has run: their candidates' names until then.
     unplanned: dict[str, list[str]]
-    rungs: list[schedule.Rung]
+    rungs: list[halving.Rung]
     eta: int
     # A strategy in rounds (SubTuning): its (runs, run-epochs) as planned, every round allowed
     # run (`planned` holds the rounds known so far).
@@ -318,14 +349,14 @@ class Plan:
     def stopping_rungs(self, pool_size: int) -> list[int]:
         """The rungs where a pool of `pool_size` candidates stops, as planned (a pool of one
         only at the last)."""
-        return schedule.stopping_rungs(pool_size, self.rungs, self.eta)
+        return halving.stopping_rungs(pool_size, self.rungs, self.eta)
 
     def expected(self, strategy: str) -> tuple[int, int]:
         """(runs recorded, epochs trained over all runs) of `strategy`, as planned (a rung that
         finds no evidence to prune trains more; a strategy in rounds that stops early less)."""
         if strategy in self.estimates:
             return self.estimates[strategy]
-        counts = [schedule.expected(n, self.rungs, self.eta) for n in self.pool_sizes(strategy)]
+        counts = [halving.expected(n, self.rungs, self.eta) for n in self.pool_sizes(strategy)]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     @property
@@ -363,7 +394,7 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
         known = images or dataset_sizes(config)
         train_images = known[0] if known else None
     steps_per_epoch = None if train_images is None else -(-train_images // config.data.batch_size)
-    rungs = schedule.rungs(s.schedule, config.train.epochs, config.train.seeds, s.eta,
+    rungs = halving.rungs(s.schedule, config.train.epochs, config.train.seeds, s.eta,
                            s.halving_seeds, min_steps=s.min_rung_steps,
                            steps_per_epoch=steps_per_epoch)
     unplanned = {x: settings.expected_names(strategies.REGISTRY[x].names_before(config),
@@ -399,7 +430,7 @@ def make_plan(config, table, module, *, speed=None, images: tuple[int, int] | No
     return plan
 
 
-def round_rung(config, rungs) -> schedule.Rung:
+def round_rung(config, rungs) -> halving.Rung:
     """The budget of each round of a strategy in rounds."""
     return subtuning.round_rung(rungs, config.train.epochs, config.search.eta,
                                 config.search.halving_seeds)
@@ -449,6 +480,24 @@ def caches_prefix(config, unit: str, units) -> bool:
     d = config.data
     return bool(config.train.prefix_cache and not (d.augment_flip or d.augment_crop)
                 and unit != units[0])
+
+
+def engine(config, module, tx, table, unit: str, devices, runs_axis: int, anchored,
+           prefix_chunk_bytes: int | None) -> train.Engine:
+    """The engine from `unit` as the search wires it, on `devices` laid out with `runs_axis`
+    runs: its frozen prefix cached (`caches_prefix`), else the images augmented as the config
+    says. One place for the search and `--target`, so the two compile the same program."""
+    cached = caches_prefix(config, unit, module.unit_names())
+    augment = {"flip": config.data.augment_flip, "crop": config.data.augment_crop}
+    return train.Engine(module, tx, unit, train.mesh(devices, runs=runs_axis), cached=cached,
+                        augment=None if cached else augment, table=table,
+                        prefix_chunk_bytes=prefix_chunk_bytes, anchored=anchored)
+
+
+def at_once(config, runs: int) -> int:
+    """How many of an engine's `runs` may train at once: all, or `search.parallel`'s cap."""
+    parallel = config.search.parallel
+    return min(runs, parallel) if parallel >= 1 else runs
 
 
 def prefix_bytes_per_image(table, unit: str | None) -> int | None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from blockft_jax import groups, schedule
-from blockft_jax.groups import Group
+from blockft_jax.candidates import groups, halving
+from blockft_jax.candidates.groups import Group
 
 HEAD = "subtuning:head"
 STRATEGY = "subtuning"
@@ -83,15 +83,15 @@ def round_groups(table, chosen: Sequence[str] | None, reach: int | None) -> list
     return first + out
 
 
-def round_rung(rungs: Sequence[schedule.Rung], epochs: int, eta: int,
-               halving_seeds: int) -> schedule.Rung:
+def round_rung(rungs: Sequence[halving.Rung], epochs: int, eta: int,
+               halving_seeds: int) -> halving.Rung:
     """The budget of every round: halving's first rung when it is below the last; else
     (exhaustive, or a halving with no early rung) epochs / eta, at most epochs - 1, with the
     early seeds."""
     if len(rungs) > 1:
         return rungs[0]
     seeds = tuple(range(min(halving_seeds, len(rungs[-1].seeds))))
-    return schedule.Rung(max(1, min(epochs - 1, round(epochs / eta))), seeds, False)
+    return halving.Rung(max(1, min(epochs - 1, round(epochs / eta))), seeds, False)
 
 
 def decide(round_index: int, members: Sequence[Group], accuracy: dict[str, float],
@@ -126,8 +126,8 @@ def decide(round_index: int, members: Sequence[Group], accuracy: dict[str, float
             "stop": (not adopted) or last}
 
 
-def expected(round_sizes: Sequence[int], budget: schedule.Rung,
-             final: schedule.Rung) -> tuple[int, int]:
+def expected(round_sizes: Sequence[int], budget: halving.Rung,
+             final: halving.Rung) -> tuple[int, int]:
     """(runs recorded, epochs trained over all runs) of a search whose rounds have
     `round_sizes` candidates each: every round's runs are recorded (pruned) but the chosen
     candidate's, which goes on to `final` with every seed."""

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from blockft_jax import multihost
-from blockft_jax.errors import UserError
+from blockft_jax.common import multihost
+from blockft_jax.common.errors import UserError
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"

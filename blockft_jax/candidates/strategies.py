@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from blockft_jax import groups, subtuning
-from blockft_jax.groups import Group, Inputs
+from blockft_jax.candidates import groups, subtuning
+from blockft_jax.candidates.groups import Group, Inputs
 
 
 @dataclasses.dataclass(frozen=True)

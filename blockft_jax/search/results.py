@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from blockft_jax import settings
-from blockft_jax.statistics import BOOTSTRAP_SEED, REPLICATES, interval95, paired_bootstrap
-from blockft_jax.strategies import SEARCH_ORDER, labels
+from blockft_jax.candidates import settings
+from blockft_jax.candidates.strategies import SEARCH_ORDER, labels
+from blockft_jax.common.statistics import BOOTSTRAP_SEED, REPLICATES, interval95, paired_bootstrap
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockft_jax.errors import UserError
+from blockft_jax.common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
-from blockft_jax.errors import UserError
+from blockft_jax.common.errors import UserError
 from blockft_jax.models import (HEAD_UNIT, Backbone, init_head, keras_auto_name, layer_table,
                                 variable_shapes)
 

@@ -23,8 +23,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from blockft_jax import cohort as cohort_lib
-from blockft_jax import groups, strategies, train
+from blockft_jax.candidates import groups, strategies
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine import train
 
 
 def unit_flops(table, variables) -> dict[str, float]:

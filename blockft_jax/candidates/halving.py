@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from blockft_jax import statistics
+from blockft_jax.common import statistics
 
 SCHEDULES = ("exhaustive", "halving")
 

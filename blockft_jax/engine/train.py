@@ -25,8 +25,8 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from blockft_jax import data as data_lib
-from blockft_jax import streams
+from blockft_jax.common import streams
+from blockft_jax.inputs import data as data_lib
 from blockft_jax.models import HEAD_UNIT, Backbone
 from blockft_jax.models.layers import BatchModes
 

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from flax import traverse_util
 
-from blockft_jax.groups import Group, Inputs, backbone_layers
+from blockft_jax.candidates.groups import Group, Inputs, backbone_layers
 from blockft_jax.models import HEAD_UNIT
 
 BN_POLICIES = ("train", "frozen")

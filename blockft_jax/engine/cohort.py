@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from blockft_jax import data as data_lib
-from blockft_jax import streams, train
+from blockft_jax.common import streams
+from blockft_jax.engine import train
+from blockft_jax.inputs import data as data_lib
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blockft_jax import cohort as cohort_lib
-from blockft_jax import data as data_lib
-from blockft_jax import groups, models, train, weights
+from blockft_jax import models
+from blockft_jax.candidates import groups
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine import train
+from blockft_jax.inputs import data as data_lib
+from blockft_jax.inputs import weights
 from blockft_jax.models import HEAD_UNIT
 
 log = logging.getLogger(__name__)
 
 # The demo backbones that ship with the package (made by scripts/make_demo_backbone.py): every
 # machine fine-tunes the same backbone, whatever its float order, without pretraining it.
-SHIPPED_DIR = Path(__file__).parent / "assets"
+SHIPPED_DIR = Path(__file__).parents[1] / "assets"
 # Part of the demo backbone's cache key: raise it when a change to the code changes the backbone
 # pretraining gives (2: BatchNorm statistics over real rows only, not the padded ones).
 DEMO_RECIPE = 2

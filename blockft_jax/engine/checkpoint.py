@@ -17,9 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from blockft_jax import cohort as cohort_lib
-from blockft_jax import multihost, train
-from blockft_jax.workdir import write_atomic
+from blockft_jax.common import multihost
+from blockft_jax.common.workdir import write_atomic
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine import train
 
 log = logging.getLogger(__name__)
 

@@ -20,19 +20,23 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from blockft_jax import data as data_lib
-from blockft_jax import (checkpoint, costs, groups, models, multihost, placement, pretrained,
-                         report, results, scalars, schedule, settings, strategies, streams,
-                         subtuning, train, weights)
-from blockft_jax import cohort as cohort_lib
-from blockft_jax.checkpoint import Checkpoint, save_model
-from blockft_jax.progress import CompileClock, Progress
-from blockft_jax.groups import Group
-from blockft_jax.plan import (build_module, caches_prefix, candidates, check, engine_work,
-                              make_plan, round_rung)
-from blockft_jax.results import rank
-from blockft_jax.workdir import (ENGINES, PARKED, TENSORBOARD, Workdir, copy_tree_atomic,
-                                 finished_keys, jsonable, write_atomic)
+from blockft_jax import models
+from blockft_jax.candidates import groups, halving, settings, strategies, subtuning
+from blockft_jax.candidates.groups import Group
+from blockft_jax.common import multihost, scalars, streams
+from blockft_jax.common.progress import CompileClock, Progress
+from blockft_jax.common.workdir import (ENGINES, PARKED, TENSORBOARD, Workdir, copy_tree_atomic,
+                                        finished_keys, jsonable, write_atomic)
+from blockft_jax.engine import checkpoint, placement, train
+from blockft_jax.engine import cohort as cohort_lib
+from blockft_jax.engine.checkpoint import Checkpoint, save_model
+from blockft_jax.inputs import data as data_lib
+from blockft_jax.inputs import weights
+from blockft_jax.search import costs, pretrained, report, results
+from blockft_jax.search import plan as plan_lib
+from blockft_jax.search.plan import (build_module, candidates, check, engine_work,
+                                     make_plan, round_rung)
+from blockft_jax.search.results import rank
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ class Search:
         self.progress = Progress(self.plan.runs, len(finished_keys(self.rows)),
                                  flops=lambda unit: self.engines[unit].flops_per_run()
                                  if unit in self.engines else None)
-        # The halving search's decisions so far: {pool: {rung index: schedule.evidence's}}.
+        # The halving search's decisions so far: {pool: {rung index: halving.evidence's}}.
         self.decisions: dict = multihost.broadcast_json(lambda: json.loads(
             (self.wd.path / DECISIONS).read_text()) if (self.wd.path / DECISIONS).exists()
             else {})
@@ -127,17 +131,13 @@ class Search:
         if from_unit in self.engines:
             return self.engines[from_unit]
         c = self.config
-        augment = {"flip": c.data.augment_flip, "crop": c.data.augment_crop}
-        cached = caches_prefix(c, from_unit, self.module.unit_names())
         kept = placement.kept(self.wd.path, from_unit, self.mesh)
-        at_once = min(runs, c.search.parallel) if c.search.parallel >= 1 else runs
         layout = kept.layout if kept else tuple(multihost.broadcast_json(lambda: placement.layout(
-            self.mesh.devices.size, at_once, c.data.batch_size)))
-        engine = train.Engine(self.module, self.tx, from_unit,
-                              train.mesh(self.mesh.devices, runs=layout[0]), cached=cached,
-                              augment=None if cached else augment, table=self.table,
-                              prefix_chunk_bytes=train.default_prefix_chunk_bytes(),
-                              anchored=self.plan.anchored(from_unit))
+            self.mesh.devices.size, plan_lib.at_once(c, runs), c.data.batch_size)))
+        engine = plan_lib.engine(c, self.module, self.tx, self.table, from_unit,
+                                 self.mesh.devices, layout[0], self.plan.anchored(from_unit),
+                                 train.default_prefix_chunk_bytes())
+        cached = engine.cached
         splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                   "test": self.dataset.test}
         images = sum(map(len, splits.values()))
@@ -266,7 +266,7 @@ class Search:
 
     # -- a cohort of runs ----------------------------------------------------------------------
     def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str, rung: int,
-                   budget: schedule.Rung | None = None):
+                   budget: halving.Rung | None = None):
         """Trains (candidate, seed) runs together as one cohort up to rung `rung`'s epochs
         (`budget`'s, when given: a round's), each from where it stopped (the cohort
         checkpoint, else its parked state, else its start); returns ([(results row,
@@ -359,7 +359,7 @@ class Search:
         """At a rung where a pool stops (not the last), its best 1/eta candidates by mean
         validation accuracy (best epoch so far) over the rung's seeds go on, and with
         search.prune_only_on_evidence those the rung cannot tell apart from its leader too
-        (schedule.evidence); the others' runs are recorded, pruned. Decided on process 0 and
+        (halving.evidence); the others' runs are recorded, pruned. Decided on process 0 and
         kept in schedule.json (a rerun finds the same). Returns the pruned candidates."""
         alive = self.alive(pool, members, rung)
         seeds = self.plan.rungs[rung].seeds
@@ -369,7 +369,7 @@ class Search:
             names = [g.candidate for g in alive]
             accuracy = self._mean_accuracy(alive, seeds)
             if not c.search.prune_only_on_evidence:
-                kept = schedule.promote(names, accuracy, self.plan.eta)
+                kept = halving.promote(names, accuracy, self.plan.eta)
                 leader = max(kept, key=accuracy.get)
                 return {"kept": kept, "leader": leader, "within_chance": False, "held": {},
                         "pruned": {n: {"difference": accuracy[leader] - accuracy[n]}
@@ -377,11 +377,11 @@ class Search:
             labels = self.dataset.validation.labels
             correct = {g.candidate: np.stack([self._standing(g.candidate, seed)[1] == labels
                                               for seed in seeds]) for g in alive}
-            chance = schedule.chance_bound(len(self.dataset.class_names), len(labels))
-            return schedule.evidence(names, accuracy, correct, self.plan.eta, chance)
+            chance = halving.chance_bound(len(self.dataset.class_names), len(labels))
+            return halving.evidence(names, accuracy, correct, self.plan.eta, chance)
 
         entry = self._decision(pool, rung, decide)
-        planned = schedule.survivors(len(alive), self.plan.eta)
+        planned = halving.survivors(len(alive), self.plan.eta)
         kept = entry["kept"]
         pruned = [g for g in alive if g.candidate not in kept]
         closest = min(entry["pruned"].items(), key=lambda kv: kv[1]["difference"], default=None)
@@ -395,8 +395,8 @@ class Search:
                  if entry["held"] else "")
         # A rung that holds candidates trains more than the plan counted.
         rest = self.plan.rungs[rung + 1:]
-        self.progress.total += (schedule.expected(len(kept), rest, self.plan.eta)[0]
-                                - schedule.expected(planned, rest, self.plan.eta)[0]
+        self.progress.total += (halving.expected(len(kept), rest, self.plan.eta)[0]
+                                - halving.expected(planned, rest, self.plan.eta)[0]
                                 - len(entry["held"]) * len(seeds))
         self.record_pruned(pruned, seeds)
         return pruned
@@ -422,7 +422,7 @@ class Search:
                 checkpoint.unpark_clear(stem)
 
     def decide_round(self, strategy: str, index: int, members: list[Group], previous,
-                     budget: schedule.Rung, last: bool) -> dict:
+                     budget: halving.Rung, last: bool) -> dict:
         """Round `index` of a strategy in rounds (subtuning.decide, from its candidates' mean
         validation over the round's seeds): decided on process 0 and kept in schedule.json
         (a rerun finds the same), its pruned runs recorded. `previous`: (candidate, units,
@@ -592,7 +592,7 @@ def _train_phase(search: Search, names: list[str]) -> float:
              for pool, members in plan.pools(s).items()]
     training = 0.0
     for rung, budget in enumerate(plan.rungs):
-        stopping = [(pool, members) for pool, members in pools if schedule.stops(
+        stopping = [(pool, members) for pool, members in pools if halving.stops(
             len(search.alive(pool, members, rung)), budget, plan.eta)]
         jobs = _unfinished(search, [g for pool, members in stopping
                                     for g in search.alive(pool, members, rung)], budget)
@@ -609,7 +609,7 @@ def _train_phase(search: Search, names: list[str]) -> float:
     return training
 
 
-def _unfinished(search: Search, members: list[Group], budget: schedule.Rung) -> list:
+def _unfinished(search: Search, members: list[Group], budget: halving.Rung) -> list:
     """The (candidate, seed) runs of `members` that `budget` still has to train: neither
     recorded nor parked at its epochs."""
     finished = finished_keys(search.rows)
@@ -626,7 +626,7 @@ def _unfinished(search: Search, members: list[Group], budget: schedule.Rung) -> 
 
 
 def _train_engines(search: Search, jobs: list, rung: int,
-                   budget: schedule.Rung | None = None) -> float:
+                   budget: halving.Rung | None = None) -> float:
     """Trains `jobs` engine by engine, the shallowest first (`_train_runs`)."""
     plan, training = search.plan, 0.0
     for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
@@ -715,7 +715,7 @@ def _rounds(search: Search, strategy: str) -> list[dict]:
 
 
 def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
-                rung: int, budget: schedule.Rung | None = None) -> float:
+                rung: int, budget: halving.Rung | None = None) -> float:
     """Trains (candidate, seed) runs of one engine up to rung `rung`'s epochs, in cohorts of the
     engine's size (the last one padded): at the last rung a run is recorded (its row, best
     variables and predictions), before it parked (it goes on, or is recorded when pruned); a
