@@ -67,13 +67,13 @@ def dry_run(config, inputs: list[str]) -> str:
 
 
 def _speed(config, module, table, searched, shape, train_images: int):
-    """This machine's speed (costs.measure) from the engine of the search's shallowest
-    candidates, with random variables (nothing is loaded) and the search's optimizer."""
+    """This machine's speed (costs.measure_once: as the search measures and keeps it) from the
+    engine of the search's shallowest candidates, with random variables (nothing is loaded)
+    and the search's optimizer."""
     variables = benchmarking.random_variables(module, shape, seed=0)
     tx = train.make_optimizer(config.train, train.total_steps(config, train_images))
-    log.info("Timing this machine for the estimate (two small compilations)...")
-    return costs.measure(searched, module, table, variables, tx,
-                         batch_size=config.data.batch_size, image_shape=shape)
+    return costs.measure_once(config, searched, module, table, variables, tx,
+                              batch_size=config.data.batch_size, image_shape=shape)
 
 
 def run(config, workdir: str, *, start_over: bool = False, distributed: bool = False,

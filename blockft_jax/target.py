@@ -332,32 +332,10 @@ def report(config, target: str) -> str:
                      f"{speed.seconds_per_flop * 1e15:.3g} s per PFLOP, and its compile time "
                      f"here, {seconds:.0f} s).")
     engine_costs = []
-    mb = lambda n: f"{n / 2**20:,.0f} MB"
     for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
         cost, decided, _ = cost_of(plan, unit)
         engine_costs.append(cost)
-        t, e = cost.train_step, cost.eval_step
-        cached = plan_lib.caches_prefix(c, unit, plan.units)
-        inputs = (f"{'prefix cache' if cached else 'uint8 images'} "
-                  f"{'in HBM' if decided.cache_on_device else 'fed by the host'}")
-        bound = ("compute" if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth
-                 else "memory")
-        lines.append(
-            f"On the slice, engine from {unit}: {cost.runs} runs in cohorts of "
-            f"{cost.cohort_size}, laid out {decided.layout[0]} runs x {decided.layout[1]} "
-            f"data; {inputs}; {cost.run_epochs:,.0f} run-epochs ({c.search.schedule} schedule)"
-            + "".join(f"; Auto-RGN measures {batches} batch(es) an epoch for {runs} run(s)"
-                      for runs, _, batches in cost.measurements) + ".")
-        lines.append(
-            f"  train step per chip: arguments {mb(t.argument_bytes)}, temporaries "
-            f"{mb(t.temp_bytes)}, outputs {mb(t.output_bytes)} (of which reused "
-            f"{mb(t.alias_bytes)}): {mb(t.memory)} of {mb(chip.hbm_bytes)} HBM; "
-            f"{t.flops / 1e9:,.1f} GFLOP, {t.bytes_accessed / 1e9:,.2f} GB accessed; roofline "
-            f"{roofline(t, chip) * 1e3:,.2f} ms ({bound}-bound).")
-        lines.append(
-            f"  eval step per chip (batch x{cost.eval_batch_multiple}): {mb(e.memory)}; "
-            f"{e.flops / 1e9:,.1f} GFLOP, {e.bytes_accessed / 1e9:,.2f} GB; roofline "
-            f"{roofline(e, chip) * 1e3:,.2f} ms.")
+        lines.extend(_engine_lines(c, plan, cost, decided, chip))
     total = search_seconds(engine_costs, images, c.data.batch_size,
                            lambda cost: roofline(cost, chip))
     lines.append(f"Estimated search time on {target} (roofline, training and evaluation "
@@ -365,6 +343,36 @@ def report(config, target: str) -> str:
                  + ", ".join(f"{e.unit} {_duration(total[e.unit])}" for e in engine_costs)
                  + ").")
     return "\n".join(lines)
+
+
+def _engine_lines(c, plan, cost: EngineCost, decided: placement.Placement, chip) -> list[str]:
+    """`report`'s lines for one engine on the slice: its runs, layout and inputs; its train and
+    eval steps' memory per chip, flops, bytes and roofline."""
+    mb = lambda n: f"{n / 2**20:,.0f} MB"
+    lines = []
+    t, e = cost.train_step, cost.eval_step
+    cached = plan_lib.caches_prefix(c, cost.unit, plan.units)
+    inputs = (f"{'prefix cache' if cached else 'uint8 images'} "
+              f"{'in HBM' if decided.cache_on_device else 'fed by the host'}")
+    bound = ("compute" if t.flops / chip.bf16_flops >= t.bytes_accessed / chip.hbm_bandwidth
+             else "memory")
+    lines.append(
+        f"On the slice, engine from {cost.unit}: {cost.runs} runs in cohorts of "
+        f"{cost.cohort_size}, laid out {decided.layout[0]} runs x {decided.layout[1]} "
+        f"data; {inputs}; {cost.run_epochs:,.0f} run-epochs ({c.search.schedule} schedule)"
+        + "".join(f"; Auto-RGN measures {batches} batch(es) an epoch for {runs} run(s)"
+                  for runs, _, batches in cost.measurements) + ".")
+    lines.append(
+        f"  train step per chip: arguments {mb(t.argument_bytes)}, temporaries "
+        f"{mb(t.temp_bytes)}, outputs {mb(t.output_bytes)} (of which reused "
+        f"{mb(t.alias_bytes)}): {mb(t.memory)} of {mb(chip.hbm_bytes)} HBM; "
+        f"{t.flops / 1e9:,.1f} GFLOP, {t.bytes_accessed / 1e9:,.2f} GB accessed; roofline "
+        f"{roofline(t, chip) * 1e3:,.2f} ms ({bound}-bound).")
+    lines.append(
+        f"  eval step per chip (batch x{cost.eval_batch_multiple}): {mb(e.memory)}; "
+        f"{e.flops / 1e9:,.1f} GFLOP, {e.bytes_accessed / 1e9:,.2f} GB; roofline "
+        f"{roofline(e, chip) * 1e3:,.2f} ms.")
+    return lines
 
 
 def _duration(seconds: float) -> str:

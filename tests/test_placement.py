@@ -98,3 +98,15 @@ def test_device_split_bytes_uint8_images_on_accelerators_only(engine):
     assert placement.device_split_bytes(accelerated, 100, (32, 32, 3)) == 100 * 32 * 32 * 3
     cached = types.SimpleNamespace(cached=True, feature_bytes=lambda n: 7 * n)
     assert placement.device_split_bytes(cached, 100, (32, 32, 3)) == 700
+
+
+def test_the_cpu_budget_does_not_move_with_the_load(monkeypatch):
+    """On CPU the cohort's memory budget is a share of the host's memory, all of it: memory
+    that another process holds now would otherwise shrink the cohorts, and with them change
+    float order and the numbers of the same command."""
+    mesh = train.data_mesh()
+    idle = placement.free_memory(mesh)
+    sysconf = placement.os.sysconf
+    busy = lambda name: 1 if name == "SC_AVPHYS_PAGES" else sysconf(name)  # all but taken
+    monkeypatch.setattr(placement.os, "sysconf", busy)
+    assert placement.free_memory(mesh) == idle

@@ -1,5 +1,7 @@
 """The search's schedule (successive halving or the paper's exhaustive protocol) and the split of
 candidates into engines by depth: pure rules, checked by hand-counted cases."""
+import json
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,32 @@ def test_the_engines_work_holds_auto_rgns_measurement():
     assert work["measurements"] == [(config.train.seeds, config.train.epochs,
                                      config.search.auto_rgn_batches)]
     assert work["runs"] == 2 * config.train.seeds
+
+
+def test_the_machines_speed_is_measured_once_per_job(tmp_path, monkeypatch):
+    """The engines' split follows the measured speed, and the split sets float order: so the
+    speed is measured once per machine and job and kept, and the same command beside another
+    load (slower timings) splits alike. Another job (another batch) is measured afresh."""
+    monkeypatch.setenv("BLOCKFT_JAX_CACHE", str(tmp_path))
+    timings = iter([1e-9, 5e-9, 7e-9])  # each measurement slower: a loaded machine
+    calls = []
+
+    def measure(*args, batch_size, **kwargs):
+        calls.append(batch_size)
+        return costs.Speed(seconds_per_flop=next(timings), compile_seconds=10.0,
+                           measured_on="test")
+
+    monkeypatch.setattr(costs, "measure", measure)
+    config = tiny.get_config()
+    module = plan.build_module(config, 3)
+    table = models.layer_table(module, (32, 32, 3))
+    searched = plan.make_plan(config, table, module)
+    once = lambda batch: costs.measure_once(config, searched, module, table, None, None,
+                                            batch_size=batch, image_shape=(32, 32, 3))
+    first = once(8)
+    assert once(8) == first and calls == [8]  # kept: the load does not move it
+    assert once(16).seconds_per_flop == 5e-9 and calls == [8, 16]
+    (kept,) = [p for p in (tmp_path / "speed").iterdir()
+               if costs.Speed(**json.loads(p.read_text())) == first]
+    kept.unlink()  # deleted: measured again
+    assert once(8).seconds_per_flop == 7e-9 and calls == [8, 16, 8]

@@ -744,6 +744,15 @@ def fit(cohort: Cohort, variables, runs: Sequence[Run],
     total = time.perf_counter() - started
     tested = _evaluate_best(cohort, state, best, predictions, validation, test, batch_size,
                             eval_batch_multiple)
+    return _results(cohort, state, histories, best, status, finished, predictions, tested,
+                    total, keep_state)
+
+
+def _results(cohort: Cohort, state: CohortState, histories, best, status, finished,
+             predictions, tested, total: float, keep_state: bool) -> list[FitResult]:
+    """`fit`'s FitResult per real run, once its epochs are done: the best variables to the
+    host in one copy, and with `keep_state` each run's state to go on from."""
+    n = len(histories)
     best_variables = cohort.host_best(state)  # the one copy of the best variables to the host
     stopped = [None] * n
     if keep_state:  # every run's state, to go on from where it stopped

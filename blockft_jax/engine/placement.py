@@ -14,9 +14,9 @@ from the compiler, and followed by every process.
   live state fits in the last-level cache), and XLA's own memory plan of those programs
   (`compiled.memory_analysis()`: arguments, outputs and temporaries) plus what stays resident
   beside them (the prefix cache, each run's best variables) is compared with the memory
-  available: the device's free memory (`memory_stats()`), or on CPU a quarter of the host
-  memory available now. Too large: K shrinks by the measured bytes per run and the steps are
-  compiled again. The evaluation batch (a multiple of the training batch) shrinks the same way.
+  available: the device's free memory (`memory_stats()`), or on CPU a quarter of the host's
+  memory (all of it: what is free now moves with the load, and would move the numbers). Too
+  large: K shrinks by the measured bytes per run and the steps are compiled again. The evaluation batch (a multiple of the training batch) shrinks the same way.
 
 The decision is logged with its figures and kept in cohorts.json with the machine it was made
 for; a rerun on the same kind of machine keeps it (so it forms the same cohorts), on another
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 COHORTS = "cohorts.json"   # the decisions, per engine (lowest trainable unit), in the workdir
 MAX_COHORT = 64
-CPU_MEMORY_SHARE = 0.25      # of the host memory available when an engine is placed
+CPU_MEMORY_SHARE = 0.25      # of the host's memory, the budget of an engine on CPU
 CACHE_SHARE = 0.25           # of an accelerator's free memory the prefix cache may take
 EVAL_BATCH_MULTIPLES = (4, 2, 1)
 # A run's batch is not cut finer than this per device: below it a step's fixed costs (the
@@ -149,10 +149,11 @@ def machine(mesh) -> dict:
 
 def free_memory(mesh) -> int:
     """Bytes the search may use now: on an accelerator the smallest local device's free
-    memory (bytes_limit - bytes_in_use; 0 when unknown), on CPU a quarter of the host memory
-    available."""
+    memory (bytes_limit - bytes_in_use; 0 when unknown), on CPU a quarter of the host's
+    memory -- all of it, not what is available now, which moves with whatever else runs and
+    would move the cohort size, and with it float order and the numbers."""
     if on_cpu(mesh):
-        return int(CPU_MEMORY_SHARE * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return int(CPU_MEMORY_SHARE * machine(mesh)["memory"])
     free = []
     for d in local_devices(mesh):
         stats = d.memory_stats() or {}

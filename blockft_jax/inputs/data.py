@@ -1,9 +1,10 @@
-"""Datasets in memory, Keras preprocessing, augmentation and batch sharding.
+"""Datasets in memory, Keras preprocessing and augmentation.
 
     ds = load_dataset("beans", image_size=224)               # decoded and resized once, cached
     for batch in batches(ds.train, 64, shuffle_rng=np.random.default_rng(0)):
-        batch = global_batch(process_slice(batch), mesh)      # sharded along the mesh's 'data' axis
         x = preprocess(augment(rng, batch.images, flip=True, crop=True), "tf")   # on device, jitted
+
+(The engine places the batches on the devices: engine/train.py's DeviceSplit and its steps.)
 
 Datasets are any TFDS image-classification dataset, a folder of images (one subfolder per
 class) or scikit-learn's digits. They are small enough (tf_flowers: 3,670 images) that each

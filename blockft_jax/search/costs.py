@@ -8,7 +8,8 @@ candidates into engines, and the estimated time.
 - Speed: the shallowest engine's train step and the forward pass below it, compiled and timed
   on this machine (`measure`, random data of the real shapes): a cost per flop (from the
   forward pass: backward passes are assumed as fast per flop), a cost per step beyond its flops
-  (dispatch and small ops dominate shallow steps on a CPU), and an engine's compile time.
+  (dispatch and small ops dominate shallow steps on a CPU), and an engine's compile time;
+  measured once per machine and job and kept (`measure_once`), so that load does not move it.
 - Engines (`split`): candidates go to at most `search.engines` engines by their lowest trained
   unit; an engine from unit b serves candidates whose layers all lie at or above b. The split
   minimises compile time plus training time (dynamic programming over the units).
@@ -16,16 +17,27 @@ candidates into engines, and the estimated time.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import math
+import os
+import platform
 import time
+from pathlib import Path
 from typing import Sequence
 
 import jax
+import jaxlib
 import numpy as np
 
 from blockft_jax.candidates import groups, strategies
+from blockft_jax.common.workdir import write_atomic
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine import train
+from blockft_jax.inputs.weights import cache_dir
+
+log = logging.getLogger(__name__)
 
 
 def unit_flops(table, variables) -> dict[str, float]:
@@ -74,6 +86,55 @@ class Speed:
         return steps * self.step_seconds + flops * self.seconds_per_flop
 
 
+def measure_once(config, plan, module, table, variables, tx, *, batch_size: int,
+                 image_shape) -> Speed:
+    """`measure`, once per machine and job: kept under the cache directory, keyed by what the
+    timed steps depend on (the machine, JAX's version, the model, the optimizer, the batch,
+    the unit timed), so that a rerun, or the same command beside another load, splits the
+    engines alike -- the split sets float order, and with it the numbers. Delete the file
+    (named in the log) to measure again."""
+    path = _speed_path(config, plan, batch_size, image_shape)
+    try:
+        speed = Speed(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        speed = None
+    if speed is not None:
+        log.info("This machine's speed for this job, as measured before: %s", path)
+        return speed
+    log.info("Timing this machine for the engines' split (two small compilations; kept in "
+             "%s)...", path)
+    speed = measure(plan, module, table, variables, tx, batch_size=batch_size,
+                    image_shape=image_shape)
+    write_atomic(path, json.dumps(speed.to_json(), indent=1) + "\n")
+    return speed
+
+
+def _speed_path(config, plan, batch_size: int, image_shape) -> Path:
+    device = jax.local_devices()[0]
+    model = {k: v for k, v in config.model.to_dict().items() if k != "weights"}
+    key = {"device": [device.platform, device.device_kind, len(jax.local_devices())],
+           "cpu": [_cpu_model(), os.cpu_count()], "jax": [jax.__version__, jaxlib.__version__],
+           "model": model, "optimizer": config.train.optimizer,
+           "dtype": config.train.compute_dtype, "batch": batch_size,
+           "shape": list(image_shape), "unit": _timed_unit(plan)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_dir() / "speed" / f"{config.model.name}-{digest[:16]}.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _timed_unit(plan) -> str:
+    """The unit whose engine `measure` times: the shallowest candidates' lowest unit."""
+    return max((plan.lowest_unit(g) for g in plan.shared), key=plan.units.index)
+
+
 def measure(plan, module, table, variables, tx, *, batch_size: int, image_shape,
             steps: int = 5) -> Speed:
     """This machine's speed, cheaply (a dry run pays it): the real train step of one run of the
@@ -83,7 +144,7 @@ def measure(plan, module, table, variables, tx, *, batch_size: int, image_shape,
     others, and other processes, do not join its steps). The forward pass gives the seconds
     per flop (the bulk of a deep step's work: its convolutions), the train step what a step
     costs beyond its flops, and the two compilations one engine's compile time."""
-    unit = max((plan.lowest_unit(g) for g in plan.shared), key=plan.units.index)
+    unit = _timed_unit(plan)
     mesh = train.data_mesh(jax.local_devices()[:1])
     names = module.unit_names()
     per_image = suffix_flops(table, variables, names)

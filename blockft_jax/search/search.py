@@ -103,8 +103,8 @@ class Search:
         if kept is not None and plan.covers(kept["engines"]):
             plan.engines = kept["engines"]
             return plan
-        speed = costs.Speed(**multihost.broadcast_json(lambda: costs.measure(
-            plan, self.module, self.table, self.variables, self.tx,
+        speed = costs.Speed(**multihost.broadcast_json(lambda: costs.measure_once(
+            c, plan, self.module, self.table, self.variables, self.tx,
             batch_size=c.data.batch_size, image_shape=self.shape).to_json()))
         images = (len(self.dataset.train), len(self.dataset.validation))
         plan = make_plan(c, self.table, self.module, speed=speed, images=images,
