@@ -9,6 +9,9 @@ data-parallel and multi-process checks need processes of their own:
     python tests/distributed_worker.py multi INPUT.npz OUTPUT.npz PORT PROCESS_ID NUM_PROCESSES
         one of NUM_PROCESSES processes on localhost, CPU collectives over gloo: trains on the
         global mesh, each process feeding its own rows; writes its copy of the results.
+    python tests/distributed_worker.py demo - OUTPUT.npz PORT PROCESS_ID NUM_PROCESSES
+        the same processes each ask for a demo backbone ($BLOCKFT_JAX_CACHE of their own) and
+        write what they got.
 
 INPUT.npz holds the initial variables ('params/...', 'batch_stats/...'), the images, the
 labels and the candidate's layers, so every process starts from the same bits.
@@ -22,6 +25,16 @@ MODEL = dict(name="mobilenet_v2", width=0.35, blocks=3, num_classes=3)
 FROM_UNIT = "block_1"
 BATCH_SIZE = 16
 OPTIMIZER = dict(optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=0.1, epochs=1)
+
+
+def demo_config():
+    """configs/tiny.py on a demo backbone that does not ship with the package (digits 0-2)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import tiny
+    config = tiny.get_config()
+    config.model.weights = "demo"
+    config.demo.pretrain_classes = (0, 1, 2)
+    return config
 
 
 def flatten(tree, prefix=""):
@@ -153,7 +166,7 @@ def main(argv):
                  **{f"single/{k}": v for k, v in one.items()})
         return 0
 
-    if mode == "multi":
+    if mode in ("multi", "demo"):
         port, process_id, num_processes = (int(a) for a in argv[4:7])
         import jax
         import numpy as np
@@ -172,6 +185,15 @@ def main(argv):
         assert jax.process_count() == num_processes
         assert jax.process_index() == process_id
 
+    if mode == "demo":  # the demo backbone, found in process 0's cache only
+        from blockft_jax.search import plan, pretrained
+        config = demo_config()
+        backbone = pretrained.demo_backbone(config, plan.build_module(config, 3))
+        np.savez(output, **flatten(backbone))
+        jax.distributed.shutdown()
+        return 0
+
+    if mode == "multi":
         from blockft_jax.engine import train
         variables, images, labels, layers = load_inputs(inputs)
         mesh = train.data_mesh()

@@ -522,3 +522,21 @@ def test_batches_shuffle_is_seeded():
     assert order(0) == order(0) != order(1)
     with pytest.raises(ValueError, match="batch_size"):
         next(data.batches(_split(10), 0, shuffle_rng=None))
+
+
+def test_the_tfds_cache_is_written_under_a_name_of_its_own(tmp_path):
+    """Hosts sharing a gs:// data_dir repeat process ids: each cache write goes through a
+    temporary name of its own, so two writers never share one."""
+    import tensorflow as tf
+    loaded = data._Loaded({"train": (np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))},
+                          ["a"])
+    renamed = []
+    real = tf.io.gfile.rename
+    with mock.patch.object(tf.io.gfile, "rename",
+                           lambda src, dst, overwrite: renamed.append(src) or real(src, dst,
+                                                                                 overwrite)):
+        for _ in range(2):
+            data._write_cache(tf, str(tmp_path / "cache.npz"), loaded)
+    assert len(set(renamed)) == 2, renamed
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.npz"]
+    assert data._read_cache(tf, str(tmp_path / "cache.npz")).class_names == ["a"]

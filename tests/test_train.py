@@ -554,6 +554,57 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_processes(mode, inputs, outs, env_of, timeout=SUBPROCESS_TIMEOUT):
+    """`mode` of the worker on len(outs) processes joined on localhost; their logs, or a skip
+    when the platform cannot run CPU multi-process collectives at all."""
+    port, n = free_port(), len(outs)
+    procs = [subprocess.Popen([sys.executable, str(WORKER), mode, str(inputs), str(outs[i]),
+                               str(port), str(i), str(n)], env=env_of(i),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(n)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the processes timed out:\n" + "\n".join(
+            p.communicate()[0][-3000:] for p in procs))
+    codes = [p.returncode for p in procs]
+    if codes == [worker.EXIT_UNSUPPORTED] * n:  # both failed to set up, nothing else went wrong
+        reason = next(line for log in logs for line in log.splitlines()
+                      if line.startswith("UNSUPPORTED"))
+        pytest.skip(f"this platform cannot run CPU multi-process collectives: {reason}")
+    assert codes == [0] * n, "\n\n".join(log[-5000:] for log in logs)
+    return logs
+
+
+def test_the_demo_backbone_found_by_process_0_reaches_every_process(tmp_path):
+    """Hosts that do not share a cache: process 0 has the demo backbone, process 1 does not.
+    Process 0 decides and sends its variables; process 1 does not pretrain alone over the
+    global mesh (where it would wait for ever)."""
+    from blockft_jax.inputs import weights
+    from blockft_jax.search import plan, pretrained
+    config = worker.demo_config()
+    module = plan.build_module(config, 3).clone(num_classes=None)
+    backbone = models.init_variables(module, (32, 32, 3), jax.random.key(7))
+    caches = [tmp_path / f"cache{i}" for i in range(2)]
+    weights.save_variables(caches[0] / "demo" / pretrained.demo_file_name(config), backbone)
+    outs = [tmp_path / f"process{i}.npz" for i in range(2)]
+    logs = run_processes("demo", "-", outs,
+                         lambda i: {**worker_env(1), "BLOCKFT_JAX_CACHE": str(caches[i])},
+                         timeout=180)
+    assert not any("Pretraining" in log for log in logs), logs
+    expected = worker.flatten(jax.tree.map(np.asarray, backbone))
+    for out in outs:
+        with np.load(out) as f:
+            got = dict(f)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
 def test_two_processes_match_one(mesh_run, worker_inputs, worker_split, engine_b1_cached,
                                  variables):
     port, n = free_port(), 2

@@ -1,7 +1,12 @@
 """Weight conversion: strictness, clear errors, saving, and the ImageNet download path."""
+import concurrent.futures
+import email.message
+import io
+import time
 import urllib.error
 from pathlib import Path
 
+import h5py
 import jax
 import numpy as np
 import pytest
@@ -82,12 +87,67 @@ def test_imagenet_offline_error_names_url_and_place(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(weights.urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(weights.urllib.request, "urlopen", offline)
     url, _ = weights.imagenet_url("mobilenet_v2", 0.35, 96)
     with pytest.raises(weights.WeightsError) as err:  # one line for the user: no traceback
         weights.imagenet_variables("mobilenet_v2", v2_module(), 96)
     assert url in str(err.value)
     assert str(tmp_path / "keras") in str(err.value)
+
+
+class Served:
+    """What urlopen gives: `body` in chunks (slowly: downloads overlap), announcing `length`."""
+
+    def __init__(self, body: bytes, length: int):
+        self.body, self.headers = io.BytesIO(body), email.message.Message()
+        self.headers["Content-Length"] = str(length)
+
+    def read(self, n=-1):
+        time.sleep(0.002)
+        return self.body.read(min(n, 4096) if n and n > 0 else 4096)
+
+    def info(self):
+        return self.headers
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def keras_like_file(path) -> bytes:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("Conv1/Conv1/kernel:0", data=np.arange(40_000, dtype=np.float32))
+    return path.read_bytes()
+
+
+def test_a_download_cut_short_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    """MobileNet v2's files have no md5: a short download is caught by its length."""
+    monkeypatch.setenv("BLOCKFT_JAX_CACHE", str(tmp_path / "cache"))
+    body = keras_like_file(tmp_path / "source.h5")
+    monkeypatch.setattr(weights.urllib.request, "urlopen",
+                        lambda url, timeout=None: Served(body[:len(body) // 2], len(body)))
+    with pytest.raises(weights.WeightsError, match="cut short"):
+        weights.fetch_imagenet_file("mobilenet_v2", 0.35, 96)
+    assert list((tmp_path / "cache" / "keras").iterdir()) == []  # no file, no part
+
+
+def test_downloads_at_once_publish_one_whole_file(tmp_path, monkeypatch):
+    """Two processes (hosts sharing a cache) downloading the same file at once: each writes
+    its own temporary file, and the one published is whole."""
+    monkeypatch.setenv("BLOCKFT_JAX_CACHE", str(tmp_path / "cache"))
+    body = keras_like_file(tmp_path / "source.h5")
+    monkeypatch.setattr(weights.urllib.request, "urlopen",
+                        lambda url, timeout=None: Served(body, len(body)))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: weights.fetch_imagenet_file("mobilenet_v2", 0.35, 96),
+                              range(3)))
+    assert len(set(paths)) == 1 and paths[0].read_bytes() == body
+    assert [p.name for p in paths[0].parent.iterdir()] == [paths[0].name]
 
 
 def test_imagenet_file_placed_by_hand_is_converted_and_cached(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ import struct
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -574,7 +575,7 @@ def _write_cache(tf, path: str, loaded: _Loaded) -> None:
     arrays = {"class_names": np.asarray(loaded.class_names)}
     for part, (images, labels) in loaded.parts.items():
         arrays[f"{part}_images"], arrays[f"{part}_labels"] = images, labels
-    tmp = path + f".tmp{os.getpid()}"
+    tmp = path + f".tmp{uuid.uuid4().hex}"  # pids repeat across hosts sharing data_dir
     tf.io.gfile.makedirs(os.path.dirname(path))
     if "://" in path:
         buffer = io.BytesIO()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -201,6 +202,8 @@ def save_variables(path, variables) -> None:
     data = serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(variables)))
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
         tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())  # on disk before the rename publishes it
     os.replace(tmp.name, path)
 
 
@@ -271,28 +274,55 @@ def _md5(path) -> str:
 
 def fetch_imagenet_file(name: str, width: float = 1.0, input_size: int = 224,
                         minimalistic: bool = False) -> Path:
-    """Downloads (once) the official Keras file into the cache and checks its md5."""
+    """Downloads (once) the official Keras file into the cache, checked whole: its md5 where
+    Keras gives one, else its length and an HDF5 file that opens. Each download writes a
+    temporary file of its own, renamed into place when whole: processes downloading at once
+    (hosts sharing a cache) never write into one file, and none publishes half of one."""
     url, md5 = imagenet_url(name, width, input_size, minimalistic)
     target = cache_dir() / "keras" / url.rsplit("/", 1)[1]
-    if target.exists() and (md5 is None or _md5(target) == md5):
+    if target.exists() and _whole(target, md5):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
+    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.",
+                                       suffix=".part")
+    partial = Path(partial)
     try:
         log.info("Downloading %s", url)
-        urllib.request.urlretrieve(url, partial)
-    except (urllib.error.URLError, OSError) as e:
+        try:
+            with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as got:
+                length = got.headers.get("Content-Length")
+                shutil.copyfileobj(got, out)
+                out.flush()
+                os.fsync(out.fileno())
+        except (urllib.error.URLError, OSError) as e:
+            raise WeightsError(
+                f"Could not download ImageNet weights for {name} from {url} ({e}). Without "
+                f"network, download that file elsewhere and place it at {target}, then run "
+                f"again.") from e
+        size = partial.stat().st_size
+        if length is not None and size != int(length):
+            raise WeightsError(f"Downloaded {url} but got {size:,} of its {int(length):,} "
+                               f"bytes: the download was cut short. Try again.")
+        if not _whole(partial, md5):
+            raise WeightsError(f"Downloaded {url} but " + (
+                f"its md5 differs from Keras's {md5}" if md5 else "it is not an HDF5 file "
+                "h5py can open") + ": the download is corrupt. Try again.")
+        os.replace(partial, target)
+    finally:
         partial.unlink(missing_ok=True)
-        raise WeightsError(
-            f"Could not download ImageNet weights for {name} from {url} ({e}). Without "
-            f"network, download that file elsewhere and place it at {target}, then run "
-            f"again.") from e
-    if md5 is not None and _md5(partial) != md5:
-        partial.unlink(missing_ok=True)
-        raise WeightsError(f"Downloaded {url} but its md5 differs from Keras's {md5}; "
-                           f"the download is corrupt. Try again.")
-    os.replace(partial, target)
     return target
+
+
+def _whole(path: Path, md5: str | None) -> bool:
+    """A Keras weights file in one piece: Keras's md5 where it gives one, else HDF5 that
+    opens (MobileNet v1 and v2 files have no md5)."""
+    if md5 is not None:
+        return _md5(path) == md5
+    try:
+        with h5py.File(path, "r"):
+            return True
+    except OSError:
+        return False
 
 
 def imagenet_variables(name: str, module: Backbone, input_size: int = 224,

@@ -12,9 +12,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from blockft_jax import models
 from blockft_jax.candidates import groups
+from blockft_jax.common import multihost
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine import train
 from blockft_jax.inputs import data as data_lib
@@ -91,13 +93,29 @@ def demo_backbone(config, module, *, pretrain: bool = False) -> dict:
     of other digits: a genuine transfer task."""
     name = demo_file_name(config)
     shipped, path = SHIPPED_DIR / name, weights.cache_dir() / "demo" / name
-    for source in ([] if pretrain else [shipped, path]):
-        if source.exists():
-            log.info("Demo backbone: %s", source)
-            return weights.load_variables(source)
+    # Process 0 decides and, when it has the file, gives its variables to every process: a
+    # process that lacked it would pretrain alone over the global mesh and wait for ever.
+    found = multihost.broadcast_json(lambda: next(
+        (str(s) for s in ([] if pretrain else [shipped, path]) if s.exists()), None))
+    if found is not None:
+        log.info("Demo backbone: %s", found)
+        return _from_leader(lambda: weights.load_variables(found))
     classes = tuple(config.demo.pretrain_classes)
     log.info("Pretraining the demo backbone on digits %s (once; cached at %s)", classes, path)
     return _pretrain(config, module, classes, path)
+
+
+def _from_leader(load) -> dict:
+    """Variables `load()` gives on process 0, on every process (their shapes sent first)."""
+    if jax.process_count() == 1:
+        return load()
+    loaded = load() if multihost.is_leader() else None
+    spec = multihost.broadcast_json(lambda: {
+        "/".join(k): [list(v.shape), str(v.dtype)]
+        for k, v in traverse_util.flatten_dict(loaded).items()})
+    like = traverse_util.unflatten_dict({tuple(k.split("/")): np.zeros(shape, dtype)
+                                         for k, (shape, dtype) in spec.items()})
+    return multihost.broadcast_arrays(lambda: loaded, like)
 
 
 def _pretrain(config, module, classes, path: Path) -> dict:
