@@ -1,4 +1,4 @@
 """What every floor above uses: a user's mistake as one line (errors), one decider on several
-processes (multihost), the workdir and its atomic writes (workdir), named random streams
+processes (multihost), every durable write (durable), the workdir (workdir), named random streams
 (streams), TensorBoard files (scalars), the log's progress lines (progress), and the paired
 bootstrap (statistics). Nothing here imports the rest of the package."""

@@ -7,12 +7,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from blockft_jax.common import multihost
+from blockft_jax.common import durable, multihost
+from blockft_jax.common.durable import write_atomic
 from blockft_jax.common.errors import UserError
 
 RESULTS = "results.jsonl"
@@ -36,16 +36,6 @@ log = logging.getLogger(__name__)
 
 class WorkdirError(UserError, RuntimeError):
     """The workdir cannot be used as asked (busy, or holds another search)."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
 
 
 class Workdir:
@@ -124,7 +114,7 @@ class Workdir:
                      "afresh with this config", self.path, ", ".join(decision["changed"]))
             if self.writer:
                 for name in BEFORE_TRAINING:
-                    _remove(self.path / name)
+                    durable.remove(self.path / name)
                 if any(e.name not in KEPT for e in self.path.iterdir()):
                     log.info("Its other files (an unfinished run's checkpoint) moved to %s",
                              self.archive())
@@ -157,42 +147,17 @@ class Workdir:
 
     # -- results -------------------------------------------------------------------------------
     def results(self) -> list[dict[str, Any]]:
-        path = self.path / RESULTS
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """Every whole row (one a kill tore is left out: its run trains again)."""
+        return [json.loads(line) for line in durable.read_lines(self.path / RESULTS)]
 
     def append_result(self, row: dict[str, Any]) -> None:
-        """Adds one row; the whole file is rewritten atomically, so it is never torn."""
-        if not self.writer:
-            return
-        rows = self.results() + [row]
-        write_atomic(self.path / RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
+        """Adds one row at the end, synced: the cost of a row, not of the file."""
+        if self.writer:
+            durable.append_line(self.path / RESULTS, json.dumps(row))
 
     def write_json(self, name: str, value: Any) -> None:
         if self.writer:
             write_atomic(self.path / name, json.dumps(value, indent=2) + "\n")
-
-
-def copy_tree_atomic(source: Path, target: Path) -> None:
-    """`target` becomes a copy of directory `source`, whole: copied beside it, then renamed
-    into place (a crash leaves the old copy, or a stray temporary one, never half of one)."""
-    partial = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    old = target.with_name(f".{target.name}.old{os.getpid()}")
-    _remove(partial)
-    _remove(old)
-    shutil.copytree(source, partial)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(partial, target)
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def jsonable(config) -> dict:

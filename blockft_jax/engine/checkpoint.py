@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from blockft_jax.common import multihost
-from blockft_jax.common.workdir import write_atomic
+from blockft_jax.common import durable
+from blockft_jax.common.durable import write_atomic
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine import train
 
@@ -125,12 +126,9 @@ def park(stem: Path, stopped: dict, record: dict) -> None:
     last: a run is parked once it exists."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    arrays = stem.with_suffix(".msgpack")
-    tmp = arrays.with_suffix(".tmp")
-    tmp.write_bytes(serialization.msgpack_serialize(
+    durable.write_bytes(stem.with_suffix(".msgpack"), serialization.msgpack_serialize(
         {"state": serialization.to_state_dict(stopped["state"]),
          "best": serialization.to_state_dict(stopped["best"])}))
-    tmp.replace(arrays)
     write_atomic(stem.with_suffix(".json"), json.dumps({**record,
                                                          "history": stopped["history"]}))
 

@@ -36,7 +36,7 @@ from typing import Callable
 import jax
 
 from blockft_jax.common import multihost
-from blockft_jax.common.workdir import write_atomic
+from blockft_jax.common.durable import write_atomic
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine import train
 

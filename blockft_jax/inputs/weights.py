@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
+from blockft_jax.common import durable
 from blockft_jax.common.errors import UserError
 from blockft_jax.models import (HEAD_UNIT, Backbone, init_head, keras_auto_name, layer_table,
                                 variable_shapes)
@@ -197,14 +198,8 @@ def load_keras(path, module: Backbone, input_shape: Sequence[int], *, skip_top: 
 
 def save_variables(path, variables) -> None:
     """Writes variables as flax msgpack, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(variables)))
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())  # on disk before the rename publishes it
-    os.replace(tmp.name, path)
+    durable.write_bytes(path, serialization.msgpack_serialize(
+        jax.tree.map(np.asarray, dict(variables))))
 
 
 def load_variables(path) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import jaxlib
 import numpy as np
 
 from blockft_jax.candidates import groups, strategies
-from blockft_jax.common.workdir import write_atomic
+from blockft_jax.common.durable import write_atomic
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine import train
 from blockft_jax.inputs.weights import cache_dir

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from blockft_jax.candidates.strategies import BASELINES, LABELS, REGISTRY
-from blockft_jax.common.workdir import write_atomic
+from blockft_jax.common.durable import write_atomic
 from blockft_jax.search import results
 
 # How each baseline's line looks on the searched strategies' plots.

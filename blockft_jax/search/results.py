@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from blockft_jax.candidates import settings
+from blockft_jax.common import durable
 from blockft_jax.candidates.strategies import SEARCH_ORDER, labels
 from blockft_jax.common.statistics import BOOTSTRAP_SEED, REPLICATES, interval95, paired_bootstrap
 
@@ -138,13 +137,7 @@ def _class_arrays(**arrays) -> dict:
 
 
 def _save_npz_atomic(path: Path, arrays: dict) -> None:
-    """Write-then-rename: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    durable.write(path, lambda f: np.savez(f, **arrays))
 
 
 def _load(path: Path) -> dict:

@@ -25,8 +25,10 @@ from blockft_jax.candidates import groups, halving, settings, strategies, subtun
 from blockft_jax.candidates.groups import Group
 from blockft_jax.common import multihost, scalars, streams
 from blockft_jax.common.progress import CompileClock, Progress
-from blockft_jax.common.workdir import (ENGINES, PARKED, TENSORBOARD, Workdir, copy_tree_atomic,
-                                        finished_keys, jsonable, write_atomic)
+from blockft_jax.common import durable
+from blockft_jax.common.durable import write_atomic
+from blockft_jax.common.workdir import (ENGINES, PARKED, TENSORBOARD, Workdir, finished_keys,
+                                        jsonable)
 from blockft_jax.engine import checkpoint, placement, train
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine.checkpoint import Checkpoint, save_model
@@ -520,11 +522,11 @@ def _run(config, wd: Workdir) -> dict:
              "the rest ran alongside training", clock.seconds, clock.blocking, total,
              100 * clock.blocking / max(total, 1e-9))
     if wd.writer:  # what this process did; summary.json holds only what any run would give
-        _append_jsonl(wd.path / "runs.jsonl", {
+        durable.append_line(wd.path / "runs.jsonl", json.dumps({
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(total, 1),
             "compile_seconds": round(clock.seconds, 1),
             "compile_blocking_seconds": round(clock.blocking, 1), "compilations": counts,
-            "training_seconds": round(training, 1)})
+            "training_seconds": round(training, 1)}))
     return summary
 
 
@@ -679,7 +681,7 @@ def _save_best(search: Search, winner: dict) -> str | None:
                     source.parent, BEST_MODEL)
         return None
     if search.wd.writer:
-        copy_tree_atomic(source.parent, search.wd.path / BEST_MODEL)
+        durable.copy_tree(source.parent, search.wd.path / BEST_MODEL)
     return BEST_MODEL
 
 
@@ -837,6 +839,3 @@ def model_meta(search: Search, group: Group, seed: int) -> dict:
             "dataset": search.config.data.name}
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
