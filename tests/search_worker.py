@@ -1,13 +1,15 @@
 """One process of a 2-process search on localhost (CPU collectives over gloo), for
 tests/test_multiprocess.py:
 
-    python tests/search_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR [DIE_AFTER_SAVES|skewed]
+    python tests/search_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR [DIE_AFTER_SAVES|skewed|bad]
 
 Runs configs/tiny.py (every strategy) through the command line's launcher. With
 DIE_AFTER_SAVES=N, process 0 kills itself (SIGKILL, as a preempted VM dies) right after its N-th
 epoch checkpoint; the test then kills the other process the same way. With `skewed`,
 train.checkpoint_seconds is 20 and process 1's clock runs 10,000 times fast: left to itself, it
-would checkpoint after every epoch and process 0 rarely.
+would checkpoint after every epoch and process 0 rarely. With `bad`, the launcher joins the
+processes itself (`--distributed`) and the config holds a mistake: the command's exit status
+is returned as it is, with no leaving done here.
 """
 import os
 import signal
@@ -20,14 +22,26 @@ def main(argv):
     port, process_id, num_processes = (int(a) for a in argv[1:4])
     workdir = argv[4]
     skewed = len(argv) > 5 and argv[5] == "skewed"
-    die_after = int(argv[5]) if len(argv) > 5 and not skewed else None
+    bad = len(argv) > 5 and argv[5] == "bad"
+    die_after = int(argv[5]) if len(argv) > 5 and not (skewed or bad) else None
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
-    try:
+    initialize = jax.distributed.initialize
+
+    def join():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                                   num_processes=num_processes, process_id=process_id,
-                                   initialization_timeout=120)
+        initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+                   process_id=process_id, initialization_timeout=120)
+
+    if bad:  # --distributed: the launcher joins (on localhost here) and must leave
+        jax.distributed.initialize = join
+        from blockft_jax import launch
+        from configs import tiny
+        config = tiny.get_config()
+        config.train.epochs = 0  # a mistake every process finds after joining
+        return launch.run(config, workdir, distributed=True)
+    try:
+        join()
     except Exception as e:  # setup only: a failure later is a bug, not the platform
         print(f"UNSUPPORTED: {type(e).__name__}: {e}", flush=True)
         return EXIT_UNSUPPORTED

@@ -33,10 +33,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir: Path, die_after: int | None = None, skewed: bool = False
+def start(workdir: Path, die_after: int | None = None, skewed: bool = False, bad: bool = False
           ) -> list[subprocess.Popen]:
     port = free_port()
-    extra = ["skewed"] if skewed else [] if die_after is None else [str(die_after)]
+    extra = (["skewed"] if skewed else ["bad"] if bad else [] if die_after is None
+             else [str(die_after)])
     return [subprocess.Popen([sys.executable, str(WORKER), str(port), str(i), "2",
                               str(workdir), *extra], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -91,3 +92,14 @@ def test_kill_both_processes_and_restart_gives_the_same_summary_and_models(unint
     assert (json.loads((tmp_path / "summary.json").read_text()) ==
             json.loads((whole / "summary.json").read_text()))
     assert_same_models(whole, tmp_path)
+
+
+def test_a_mistake_on_every_process_ends_each_with_one_line(tmp_path):
+    """`--distributed` and a config mistake found after joining: every process leaves the
+    distributed service before it exits, so each ends with the mistake's one line and exit
+    status 2, not an abort in the service's shutdown."""
+    processes = start(tmp_path / "wd", bad=True)
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in processes]
+    for p, out in zip(processes, outputs):
+        assert p.returncode == 2, out[-4000:]
+        assert "train.epochs=0" in out and "Traceback" not in out, out[-4000:]
