@@ -496,3 +496,19 @@ def test_the_default_setting_is_todays_inputs_bitwise(starts, table):
     for path, value in base.flat(scaled.mask).items():
         want = base.flat(before.mask)[path] * np.float32(10.0 if path[0] == HEAD_UNIT else 0.1)
         assert scaled.mask is not before.mask and np.array_equal(value, want), path
+
+
+def test_cohorts_of_an_engine_share_one_device_copy_of_the_frozen_layers(engine, starts,
+                                                                         table):
+    """Placement budgets one copy of the frozen layers: every cohort of an engine started from
+    the same variables reads the same device arrays, not an upload of its own."""
+    runs = lambda k: [make_run(starts, table, (), s) for s in SEEDS[:k]]
+    first = cohort_lib.Cohort(engine, 2).init(starts[SEEDS[0]], runs(2))
+    second = cohort_lib.Cohort(engine, 1).init(starts[SEEDS[0]], runs(1))
+    assert all(a is b for a, b in zip(jax.tree.leaves(first.shared),
+                                      jax.tree.leaves(second.shared)))
+    other = jax.tree.map(np.copy, starts[SEEDS[0]])  # other arrays: placed anew
+    third = cohort_lib.Cohort(engine, 1).init(other, [make_run(starts, table, (),
+                                                               SEEDS[0])])
+    assert not any(a is b for a, b in zip(jax.tree.leaves(first.shared),
+                                          jax.tree.leaves(third.shared)))

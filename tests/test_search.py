@@ -120,6 +120,26 @@ def test_each_seed_draws_its_head_and_every_candidate_shares_it(tmp_path):
         assert np.array_equal(a[k], c[k]) == (not k.startswith("params/head/kernel")), k
 
 
+def test_a_cohorts_runs_are_let_go_before_the_next_trains(tmp_path, monkeypatch):
+    """A finished cohort's results (each run's final variables on the device) are gone when
+    the next cohort of the engine starts: placement budgets one cohort's state, not two."""
+    import gc
+    import weakref
+    alive, run_cohort = [], search.Search.run_cohort
+
+    def watched(self, *args, **kwargs):
+        gc.collect()
+        assert not any(ref() is not None for ref in alive), "the last cohort's runs live on"
+        finished, ckpt = run_cohort(self, *args, **kwargs)
+        alive.extend(weakref.ref(result) for _, result in finished)
+        return finished, ckpt
+
+    monkeypatch.setattr(search.Search, "run_cohort", watched)
+    search.run(tiny_config(**{"search.strategies": ("classifier_only", "layerwise"),
+                              "search.parallel": 1}), tmp_path)
+    assert len(alive) >= 3  # cohorts of one, one after another
+
+
 def test_report_rebuilds_from_the_workdir(finished, tmp_path):
     from blockft_jax import report as report_command
     workdir, _ = finished

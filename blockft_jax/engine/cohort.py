@@ -362,7 +362,7 @@ class Cohort:
         for run in runs:
             if run.variables is not None and run.variables is not variables:
                 self._check_shared(variables, run.variables)
-        shared = self.engine.place(self.shared_part(variables))
+        shared = self.engine.place_frozen(self.shared_part(variables))
         # Stacked on the host: the runs' live variables may live anywhere, and may differ.
         host = lambda tree: jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
         fetched = {}  # runs that start from the same variables fetch them once

@@ -251,6 +251,9 @@ class Engine:
     # (plan.Plan.anchored).
     anchored: bool = False
     compilations: dict = dataclasses.field(default_factory=lambda: {"features": 0})
+    # The frozen layers as the last cohort placed them: (their host leaves, the device copy).
+    _frozen: tuple | None = dataclasses.field(default=None, init=False, repr=False,
+                                              compare=False)
 
     def __post_init__(self):
         if self.cached and self.augment and any(self.augment.values()):
@@ -470,6 +473,17 @@ class Engine:
         """`tree`'s arrays (host or device, PRNG keys too) whole on every device, by explicit
         transfers; arrays already there are kept as they are."""
         return place(tree, self.replicated)
+
+    def place_frozen(self, tree):
+        """`place` for the frozen layers, once: a cohort given the same host arrays as the
+        last one shares its device copy (placement budgets one, not one per cohort)."""
+        leaves = jax.tree.leaves(tree)
+        if self._frozen is not None and len(self._frozen[0]) == len(leaves) and all(
+                a is b for a, b in zip(self._frozen[0], leaves)):
+            return self._frozen[1]
+        placed = self.place(tree)
+        self._frozen = (leaves, placed)
+        return placed
 
     def replicate(self, x: np.ndarray) -> jax.Array:
         """A host array (the same on every process) whole on every device."""

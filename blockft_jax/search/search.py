@@ -732,18 +732,25 @@ def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
         started = time.perf_counter()
         finished, ckpt = search.run_cohort(chunk, from_unit, rung, budget)
         training += time.perf_counter() - started
-        for (group, seed), (row, result) in zip(chunk, finished):
-            if final or result.status == "diverged":
-                _record(search, group, seed, row, result)
-                checkpoint.unpark_clear(search.parked_stem(group.candidate, seed))
-            elif search.wd.writer:
-                checkpoint.park(search.parked_stem(group.candidate, seed), result.stopped,
-                                {"row": row, "predictions": _listed(result.predictions)})
-        ckpt.clear()
-        if final:
-            for group in dict.fromkeys(g for g, _ in chunk):
-                _promote(search, group)
+        _keep(search, chunk, finished, ckpt, final)
+        del finished  # the runs' device variables, let go before the next cohort trains
     return training
+
+
+def _keep(search: Search, chunk: list, finished: list, ckpt, final: bool) -> None:
+    """What a cohort's runs leave: at the last rung (or diverged) their records, before it
+    their parked state; then the checkpoint goes."""
+    for (group, seed), (row, result) in zip(chunk, finished):
+        if final or result.status == "diverged":
+            _record(search, group, seed, row, result)
+            checkpoint.unpark_clear(search.parked_stem(group.candidate, seed))
+        elif search.wd.writer:
+            checkpoint.park(search.parked_stem(group.candidate, seed), result.stopped,
+                            {"row": row, "predictions": _listed(result.predictions)})
+    ckpt.clear()
+    if final:
+        for group in dict.fromkeys(g for g, _ in chunk):
+            _promote(search, group)
 
 
 def _listed(predictions: dict | None) -> dict | None:
