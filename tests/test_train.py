@@ -607,27 +607,8 @@ def test_the_demo_backbone_found_by_process_0_reaches_every_process(tmp_path):
 
 def test_two_processes_match_one(mesh_run, worker_inputs, worker_split, engine_b1_cached,
                                  variables):
-    port, n = free_port(), 2
-    outs = [worker_inputs.with_name(f"process{i}.npz") for i in range(n)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "multi", str(worker_inputs),
-                               str(outs[i]), str(port), str(i), str(n)],
-                              env=worker_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(n)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=SUBPROCESS_TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("the two processes timed out:\n" + "\n".join(
-            p.communicate()[0][-3000:] for p in procs))
-    codes = [p.returncode for p in procs]
-    if codes == [worker.EXIT_UNSUPPORTED] * n:  # both failed to set up, nothing else went wrong
-        reason = next(line for log in logs for line in log.splitlines()
-                      if line.startswith("UNSUPPORTED"))
-        pytest.skip(f"this platform cannot run CPU multi-process collectives: {reason}")
-    assert codes == [0] * n, "\n\n".join(log[-5000:] for log in logs)
+    outs = [worker_inputs.with_name(f"process{i}.npz") for i in range(2)]
+    run_processes("multi", worker_inputs, outs, lambda i: worker_env(2))
 
     results = []
     for out in outs:
