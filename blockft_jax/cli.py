@@ -45,8 +45,9 @@ def setup_logging(verbosity: int | None = None) -> None:
     """Our progress at INFO on stderr; other libraries (JAX's backend probe, orbax, TensorFlow)
     only from WARNING, unless `verbosity` (absl's --verbosity, when given) asks for more."""
     root = logging.getLogger()
-    for handler in list(root.handlers):  # absl's handler prefixes every line
-        if type(handler).__name__ == "ABSLHandler" or getattr(handler, "_console", False):
+    for handler in list(root.handlers):  # absl's prefixes every line; a library's
+        if (type(handler).__name__ == "ABSLHandler" or getattr(handler, "_console", False)
+                or _basic_stderr(handler)):
             root.removeHandler(handler)
     console = logging.StreamHandler(sys.stderr)
     console._console = True
@@ -65,6 +66,14 @@ def setup_logging(verbosity: int | None = None) -> None:
         root.setLevel(converter.absl_to_standard(verbosity))
         logging.getLogger("absl").setLevel(converter.absl_to_standard(verbosity))
     logging.getLogger("blockft_jax").setLevel(min(logging.INFO, root.level))
+
+
+def _basic_stderr(handler: logging.Handler) -> bool:
+    """The handler `logging.basicConfig()` installs (orbax calls it as it is imported): it
+    would print each of our lines a second time, in its own format."""
+    formatter = handler.formatter
+    return (type(handler) is logging.StreamHandler and handler.stream is sys.stderr
+            and (formatter is None or formatter._fmt == logging.BASIC_FORMAT))
 
 
 class _WithDefaults(argparse.HelpFormatter):
@@ -108,7 +117,7 @@ def parse_main_flags(argv: list[str]) -> list[str]:
         if type(e).__name__ == "FlagOrderError":  # an override before --config
             fail("put --config FILE first, then its overrides (--config.<key>=<value>).")
         if isinstance(e, flags.Error):
-            fail(f"{_first_line(e)}. {LISTS_FLAGS}")
+            fail(f"{first_line(e)}. {LISTS_FLAGS}")
         raise
     if not isinstance(flags.FLAGS.config, ConfigDict):  # the file failed to load (lazily)
         fail(explain_config_error(argv) or f"--config {flags.FLAGS['config'].value!r} could "
@@ -134,7 +143,7 @@ def explain_config_error(argv: list[str], error: BaseException | None = None) ->
         return config
     for key in _override_keys(argv):
         if not has_key(config, key):
-            return (f"--config.{key}: the config has no key {key!r}{_closest(config, key)}; "
+            return (f"--config.{key}: the config has no key {key!r}{closest_key(config, key)}; "
                     f"--show_config lists every key with its value.")
     # absl names the override whose value it could not read: say what the key takes.
     bad_value = re.match(r"flag --config\.([\w.]+)=(.*?): ", str(error or ""), re.S)
@@ -172,7 +181,7 @@ def load_config_file(path: str):
     except Exception as e:  # the file's own error: say where, in one line
         line = next((f" (line {frame.lineno})" for frame in traceback.extract_tb(e.__traceback__)
                      if Path(frame.filename).resolve() == Path(file).resolve()), "")
-        text = _first_line(e)
+        text = first_line(e)
         if isinstance(e, SyntaxError) and e.lineno:
             line, text = f" (line {e.lineno})", e.msg
         return f"--config {path} cannot be loaded{line}: {type(e).__name__}: {text}."
@@ -214,7 +223,7 @@ def _get(config, key: str):
     return config
 
 
-def _closest(config, key: str) -> str:
+def closest_key(config, key: str) -> str:
     keys = config_keys(config)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not close:  # the right name in the wrong section: --config.epochs -> train.epochs
@@ -247,6 +256,6 @@ def configs_importable(argv: list[str]) -> None:
         sys.path.insert(0, str(Path(path.partition(":")[0]).expanduser().absolute().parent.parent))
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0].rstrip(".") if text else type(error).__name__

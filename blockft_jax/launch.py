@@ -1,4 +1,5 @@
-"""From the command line to a search: paths, multi-host setup, the log file, and errors.
+"""From the command line to a search (`api.run`): multi-host setup, the log file, the dry run
+and errors.
 
 Errors a user can fix (config, data, weights, workdir, a full disk) end with one line saying
 what to do; anything else keeps its traceback, and the last line says where the full log is.
@@ -11,30 +12,15 @@ from pathlib import Path
 
 import jax
 
-from blockft_jax import benchmarking, models
+from blockft_jax import api, benchmarking, models
 from blockft_jax import target as target_lib
 from blockft_jax.common import multihost, progress
 from blockft_jax.common import workdir as workdir_lib
 from blockft_jax.common.errors import UserError
 from blockft_jax.engine import cohort, train
-from blockft_jax.inputs import weights
-from blockft_jax.search import costs, plan, search
+from blockft_jax.search import costs, plan
 
 log = logging.getLogger("blockft_jax")
-
-
-def resolve_paths(config) -> None:
-    """Makes every path in `config` absolute, once, here at the edge: the search may change
-    directory-sensitive libraries (orbax refuses relative paths) and its workdir records them."""
-    def absolute(path):
-        if path is None or "://" in path:  # gs://, s3://: remote, already absolute
-            return path
-        return str(Path(path).expanduser().absolute())
-
-    config.data.path = absolute(config.data.path)
-    config.data.data_dir = absolute(config.data.data_dir)
-    if config.model.weights not in plan.WEIGHT_SOURCES:
-        config.model.weights = absolute(config.model.weights)
 
 
 def dry_run(config, inputs: list[str]) -> str:
@@ -86,7 +72,7 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
     workdir = Path(workdir).expanduser().absolute()
     log_file = None
     try:
-        resolve_paths(config)
+        api.resolve_paths(config)
         # Every value and every input checked before the workdir is touched: a mistake leaves
         # no trace there, and the rerun after fixing it starts as if it were the first.
         inputs = plan.check(config)
@@ -98,11 +84,7 @@ def run(config, workdir: str, *, start_over: bool = False, distributed: bool = F
             return 0
         if multihost.is_leader():
             log_file = _log_to_file(workdir / workdir_lib.LOG)
-        _use_compilation_cache()
-        log.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__,
-                 jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
-        log.info("Results go to %s (log: %s)", workdir, workdir / workdir_lib.LOG)
-        search.run(config, workdir, start_over=start_over)
+        api.run(config, workdir=workdir, start_over=start_over)
         if distributed:
             leave_distributed()
     except UserError as e:
@@ -155,11 +137,3 @@ def _log_to_file(path: Path) -> logging.FileHandler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
-
-
-def _use_compilation_cache() -> None:
-    if not jax.config.jax_compilation_cache_dir:
-        # A resumed (preempted) or repeated search reuses its compiled steps.
-        jax.config.update("jax_compilation_cache_dir", str(weights.cache_dir() / "jax_compilation"))
-        # Small programs too (the head init, eval steps: 0.2-0.5 s each on CPU).
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
