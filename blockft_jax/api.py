@@ -110,6 +110,7 @@ def load(config: str | ConfigDict, overrides: dict | None = None,
         path = Path(config)
         if not path.suffix and not path.exists() and (CONFIGS / f"{config}.py").exists():
             path = CONFIGS / f"{config}.py"  # a name: one of the package's configs
+        cli.configs_importable(["--config", str(path)])  # its `from configs import default`
         loaded = cli.load_config_file(str(path))
         if isinstance(loaded, str):
             raise ConfigError(loaded.replace("--config ", "config ", 1))
