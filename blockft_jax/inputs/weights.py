@@ -1,23 +1,35 @@
 """Keras weight files -> Flax variables, with h5py alone (no TensorFlow, no Keras).
 
-Two formats are read:
-  * legacy HDF5 (`.h5`): the format of the official keras-applications ImageNet files; layers
-    are groups named like the Keras layers, listed in the root attribute `layer_names`.
+Three containers are read:
+  * legacy HDF5 (`.h5`): the format of the official keras-applications ImageNet files and of
+    `model.save("x.h5")`; layers are groups named like the Keras layers, listed in the
+    attribute `layer_names` (of `model_weights/` in a full-model file). A model nested as a
+    layer is one group holding all its weights (its inner models' too), named
+    `<layer>/<variable>`.
   * Keras 3 (`.weights.h5`): groups `layers/<key>/vars/<i>`, where <key> is the layer's class
-    in snake case, numbered in `model.layers` order (`conv2d`, `conv2d_1`, ...).
-Conversion is strict: every backbone variable is filled exactly once, every array in the file is
-used or explicitly skipped (the ImageNet classifier), and any mismatch names the layer, both
-shapes and the file.
+    in snake case, numbered in `model.layers` order (`conv2d`, `conv2d_1`, ...); a nested
+    model has a `layers/` group of its own.
+  * Keras 3 `.keras`: a zip archive holding such a `model.weights.h5`.
+The backbone is found by its layers, not by any name the file gives it: the file's top level
+(an application saved alone) or the model nested in it, at any depth, that holds every weighted
+layer of the module (a transfer model's backbone). What the file holds besides is skipped and
+logged in one line. Conversion is strict: every backbone variable is filled exactly once, every
+array of the backbone's model is used or explicitly skipped (the ImageNet classifier), and any
+mismatch names the layer, both shapes and the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
+import json
 import logging
 import os
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,8 +40,8 @@ from flax import serialization, traverse_util
 
 from blockft_jax.common import durable
 from blockft_jax.common.errors import UserError
-from blockft_jax.models import (HEAD_UNIT, Backbone, init_head, keras_auto_name, layer_table,
-                                variable_shapes)
+from blockft_jax.models import (HEAD_UNIT, Backbone, LayerRecord, init_head, keras_auto_name,
+                                layer_table, variable_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +60,29 @@ ALIASES = {"depthwise_kernel": "kernel"}  # tf.keras 2 names the depthwise kerne
 # backbone (which has its own head, or none).
 KERAS_TOP_LAYERS = ("predictions", "fc1", "fc2", "flatten", "conv_preds", "logits", "conv_2",
                     "reshape_1", "reshape_2", "dropout", "act_softmax", "probs")
+KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"  # the weights inside a Keras 3 .keras zip
+
+Arrays = dict[str, np.ndarray]  # one layer's arrays by Keras variable name
 
 
 class WeightsError(UserError, ValueError):
     """A Keras weights file does not fit the model it is loaded into."""
+
+
+@dataclasses.dataclass
+class StoredModel:
+    """A model in a Keras file: the file's top level, or a model nested in it as a layer."""
+    label: str | None          # the nested model's name (or place in the file); None: top level
+    layers: dict[str, Arrays]  # its own layers' arrays, by Keras layer name
+
+    def weighted(self) -> list[str]:
+        return [name for name, arrays in self.layers.items() if arrays]
+
+
+@dataclasses.dataclass
+class KerasFile:
+    models: list[StoredModel]  # the top level first, then the nested models, depth first
+    other: dict[str, int]     # state beside the layers (the optimizer's): arrays per group
 
 
 def _open(path) -> h5py.File:
@@ -59,10 +90,30 @@ def _open(path) -> h5py.File:
     if not path.exists():
         raise WeightsError(f"Keras weights file not found: {path}")
     try:
+        if zipfile.is_zipfile(path):
+            return h5py.File(io.BytesIO(_archive_weights(path)), "r")
         return h5py.File(path, "r")
     except OSError as e:
-        raise WeightsError(f"Could not read {path} as HDF5 ({e}). The file may be truncated "
-                           "or not a Keras weights file; download it again.") from e
+        raise WeightsError(f"Could not read {path} as HDF5 or a .keras archive ({e}). The file "
+                           "may be truncated or not a Keras weights file; download it again."
+                           ) from e
+
+
+def _archive_weights(path: Path) -> bytes:
+    """The HDF5 weights inside a Keras 3 `.keras` archive (a zip, with config.json)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(KERAS_ARCHIVE_WEIGHTS)
+    except KeyError:
+        raise WeightsError(f"{path} is a zip archive without {KERAS_ARCHIVE_WEIGHTS}: not a "
+                           "Keras 3 .keras file (or one saved with sharded weights).") from None
+    except zipfile.BadZipFile as e:
+        raise WeightsError(f"Could not read {path} as a .keras archive ({e}). The file may be "
+                           "truncated; save or download it again.") from e
+
+
+def _strings(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
 def _var_name(weight_name: str) -> str:
@@ -70,38 +121,126 @@ def _var_name(weight_name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def _legacy_layers(f: h5py.File, path) -> dict[str, dict[str, np.ndarray]]:
+def _array_count(group: h5py.Group) -> int:
+    count = 0
+
+    def visit(_, item):
+        nonlocal count
+        count += isinstance(item, h5py.Dataset)
+
+    group.visititems(visit)
+    return count
+
+
+# --- legacy HDF5 ------------------------------------------------------------------------------
+
+def _legacy_file(f: h5py.File, path) -> KerasFile:
     root = f["model_weights"] if "model_weights" in f else f
     if "layer_names" not in root.attrs:
         raise WeightsError(f"{path}: no 'layer_names' attribute; not a Keras weights file.")
-    layers = {}
-    for raw in root.attrs["layer_names"]:
-        name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        group = root[name]
-        names = [n.decode() if isinstance(n, bytes) else str(n)
-                 for n in group.attrs.get("weight_names", [])]
-        try:
-            layers[name] = {_var_name(n): np.asarray(group[n]) for n in names}
-        except (KeyError, OSError) as e:
-            raise WeightsError(f"{path}: layer {name!r} lists weights {names} that cannot be "
-                               f"read ({e}); the file may be truncated.") from e
+    configs = _layer_configs(f)
+    top, nested = {}, []
+    for name in _strings(root.attrs["layer_names"]):
+        layers = _legacy_group(root[name], name, path)
+        if len(layers) > 1:  # weights of several layers: a nested model's group
+            owners = _innermost_models(configs.get(name, {}), name)
+            nested += _split_by_model(name, layers, owners)
+        else:
+            top[name] = next(iter(layers.values()), {})
+    other = {} if root is f else {key: _array_count(group) for key, group in f.items()
+                                  if key != "model_weights" and isinstance(group, h5py.Group)}
+    return KerasFile([StoredModel(None, top), *nested], other)
+
+
+def _legacy_group(group: h5py.Group, name: str, path) -> dict[str, Arrays]:
+    """A layer group's arrays by layer: a weight named `<layer>/<variable>` belongs to <layer>
+    (one of a nested model's layers), one named without a layer to the group's own layer."""
+    names = _strings(group.attrs.get("weight_names", []))
+    layers: dict[str, Arrays] = {}
+    try:
+        for weight in names:
+            layer = weight.rsplit("/", 1)[0] if "/" in weight else name
+            layers.setdefault(layer, {})[_var_name(weight)] = np.asarray(group[weight])
+    except (KeyError, OSError) as e:
+        raise WeightsError(f"{path}: layer {name!r} lists weights {names} that cannot be "
+                           f"read ({e}); the file may be truncated.") from e
     return layers
 
 
-def _keras3_layers(f: h5py.File, table, path) -> dict[str, dict[str, np.ndarray]]:
-    """Re-keys a Keras 3 file by layer name, deriving each layer's class-based key from the
-    layer table (Keras numbers keys per class in `model.layers` order)."""
-    groups = f["layers"]
+def _layer_configs(f: h5py.File) -> dict[str, dict]:
+    """The saved model's layers' configs by name, from a full-model file's `model_config`
+    (JSON); {} in a weights-only file."""
+    raw = f.attrs.get("model_config")
+    if raw is None:
+        return {}
+    config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    return {layer.get("config", {}).get("name"): layer
+            for layer in config.get("config", {}).get("layers", [])}
+
+
+def _innermost_models(layer_config: dict, name: str) -> dict[str, str]:
+    """{layer name: the innermost model that has it} for model `name` and the models nested
+    in it, from its config."""
+    owners = {}
+    for inner in layer_config.get("config", {}).get("layers", []):
+        inner_name = inner.get("config", {}).get("name")
+        owners[inner_name] = name
+        owners.update(_innermost_models(inner, inner_name))
+    return owners
+
+
+def _split_by_model(name: str, layers: dict[str, Arrays], owners: dict[str, str]
+                    ) -> list[StoredModel]:
+    """A nested model's group holds its inner models' weights too: each layer goes to the
+    innermost model that has it (all to `name` when the file has no config)."""
+    split: dict[str, dict[str, Arrays]] = {}
+    for layer, arrays in layers.items():
+        split.setdefault(owners.get(layer) or name, {})[layer] = arrays
+    return [StoredModel(label, model_layers) for label, model_layers in split.items()]
+
+
+# --- Keras 3 ----------------------------------------------------------------------------------
+
+def _keras3_file(f: h5py.File, table, path) -> KerasFile:
+    other = {key: _array_count(group) for key, group in f.items()
+             if key not in ("layers", "vars") and isinstance(group, h5py.Group)}
+    return KerasFile(_keras3_models(f, table, path, None), other)
+
+
+def _keras3_models(group: h5py.Group, table, path, label) -> list[StoredModel]:
+    """`group`'s model and the models nested in it (layer groups with `layers` of their own),
+    depth first."""
+    found = [StoredModel(label, _keras3_layers(group, table, path))]
+    for child in group["layers"].values():
+        if "layers" in child:
+            found += _keras3_models(child, table, path, _stored_name(child) or child.name)
+    return found
+
+
+def _stored_name(layer_group: h5py.Group) -> str | None:
+    """The layer's name, which recent Keras 3 versions store beside its variables."""
+    name = layer_group["vars"].attrs.get("name") if "vars" in layer_group else None
+    return None if name is None else _strings([name])[0]
+
+
+def _keras3_layers(group: h5py.Group, table, path) -> dict[str, Arrays]:
+    """Re-keys one model's layers by layer name, deriving each layer's class-based key from
+    the layer table (Keras numbers keys per class in `model.layers` order); where Keras stored
+    the layer's name, it must agree."""
+    groups = group["layers"]
     counts: dict[str, int] = {"InputLayer": 1}
     layers, used = {}, {"input_layer"}
     for record in table:
         key = keras_auto_name(record.keras_class, counts.get(record.keras_class, 0))
         counts[record.keras_class] = counts.get(record.keras_class, 0) + 1
+        if record.unit == HEAD_UNIT:
+            continue  # the module's own head: never taken from a file
         if not record.has_weights:
             used.add(key)
             continue
-        if key not in groups or "vars" not in groups[key]:
-            continue  # reported as missing by the caller
+        if key not in groups or not len(groups[key].get("vars", {})) or \
+                _stored_name(groups[key]) not in (None, record.name):
+            continue  # not this model's layer; reported by the caller if it is the backbone
         used.add(key)
         vars_ = groups[key]["vars"]
         names = [keras for keras, _ in KERAS_VARIABLES[record.keras_class]]
@@ -110,82 +249,145 @@ def _keras3_layers(f: h5py.File, table, path) -> dict[str, dict[str, np.ndarray]
             raise WeightsError(f"{path}: layer {record.name!r} ({key}) has {len(arrays)} "
                                f"arrays, expected at most {len(names)}.")
         layers[record.name] = dict(zip(names, arrays))  # Keras order: kernel, bias / BN's 4
-    extra = [k for k in groups if k not in used and len(groups[k].get("vars", {})) > 0]
-    for k in extra:  # classifier layers of an include_top file: keep them, skip them later
-        layers[f"<{k}>"] = {str(i): np.asarray(v) for i, v in groups[k]["vars"].items()}
+    for key, layer_group in groups.items():  # others, e.g. the classifier of include_top
+        if key not in used and len(layer_group.get("vars", {})) > 0:
+            layers[f"<{_stored_name(layer_group) or key}>"] = {
+                str(i): np.asarray(v) for i, v in layer_group["vars"].items()}
     return layers
 
 
-def read_keras_file(path, module: Backbone, input_shape, table=None
-                    ) -> dict[str, dict[str, np.ndarray]]:
-    """{Keras layer name: {Keras variable name: array}} from either format. A Keras 3 file
-    names layers by class counters, so the module's layer table (given or derived) names them."""
+def read_keras_file(path, module: Backbone, input_shape, table=None) -> KerasFile:
+    """The models a Keras file holds (top level and nested), each with its layers' arrays by
+    Keras layer name. A Keras 3 file names layers by class counters, so the module's layer
+    table (given or derived) names them."""
     with _open(path) as f:
         if "layers" in f and "vars" in f:
             table = layer_table(module, input_shape) if table is None else table
-            return _keras3_layers(f, table, path)
-        return _legacy_layers(f, path)
+            return _keras3_file(f, table, path)
+        return _legacy_file(f, path)
+
+
+# --- conversion -------------------------------------------------------------------------------
+
+def _find_backbone(keras_file: KerasFile, wanted: set[str], path, model_name: str) -> StoredModel:
+    """The model in the file holding every weighted layer of the backbone: the top level (an
+    application saved alone) or a model nested in it (a transfer model's backbone)."""
+    holding = [m for m in keras_file.models if wanted <= set(m.weighted())]
+    if len(holding) == 1:
+        return holding[0]
+    if holding:
+        raise WeightsError(
+            f"{path} holds {len(holding)} {model_name} backbones "
+            f"({', '.join(repr(m.label) for m in holding)}); save the one to start from "
+            f"alone, e.g. model.get_layer(name).save_weights('backbone.weights.h5').")
+    raise WeightsError(
+        f"{path} holds no {model_name} backbone ({len(wanted)} weighted layers): it holds "
+        f"{_contents(keras_file.models, wanted)}. Is it a file for another model, or for other "
+        f"options?")
+
+
+def _contents(models: list[StoredModel], wanted: set[str]) -> str:
+    """What a file holds, for an error: each model with how many of the backbone's layers
+    it has; a few top-level layers (a transfer model's head) by name."""
+    parts = []
+    for model in models[1:] + models[:1]:  # the nested models first: one is meant
+        held = model.weighted()
+        if model.label is None and len(held) <= 3:
+            parts += [f"{name.strip('<>')!r} (1 layer)" for name in held]
+            continue
+        count = f"{len(held)} weighted layer{'s' * (len(held) != 1)}"
+        lacking = sorted(wanted.difference(held))
+        match = f"{len(wanted) - len(lacking)} of the {len(wanted)} expected" + (
+            f", lacking {', '.join(map(repr, lacking))}" if len(lacking) <= 3 else "")
+        parts.append(f"{model.label!r} ({count}, {match})" if model.label is not None
+                     else f"{count} at its top level ({match})")
+    return ", ".join(parts) or "no weights"
+
+
+def _convert_layer(record: LayerRecord, arrays: Arrays, expected: dict, source: str
+                   ) -> dict[tuple[str, ...], np.ndarray]:
+    """One Keras layer's arrays as the module's variables: names, layout and shapes checked,
+    each array used once."""
+    arrays = dict(arrays)
+    filled = {}
+    for keras_name, (collection, flax_name) in KERAS_VARIABLES[record.keras_class]:
+        target = (collection, record.name, flax_name)
+        if target not in expected:
+            if keras_name in arrays:
+                raise WeightsError(f"{source}: layer {record.name!r} has {keras_name!r} but "
+                                   f"the model's layer has no {flax_name!r}.")
+            continue
+        if keras_name not in arrays:
+            raise WeightsError(f"{source}: layer {record.name!r} lacks {keras_name!r} "
+                               f"(file has {sorted(arrays)}).")
+        value = arrays.pop(keras_name)
+        want = expected[target].shape
+        if record.keras_class == "DepthwiseConv2D" and value.ndim == 4:
+            kh, kw, cin, mult = value.shape
+            value = value.reshape(kh, kw, 1, cin * mult)  # (kh,kw,in,m) -> grouped conv
+        if value.shape != want:
+            raise WeightsError(
+                f"{source}: shape mismatch in layer {record.name!r}, {keras_name!r}: file "
+                f"has {value.shape}, model expects {want}. Check the model name, width "
+                f"and options.")
+        filled[target] = value.astype(expected[target].dtype)
+    if arrays:
+        raise WeightsError(f"{source}: layer {record.name!r} has unused arrays {sorted(arrays)}.")
+    return filled
+
+
+def _skip_the_rest(keras_file: KerasFile, backbone: StoredModel, used: set[str], skip_top: bool,
+                   source: str) -> None:
+    """Checks, then logs in one line, what the file holds besides the backbone. Beside the
+    backbone in its own model, at most Keras's ImageNet classifier (more is another model,
+    e.g. a deeper ResNet); around it, anything (a transfer model's pooling and head)."""
+    extra = [name for name in backbone.weighted() if name not in used]
+    around = [name for model in keras_file.models if model is not backbone
+              for name in model.weighted()]
+    classifier = len(extra) <= 4 and all(n in KERAS_TOP_LAYERS or n.startswith("<")
+                                         for n in extra)
+    if not classifier:
+        unwanted = extra
+    elif not skip_top:
+        unwanted = extra + around
+    else:
+        unwanted = []
+    if unwanted:
+        raise WeightsError(f"{source}: the file has weights for layers the model lacks: "
+                           f"{unwanted[:10]}{' ...' if len(unwanted) > 10 else ''}. Is this a "
+                           f"file for another model?")
+    skipped = [name.strip("<>") for name in extra + around]
+    skipped += [f"{key} ({count} arrays)" for key, count in keras_file.other.items() if count]
+    if skipped:
+        log.info("Took the backbone from %s; skipped the rest: %s", source, ", ".join(skipped))
 
 
 def load_keras(path, module: Backbone, input_shape: Sequence[int], *, skip_top: bool = True,
                rng: jax.Array | None = None) -> dict[str, Any]:
     """Converts a Keras weights file into `{'params', 'batch_stats'}` for `module`.
 
-    `input_shape` is (H, W, C). Layers of Keras's ImageNet classifier present in the file are
-    skipped when `skip_top`; the module's own `head` (if any) is freshly initialised from
-    `rng`, and is the only variable not taken from the file.
+    `input_shape` is (H, W, C). The file is a legacy `.h5`, a `.weights.h5` or a `.keras`
+    archive, of the application alone or of a model it is nested in (a transfer model). When
+    `skip_top`, the layers of Keras's ImageNet classifier and the layers around a nested
+    backbone are skipped; without, the file must hold the backbone alone. The module's own
+    `head` (if any) is freshly initialised from `rng`, and is the only variable not taken from
+    the file.
     """
     shape = tuple(input_shape)
     table = layer_table(module, shape)
-    file_layers = read_keras_file(path, module, shape, table)
+    records = [r for r in table if r.has_weights and r.unit != HEAD_UNIT]
+    keras_file = read_keras_file(path, module, shape, table)
+    backbone = _find_backbone(keras_file, {r.name for r in records}, path, type(module).__name__)
+    source = str(path) if backbone.label is None else f"{path} (nested model {backbone.label!r})"
     expected = traverse_util.flatten_dict(dict(variable_shapes(module, shape)))
     filled: dict[tuple[str, ...], np.ndarray] = {}
-
-    for record in table:
-        if not record.has_weights or record.unit == HEAD_UNIT:
-            continue
-        if record.name not in file_layers:
-            raise WeightsError(
-                f"{path}: layer {record.name!r} ({record.keras_class}) of "
-                f"{type(module).__name__} has no weights in the file. Is this the file for "
-                f"this model, width and options?")
-        arrays = dict(file_layers.pop(record.name))
-        for keras_name, (collection, flax_name) in KERAS_VARIABLES[record.keras_class]:
-            target = (collection, record.name, flax_name)
-            if target not in expected:
-                if keras_name in arrays:
-                    raise WeightsError(f"{path}: layer {record.name!r} has {keras_name!r} but "
-                                       f"the model's layer has no {flax_name!r}.")
-                continue
-            if keras_name not in arrays:
-                raise WeightsError(f"{path}: layer {record.name!r} lacks {keras_name!r} "
-                                   f"(file has {sorted(arrays)}).")
-            value = arrays.pop(keras_name)
-            want = expected[target].shape
-            if record.keras_class == "DepthwiseConv2D" and value.ndim == 4:
-                kh, kw, cin, mult = value.shape
-                value = value.reshape(kh, kw, 1, cin * mult)  # (kh,kw,in,m) -> grouped conv
-            if value.shape != want:
-                raise WeightsError(
-                    f"{path}: shape mismatch in layer {record.name!r}, {keras_name!r}: file "
-                    f"has {value.shape}, model expects {want}. Check the model name, width "
-                    f"and options.")
-            filled[target] = value.astype(expected[target].dtype)
-        if arrays:
-            raise WeightsError(f"{path}: layer {record.name!r} has unused arrays {sorted(arrays)}.")
-
-    leftover = sorted(name for name, arrays in file_layers.items() if arrays)
-    skippable = [n for n in leftover if n in KERAS_TOP_LAYERS or n.startswith("<")]
-    if leftover and (not skip_top or skippable != leftover or len(leftover) > 4):
-        raise WeightsError(f"{path}: the file has weights for layers the model lacks: "
-                           f"{leftover[:10]}{' ...' if len(leftover) > 10 else ''}. Is this a "
-                           f"file for another model?")
-    if skippable:
-        log.info("Skipped Keras classifier layers %s from %s", skippable, path)
+    for record in records:
+        filled.update(_convert_layer(record, backbone.layers[record.name], expected, source))
+    _skip_the_rest(keras_file, backbone, {r.name for r in records}, skip_top, source)
 
     missing = [p for p in expected if p not in filled and p[1] != HEAD_UNIT]
     if missing:
-        raise WeightsError(f"{path}: no value for {['/'.join(p) for p in missing[:5]]}.")
+        raise WeightsError(f"{source}: no value for {['/'.join(p) for p in missing[:5]]}.")
     if any(p[1] == HEAD_UNIT for p in expected):
         head = init_head(module, shape, rng)
         filled.update({("params", HEAD_UNIT, k): np.asarray(v) for k, v in head.items()})
