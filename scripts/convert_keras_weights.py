@@ -21,7 +21,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224, help="input height = width")
     parser.add_argument("--minimalistic", action="store_true", help="MobileNetV3 only")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--keras", help="a Keras .h5 or .weights.h5 file")
+    source.add_argument("--keras", help="a Keras .h5, .weights.h5 or .keras file (a whole "
+                        "transfer model too: its backbone is found by its layers)")
     source.add_argument("--imagenet", action="store_true",
                         help="download the official keras-applications ImageNet file")
     parser.add_argument("--out", required=True, help="output .msgpack path")

@@ -101,3 +101,49 @@ def test_the_bn_policy_travels_to_keras(tmp_path, policy):
     batchnorms = [layer for layer in model.layers
                   if isinstance(layer, keras.layers.BatchNormalization)]
     assert batchnorms and {layer.trainable for layer in batchnorms} == {policy == "train"}
+
+
+@pytest.mark.parametrize("name, width, options", [
+    ("mobilenet_v2", 0.35, {}),
+    ("mobilenet_v3_small", 0.75, {"minimalistic": True, "include_preprocessing": None}),
+])
+def test_an_exported_model_seeds_the_next_search_bitwise(tmp_path, name, width, options):
+    """export's .keras file, given back as model.weights, is the exported backbone, bitwise:
+    a search can start where the last one ended."""
+    from flax import traverse_util
+
+    from blockft_jax import models
+    from blockft_jax.inputs import weights
+    _, variables = make_saved_model(tmp_path / "m", name, width=width, options=options)
+    export.keras_model(predict.load(tmp_path / "m")).save(tmp_path / "m.keras")
+    module = models.create(name, width=width,
+                           **{k: v for k, v in options.items() if v is not None})
+    got = traverse_util.flatten_dict(weights.load_keras(tmp_path / "m.keras", module,
+                                                        (32, 32, 3)))
+    want = traverse_util.flatten_dict({c: {k: v for k, v in tree.items() if k != "head"}
+                                       for c, tree in variables.items()})
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]),
+                                      err_msg=str(key))
+
+
+def test_dry_run_checks_a_keras_file_before_training(tmp_path):
+    """--dry_run converts a Keras file given as model.weights: the demo's model takes an
+    exported MobileNetV2 at its width; another width is one line naming the mismatch."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for width in (0.35, 0.5):
+        make_saved_model(tmp_path / f"m{width}", "mobilenet_v2", width=width)
+        export.keras_model(predict.load(tmp_path / f"m{width}")).save(
+            tmp_path / f"m{width}.keras")
+
+    def dry_run(width):
+        return subprocess.run(
+            [sys.executable, "-m", "blockft_jax.main", "--config", "configs/demo.py",
+             f"--config.model.weights={tmp_path / f'm{width}.keras'}", "--dry_run",
+             f"--workdir={tmp_path / 'wd'}"], cwd=root, capture_output=True, text=True)
+    good, bad = dry_run(0.35), dry_run(0.5)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert "Keras file: the backbone found and converted" in good.stdout
+    assert bad.returncode == 2 and "shape mismatch" in bad.stderr, bad.stderr[-2000:]
+    assert len([line for line in bad.stderr.splitlines() if "error:" in line]) == 1

@@ -17,7 +17,7 @@ from blockft_jax.candidates import groups, halving, settings, strategies, subtun
 from blockft_jax.candidates.groups import Group
 from blockft_jax.common.errors import UserError
 from blockft_jax.engine import train
-from blockft_jax.inputs import data
+from blockft_jax.inputs import data, weights
 from blockft_jax.search import costs
 
 # model.weights values that are not files.
@@ -77,7 +77,7 @@ def _validate_model(config) -> None:
     _need(isinstance(m.weights, str)
           and (m.weights in WEIGHT_SOURCES or Path(m.weights).exists()),
           f"model.weights={m.weights!r}: no such file. Use {', '.join(map(repr, WEIGHT_SOURCES))}"
-          f" or a path to a Keras .h5/.weights.h5 file or a converted .msgpack.")
+          f" or a path to a Keras .h5, .weights.h5 or .keras file or a converted .msgpack.")
     _number(m.dropout_rate, "model.dropout_rate", 0, 0.99)
     try:
         build_module(config, num_classes=2)
@@ -212,9 +212,10 @@ def check(config) -> list[str]:
 
 
 def check_inputs(config) -> list[str]:
-    """What the search will read, checked without loading images or weights: the image folder
-    (its classes and their image files), the TFDS dataset's name, the weights file. Returns the
-    lines --dry_run prints; raises a UserError saying what to fix."""
+    """What the search will read, checked without loading images: the image folder (its
+    classes and their image files), the TFDS dataset's name, a Keras weights file of the
+    user's (converted: its backbone found and every variable filled). Returns the lines
+    --dry_run prints; raises a UserError saying what to fix."""
     d, m = config.data, config.model
     if d.name == "image_folder":
         classes = data.image_folder_classes(d.path)
@@ -239,14 +240,26 @@ def check_inputs(config) -> list[str]:
         lines = [f"Data: TFDS dataset {d.name} ({where})."]
     lines += [f"Note: data.{key} is set but data.name={d.name!r} does not use it."
               for key in data.unused_keys(d)]
-    lines.append("Weights: " + {
+    known = {
         "imagenet": f"Keras's ImageNet file for {m.name} (downloaded once, then cached).",
         "random": "random initialisation (nothing pretrained).",
         "demo": "the demo backbone (pretrained on digits "
         f"{', '.join(map(str, config.demo.pretrain_classes))}: shipped, or pretrained here "
-        "once, then cached)."}.get(
-            m.weights, f"{m.weights}."))
+        "once, then cached)."}
+    lines.append("Weights: " + (known.get(m.weights) or _weights_file(config)))
     return lines
+
+
+def _weights_file(config) -> str:
+    """A file of the user's: a Keras file is converted here, so that a file for another model
+    (or one without the backbone) is refused before anything trains."""
+    path = config.model.weights
+    if Path(path).suffix not in (".h5", ".keras"):
+        return f"{path}."
+    size = config.model.input_size
+    variables = weights.load_keras(path, build_module(config, None), (size, size, 3))
+    count = sum(len(layer) for layer in variables["params"].values())
+    return f"{path} (Keras file: the backbone found and converted, {count} parameter arrays)."
 
 
 def build_module(config, num_classes: int | None):

@@ -49,7 +49,7 @@ def load(config, module) -> dict:
     if not path.exists():
         raise weights.WeightsError(
             f"model.weights={source!r}: no such file. Use 'imagenet', 'random', 'demo' or a "
-            f"path to a Keras .h5/.weights.h5 file or a converted .msgpack.")
+            f"path to a Keras .h5, .weights.h5 or .keras file or a converted .msgpack.")
     if path.suffix == ".msgpack":
         return weights.with_fresh_head(module, weights.load_variables(path), shape)
     return weights.load_keras(path, module, shape)
