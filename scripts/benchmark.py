@@ -9,6 +9,7 @@
   python scripts/benchmark.py --checkpoints   # the demo search's checkpoint cost; checkpoint sizes
   python scripts/benchmark.py --halving [--tasks demo,swapped]   # whole network: exhaustive vs halving
   python scripts/benchmark.py --recipes [--tasks demo,swapped]   # the winner vs the best fixed recipe
+  python scripts/benchmark.py --determinism   # the demo twice, once under load: the same rows?
 
 The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
 with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
@@ -82,6 +83,7 @@ import json
 import math
 import os
 import subprocess
+import signal
 import sys
 import time
 
@@ -500,6 +502,54 @@ def warm_up(args, scratch: str) -> None:
         raise SystemExit(f"warm-up failed:\n{warm.stderr[-3000:]}")
 
 
+def determinism_benchmark(args) -> None:
+    """The same command twice on one machine, the second beside a load that holds about 60%
+    of the memory and keeps every core busy: the engines' split (from the speed kept per
+    machine) and the cohorts (from the host's whole memory) do not move, so neither do the
+    numbers. Exit status 1 when a row differs."""
+    import tempfile
+
+    scratch = args.scratch or tempfile.mkdtemp(prefix="blockft_determinism_")
+    cache = os.path.join(scratch, "jax_cache")
+    warm_up(args, scratch)
+    quiet = timed_search(args, os.path.join(scratch, "quiet"), cache, [])
+    load = subprocess.Popen([sys.executable, "-c", LOAD, str(os.cpu_count() or 1)],
+                            start_new_session=True)  # its spinners die with its group
+    try:
+        time.sleep(5)  # the memory held, the cores busy
+        loaded = timed_search(args, os.path.join(scratch, "loaded"), cache, [])
+    finally:
+        os.killpg(load.pid, signal.SIGKILL)
+        load.wait()
+    rows = {}
+    for name in ("quiet", "loaded"):
+        with open(os.path.join(scratch, name, "results.jsonl")) as f:
+            rows[name] = [{k: v for k, v in json.loads(line).items() if k != "train_seconds"}
+                          for line in f if line.strip()]
+    same = rows["quiet"] == rows["loaded"]
+    print(f"quiet: {quiet['wall_s']:.0f} s, winner {quiet['winner']}; under load: "
+          f"{loaded['wall_s']:.0f} s, winner {loaded['winner']}; {len(rows['quiet'])} and "
+          f"{len(rows['loaded'])} rows: {'the same bitwise' if same else 'DIFFERENT'} (all but "
+          f"train_seconds)")
+    if not same:
+        sys.exit(1)
+
+
+# Holds ~60% of the memory available and keeps every core busy until killed.
+LOAD = """
+import multiprocessing, os, sys
+def spin():
+    while True:
+        pass
+available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+held = bytearray(int(0.6 * available))
+held[::4096] = b"x" * len(held[::4096])  # touched: resident, not just reserved
+for _ in range(int(sys.argv[1])):
+    multiprocessing.Process(target=spin, daemon=True).start()
+spin()
+"""
+
+
 def search_benchmark(args) -> None:
     import tempfile
     scratch = tempfile.mkdtemp(prefix="blockft_search_bench_")
@@ -856,6 +906,10 @@ def main(argv=None):
     parser.add_argument("--halving", action="store_true",
                         help="the demo over the whole network: exhaustive against halving, on "
                              "--tasks")
+    parser.add_argument("--determinism", action="store_true",
+                        help="the demo search twice in fresh workdirs, the second beside a "
+                             "process holding most of the memory and every core; checks that "
+                             "results.jsonl is the same bitwise (but the seconds)")
     parser.add_argument("--recipes", action="store_true",
                         help="the demo search as it ships against the best fixed recipe "
                              "(classifier-only and full under every setting), on --tasks")
@@ -900,6 +954,8 @@ def main(argv=None):
 
     if args.search:
         return search_benchmark(args)
+    if args.determinism:
+        return determinism_benchmark(args)
     if args.checkpoints:
         return checkpoint_benchmark(args)
     if args.halving or args.recipes:
