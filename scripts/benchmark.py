@@ -82,8 +82,8 @@ import functools
 import json
 import math
 import os
-import subprocess
 import signal
+import subprocess
 import sys
 import time
 
