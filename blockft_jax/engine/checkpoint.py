@@ -17,8 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from blockft_jax.common import multihost
-from blockft_jax.common import durable
+from blockft_jax.common import durable, multihost
 from blockft_jax.common.durable import write_atomic
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine import train

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from blockft_jax.candidates import settings
-from blockft_jax.common import durable
 from blockft_jax.candidates.strategies import SEARCH_ORDER, labels
+from blockft_jax.common import durable
 from blockft_jax.common.statistics import BOOTSTRAP_SEED, REPLICATES, interval95, paired_bootstrap
 
 log = logging.getLogger(__name__)

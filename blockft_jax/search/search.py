@@ -23,10 +23,9 @@ import numpy as np
 from blockft_jax import models
 from blockft_jax.candidates import groups, halving, settings, strategies, subtuning
 from blockft_jax.candidates.groups import Group
-from blockft_jax.common import multihost, scalars, streams
-from blockft_jax.common.progress import CompileClock, Progress
-from blockft_jax.common import durable
+from blockft_jax.common import durable, multihost, scalars, streams
 from blockft_jax.common.durable import write_atomic
+from blockft_jax.common.progress import CompileClock, Progress
 from blockft_jax.common.workdir import (ENGINES, PARKED, TENSORBOARD, Workdir, finished_keys,
                                         jsonable)
 from blockft_jax.engine import checkpoint, placement, train
