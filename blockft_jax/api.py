@@ -26,6 +26,7 @@ from ml_collections import ConfigDict
 
 from blockft_jax import cli
 from blockft_jax import predict as predict_lib
+from blockft_jax.common import multihost
 from blockft_jax.common import workdir as workdir_lib
 from blockft_jax.common.errors import UserError
 from blockft_jax.inputs import weights
@@ -89,7 +90,9 @@ def run(config: str | ConfigDict, *, workdir: str | Path | None = None,
     """Runs (or resumes) the search `config` describes, in `workdir` (default
     runs/<config name>), and returns what it found."""
     config, name = load(config, overrides, sections)
-    if not log.isEnabledFor(logging.INFO):  # a notebook: the command line's lines, on stderr
+    # A notebook: the command line's lines, on stderr. Never on another process of a pod,
+    # whose quiet the launcher set (one copy of the progress: process 0's).
+    if multihost.is_leader() and not log.isEnabledFor(logging.INFO):
         cli.setup_logging()
     workdir = Path(workdir or Path("runs") / name).expanduser().absolute()
     resolve_paths(config)
