@@ -131,22 +131,14 @@ def load(config: str | ConfigDict, overrides: dict | None = None,
 
 
 def _set(config: ConfigDict, key: str, value) -> None:
-    if not cli.has_key(config, key) or hasattr(_get(config, key), "keys"):
+    if not cli.has_key(config, key) or hasattr(cli.get_key(config, key), "keys"):
         raise ConfigError(f"config has no key {key}{cli.closest_key(config, key)}.")
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
+    parent, _, leaf = key.rpartition(".")
+    node = cli.get_key(config, parent) if parent else config
     try:
         node[leaf] = value
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}={value!r}: {cli.first_line(e)}.") from None
-
-
-def _get(config, key: str):
-    for part in key.split("."):
-        config = config[part]
-    return config
 
 
 def resolve_paths(config) -> None:

@@ -152,7 +152,7 @@ def explain_config_error(argv: list[str], error: BaseException | None = None) ->
         key, value = bad_value.groups()
         kind = config_path.get_type(key, config)
         return (f"--config.{key}={value}: {key} takes {_KINDS.get(kind, kind.__name__)} "
-                f"(now {_get(config, key)!r}).")
+                f"(now {get_key(config, key)!r}).")
     return None
 
 
@@ -213,11 +213,12 @@ def config_keys(config, prefix: str = "") -> list[str]:
 
 def config_listing(config) -> str:
     """`key = value` for every key of the config (what --show_config prints)."""
-    return "\n".join(f"{key} = {_get(config, key)!r}" for key in config_keys(config)
-                     if not hasattr(_get(config, key), "keys"))
+    return "\n".join(f"{key} = {get_key(config, key)!r}" for key in config_keys(config)
+                     if not hasattr(get_key(config, key), "keys"))
 
 
-def _get(config, key: str):
+def get_key(config, key: str):
+    """The value at a dotted key (`train.epochs`)."""
     for part in key.split("."):
         config = config[part]
     return config

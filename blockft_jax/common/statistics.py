@@ -1,6 +1,6 @@
-"""The paired bootstrap behind every comparison of a search: a rung's decision (schedule.py)
-and the summary's comparisons (results.py). Numpy only, so that both can use it without
-importing each other."""
+"""The paired bootstrap behind every comparison of a search: a rung's decision
+(candidates/halving.py) and the summary's comparisons (search/results.py). Numpy only, so
+that both can use it without importing each other."""
 from __future__ import annotations
 
 import numpy as np

@@ -16,7 +16,8 @@ from the compiler, and followed by every process.
   beside them (the prefix cache, each run's best variables) is compared with the memory
   available: the device's free memory (`memory_stats()`), or on CPU a quarter of the host's
   memory (all of it: what is free now moves with the load, and would move the numbers). Too
-  large: K shrinks by the measured bytes per run and the steps are compiled again. The evaluation batch (a multiple of the training batch) shrinks the same way.
+  large: K shrinks by the measured bytes per run and the steps are compiled again. The
+  evaluation batch (a multiple of the training batch) shrinks the same way.
 
 The decision is logged with its figures and kept in cohorts.json with the machine it was made
 for; a rerun on the same kind of machine keeps it (so it forms the same cohorts), on another
