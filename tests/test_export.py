@@ -147,3 +147,24 @@ def test_dry_run_checks_a_keras_file_before_training(tmp_path):
     assert "Keras file: the backbone found and converted" in good.stdout
     assert bad.returncode == 2 and "shape mismatch" in bad.stderr, bad.stderr[-2000:]
     assert len([line for line in bad.stderr.splitlines() if "error:" in line]) == 1
+
+
+def test_a_keras_file_is_converted_once_per_process(tmp_path, monkeypatch):
+    """The launcher checks the inputs before its log file opens and the search again before
+    its workdir: a user's Keras file is converted once for both; a changed file again."""
+    from blockft_jax.inputs import weights
+    from blockft_jax.search import plan
+    from configs import demo
+    make_saved_model(tmp_path / "m", "mobilenet_v2", width=0.35)
+    export.keras_model(predict.load(tmp_path / "m")).save(tmp_path / "m.keras")
+    config = demo.get_config()
+    config.model.weights = str(tmp_path / "m.keras")
+    converted, load_keras = [], weights.load_keras
+    monkeypatch.setattr(weights, "load_keras",
+                        lambda *args, **kwargs: converted.append(1) or load_keras(*args,
+                                                                                  **kwargs))
+    first = plan.check_inputs(config)
+    assert plan.check_inputs(config) == first and len(converted) == 1
+    os.utime(tmp_path / "m.keras", ns=(1, 1))  # another file state: converted again
+    plan.check_inputs(config)
+    assert len(converted) == 2

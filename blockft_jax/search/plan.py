@@ -6,11 +6,14 @@ The search runs this plan; `--dry_run` prints it, so a long search can be checke
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 from pathlib import Path
 
 import jax.numpy as jnp
+import ml_collections
 
 from blockft_jax import models
 from blockft_jax.candidates import groups, halving, settings, strategies, subtuning
@@ -253,13 +256,26 @@ def check_inputs(config) -> list[str]:
 def _weights_file(config) -> str:
     """A file of the user's: a Keras file is converted here, so that a file for another model
     (or one without the backbone) is refused before anything trains."""
-    path = config.model.weights
-    if Path(path).suffix not in (".h5", ".keras"):
+    path = Path(config.model.weights)
+    if path.suffix not in (".h5", ".keras"):
         return f"{path}."
-    size = config.model.input_size
-    variables = weights.load_keras(path, build_module(config, None), (size, size, 3))
-    count = sum(len(layer) for layer in variables["params"].values())
+    stat = path.stat()
+    model = json.dumps({"model": config.model.to_dict(),
+                        "train": {"compute_dtype": config.train.compute_dtype}},
+                       sort_keys=True, default=list)
+    count = _converted_arrays(str(path), stat.st_mtime_ns, stat.st_size, model)
     return f"{path} (Keras file: the backbone found and converted, {count} parameter arrays)."
+
+
+@functools.lru_cache(maxsize=4)
+def _converted_arrays(path: str, mtime_ns: int, size: int, model: str) -> int:
+    """The backbone's parameter arrays converted from a Keras file for the model `model`
+    (JSON) describes: once per file state and model in a process, though the command line
+    checks its inputs before its log file opens and the search again before its workdir."""
+    config = ml_collections.ConfigDict(json.loads(model))
+    shape = (config.model.input_size, config.model.input_size, 3)
+    variables = weights.load_keras(path, build_module(config, None), shape)
+    return sum(len(layer) for layer in variables["params"].values())
 
 
 def build_module(config, num_classes: int | None):
