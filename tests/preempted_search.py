@@ -31,7 +31,7 @@ def main(argv):
 
     from blockft_jax.engine import checkpoint
     from blockft_jax import launch
-    from blockft_jax.search import search
+    from blockft_jax.search import decisions, search
     from blockft_jax.engine import cohort as cohort_lib
     from configs import tiny
 
@@ -105,7 +105,7 @@ def main(argv):
 
         checkpoint.Checkpoint.save = preempting
     if kill_at and kill_at.startswith("round:"):
-        decide_round = search.Search.decide_round
+        decide_round = decisions.Decisions.decide_round
 
         def deciding(self, strategy, index, *rest, **kwargs):
             entry = decide_round(self, strategy, index, *rest, **kwargs)
@@ -114,7 +114,7 @@ def main(argv):
                 os.kill(os.getpid(), signal.SIGKILL)
             return entry
 
-        search.Search.decide_round = deciding
+        decisions.Decisions.decide_round = deciding
     return launch.run(config, workdir)
 
 

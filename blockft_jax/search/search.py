@@ -10,7 +10,6 @@ results.jsonl live in memory, read once by process 0 and broadcast, and each new
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -26,15 +25,16 @@ from blockft_jax.candidates.groups import Group
 from blockft_jax.common import durable, multihost, scalars, streams
 from blockft_jax.common.durable import write_atomic
 from blockft_jax.common.progress import CompileClock, Progress
-from blockft_jax.common.workdir import (ENGINES, PARKED, TENSORBOARD, Workdir, finished_keys,
-                                        jsonable)
-from blockft_jax.engine import checkpoint, placement, train
+from blockft_jax.common.workdir import ENGINES, TENSORBOARD, Workdir, jsonable
+from blockft_jax.engine import checkpoint, train
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine.checkpoint import Checkpoint, save_model
 from blockft_jax.inputs import data as data_lib
 from blockft_jax.inputs import weights
 from blockft_jax.search import costs, pretrained, report, results
-from blockft_jax.search import plan as plan_lib
+from blockft_jax.search.decisions import Decisions, round_pool
+from blockft_jax.search.engines import Engines
+from blockft_jax.search.ledger import Ledger
 from blockft_jax.search.plan import (build_module, candidates, check, engine_work,
                                      make_plan, round_rung)
 from blockft_jax.search.results import rank
@@ -43,16 +43,12 @@ log = logging.getLogger(__name__)
 
 __all__ = ["run", "Search"]
 
-DECISIONS = "schedule.json"   # the halving search's decisions, and the rounds'
-
-
-def round_pool(strategy: str, index: int) -> str:
-    """A round's name in schedule.json (a pool of one rung)."""
-    return f"{strategy} round {index}"
-
 
 @dataclasses.dataclass
 class Search:
+    """One search's inputs (data, model, pretrained variables, plan) and its parts: the
+    engines (`engines.Engines`), what is known of each run (`ledger.Ledger`) and the halving
+    schedule's decisions (`decisions.Decisions`); it trains a cohort of runs (`run_cohort`)."""
     config: object
     wd: Workdir
     clock: "CompileClock"
@@ -67,22 +63,17 @@ class Search:
         self.mesh = train.data_mesh()  # every device; each engine lays them out (`layout`)
         self.tx = train.make_optimizer(c.train, train.total_steps(c, len(self.dataset.train)))
         self.plan = self._plan()
-        self.engines: dict[str, placement.Prepared] = {}
-        # One background thread compiles the engines' steps, one engine after another.
-        self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self.engines = Engines(c, self.module, self.tx, self.table, self.mesh, self.plan,
+                               self.variables, self.dataset, self.wd, self.clock)
         self.depth = {r.name: i for i, r in enumerate(reversed(groups.backbone_layers(self.table)))}
-        # The finished runs: read once, on process 0, and the same on every process.
-        self.rows: list[dict] = multihost.broadcast_json(self.wd.results)
-        self.predictions_dir = self.wd.path / results.PREDICTIONS_DIR
-        self.progress = Progress(self.plan.runs, len(finished_keys(self.rows)),
+        self.ledger = Ledger(self.wd, len(self.dataset.validation))
+        self.progress = Progress(self.plan.runs, len(self.ledger.finished()),
                                  flops=lambda unit: self.engines[unit].flops_per_run()
                                  if unit in self.engines else None)
-        # The halving search's decisions so far: {pool: {rung index: halving.evidence's}}.
-        self.decisions: dict = multihost.broadcast_json(lambda: json.loads(
-            (self.wd.path / DECISIONS).read_text()) if (self.wd.path / DECISIONS).exists()
-            else {})
+        self.decisions = Decisions(c, self.plan, self.ledger, self.progress, self.wd,
+                                   len(self.dataset.class_names), self.dataset.validation.labels)
         if self.wd.writer:
-            results.write_labels(self.predictions_dir, self.dataset.validation.labels,
+            results.write_labels(self.ledger.predictions_dir, self.dataset.validation.labels,
                                  self.dataset.test.labels if len(self.dataset.test) else None)
             if self.dataset.skipped:
                 write_atomic(self.wd.path / "skipped_files.txt", "".join(
@@ -117,129 +108,6 @@ class Search:
                  ", ".join(plan.engines), c.search.engines, speed.compile_seconds,
                  speed.step_seconds * 1e3, speed.seconds_per_flop * 1e9, speed.measured_on)
         return plan
-
-    def add_result(self, row: dict) -> dict:
-        """Records a finished run: process 0's row, on every process, and in results.jsonl."""
-        row = multihost.broadcast_json(lambda: row)
-        self.rows.append(row)
-        self.wd.append_result(row)
-        return row
-
-    # -- engines: one train-step compilation each -----------------------------------------------
-    def prepare(self, from_unit: str, runs: int) -> placement.Prepared:
-        """The engine for a lowest trainable unit, its inputs, and its steps compiling in the
-        background for the largest cohort worth having (`runs` of it to train)."""
-        if from_unit in self.engines:
-            return self.engines[from_unit]
-        c = self.config
-        kept = placement.kept(self.wd.path, from_unit, self.mesh)
-        layout = kept.layout if kept else tuple(multihost.broadcast_json(lambda: placement.layout(
-            self.mesh.devices.size, plan_lib.at_once(c, runs), c.data.batch_size)))
-        engine = plan_lib.engine(c, self.module, self.tx, self.table, from_unit,
-                                 self.mesh.devices, layout[0], self.plan.anchored(from_unit),
-                                 train.default_prefix_chunk_bytes())
-        cached = engine.cached
-        splits = {"train": self.dataset.train, "validation": self.dataset.validation,
-                  "test": self.dataset.test}
-        images = sum(map(len, splits.values()))
-        start = lambda: placement.first(engine, self.variables, c.search.parallel, runs,
-                                        placement.device_split_bytes(engine, images, self.shape),
-                                        kept)
-        begun = multihost.broadcast_json(start)
-        cohort = cohort_lib.Cohort(engine, begun["size"])
-        sizes = {k: len(v) for k, v in splits.items()} if begun["cache_on_device"] else None
-        log.info("Compiling the steps for runs from unit %s (%d at once; in the background)",
-                 from_unit, cohort.size)
-        compiling = self.compiler.submit(self.compile, cohort, sizes, begun["multiple"])
-        prepared = placement.Prepared(engine, splits, runs, {cohort.size: cohort}, {}, compiling,
-                            begun["cache_on_device"], begun["caps"], kept)
-        if cached:
-            started = time.perf_counter()
-            prepared.splits = {k: engine.features(self.variables, v, c.data.batch_size)
-                               for k, v in splits.items()}
-            nbytes = sum(s.images.nbytes for s in prepared.splits.values())
-            log.info("Prefix cache: units below %s computed once per image (%.1f MB in "
-                     "%s memory, %.1f s)", from_unit, nbytes / 2**20,
-                     "device" if prepared.cache_on_device else "host",
-                     time.perf_counter() - started)
-        elif prepared.cache_on_device:
-            log.info("Images (uint8) in device memory for runs from unit %s: %.1f MB",
-                     from_unit, sum(s.images.nbytes for s in splits.values()) / 2**20)
-        if prepared.cache_on_device:
-            prepared.splits = {k: engine.to_device(v) for k, v in prepared.splits.items()}
-        self.engines[from_unit] = prepared
-        return prepared
-
-    def compile(self, cohort: cohort_lib.Cohort, device_split_sizes, multiple: int) -> dict:
-        """A cohort's steps compiled ahead (any candidate's mask: only structure matters):
-        their memory by XLA's plan, and the train step's flops per run."""
-        c = self.config
-        any_mask = groups.param_mask(self.variables["params"], self.table, [])
-        any_bn = groups.bn_modes(self.table, [])
-        return cohort.compile_steps(self.variables, any_mask, any_bn, c.data.batch_size,
-                                    self.shape, device_split_sizes, multiple)
-
-    def ready(self, from_unit: str) -> placement.Prepared:
-        """The engine with its placement decided (process 0, from its compiled steps) and its
-        cohort's steps compiled."""
-        prepared = self.engines[from_unit]
-        if prepared.compiling is not None:
-            with self.clock.waiting():
-                memory = prepared.compiling.result()
-            prepared.compiling = None
-            first = next(iter(prepared.cohorts.values()))
-            multiple = (prepared.placement.eval_batch_multiple if prepared.placement
-                        else cohort_lib.EVAL_BATCH_MULTIPLE)
-            prepared.compiled[first.size, multiple] = memory
-        if prepared.placement is None:
-            prepared.placement = placement.Placement(**multihost.broadcast_json(
-                lambda: self._decide(prepared).to_json()))
-            if self.wd.writer:
-                placement.keep(self.wd.path, from_unit, prepared.placement)
-        p = prepared.placement
-        if p.cohort_size not in prepared.cohorts:
-            prepared.cohorts[p.cohort_size] = cohort_lib.Cohort(prepared.engine, p.cohort_size)
-        if (p.cohort_size, p.eval_batch_multiple) not in prepared.compiled:
-            with self.clock.waiting():
-                prepared.compiled[p.cohort_size, p.eval_batch_multiple] = self.compile(
-                    prepared.cohort, self._split_sizes(prepared), p.eval_batch_multiple)
-        if prepared.norms is None and any(
-                self.plan.engine_of(g) == from_unit for name in self.plan.strategies
-                if strategies.REGISTRY[name].measures for g in self.plan.planned.get(name, [])):
-            prepared.norms = self.compiler.submit(
-                prepared.cohort.compile_norms, self.variables,
-                groups.bn_modes(self.table, []),
-                self.config.data.batch_size, self.shape, self._split_sizes(prepared))
-        if not prepared.announced:
-            log.info(placement.describe(from_unit, p, prepared.runs))
-            prepared.announced = True
-        return prepared
-
-    def _split_sizes(self, prepared: placement.Prepared) -> dict | None:
-        return ({k: len(v) for k, v in prepared.splits.items()} if prepared.cache_on_device
-                else None)
-
-    def _decide(self, prepared: placement.Prepared) -> placement.Placement:
-        """Process 0's placement of an engine's runs, from its compiled steps."""
-        engine = prepared.engine
-
-        def compile_for(size: int, multiple: int) -> dict:
-            if (size, multiple) not in prepared.compiled:
-                cohort = prepared.cohorts.setdefault(size, cohort_lib.Cohort(engine, size))
-                prepared.compiled[size, multiple] = self.compile(
-                    cohort, self._split_sizes(prepared), multiple)
-            return prepared.compiled[size, multiple]
-
-        cache = placement.device_split_bytes(engine, sum(map(len, prepared.splits.values())),
-                                             self.shape) if prepared.cache_on_device else 0
-        return placement.decide(engine, self.variables, compile_for, max(prepared.cohorts),
-                                cache, prepared.caps)
-
-    def release(self, from_unit: str) -> None:
-        """Frees the inputs of an engine whose runs are all done (its prefix cache in device
-        memory): the next engine's placement sees that memory free."""
-        if from_unit in self.engines:
-            self.engines[from_unit].splits = {}
 
     def candidate_inputs(self, group: Group) -> groups.Inputs:
         """A candidate's mask and BN modes (and how they change between epochs), under its
@@ -279,10 +147,11 @@ class Search:
         keys = [(g.candidate, seed) for g, seed in runs]
         ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", keys, cohort)
         resumes = ckpt.restore(self.variables)
+        stem = self.ledger.parked_stem
         for key in keys:
             if key not in resumes and multihost.broadcast_json(
-                    lambda key=key: checkpoint.parked(self.parked_stem(*key)) is not None):
-                resumes[key] = checkpoint.unpark(self.parked_stem(*key), self._one_run(cohort))
+                    lambda key=key: checkpoint.parked(stem(*key)) is not None):
+                resumes[key] = checkpoint.unpark(stem(*key), self._one_run(cohort))
         members = []
         for g, seed in runs:
             inputs = self.candidate_inputs(g)
@@ -331,9 +200,6 @@ class Search:
                            cohort.abstract_runs(self.variables))
         return {"state": one, "best": cohort_lib.live(one)}
 
-    def parked_stem(self, candidate: str, seed: int) -> Path:
-        return self.wd.path / PARKED / f"{results.slug(candidate)}-seed{seed}"
-
     def row(self, group: Group, seed: int, result: cohort_lib.FitResult, rung: int) -> dict:
         """The results.jsonl row of a run as it stands at rung `rung` (the index of the rung
         it reached)."""
@@ -345,135 +211,6 @@ class Search:
                 "final_val_accuracy": result.final_val_accuracy, "val_loss": result.val_loss,
                 "train_seconds": round(result.train_seconds, 3), "steps": result.steps,
                 "status": result.status, "rung": rung}
-
-    # -- the schedule: which candidates go on -------------------------------------------------
-    def alive(self, pool: str, members: list[Group], rung: int) -> list[Group]:
-        """The candidates of a pool (plan.pools) still searched at rung `rung` (decisions
-        before it)."""
-        alive = members
-        for index, entry in sorted((int(i), e) for i, e in self.decisions.get(pool, {}).items()):
-            if index < rung:
-                alive = [g for g in alive if g.candidate in entry["kept"]]
-        return alive
-
-    def decide(self, pool: str, members: list[Group], rung: int) -> list[Group]:
-        """At a rung where a pool stops (not the last), its best 1/eta candidates by mean
-        validation accuracy (best epoch so far) over the rung's seeds go on, and with
-        search.prune_only_on_evidence those the rung cannot tell apart from its leader too
-        (halving.evidence); the others' runs are recorded, pruned. Decided on process 0 and
-        kept in schedule.json (a rerun finds the same). Returns the pruned candidates."""
-        alive = self.alive(pool, members, rung)
-        seeds = self.plan.rungs[rung].seeds
-        c = self.config
-
-        def decide() -> dict:
-            names = [g.candidate for g in alive]
-            accuracy = self._mean_accuracy(alive, seeds)
-            if not c.search.prune_only_on_evidence:
-                kept = halving.promote(names, accuracy, self.plan.eta)
-                leader = max(kept, key=accuracy.get)
-                return {"kept": kept, "leader": leader, "within_chance": False, "held": {},
-                        "pruned": {n: {"difference": accuracy[leader] - accuracy[n]}
-                                   for n in names if n not in kept}}
-            labels = self.dataset.validation.labels
-            correct = {g.candidate: np.stack([self._standing(g.candidate, seed)[1] == labels
-                                              for seed in seeds]) for g in alive}
-            chance = halving.chance_bound(len(self.dataset.class_names), len(labels))
-            return halving.evidence(names, accuracy, correct, self.plan.eta, chance)
-
-        entry = self._decision(pool, rung, decide)
-        planned = halving.survivors(len(alive), self.plan.eta)
-        kept = entry["kept"]
-        pruned = [g for g in alive if g.candidate not in kept]
-        closest = min(entry["pruned"].items(), key=lambda kv: kv[1]["difference"], default=None)
-        log.info("%s, rung %d (%d epochs): %d of %d candidates go on (%s)%s%s", pool, rung,
-                 self.plan.rungs[rung].epochs, len(kept), len(alive),
-                 ", ".join(kept[:4]) + (" ..." if len(kept) > 4 else ""),
-                 f"; the closest pruned, {closest[0]}, trails {entry['leader']} by "
-                 f"{closest[1]['difference']:.3f}" if closest else "",
-                 f"; {len(entry['held'])} kept for lack of evidence"
-                 f"{' (the leader is within chance)' if entry['within_chance'] else ''}"
-                 if entry["held"] else "")
-        # A rung that holds candidates trains more than the plan counted.
-        rest = self.plan.rungs[rung + 1:]
-        self.progress.total += (halving.expected(len(kept), rest, self.plan.eta)[0]
-                                - halving.expected(planned, rest, self.plan.eta)[0]
-                                - len(entry["held"]) * len(seeds))
-        self.record_pruned(pruned, seeds)
-        return pruned
-
-    def record_pruned(self, pruned: list[Group], seeds) -> None:
-        """Records the parked runs (`seeds`) of `pruned` candidates as they stand, status
-        'pruned' (their predictions, then their rows), and unparks them; a run already
-        recorded (it diverged, or an earlier run of the search recorded it) is left as it is."""
-        finished = finished_keys(self.rows)
-        for g in pruned:
-            for seed in seeds:
-                if (g.candidate, seed) in finished:
-                    continue
-                stem = self.parked_stem(g.candidate, seed)
-                record = multihost.broadcast_json(lambda stem=stem: checkpoint.parked(stem))
-                if self.wd.writer:
-                    validation, test = _predictions(record["predictions"])
-                    results.write_predictions(
-                        self.predictions_dir, g.candidate, seed, np.full(
-                            len(self.dataset.validation), -1) if validation is None
-                        else validation, test)
-                self.progress.finished(self.add_result({**record["row"], "status": "pruned"}))
-                checkpoint.unpark_clear(stem)
-
-    def decide_round(self, strategy: str, index: int, members: list[Group], previous,
-                     budget: halving.Rung, last: bool) -> dict:
-        """Round `index` of a strategy in rounds (subtuning.decide, from its candidates' mean
-        validation over the round's seeds): decided on process 0 and kept in schedule.json
-        (a rerun finds the same), its pruned runs recorded. `previous`: (candidate, units,
-        accuracy) chosen before, None in round 1. Returns the decision."""
-        entry = self._decision(round_pool(strategy, index), 0, lambda: subtuning.decide(
-            index, members, self._mean_accuracy(members, budget.seeds), previous,
-            self.config.search.subtuning_epsilon, last))
-        log.info("%s, round %d (%d candidates, %d epochs): %s%s", strategy, index, len(members),
-                 budget.epochs, f"adds {entry['added']} ({entry['chosen']}" if entry["added"]
-                 else f"adds nothing ({entry['leader']}",
-                 f", validation {entry['accuracy'][entry['leader']]:.3f}, a gain of "
-                 f"{entry['gain']:+.3f}); " + ("the search in rounds stops" if entry["stop"]
-                                              else "the next round goes on from it"))
-        self.record_pruned([g for g in self.plan.planned[strategy]
-                            if g.candidate in entry["pruned"]], budget.seeds)
-        return entry
-
-    def _decision(self, pool: str, rung: int, make) -> dict:
-        """A pool's decision at rung `rung`: the one kept in schedule.json, else process 0's
-        `make()`; the same on every process, and kept there (a rerun finds the same)."""
-        def decide() -> dict:
-            kept = self.decisions.get(pool, {}).get(str(rung))
-            return make() if kept is None else kept
-
-        entry = multihost.broadcast_json(decide)
-        self.decisions.setdefault(pool, {})[str(rung)] = entry
-        self.wd.write_json(DECISIONS, self.decisions)
-        return entry
-
-    def _mean_accuracy(self, members: list[Group], seeds) -> dict[str, float]:
-        """Each candidate's mean validation accuracy (its best epoch so far) over `seeds`, as
-        its runs stand (process 0)."""
-        return {g.candidate: float(np.mean([self._standing(g.candidate, seed)[0]["val_accuracy"]
-                                            for seed in seeds])) for g in members}
-
-    def _standing(self, candidate: str, seed: int) -> tuple[dict, np.ndarray]:
-        """A run as it stands at a rung (process 0): its row and its validation predictions
-        (-1 where it has none), parked or, had it diverged, recorded."""
-        row = next((r for r in self.rows if (r["candidate"], r["seed"]) == (candidate, seed)),
-                   None)
-        if row is None:
-            record = checkpoint.parked(self.parked_stem(candidate, seed))
-            validation, _ = _predictions(record["predictions"])
-            row = record["row"]
-        else:
-            path = results.prediction_path(self.predictions_dir, candidate, seed)
-            validation = np.load(path)["validation"] if path.exists() else None
-        if validation is None:
-            validation = np.full(len(self.dataset.validation), -1)
-        return row, validation
 
     def start_variables(self, seed: int) -> dict:
         """The pretrained backbone with a head drawn from `seed`: seeds differ in their head
@@ -532,7 +269,7 @@ def _run(config, wd: Workdir) -> dict:
 def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float]:
     search = Search(config, wd, clock)
     plan = search.plan
-    done = finished_keys(search.rows)
+    done = search.ledger.finished()
     log.info("Searching %s: %d candidate runs (%d done, %s schedule%s), strategies %s; engines "
              "from units %s", config.model.name, plan.runs, len(done), config.search.schedule,
              f", rungs of {[r.epochs for r in plan.rungs]} epochs" if len(plan.rungs) > 1
@@ -544,7 +281,7 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
     for unit in sorted(work, key=plan.units.index, reverse=True):
         if any(key not in done for key in work[unit]["keys"]):
             search.progress.plan(unit, work[unit]["run_epochs"])
-            search.prepare(unit, work[unit]["runs"])
+            search.engines.prepare(unit, work[unit]["runs"])
     training = 0.0  # seconds in the runs' training (fits), for runs.jsonl
     # Three phases: the strategies that need no other's ranking and train from a unit above
     # the first; those that need a ranking (after it); the whole network's.
@@ -557,23 +294,23 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
             after = registry[strategy].after
             if after:
                 ranking = list(dict.fromkeys(layer for c in rank(
-                    [r for r in search.rows if r["strategy"] == after]) for layer in c["layers"]))
+                    [r for r in search.ledger.rows if r["strategy"] == after]) for layer in c["layers"]))
                 plan.planned[strategy] = candidates(config, search.table, strategy, ranking)
         if phase and phase[0] in strategies.WHOLE_NETWORK:
             for unit in plan.engines:
                 if unit != plan.first_unit:
-                    search.release(unit)
+                    search.engines.release(unit)
         if phase:
             training += _train_phase(search, phase)
 
     # This process's compilations per engine (the plan's count, one train step per engine, is
     # in summary.json); more than one means a cohort size was compiled and then changed.
-    counts = {unit: p.compilations() for unit, p in search.engines.items()}
+    counts = search.engines.compilations()
     for unit, count in counts.items():
         if count["train"] > 1:
             log.warning("The train step from unit %s compiled %d times", unit, count["train"])
     log.info("Compilations in this run: %s", counts)
-    search.compiler.shutdown(cancel_futures=True)
+    search.engines.shutdown()
     summary = multihost.broadcast_json(lambda: _summarize(search))
     summary["best_model"] = _save_best(search, summary["winner"])
     wd.write_json("summary.json", summary)
@@ -594,13 +331,14 @@ def _train_phase(search: Search, names: list[str]) -> float:
     training = 0.0
     for rung, budget in enumerate(plan.rungs):
         stopping = [(pool, members) for pool, members in pools if halving.stops(
-            len(search.alive(pool, members, rung)), budget, plan.eta)]
-        jobs = _unfinished(search, [g for pool, members in stopping
-                                    for g in search.alive(pool, members, rung)], budget)
+            len(search.decisions.alive(pool, members, rung)), budget, plan.eta)]
+        jobs = search.ledger.unfinished([g for pool, members in stopping
+                                         for g in search.decisions.alive(pool, members, rung)],
+                                        budget)
         training += _train_engines(search, jobs, rung)
         if not budget.final:
             for pool, members in stopping:
-                for group in search.decide(pool, members, rung):
+                for group in search.decisions.decide(pool, members, rung):
                     _promote(search, group)
     for strategy in in_rounds:
         training += _train_rounds(search, strategy)
@@ -608,22 +346,6 @@ def _train_phase(search: Search, names: list[str]) -> float:
         for group in plan.planned[strategy]:
             _promote(search, group)
     return training
-
-
-def _unfinished(search: Search, members: list[Group], budget: halving.Rung) -> list:
-    """The (candidate, seed) runs of `members` that `budget` still has to train: neither
-    recorded nor parked at its epochs."""
-    finished = finished_keys(search.rows)
-    jobs = []
-    for group in members:
-        for seed in budget.seeds:
-            key = (group.candidate, seed)
-            parked = multihost.broadcast_json(
-                lambda key=key: checkpoint.parked(search.parked_stem(*key)))
-            if key in finished or (parked and len(parked["history"]) >= budget.epochs):
-                continue
-            jobs.append((group, seed))
-    return jobs
 
 
 def _train_engines(search: Search, jobs: list, rung: int,
@@ -652,9 +374,9 @@ def _train_rounds(search: Search, strategy: str) -> float:
         known = {g.candidate for g in plan.planned[strategy]}
         plan.planned[strategy] += [g for g in members if g.candidate not in known]
         sizes.append(len(members))
-        training += _train_engines(search, _unfinished(search, members, budget), 0, budget)
-        entry = search.decide_round(strategy, index, members, previous, budget,
-                                    last=index == limit)
+        training += _train_engines(search, search.ledger.unfinished(members, budget), 0, budget)
+        entry = search.decisions.decide_round(strategy, index, members, previous, budget,
+                                              last=index == limit)
         if entry["stop"]:
             break
         previous = (entry["chosen"], tuple(entry["units"]), entry["accuracy"][entry["chosen"]])
@@ -662,7 +384,7 @@ def _train_rounds(search: Search, strategy: str) -> float:
     search.progress.total += (subtuning.expected(sizes, budget, plan.rungs[-1])[0]
                               - plan.expected(strategy)[0])
     chosen = next(g for g in plan.planned[strategy] if g.candidate == entry["chosen"])
-    return training + _train_engines(search, _unfinished(search, [chosen], plan.rungs[-1]),
+    return training + _train_engines(search, search.ledger.unfinished([chosen], plan.rungs[-1]),
                                      len(plan.rungs) - 1)
 
 
@@ -686,13 +408,14 @@ def _save_best(search: Search, winner: dict) -> str | None:
 
 def _summarize(search: Search) -> dict:
     """The summary, with the paired comparisons its predictions allow (on process 0)."""
-    args = (search.config, search.rows, len(search.plan.from_units))
+    args = (search.config, search.ledger.rows, len(search.plan.from_units))
     try:
-        summary = results.summarize(*args, predictions_dir=search.predictions_dir)
+        summary = results.summarize(*args, predictions_dir=search.ledger.predictions_dir)
     except results.StalePredictionsError as e:  # never lose the summary of a whole search
         log.warning("No paired comparisons: %s", e)
         summary = results.summarize(*args)
-    rounds = {s: _rounds(search, s) for s in search.plan.strategies
+    budget = round_rung(search.config, search.plan.rungs)
+    rounds = {s: search.decisions.rounds(s, budget) for s in search.plan.strategies
               if strategies.REGISTRY[s].rounds}
     if rounds:  # each round's decision, for the report's table of rounds
         summary["rounds"] = rounds
@@ -700,19 +423,8 @@ def _summarize(search: Search) -> dict:
     if len(search.plan.rungs) > 1:  # what each rung decided, for the report
         summary["halving"] = {"rungs": [{"epochs": r.epochs, "seeds": len(r.seeds)}
                                         for r in search.plan.rungs],
-                              "decisions": {pool: d for pool, d in search.decisions.items()
-                                            if pool not in in_rounds}}
+                              "decisions": search.decisions.of_rungs(in_rounds)}
     return summary
-
-
-def _rounds(search: Search, strategy: str) -> list[dict]:
-    """The decisions of a strategy in rounds, round 1 first, with the rounds' budget."""
-    budget = round_rung(search.config, search.plan.rungs)
-    entries = []
-    while round_pool(strategy, len(entries) + 1) in search.decisions:
-        entries.append({**search.decisions[round_pool(strategy, len(entries) + 1)]["0"],
-                        "epochs": budget.epochs, "seeds": len(budget.seeds)})
-    return entries
 
 
 def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
@@ -722,8 +434,8 @@ def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
     variables and predictions), before it parked (it goes on, or is recorded when pruned); a
     run that diverged is recorded where it stopped. Returns the seconds spent training."""
     search.progress.plan(from_unit, 0)
-    search.prepare(from_unit, len(runs))
-    size = search.ready(from_unit).placement.cohort_size
+    search.engines.prepare(from_unit, len(runs))
+    size = search.engines.ready(from_unit).placement.cohort_size
     final = (budget or search.plan.rungs[rung]).final
     training = 0.0
     for start in range(0, len(runs), size):
@@ -742,28 +454,13 @@ def _keep(search: Search, chunk: list, finished: list, ckpt, final: bool) -> Non
     for (group, seed), (row, result) in zip(chunk, finished):
         if final or result.status == "diverged":
             _record(search, group, seed, row, result)
-            checkpoint.unpark_clear(search.parked_stem(group.candidate, seed))
-        elif search.wd.writer:
-            checkpoint.park(search.parked_stem(group.candidate, seed), result.stopped,
-                            {"row": row, "predictions": _listed(result.predictions)})
+            search.ledger.unpark(group.candidate, seed)
+        else:
+            search.ledger.park(group.candidate, seed, result.stopped, row, result.predictions)
     ckpt.clear()
     if final:
         for group in dict.fromkeys(g for g, _ in chunk):
             _promote(search, group)
-
-
-def _listed(predictions: dict | None) -> dict | None:
-    """Predictions as JSON lists (a parked run's record)."""
-    return None if predictions is None else {
-        split: None if p is None else np.asarray(p).tolist() for split, p in predictions.items()}
-
-
-def _predictions(listed: dict | None) -> tuple:
-    """(validation, test) predicted classes from `_listed`'s form."""
-    if listed is None:
-        return None, None
-    return tuple(None if listed.get(split) is None else np.asarray(listed[split], np.int32)
-                 for split in ("validation", "test"))
 
 
 def _record(search: Search, group: Group, seed: int, row: dict,
@@ -775,9 +472,9 @@ def _record(search: Search, group: Group, seed: int, row: dict,
             weights.save_variables(_pending(wd, group.candidate, seed), result.best_variables)
         predictions = result.predictions or {
             "validation": np.full(len(search.dataset.validation), -1), "test": None}
-        results.write_predictions(search.predictions_dir, group.candidate, seed,
+        results.write_predictions(search.ledger.predictions_dir, group.candidate, seed,
                                   predictions["validation"], predictions["test"])
-    search.progress.finished(search.add_result(row))
+    search.progress.finished(search.ledger.add(row))
 
 
 def _pending(wd: Workdir, candidate: str, seed: int) -> Path:
@@ -795,7 +492,7 @@ def _promote(search: Search, group: Group) -> None:
     only process 0 deletes."""
     wd, seeds = search.wd, search.config.train.seeds
     by_candidate: dict[str, list[dict]] = {}
-    for r in search.rows:
+    for r in search.ledger.rows:
         if r["strategy"] == group.strategy:
             by_candidate.setdefault(r["candidate"], []).append(r)
     finished = {c: rs for c, rs in by_candidate.items()
