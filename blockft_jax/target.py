@@ -28,7 +28,7 @@ from blockft_jax.candidates import groups
 from blockft_jax.common import progress
 from blockft_jax.common.errors import UserError
 from blockft_jax.engine import cohort as cohort_lib
-from blockft_jax.engine import placement, train
+from blockft_jax.engine import ahead, placement, train
 from blockft_jax.models import layers
 from blockft_jax.search import costs
 from blockft_jax.search import plan as plan_lib
@@ -250,8 +250,8 @@ def engine_cost(config, module, table, variables, tx, devices, unit: str, work: 
                      if cache_bytes(engine) else None)
             log.info("Compiling the steps from %s for %s: %d runs, layout %s, evaluation "
                      "batch x%d", unit, device_name, k, layout, multiple)
-            compiled[layout, k, multiple] = cohort.compile_steps(
-                variables, mask, bn_modes, c.data.batch_size, shape, sizes, multiple)
+            compiled[layout, k, multiple] = ahead.compile_steps(
+                cohort, variables, mask, bn_modes, c.data.batch_size, shape, sizes, multiple)
             cohorts[layout, k, multiple] = cohort
         return compiled[layout, k, multiple]
 

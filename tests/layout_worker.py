@@ -87,6 +87,7 @@ def replica_groups(text: str) -> list[list[int]]:
 def hlo(out):
     import jax
 
+    from blockft_jax.engine import ahead
     from blockft_jax.engine import cohort as cohort_lib
     from blockft_jax.engine import train
     module, table, variables, tx, shape = setup()
@@ -99,7 +100,7 @@ def hlo(out):
         for kind, engine in engines(mesh, module, table, tx).items():
             cohort = cohort_lib.Cohort(engine, RUNS)
             sizes = {"train": 40, "validation": 20} if kind == "gathered" else None
-            cohort.compile_steps(variables, mask, bn, BATCH, shape, sizes)
+            ahead.compile_steps(cohort, variables, mask, bn, BATCH, shape, sizes)
             texts = {step: compiled.as_text() for step, compiled in cohort.executables.items()}
             found[f"{layout[0]}x{layout[1]}/{kind}"] = {
                 "data_groups": data_groups,

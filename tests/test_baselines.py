@@ -14,6 +14,7 @@ from flax import traverse_util
 from blockft_jax import models
 from blockft_jax.candidates import groups, strategies
 from blockft_jax.common import streams
+from blockft_jax.engine import ahead
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine import train
 from blockft_jax.inputs import data
@@ -324,7 +325,7 @@ def test_the_norms_step_compiled_ahead_is_the_one_measuring(engine, variables, t
     auto, = groups.auto_rgn(table, 2)
     bn_modes = run_of(variables, table, auto).bn_modes
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(cohort.compile_norms, variables, bn_modes, BATCH,
+        pool.submit(ahead.compile_norms, cohort, variables, bn_modes, BATCH,
                     (base.SIZE, base.SIZE, 3), sizes).result()
     assert cohort.compilations["norms"] == 1
     fit(cohort, variables, [run_of(variables, table, auto, seed) for seed in (0, 1)], used)

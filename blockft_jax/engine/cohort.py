@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from blockft_jax.common import streams
-from blockft_jax.engine import train
+from blockft_jax.engine import train, vmapped
 from blockft_jax.inputs import data as data_lib
 
 log = logging.getLogger(__name__)
@@ -132,18 +132,14 @@ def live(runs: dict) -> dict:
 
 @dataclasses.dataclass
 class Cohort:
-    """Jitted, vmapped train and eval steps of `engine` for cohorts of `size` runs.
-
-    Built on the engine's pure step functions: per run, the engine's state is reassembled from
-    the shared frozen variables and the run's live part, stepped, and split again. Runs that
-    are not `active` (padding, diverged, not yet at their resume epoch) keep their state
-    unchanged (`where`, so bitwise)."""
+    """The jitted, vmapped steps of `engine` (`vmapped.VmappedSteps`) for cohorts of `size`
+    runs, laid out over the mesh, and the cohort's state on the devices: built, stepped, its
+    best epochs kept, taken apart. Runs that are not `active` (padding, diverged, not yet at
+    their resume epoch) keep their state unchanged."""
 
     engine: train.Engine
     size: int
-    compilations: dict = dataclasses.field(
-        default_factory=lambda: {"train": 0, "eval": 0, "norms": 0})
-    # The train and eval steps as `compile_steps` last compiled them (for their HLO, memory
+    # The train and eval steps as `ahead.compile_steps` last compiled them (for their HLO, memory
     # plan and cost analysis).
     executables: dict = dataclasses.field(default_factory=dict)
 
@@ -154,40 +150,43 @@ class Cohort:
         if self.size % mesh.shape["runs"]:
             raise ValueError(f"A cohort of {self.size} runs cannot spread over the mesh's "
                              f"{mesh.shape['runs']} 'runs' positions.")
+        steps = self.steps = vmapped.VmappedSteps(self.engine, self.size)
+        self.compilations = steps.compilations  # traces of each step, counted as they happen
         repl = self.replicated = NamedSharding(mesh, P())
         per_run = self.per_run = NamedSharding(mesh, P("runs"))
         # Fed batches: (runs, batch, ...): runs over 'runs', each run's batch over 'data'.
         run_batch = self.run_batch_sharding = NamedSharding(mesh, P("runs", "data"))
         batch = self.engine.batch_sharding
         self.train_step = jax.jit(
-            self._train_fn, donate_argnums=(1,),
+            steps.train_step, donate_argnums=(1,),
             in_shardings=(repl, per_run, per_run, per_run, run_batch, run_batch, run_batch,
                           per_run, per_run), out_shardings=(per_run, per_run))
         self.train_step_gathered = jax.jit(
-            self._train_gathered_fn, donate_argnums=(1,),
+            steps.train_step_gathered, donate_argnums=(1,),
             in_shardings=(repl, per_run, per_run, per_run, repl, repl, per_run, per_run, per_run,
                           per_run), out_shardings=(per_run, per_run))
         # Metrics stay with their runs (no step gathers them across runs): `fetch` them.
-        self.eval_step = jax.jit(self._eval_fn, in_shardings=(repl, per_run, batch, batch, batch),
+        self.eval_step = jax.jit(steps.eval_step,
+                                 in_shardings=(repl, per_run, batch, batch, batch),
                                  out_shardings=per_run)
         self.eval_step_gathered = jax.jit(
-            self._eval_gathered_fn, in_shardings=(repl, per_run, repl, repl, repl, repl, repl),
+            steps.eval_step_gathered, in_shardings=(repl, per_run, repl, repl, repl, repl, repl),
             out_shardings=per_run)
         # Auto-RGN's measurement: compiled on first use, by the engines that need it.
         self.gradient_norms_step = jax.jit(
-            self._norms_fn, in_shardings=(repl, per_run, per_run, run_batch, run_batch,
-                                          run_batch, per_run, repl), out_shardings=per_run)
+            steps.norms_step, in_shardings=(repl, per_run, per_run, run_batch, run_batch,
+                                            run_batch, per_run, repl), out_shardings=per_run)
         self.gradient_norms_step_gathered = jax.jit(
-            self._norms_gathered_fn, in_shardings=(repl, per_run, per_run, repl, repl, per_run,
-                                                   per_run, per_run, repl),
+            steps.norms_step_gathered, in_shardings=(repl, per_run, per_run, repl, repl,
+                                                     per_run, per_run, per_run, repl),
             out_shardings=per_run)
-        self._init_runs = jax.jit(self._init_runs_fn, in_shardings=(per_run,),
-                                  out_shardings=per_run)
-        self._keep_best = jax.jit(self._keep_best_fn, donate_argnums=(0,),
-                                  in_shardings=(per_run, per_run, per_run),
-                                  out_shardings=per_run)
-        self._take_run = jax.jit(lambda runs, i: jax.tree.map(lambda x: x[i], runs),
-                                 in_shardings=(per_run, repl), out_shardings=repl)
+        self.init_runs_step = jax.jit(steps.init_runs, in_shardings=(per_run,),
+                                      out_shardings=per_run)
+        self.keep_best_step = jax.jit(steps.keep_best, donate_argnums=(0,),
+                                      in_shardings=(per_run, per_run, per_run),
+                                      out_shardings=per_run)
+        self.take_run_step = jax.jit(lambda runs, i: jax.tree.map(lambda x: x[i], runs),
+                                     in_shardings=(per_run, repl), out_shardings=repl)
         self._replicate = jax.jit(lambda tree: tree, out_shardings=repl)
 
     # -- the shared and the per-run part of a run's variables ----------------------------------
@@ -206,107 +205,7 @@ class Cohort:
         return {"params": self.engine.live_part(variables["params"]),
                 "batch_stats": self.engine.live_part(variables.get("batch_stats", {}))}
 
-    @staticmethod
-    def whole(shared, run) -> dict:
-        """{'params', 'batch_stats'} of one run: the shared frozen layers and its live ones."""
-        return {"params": {**shared["params"], **run["params"]},
-                "batch_stats": {**shared["batch_stats"], **run["batch_stats"]}}
-
-    # -- pure functions, traced once each ------------------------------------------------------
-
-    def _counted(self, kind: str, trace: Callable):
-        """Traces `trace()` as one compilation of this cohort's `kind` step."""
-        self.compilations[kind] += 1
-        log.debug("Tracing the %s step from unit %s for %d run(s) (compilation #%d)", kind,
-                  self.engine.from_unit, self.size, self.compilations[kind])
-        return trace()
-
-    def _stepped(self, shared, run, active, step_fn):
-        state = {**self.whole(shared, run), "opt_state": run["opt_state"], "step": run["step"]}
-        if self.engine.anchored:
-            state.update(penalty=run["penalty"], anchor=shared["anchor"])
-        new_state, metrics = step_fn(state)
-        e = self.engine
-        new_run = {"params": e.live_part(new_state["params"]),
-                   "batch_stats": e.live_part(new_state["batch_stats"]),
-                   "opt_state": new_state["opt_state"], "step": new_state["step"]}
-        if self.engine.anchored:
-            new_run["penalty"] = run["penalty"]
-        new_run = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_run, run)
-        return new_run, metrics
-
-    def _train_fn(self, shared, runs, masks, bn_modes, images, labels, weights, keys, active):
-        def one(shared, run, mask, bn, images, labels, weights, key, active):
-            return self._stepped(shared, run, active, lambda state: self.engine.train_step(
-                state, mask, bn, images, labels, weights, key))
-
-        # spmd_axis_name: the run axis is the mesh's 'runs' (sharding constraints keep it so).
-        return self._counted("train", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, 0, 0, 0, 0, 0), spmd_axis_name="runs")(
-                shared, runs, masks, bn_modes, images, labels, weights, keys, active))
-
-    def _train_gathered_fn(self, shared, runs, masks, bn_modes, split_images, split_labels,
-                           orders, weights, keys, active):
-        # Each run has its own epoch order; the engine finds the batch index from its step.
-        def one(shared, run, mask, bn, split_images, split_labels, order, weights, key, active):
-            return self._stepped(shared, run, active, lambda state:
-                                 self.engine.train_step_gathered(
-                                     state, mask, bn, split_images, split_labels, order,
-                                     weights, key))
-
-        return self._counted("train", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, None, None, 0, 0, 0, 0), spmd_axis_name="runs")(
-                shared, runs, masks, bn_modes, split_images, split_labels, orders, weights, keys,
-                active))
-
-    def _eval_fn(self, shared, live, images, labels, weights):
-        # Evaluation has no order to shuffle: every run sees the same batch.
-        def one(shared, live, images, labels, weights):
-            return self.engine.eval_step(self.whole(shared, live), images, labels, weights)
-
-        return self._counted("eval", lambda: jax.vmap(one, in_axes=(
-            None, 0, None, None, None), spmd_axis_name="runs")(
-                shared, live, images, labels, weights))
-
-    def _eval_gathered_fn(self, shared, live, split_images, split_labels, order, weights,
-                          index):
-        def one(shared, live, split_images, split_labels, order, weights, index):
-            return self.engine.eval_step_gathered(self.whole(shared, live), split_images,
-                                                  split_labels, order, weights, index)
-
-        return self._counted("eval", lambda: jax.vmap(one, in_axes=(
-            None, 0, None, None, None, None, None), spmd_axis_name="runs")(
-                shared, live, split_images, split_labels, order, weights, index))
-
-    def _norms_fn(self, shared, runs, bn_modes, images, labels, weights, keys, index):
-        def one(shared, run, bn, images, labels, weights, key):
-            state = {**self.whole(shared, run), "step": run["step"]}
-            return self.engine.gradient_norms(state, bn, images, labels, weights, key, index)
-
-        return self._counted("norms", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, 0, 0, 0, 0), spmd_axis_name="runs")(
-                shared, runs, bn_modes, images, labels, weights, keys))
-
-    def _norms_gathered_fn(self, shared, runs, bn_modes, split_images, split_labels, orders,
-                           weights, keys, index):
-        def one(shared, run, bn, split_images, split_labels, order, weights, key):
-            state = {**self.whole(shared, run), "step": run["step"]}
-            return self.engine.gradient_norms_gathered(state, bn, split_images, split_labels,
-                                                       order, weights, key, index)
-
-        return self._counted("norms", lambda: jax.vmap(one, in_axes=(
-            None, 0, 0, None, None, 0, 0, 0), spmd_axis_name="runs")(
-                shared, runs, bn_modes, split_images, split_labels, orders, weights, keys))
-
-    def _init_runs_fn(self, live_variables):
-        # Every run's fresh state from its own (stacked) live variables.
-        return jax.vmap(self.engine.init_state)(live_variables)
-
-    @staticmethod
-    def _keep_best_fn(best, live, improved):
-        pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (old.ndim - 1)),
-                                          new, old)
-        return jax.tree.map(pick, live, best)
+    whole = staticmethod(vmapped.whole)
 
     # -- building cohort states, and taking them apart -----------------------------------------
 
@@ -314,7 +213,7 @@ class Cohort:
         """Shapes and dtypes of the runs' part of a cohort state for `variables` (nothing is
         computed): every run's live params and BN statistics, optimizer state and step."""
         stacked = lambda x: jax.ShapeDtypeStruct((self.size, *x.shape), x.dtype)
-        return jax.eval_shape(self._init_runs_fn,
+        return jax.eval_shape(self.steps.init_runs,
                               jax.tree.map(stacked, self.live_variables(variables)))
 
     def _check_shared(self, variables, start) -> None:
@@ -372,7 +271,7 @@ class Cohort:
                 fetched[id(start)] = host(self.live_variables(start))
         starts = [fetched[id(variables if r.variables is None else r.variables)] for r in runs]
         stack = lambda *xs: np.stack(xs)
-        state = self._init_runs(self.place_runs(jax.tree.map(stack, *starts)))
+        state = self.init_runs_step(self.place_runs(jax.tree.map(stack, *starts)))
         if self.engine.anchored:
             state["penalty"] = self.place_runs(np.asarray([r.penalty for r in runs], np.float32))
         elif any(any(r.penalty) for r in runs):
@@ -394,11 +293,11 @@ class Cohort:
         on the device (the previous best's buffers are reused)."""
         flags = self.place_runs(np.asarray(improved, bool))
         return CohortState(state.shared, state.runs,
-                           self._keep_best(state.best, live(state.runs), flags))
+                           self.keep_best_step(state.best, live(state.runs), flags))
 
     def run_variables(self, state: CohortState, index: int) -> dict:
         """Run `index`'s current {'params', 'batch_stats'} (device arrays)."""
-        run = self._take_run(live(state.runs), self.engine.replicate(np.int32(index)))
+        run = self.take_run_step(live(state.runs), self.engine.replicate(np.int32(index)))
         return self.whole(state.shared, run)
 
     def host_best(self, state: CohortState) -> list[dict]:
@@ -451,137 +350,6 @@ class Cohort:
         return [{"gradient": jax.tree.map(lambda x: x[i], per_batch),
                  "parameter": jax.tree.map(lambda x: x[i], outs[0]["parameter"])}
                 for i in range(self.size)]
-
-    # -- ahead-of-time compilation --------------------------------------------------------------
-
-    def _abstract_arguments(self, variables, bn_modes, batch_size: int,
-                            image_shape: tuple[int, int, int]) -> "_AbstractArguments":
-        """The shapes and shardings the compiled steps are traced with (see `compile_steps`)."""
-        e, k = self.engine, self.size
-        stacked = lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype, sharding=self.per_run)
-        images = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8)
-        if e.cached:
-            images = jax.eval_shape(e.prefix, variables, images)
-        like = lambda sharding: lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                sharding=sharding)
-        fed = lambda shape, dtype: jax.ShapeDtypeStruct((k, batch_size, *shape), dtype,
-                                                        sharding=self.run_batch_sharding)
-        return _AbstractArguments(
-            stacked=stacked, images=images,
-            shared=jax.tree.map(like(self.replicated), self.shared_part(variables)),
-            runs=jax.tree.map(like(self.per_run), self.abstract_runs(variables)),
-            bn_modes=jax.tree.map(stacked, e.live_part(bn_modes)),
-            keys=stacked(streams.seed_key(0)),
-            index=jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
-            fed_batch=(fed(images.shape[1:], images.dtype), fed((), jnp.int32),
-                       fed((), jnp.float32)))
-
-    def _abstract_split(self, images, n: int, size: int) -> tuple:
-        """A DeviceSplit of `n` examples (images like `images`'s rows), and an epoch's order
-        and weights in batches of `size`."""
-        repl, steps = self.replicated, -(-n // size)
-        return (jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype, sharding=repl),
-                jax.ShapeDtypeStruct((n,), jnp.int32, sharding=repl),
-                jax.ShapeDtypeStruct((steps, size), jnp.int32, sharding=repl),
-                jax.ShapeDtypeStruct((steps, size), jnp.float32, sharding=repl))
-
-    def compile_steps(self, variables, mask, bn_modes, batch_size: int,
-                      image_shape: tuple[int, int, int],
-                      device_split_sizes: dict[str, int] | None = None,
-                      eval_batch_multiple: int = EVAL_BATCH_MULTIPLE) -> dict:
-        """Traces and compiles the cohort's steps (and its state init) for global batches of
-        `batch_size` without running them: run on a background thread, compilation overlaps
-        with other work, and the real calls find the programs ready (shapes and shardings are
-        part of the cache key). `mask` and `bn_modes` are any candidate's (only their structure
-        matters). `device_split_sizes` ({'train': N, 'validation': N, ...}): the splits
-        will be DeviceSplits of these sizes; compile the steps that gather their batches there
-        instead of the fed ones. Returns each program's memory ({'train': bytes, 'eval':
-        bytes}: arguments, outputs and temporaries, less donated buffers) as XLA planned it,
-        and the train step's flops per run ('flops')."""
-        e, k = self.engine, self.size
-        a = self._abstract_arguments(variables, bn_modes, batch_size, image_shape)
-        live_vars = jax.tree.map(a.stacked, self.live_variables(variables))
-        masks = jax.tree.map(lambda x: a.stacked(np.asarray(x, MASK_DTYPE)), e.live_part(mask))
-        active = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=self.per_run)
-        memory = {}
-        self._init_runs.lower(live_vars).compile()
-        self._keep_best.lower(live_vars, live_vars, active).compile()
-        self._take_run.lower(live(a.runs), a.index).compile()
-        eval_size = batch_size * eval_batch_multiple
-        if device_split_sizes is None:
-            compiled = self.train_step.lower(a.shared, a.runs, masks, a.bn_modes, *a.fed_batch,
-                                             a.keys, active).compile()
-            memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
-            batch = lambda shape, dtype: jax.ShapeDtypeStruct((eval_size, *shape), dtype,
-                                                              sharding=e.batch_sharding)
-            evaluation = self.eval_step.lower(
-                a.shared, live(a.runs), batch(a.images.shape[1:], a.images.dtype),
-                batch((), jnp.int32), batch((), jnp.float32)).compile()
-            memory["eval"] = program_bytes(evaluation)
-            self.executables = {"train": compiled, "eval": evaluation}
-            return memory
-
-        sizes = dict(device_split_sizes)
-        split_images, split_labels, order, weights = self._abstract_split(
-            a.images, sizes.pop("train"), batch_size)
-        compiled = self.train_step_gathered.lower(
-            a.shared, a.runs, masks, a.bn_modes, split_images, split_labels, a.stacked(order),
-            a.stacked(weights), a.keys, active).compile()
-        memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
-        evaluations = [self.eval_step_gathered.lower(
-            a.shared, live(a.runs), *self._abstract_split(a.images, n, eval_size),
-            a.index).compile() for n in sorted(set(sizes.values()))]
-        memory["eval"] = max(map(program_bytes, evaluations))
-        self.executables = {"train": compiled, "eval": evaluations[-1]}  # the largest split's
-        return memory
-
-    def compile_norms(self, variables, bn_modes, batch_size: int,
-                      image_shape: tuple[int, int, int],
-                      device_split_sizes: dict[str, int] | None = None) -> None:
-        """Traces and compiles Auto-RGN's measurement step (`gradient_norms`) ahead, as
-        `compile_steps` does the others (the same shapes, `bn_modes` any candidate's)."""
-        a = self._abstract_arguments(variables, bn_modes, batch_size, image_shape)
-        if device_split_sizes is None:
-            self.gradient_norms_step.lower(a.shared, a.runs, a.bn_modes, *a.fed_batch, a.keys,
-                                           a.index).compile()
-            return
-        images, labels, order, weights = self._abstract_split(
-            a.images, device_split_sizes["train"], batch_size)
-        self.gradient_norms_step_gathered.lower(
-            a.shared, a.runs, a.bn_modes, images, labels, a.stacked(order), a.stacked(weights),
-            a.keys, a.index).compile()
-
-
-@dataclasses.dataclass(frozen=True)
-class _AbstractArguments:
-    """What every compiled step of a cohort is traced with: `stacked(x)` gives `x` a leading
-    run axis sharded over 'runs'; `images` is a batch of the engine's inputs (the prefix
-    cache's rows when it trains on them); `fed_batch` a fed step's (images, labels, weights)."""
-    stacked: Callable
-    images: Any
-    shared: Any
-    runs: Any
-    bn_modes: Any
-    keys: Any
-    index: Any
-    fed_batch: tuple
-
-
-def flops(compiled) -> float:
-    """The flops XLA counts for one run of a compiled program (0 when it does not say)."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", 0.0))
-
-
-def program_bytes(compiled) -> int:
-    """Device bytes a compiled program needs while it runs, as XLA planned it: its arguments,
-    outputs and temporaries, less the buffers its outputs reuse (donated arguments)."""
-    m = compiled.memory_analysis()
-    if m is None:  # a backend without the analysis
-        return 0
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
 
 
 # --- one epoch, one evaluation ---------------------------------------------------------------

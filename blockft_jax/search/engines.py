@@ -17,7 +17,7 @@ from blockft_jax.common import multihost
 from blockft_jax.common.progress import CompileClock
 from blockft_jax.common.workdir import Workdir
 from blockft_jax.engine import cohort as cohort_lib
-from blockft_jax.engine import placement, train
+from blockft_jax.engine import ahead, placement, train
 from blockft_jax.search import plan as plan_lib
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ class Engines:
         c = self.config
         any_mask = groups.param_mask(self.variables["params"], self.table, [])
         any_bn = groups.bn_modes(self.table, [])
-        return cohort.compile_steps(self.variables, any_mask, any_bn, c.data.batch_size,
-                                    self.shape, device_split_sizes, multiple)
+        return ahead.compile_steps(cohort, self.variables, any_mask, any_bn, c.data.batch_size,
+                                   self.shape, device_split_sizes, multiple)
 
     def ready(self, from_unit: str) -> placement.Prepared:
         """The engine with its placement decided (process 0, from its compiled steps) and its
@@ -126,7 +126,7 @@ class Engines:
                     prepared.cohort, self.split_sizes(prepared), p.eval_batch_multiple)
         if prepared.norms is None and self._measures(from_unit):
             prepared.norms = self.compiler.submit(
-                prepared.cohort.compile_norms, self.variables,
+                ahead.compile_norms, prepared.cohort, self.variables,
                 groups.bn_modes(self.table, []),
                 self.config.data.batch_size, self.shape, self.split_sizes(prepared))
         if not prepared.announced:

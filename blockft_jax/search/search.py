@@ -293,8 +293,9 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
         for strategy in phase:  # from the layers its `after` ranked: the same on every process
             after = registry[strategy].after
             if after:
-                ranking = list(dict.fromkeys(layer for c in rank(
-                    [r for r in search.ledger.rows if r["strategy"] == after]) for layer in c["layers"]))
+                ranked_rows = [r for r in search.ledger.rows if r["strategy"] == after]
+                ranking = list(dict.fromkeys(layer for c in rank(ranked_rows)
+                                             for layer in c["layers"]))
                 plan.planned[strategy] = candidates(config, search.table, strategy, ranking)
         if phase and phase[0] in strategies.WHOLE_NETWORK:
             for unit in plan.engines:
@@ -320,10 +321,11 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
 
 
 def _train_phase(search: Search, names: list[str]) -> float:
-    """Trains the strategies' (`names`) runs rung by rung (one rung: the paper's protocol): at each rung,
-    every run of the candidates still searched in the pools that stop there, engine by engine
-    in cohorts, up to the rung's epochs; then each such pool decides which go on. The
-    strategies in rounds follow, one after another. Returns the training seconds."""
+    """Trains the strategies' (`names`) runs rung by rung (one rung: the paper's protocol): at
+    each rung, every run of the candidates still searched in the pools that stop there, engine
+    by engine in cohorts, up to the rung's epochs; then each such pool decides which go on
+    (`decisions`). The strategies in rounds follow, one after another. Returns the training
+    seconds."""
     plan = search.plan
     in_rounds = [s for s in names if strategies.REGISTRY[s].rounds]
     pools = [(pool, members) for s in names if s not in in_rounds
