@@ -46,6 +46,25 @@ def test_largest_cohort_caps(engine, variables):
         size(-1, 10)
 
 
+def test_a_rungs_runs_in_equal_cohorts_no_larger_than_placed():
+    assert placement.balanced_size(24, 11) == 8      # three of 8, not 11 + 11 + 2 padded
+    assert placement.balanced_size(8, 11) == 8 and placement.balanced_size(11, 11) == 11
+    assert placement.balanced_size(12, 5) == 4 and placement.balanced_size(1, 14) == 1
+    assert placement.balanced_size(9, 8, positions=4) == 8   # fills the mesh's runs axis
+    assert placement.balanced_size(3, 8, positions=4) == 4
+
+
+def test_padding_is_cut_on_cpu_only_when_it_outweighs_the_compilation():
+    worth = lambda runs, size, epochs, cpu=True: placement.padding_worth_cutting(
+        runs, 11, size, epochs, cpu)
+    # 24 runs: 33 slots in cohorts of 11, 24 in cohorts of 8 -- 9 padded runs saved an epoch,
+    # worth compiling once they amount to PADDING_COHORT_EPOCHS epochs of a cohort of 11.
+    enough = -(-placement.PADDING_COHORT_EPOCHS * 11 // 9)
+    assert worth(24, 8, epochs=enough) and not worth(24, 8, epochs=enough - 1)
+    assert not worth(24, 8, epochs=1000, cpu=False)  # a padded run fills idle lanes there
+    assert not worth(22, 11, epochs=1000)            # nothing padded to cut
+
+
 def test_fit_to_memory_shrinks_the_cohort_then_the_evaluation_batch(caplog):
     compiled = []
 

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from blockft_jax import launch, models
 from blockft_jax.candidates import strategies
 from blockft_jax.common.workdir import WorkdirError
-from blockft_jax.engine import checkpoint
+from blockft_jax.engine import checkpoint, placement
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.search import plan, search
 from configs import tiny
@@ -315,6 +315,32 @@ def test_resume_mid_cohort_gives_the_same_summary_and_models(finished, tmp_path,
     resumed = search.run(tiny_config(), tmp_path)
     assert resumed == uninterrupted
     assert_same_models(finished[0], tmp_path)
+
+
+# Layer-wise trains 3 runs in the top engine, top-k 1 after them: placed in cohorts of 4, padded
+# runs that a cut compiles away.
+PADDED = {"search.strategies": ("layerwise", "topk")}
+
+
+@pytest.mark.slow
+def test_padded_runs_cut_away_and_the_same_cohorts_on_a_rerun(tmp_path, monkeypatch):
+    """With any padding worth cutting (no epochs asked of it), each rung's runs train
+    in equal cohorts no larger than placed, each size compiled once; killed after the first
+    checkpoint and rerun, the search forms the same cohorts: the same summary and models."""
+    monkeypatch.setattr(placement, "PADDING_COHORT_EPOCHS", 0)
+    whole = search.run(tiny_config(**PADDED), tmp_path / "whole")
+    record = json.loads((tmp_path / "whole" / "runs.jsonl").read_text().splitlines()[-1])
+    top = record["compilations"][max(record["compilations"], key=lambda u: len(
+        record["compilations"][u]["cohorts"]))]
+    assert {3, 1} <= set(top["cohorts"]), record["compilations"]
+    assert all(c["train"] == len(c["cohorts"]) for c in record["compilations"].values())
+    original = interrupt_after_the_first_checkpoint(monkeypatch)
+    same_engines(tmp_path / "whole", tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        search.run(tiny_config(**PADDED), tmp_path / "cut")
+    monkeypatch.setattr(checkpoint.Checkpoint, "save", original)
+    assert search.run(tiny_config(**PADDED), tmp_path / "cut") == whole
+    assert_same_models(tmp_path / "whole", tmp_path / "cut")
 
 
 def test_changing_keys_that_cannot_change_results_still_resumes(finished, tmp_path):

@@ -7,9 +7,10 @@ per-epoch host work (evaluation, fetches) among K runs. Each run keeps its own t
 statistics, its step -- its own mask, BN modes and seed (`streams`), and its best epoch's live
 variables, all on the device. The runs share, unbatched, the frozen variables (one copy, never
 K) and the data (the prefix cache). Masks and BN modes are data: one compilation serves every
-cohort of an engine. The cohort size K is fixed per engine (`placement`); a short last cohort is
-padded with inactive runs whose state never changes and whose results are dropped. Runs spread
-over the mesh's 'runs' axis, each run's batch over its 'data' axis.
+cohort of an engine of one size. The cohort size K is at most the engine's placed size
+(`placement`); a short last cohort is padded with inactive runs whose state never changes and
+whose results are dropped. Runs spread over the mesh's 'runs' axis, each run's batch over its
+'data' axis.
 
 A run's results do not depend on its slot or its cohort-mates (bitwise; tested), so a resumed
 search may regroup runs; cohorts of different sizes agree up to float rounding (batched

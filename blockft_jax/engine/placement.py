@@ -48,6 +48,9 @@ MAX_COHORT = 64
 CPU_MEMORY_SHARE = 0.25      # of the host's memory, the budget of an engine on CPU
 CACHE_SHARE = 0.25           # of an accelerator's free memory the prefix cache may take
 EVAL_BATCH_MULTIPLES = (4, 2, 1)
+# A smaller cohort than placed is compiled when the padded run-epochs it saves amount to this
+# many epochs of a full placed cohort (`padding_worth_cutting`).
+PADDING_COHORT_EPOCHS = 10
 # A run's batch is not cut finer than this per device: below it a step's fixed costs (the
 # all-reduce, the weights' reads, a TPU's 8x128 tiles) outweigh the rows it computes.
 MIN_ROWS_PER_DEVICE = 8
@@ -90,10 +93,12 @@ class Prepared:
 
     def compilations(self) -> dict:
         """Steps this process traced and compiled for this engine (`norms`: Auto-RGN's
-        measurement, compiled only by an engine that trains it)."""
+        measurement, compiled only by an engine that trains it), and the cohort sizes whose
+        train step compiled (one each, unless a size compiled twice)."""
         counts = {kind: sum(c.compilations[kind] for c in self.cohorts.values())
                   for kind in ("train", "eval", "norms")}
-        return {**counts, "features": self.engine.compilations["features"]}
+        return {**counts, "features": self.engine.compilations["features"],
+                "cohorts": sorted(k for k, c in self.cohorts.items() if c.compilations["train"])}
 
     def flops_per_run(self) -> float | None:
         """The compiled train step's flops per run, once it has compiled."""
@@ -224,6 +229,26 @@ def round_up(size: int, positions: int) -> int:
     """A cohort size filling the mesh's `positions` along 'runs' evenly (padded runs fill the
     rest): the multiple of `positions` at or above `size`."""
     return -(-size // positions) * positions
+
+
+def balanced_size(runs: int, placed: int, positions: int = 1) -> int:
+    """The cohort size that trains `runs` in as few cohorts as the placed size allows, of
+    equal size (24 runs placed in cohorts of 11: three of 8, not 11, 11 and 2 padded to 11)."""
+    cohorts = -(-max(runs, 1) // placed)
+    return min(placed, round_up(-(-max(runs, 1) // cohorts), positions))
+
+
+def padding_worth_cutting(runs: int, placed: int, size: int, epochs: int, cpu: bool) -> bool:
+    """Whether to train `runs` for `epochs` in cohorts of `size` rather than the placed size,
+    at the cost of compiling that size. On CPU a padded run costs about what a real one does
+    (a cohort's step time grows with its runs: 28 runs of the tiny search's whole network, 4.5 s
+    an epoch; 2 runs, 0.7 s), and compiling a size about PADDING_COHORT_EPOCHS epochs of a full
+    cohort (13 s there): cut when the padded run-epochs saved amount to that many. On an
+    accelerator a padded run fills otherwise idle lanes: never."""
+    if not cpu or size >= placed:
+        return False
+    padded = -(-runs // placed) * placed - -(-runs // size) * size
+    return padded * epochs >= PADDING_COHORT_EPOCHS * placed
 
 
 def fit_to_memory(compile_for: Callable[[int, int], dict], size: int, *, free: int,

@@ -134,6 +134,34 @@ class Engines:
             prepared.announced = True
         return prepared
 
+    def cohort_for(self, from_unit: str, runs: int, epochs: int) -> cohort_lib.Cohort:
+        """The cohort that trains a rung's (or a round's) `runs` of an engine, all of them,
+        finished or not, for up to `epochs` epochs: the placed size, or on CPU the balanced
+        size below it when the padded runs it saves are worth compiling it
+        (`placement.padding_worth_cutting`). Decided from counts alone: a rerun, or the same
+        command on a loaded machine, forms cohorts of the same sizes (and so the same
+        numbers)."""
+        prepared = self.ready(from_unit)
+        p = prepared.placement
+        size = placement.balanced_size(runs, p.cohort_size, prepared.engine.mesh.shape["runs"])
+        if not placement.padding_worth_cutting(runs, p.cohort_size, size, epochs,
+                                               placement.on_cpu(self.mesh)):
+            size = p.cohort_size
+        if size not in prepared.cohorts:
+            prepared.cohorts[size] = cohort_lib.Cohort(prepared.engine, size)
+        if (size, p.eval_batch_multiple) not in prepared.compiled:
+            log.info("Runs from unit %s: %d in cohorts of %d, not %d (a padded run would cost "
+                     "about what a real one does here); compiling that size", from_unit, runs,
+                     size, p.cohort_size)
+            with self.clock.waiting():
+                prepared.compiled[size, p.eval_batch_multiple] = self.compile(
+                    prepared.cohorts[size], self.split_sizes(prepared), p.eval_batch_multiple)
+                if self._measures(from_unit):
+                    ahead.compile_norms(prepared.cohorts[size], self.variables,
+                                        groups.bn_modes(self.table, []), self.config.data.batch_size,
+                                        self.shape, self.split_sizes(prepared))
+        return prepared.cohorts[size]
+
     def _measures(self, from_unit: str) -> bool:
         """Whether a strategy that measures (Auto-RGN) trains in this engine."""
         return any(self.plan.engine_of(g) == from_unit for name in self.plan.strategies

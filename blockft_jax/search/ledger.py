@@ -61,17 +61,19 @@ class Ledger:
 
     def unfinished(self, members: list[Group], budget: halving.Rung) -> list:
         """The (candidate, seed) runs of `members` that `budget` still has to train: neither
-        recorded nor parked at its epochs."""
+        recorded nor parked at its epochs; those parked furthest first, so that runs which
+        start at the same epoch share cohorts (a cohort trains from its earliest run's epoch)."""
         finished = self.finished()
         jobs = []
         for group in members:
             for seed in budget.seeds:
                 key = (group.candidate, seed)
                 parked = self.parked(*key)
-                if key in finished or (parked and len(parked["history"]) >= budget.epochs):
+                trained = len(parked["history"]) if parked else 0
+                if key in finished or trained >= budget.epochs:
                     continue
-                jobs.append((group, seed))
-        return jobs
+                jobs.append((trained, group, seed))
+        return [(group, seed) for _, group, seed in sorted(jobs, key=lambda job: -job[0])]
 
     def record_pruned(self, pruned: list[Group], seeds, recorded: Callable[[dict], None]
                       ) -> None:

@@ -135,15 +135,17 @@ class Search:
 
     # -- a cohort of runs ----------------------------------------------------------------------
     def run_cohort(self, runs: list[tuple[Group, int]], from_unit: str, rung: int,
-                   budget: halving.Rung | None = None):
+                   budget: halving.Rung | None = None, size: int | None = None):
         """Trains (candidate, seed) runs together as one cohort up to rung `rung`'s epochs
         (`budget`'s, when given: a round's), each from where it stopped (the cohort
         checkpoint, else its parked state, else its start); returns ([(results row,
-        cohort.FitResult)], its Checkpoint)."""
+        cohort.FitResult)], its Checkpoint). `size`: the cohort's (`Engines.cohort_for`; the
+        placed size when None)."""
         c = self.config
         budget = budget or self.plan.rungs[rung]
         prepared = self.engines[from_unit]
-        cohort, splits = prepared.cohort, prepared.splits
+        cohort = prepared.cohorts[size] if size else prepared.cohort
+        splits = prepared.splits
         keys = [(g.candidate, seed) for g, seed in runs]
         ckpt = Checkpoint(self.wd.path / "checkpoints" / "current", keys, cohort)
         resumes = ckpt.restore(self.variables)
@@ -305,11 +307,13 @@ def _search(config, wd: Workdir, clock: CompileClock) -> tuple[dict, dict, float
             training += _train_phase(search, phase)
 
     # This process's compilations per engine (the plan's count, one train step per engine, is
-    # in summary.json); more than one means a cohort size was compiled and then changed.
+    # in summary.json): one per cohort size it trained or tried for its placement; more means
+    # a size compiled twice.
     counts = search.engines.compilations()
     for unit, count in counts.items():
-        if count["train"] > 1:
-            log.warning("The train step from unit %s compiled %d times", unit, count["train"])
+        if count["train"] > len(count["cohorts"]):
+            log.warning("The train step from unit %s compiled %d times for cohorts of %s", unit,
+                        count["train"], count["cohorts"])
     log.info("Compilations in this run: %s", counts)
     search.engines.shutdown()
     summary = multihost.broadcast_json(lambda: _summarize(search))
@@ -334,10 +338,9 @@ def _train_phase(search: Search, names: list[str]) -> float:
     for rung, budget in enumerate(plan.rungs):
         stopping = [(pool, members) for pool, members in pools if halving.stops(
             len(search.decisions.alive(pool, members, rung)), budget, plan.eta)]
-        jobs = search.ledger.unfinished([g for pool, members in stopping
-                                         for g in search.decisions.alive(pool, members, rung)],
-                                        budget)
-        training += _train_engines(search, jobs, rung)
+        alive = [g for pool, members in stopping
+                 for g in search.decisions.alive(pool, members, rung)]
+        training += _train_engines(search, search.ledger.unfinished(alive, budget), alive, rung)
         if not budget.final:
             for pool, members in stopping:
                 for group in search.decisions.decide(pool, members, rung):
@@ -350,14 +353,17 @@ def _train_phase(search: Search, names: list[str]) -> float:
     return training
 
 
-def _train_engines(search: Search, jobs: list, rung: int,
+def _train_engines(search: Search, jobs: list, members: list[Group], rung: int,
                    budget: halving.Rung | None = None) -> float:
-    """Trains `jobs` engine by engine, the shallowest first (`_train_runs`)."""
+    """Trains `jobs`, the unfinished runs of `members` at rung `rung` (`budget`'s epochs and
+    seeds, when given: a round's), engine by engine, the shallowest first (`_train_runs`)."""
     plan, training = search.plan, 0.0
+    budget = budget or plan.rungs[rung]
     for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
         mine = [job for job in jobs if plan.engine_of(job[0]) == unit]
         if mine:
-            training += _train_runs(search, mine, unit, rung, budget)
+            runs = len(budget.seeds) * sum(plan.engine_of(g) == unit for g in members)
+            training += _train_runs(search, mine, unit, rung, budget, runs)
     return training
 
 
@@ -376,7 +382,8 @@ def _train_rounds(search: Search, strategy: str) -> float:
         known = {g.candidate for g in plan.planned[strategy]}
         plan.planned[strategy] += [g for g in members if g.candidate not in known]
         sizes.append(len(members))
-        training += _train_engines(search, search.ledger.unfinished(members, budget), 0, budget)
+        training += _train_engines(search, search.ledger.unfinished(members, budget), members,
+                                   0, budget)
         entry = search.decisions.decide_round(strategy, index, members, previous, budget,
                                               last=index == limit)
         if entry["stop"]:
@@ -387,7 +394,7 @@ def _train_rounds(search: Search, strategy: str) -> float:
                               - plan.expected(strategy)[0])
     chosen = next(g for g in plan.planned[strategy] if g.candidate == entry["chosen"])
     return training + _train_engines(search, search.ledger.unfinished([chosen], plan.rungs[-1]),
-                                     len(plan.rungs) - 1)
+                                     [chosen], len(plan.rungs) - 1)
 
 
 BEST_MODEL = "models/best"
@@ -430,22 +437,23 @@ def _summarize(search: Search) -> dict:
 
 
 def _train_runs(search: Search, runs: list[tuple[Group, int]], from_unit: str,
-                rung: int, budget: halving.Rung | None = None) -> float:
-    """Trains (candidate, seed) runs of one engine up to rung `rung`'s epochs, in cohorts of the
-    engine's size (the last one padded): at the last rung a run is recorded (its row, best
-    variables and predictions), before it parked (it goes on, or is recorded when pruned); a
-    run that diverged is recorded where it stopped. Returns the seconds spent training."""
+                rung: int, budget: halving.Rung, total: int) -> float:
+    """Trains (candidate, seed) runs of one engine up to `budget`'s epochs (rung `rung`'s, or a
+    round's), in cohorts of the size that `total` runs (the rung's in this engine, finished or
+    not) call for (`Engines.cohort_for`; the last one padded): at the last rung a run is
+    recorded (its row, best variables and predictions), before it parked (it goes on, or is
+    recorded when pruned); a run that diverged is recorded where it stopped. Returns the
+    seconds spent training."""
     search.progress.plan(from_unit, 0)
     search.engines.prepare(from_unit, len(runs))
-    size = search.engines.ready(from_unit).placement.cohort_size
-    final = (budget or search.plan.rungs[rung]).final
+    size = search.engines.cohort_for(from_unit, total, budget.epochs).size
     training = 0.0
     for start in range(0, len(runs), size):
         chunk = runs[start:start + size]
         started = time.perf_counter()
-        finished, ckpt = search.run_cohort(chunk, from_unit, rung, budget)
+        finished, ckpt = search.run_cohort(chunk, from_unit, rung, budget, size)
         training += time.perf_counter() - started
-        _keep(search, chunk, finished, ckpt, final)
+        _keep(search, chunk, finished, ckpt, budget.final)
         del finished  # the runs' device variables, let go before the next cohort trains
     return training
 
