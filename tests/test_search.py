@@ -2,6 +2,7 @@
 import json
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import jax
@@ -14,7 +15,7 @@ from blockft_jax.candidates import strategies
 from blockft_jax.common.workdir import WorkdirError
 from blockft_jax.engine import checkpoint, placement
 from blockft_jax.engine import cohort as cohort_lib
-from blockft_jax.search import plan, search
+from blockft_jax.search import engines, plan, search
 from configs import tiny
 
 ROW_KEYS = {"strategy", "candidate", "layers", "seed", "epochs", "val_accuracy", "test_accuracy",
@@ -328,7 +329,13 @@ def test_padded_runs_cut_away_and_the_same_cohorts_on_a_rerun(tmp_path, monkeypa
     in equal cohorts no larger than placed, each size compiled once; killed after the first
     checkpoint and rerun, the search forms the same cohorts: the same summary and models."""
     monkeypatch.setattr(placement, "PADDING_COHORT_EPOCHS", 0)
+    compiled_on = []  # a smaller size's compilation: the thread it ran on
+    compile_size = engines.Engines._compile_size
+    monkeypatch.setattr(engines.Engines, "_compile_size", lambda self, *args: (
+        compiled_on.append(threading.current_thread().name), compile_size(self, *args))[1])
     whole = search.run(tiny_config(**PADDED), tmp_path / "whole")
+    # Engines placed in an earlier rung compile their sizes ahead, off the training thread.
+    assert any(name.startswith("compile") for name in compiled_on), compiled_on
     record = json.loads((tmp_path / "whole" / "runs.jsonl").read_text().splitlines()[-1])
     top = record["compilations"][max(record["compilations"], key=lambda u: len(
         record["compilations"][u]["cohorts"]))]

@@ -49,8 +49,10 @@ CPU_MEMORY_SHARE = 0.25      # of the host's memory, the budget of an engine on 
 CACHE_SHARE = 0.25           # of an accelerator's free memory the prefix cache may take
 EVAL_BATCH_MULTIPLES = (4, 2, 1)
 # A smaller cohort than placed is compiled when the padded run-epochs it saves amount to this
-# many epochs of a full placed cohort (`padding_worth_cutting`).
-PADDING_COHORT_EPOCHS = 10
+# many epochs of a full placed cohort (`padding_worth_cutting`): on the demo a size compiled in
+# 5-11 s for an engine on the prefix cache (0.2-0.6 s an epoch), 48 s for the whole network's
+# (2.3 s an epoch), so 20 such epochs.
+PADDING_COHORT_EPOCHS = 20
 # A run's batch is not cut finer than this per device: below it a step's fixed costs (the
 # all-reduce, the weights' reads, a TPU's 8x128 tiles) outweigh the rows it computes.
 MIN_ROWS_PER_DEVICE = 8
@@ -242,9 +244,9 @@ def padding_worth_cutting(runs: int, placed: int, size: int, epochs: int, cpu: b
     """Whether to train `runs` for `epochs` in cohorts of `size` rather than the placed size,
     at the cost of compiling that size. On CPU a padded run costs about what a real one does
     (a cohort's step time grows with its runs: 28 runs of the tiny search's whole network, 4.5 s
-    an epoch; 2 runs, 0.7 s), and compiling a size about PADDING_COHORT_EPOCHS epochs of a full
-    cohort (13 s there): cut when the padded run-epochs saved amount to that many. On an
-    accelerator a padded run fills otherwise idle lanes: never."""
+    an epoch; 2 runs, 0.7 s), and compiling a size up to PADDING_COHORT_EPOCHS epochs of a full
+    cohort: cut when the padded run-epochs saved amount to that many. On an accelerator a
+    padded run fills otherwise idle lanes: never."""
     if not cpu or size >= placed:
         return False
     padded = -(-runs // placed) * placed - -(-runs // size) * size

@@ -34,6 +34,7 @@ class Engines:
         self.shape = (config.model.input_size, config.model.input_size, 3)
         self.prepared: dict[str, placement.Prepared] = {}
         self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        self.ahead: dict[tuple, concurrent.futures.Future] = {}  # (unit, (size, multiple))
 
     def __getitem__(self, unit: str) -> placement.Prepared:
         return self.prepared[unit]
@@ -134,33 +135,66 @@ class Engines:
             prepared.announced = True
         return prepared
 
+    def compile_ahead(self, runs: dict[str, int], epochs: int) -> None:
+        """Starts compiling, in the background and in the order given, the cohort sizes that
+        `cohort_for` will ask of the placed engines among `runs` (each engine's runs in a rung
+        or a round): the first engine's is waited for, the later ones' compile while the
+        engines before them train."""
+        for unit, count in runs.items():
+            prepared = self.prepared.get(unit)
+            if prepared is None or prepared.placement is None or prepared.compiling is not None:
+                continue  # placed and its placed size compiled when its first cohort is due
+            size = self._size(prepared, count, epochs)
+            key = (size, prepared.placement.eval_batch_multiple)
+            if (size == prepared.placement.cohort_size or key in prepared.compiled
+                    or (unit, key) in self.ahead):
+                continue
+            log.info("Runs from unit %s: %d in cohorts of %d, not %d (a padded run would cost "
+                     "about what a real one does here); compiling that size in the background",
+                     unit, count, size, prepared.placement.cohort_size)
+            cohort = prepared.cohorts.setdefault(size, cohort_lib.Cohort(prepared.engine, size))
+            self.ahead[unit, key] = self.compiler.submit(self._compile_size, unit, cohort)
+
     def cohort_for(self, from_unit: str, runs: int, epochs: int) -> cohort_lib.Cohort:
         """The cohort that trains a rung's (or a round's) `runs` of an engine, all of them,
         finished or not, for up to `epochs` epochs: the placed size, or on CPU the balanced
         size below it when the padded runs it saves are worth compiling it
-        (`placement.padding_worth_cutting`). Decided from counts alone: a rerun, or the same
-        command on a loaded machine, forms cohorts of the same sizes (and so the same
-        numbers)."""
+        (`placement.padding_worth_cutting`; compiled ahead where `compile_ahead` could).
+        Decided from counts alone: a rerun, or the same command on a loaded machine, forms
+        cohorts of the same sizes (and so the same numbers)."""
         prepared = self.ready(from_unit)
+        size = self._size(prepared, runs, epochs)
+        key = (size, prepared.placement.eval_batch_multiple)
+        cohort = prepared.cohorts.setdefault(size, cohort_lib.Cohort(prepared.engine, size))
+        if key not in prepared.compiled:
+            compiling = self.ahead.pop((from_unit, key), None)
+            if compiling is None:
+                log.info("Runs from unit %s: %d in cohorts of %d, not %d (a padded run would "
+                         "cost about what a real one does here); compiling that size",
+                         from_unit, runs, size, prepared.placement.cohort_size)
+            with self.clock.waiting():
+                prepared.compiled[key] = (compiling.result() if compiling
+                                          else self._compile_size(from_unit, cohort))
+        return cohort
+
+    def _size(self, prepared: placement.Prepared, runs: int, epochs: int) -> int:
         p = prepared.placement
         size = placement.balanced_size(runs, p.cohort_size, prepared.engine.mesh.shape["runs"])
-        if not placement.padding_worth_cutting(runs, p.cohort_size, size, epochs,
-                                               placement.on_cpu(self.mesh)):
-            size = p.cohort_size
-        if size not in prepared.cohorts:
-            prepared.cohorts[size] = cohort_lib.Cohort(prepared.engine, size)
-        if (size, p.eval_batch_multiple) not in prepared.compiled:
-            log.info("Runs from unit %s: %d in cohorts of %d, not %d (a padded run would cost "
-                     "about what a real one does here); compiling that size", from_unit, runs,
-                     size, p.cohort_size)
-            with self.clock.waiting():
-                prepared.compiled[size, p.eval_batch_multiple] = self.compile(
-                    prepared.cohorts[size], self.split_sizes(prepared), p.eval_batch_multiple)
-                if self._measures(from_unit):
-                    ahead.compile_norms(prepared.cohorts[size], self.variables,
-                                        groups.bn_modes(self.table, []), self.config.data.batch_size,
-                                        self.shape, self.split_sizes(prepared))
-        return prepared.cohorts[size]
+        if placement.padding_worth_cutting(runs, p.cohort_size, size, epochs,
+                                           placement.on_cpu(self.mesh)):
+            return size
+        return p.cohort_size
+
+    def _compile_size(self, from_unit: str, cohort: cohort_lib.Cohort) -> dict:
+        """A cohort size's steps (and norms, where a strategy measures) compiled."""
+        prepared = self.prepared[from_unit]
+        memory = self.compile(cohort, self.split_sizes(prepared),
+                              prepared.placement.eval_batch_multiple)
+        if self._measures(from_unit):
+            ahead.compile_norms(cohort, self.variables, groups.bn_modes(self.table, []),
+                                self.config.data.batch_size, self.shape,
+                                self.split_sizes(prepared))
+        return memory
 
     def _measures(self, from_unit: str) -> bool:
         """Whether a strategy that measures (Auto-RGN) trains in this engine."""

@@ -359,11 +359,13 @@ def _train_engines(search: Search, jobs: list, members: list[Group], rung: int,
     seeds, when given: a round's), engine by engine, the shallowest first (`_train_runs`)."""
     plan, training = search.plan, 0.0
     budget = budget or plan.rungs[rung]
-    for unit in sorted(plan.from_units, key=plan.units.index, reverse=True):
+    units = [u for u in sorted(plan.from_units, key=plan.units.index, reverse=True)
+             if any(plan.engine_of(job[0]) == u for job in jobs)]
+    runs = {u: len(budget.seeds) * sum(plan.engine_of(g) == u for g in members) for u in units}
+    search.engines.compile_ahead(runs, budget.epochs)
+    for unit in units:
         mine = [job for job in jobs if plan.engine_of(job[0]) == unit]
-        if mine:
-            runs = len(budget.seeds) * sum(plan.engine_of(g) == unit for g in members)
-            training += _train_runs(search, mine, unit, rung, budget, runs)
+        training += _train_runs(search, mine, unit, rung, budget, runs[unit])
     return training
 
 
