@@ -102,7 +102,8 @@ def test_every_layout_trains_what_one_device_trains(tmp_path):
 
 @pytest.mark.slow
 def test_the_tiny_search_in_every_layout_agrees_with_one_device(tmp_path):
-    """configs/tiny.py (every digit of its classes, so that runs learn) on one device and on 8
+    """configs/tiny.py (every digit of its classes, so that runs learn; the strategies of every
+    engine and step input, layout_worker.search) on one device and on 8
     CPU devices forced to 4x2 (runs and a split batch at once, the layout with the most to get
     wrong: 8x1's and 1x8's steps are compared above, and placement's choice of 8x1 by
     test_layouts_give_devices_runs_before_cutting_batches): the same runs and the same winner,
