@@ -10,6 +10,7 @@
   python scripts/benchmark.py --halving [--tasks demo,swapped]   # whole network: exhaustive vs halving
   python scripts/benchmark.py --recipes [--tasks demo,swapped]   # the winner vs the best fixed recipe
   python scripts/benchmark.py --determinism   # the demo twice, once under load: the same rows?
+  python scripts/benchmark.py --against 3266442   # the demo at a commit, then here: the ratio
 
 The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
 with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
@@ -466,14 +467,15 @@ def print_all_table(args, frameworks, table):
 # --- whole searches --------------------------------------------------------------------------
 
 
-def timed_search(args, workdir: str, cache: str, extra: list[str]) -> dict:
-    """One `python -m blockft_jax.main` search in a subprocess: wall seconds, and the
-    training seconds and compile figures its runs.jsonl records."""
+def timed_search(args, workdir: str, cache: str, extra: list[str], root: str = ROOT) -> dict:
+    """One `python -m blockft_jax.main` search in a subprocess (the package of the checkout
+    at `root`): wall seconds, and the training seconds and compile figures its runs.jsonl
+    records."""
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "blockft_jax.main", "--config",
                            args.search_config, "--workdir", workdir, *args.search_override,
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+                           *extra], cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"search failed ({' '.join(extra)}):\n{done.stderr[-3000:]}")
@@ -533,6 +535,49 @@ def determinism_benchmark(args) -> None:
           f"train_seconds)")
     if not same:
         sys.exit(1)
+
+
+def against_benchmark(args) -> None:
+    """The search (--search-config) at commit --against and in this checkout, one after the
+    other, each from an empty compilation cache (the demo backbone cached first): wall,
+    training and compile seconds, the ratio, and how many result rows differ."""
+    import tempfile
+
+    scratch = args.scratch or tempfile.mkdtemp(prefix="blockft_against_")
+    tree = os.path.join(scratch, "tree")
+    made = subprocess.run(["git", "worktree", "add", "--detach", tree, args.against], cwd=ROOT,
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        raise SystemExit(f"--against {args.against}: no checkout of it ({made.stderr.strip()})")
+    try:
+        warm_up(args, scratch)
+        arms = {}
+        for name, root in ((args.against, tree), ("this checkout", ROOT)):
+            label = "before" if root == tree else "after"
+            arms[name] = timed_search(args, os.path.join(scratch, label),
+                                      os.path.join(scratch, f"cache-{label}"), [], root=root)
+            print(f"{name}: {arms[name]}", file=sys.stderr, flush=True)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT,
+                       capture_output=True)
+    rows = {}
+    for label in ("before", "after"):
+        with open(os.path.join(scratch, label, "results.jsonl")) as f:
+            rows[label] = {(r["candidate"], r["seed"], r.get("rung")): r["val_accuracy"]
+                           for r in (json.loads(line) for line in f if line.strip())}
+    moved = sum(rows["before"].get(key) != value for key, value in rows["after"].items())
+    print(f"## The search of {args.search_config} {' '.join(args.search_override)}, "
+          f"at {args.against} and in this checkout, each from an empty compilation cache\n")
+    print("| code | wall s | training s | compile s (waited) | winner |")
+    print("|---|---:|---:|---:|---|")
+    for name, r in arms.items():
+        print(f"| {name} | {r['wall_s']:.1f} | {r['training_s']:.1f} | {r['compile_s']:.1f} "
+              f"({r['compile_blocking_s']:.1f}) | {r['winner']} |")
+    before, after = arms[args.against], arms["this checkout"]
+    print(f"\n{len(rows['after'])} rows ({len(rows['before'])} before), {moved} with another "
+          f"validation accuracy or not there before")
+    print(f"against_wall_ratio={before['wall_s'] / after['wall_s']:.2f}")
+    print(f"against_training_ratio={before['training_s'] / after['training_s']:.2f}")
 
 
 # Holds ~60% of the memory available and keeps every core busy until killed.
@@ -910,6 +955,9 @@ def main(argv=None):
                         help="the demo search twice in fresh workdirs, the second beside a "
                              "process holding most of the memory and every core; checks that "
                              "results.jsonl is the same bitwise (but the seconds)")
+    parser.add_argument("--against", default=None, metavar="COMMIT",
+                        help="the search (--search-config) at COMMIT, then in this checkout, "
+                             "each from an empty compilation cache: the wall-time ratio")
     parser.add_argument("--recipes", action="store_true",
                         help="the demo search as it ships against the best fixed recipe "
                              "(classifier-only and full under every setting), on --tasks")
@@ -956,6 +1004,8 @@ def main(argv=None):
         return search_benchmark(args)
     if args.determinism:
         return determinism_benchmark(args)
+    if args.against:
+        return against_benchmark(args)
     if args.checkpoints:
         return checkpoint_benchmark(args)
     if args.halving or args.recipes:

@@ -44,6 +44,18 @@ def test_input_pipeline_check_on_mock_tf_flowers():
     assert re.search(r"^ratio pipeline/device_resident = \d", out, re.M), out
 
 
+def test_against_a_commit_that_is_not_there_is_one_line_and_no_checkout(tmp_path):
+    """--against checks out the commit beside this one (git worktree): one that is not there
+    ends in one line before anything trains, and leaves no checkout behind."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--against", "no-such-commit",
+                           "--scratch", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "--against no-such-commit: no checkout of it"), proc.stderr
+    assert not (tmp_path / "tree").exists() and not (tmp_path / "before").exists()
+
+
 @pytest.mark.slow
 def test_search_level_benchmark_on_the_tiny_search():
     """--search end to end (Keras loop aside: the tiny model's `blocks` option has no Keras
