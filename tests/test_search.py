@@ -331,8 +331,12 @@ def test_padded_runs_cut_away_and_the_same_cohorts_on_a_rerun(tmp_path, monkeypa
     monkeypatch.setattr(placement, "PADDING_COHORT_EPOCHS", 0)
     compiled_on = []  # a smaller size's compilation: the thread it ran on
     compile_size = engines.Engines._compile_size
-    monkeypatch.setattr(engines.Engines, "_compile_size", lambda self, *args: (
-        compiled_on.append(threading.current_thread().name), compile_size(self, *args))[1])
+
+    def recording(self, *args):
+        compiled_on.append(threading.current_thread().name)
+        return compile_size(self, *args)
+
+    monkeypatch.setattr(engines.Engines, "_compile_size", recording)
     whole = search.run(tiny_config(**PADDED), tmp_path / "whole")
     # Engines placed in an earlier rung compile their sizes ahead, off the training thread.
     assert any(name.startswith("compile") for name in compiled_on), compiled_on

@@ -149,9 +149,7 @@ class Engines:
             if (size == prepared.placement.cohort_size or key in prepared.compiled
                     or (unit, key) in self.ahead):
                 continue
-            log.info("Runs from unit %s: %d in cohorts of %d, not %d (a padded run would cost "
-                     "about what a real one does here); compiling that size in the background",
-                     unit, count, size, prepared.placement.cohort_size)
+            _announce_cut(unit, count, size, prepared.placement.cohort_size, " in the background")
             cohort = prepared.cohorts.setdefault(size, cohort_lib.Cohort(prepared.engine, size))
             self.ahead[unit, key] = self.compiler.submit(self._compile_size, unit, cohort)
 
@@ -169,9 +167,7 @@ class Engines:
         if key not in prepared.compiled:
             compiling = self.ahead.pop((from_unit, key), None)
             if compiling is None:
-                log.info("Runs from unit %s: %d in cohorts of %d, not %d (a padded run would "
-                         "cost about what a real one does here); compiling that size",
-                         from_unit, runs, size, prepared.placement.cohort_size)
+                _announce_cut(from_unit, runs, size, prepared.placement.cohort_size)
             with self.clock.waiting():
                 prepared.compiled[key] = (compiling.result() if compiling
                                           else self._compile_size(from_unit, cohort))
@@ -228,3 +224,8 @@ class Engines:
         memory): the next engine's placement sees that memory free."""
         if from_unit in self.prepared:
             self.prepared[from_unit].splits = {}
+
+
+def _announce_cut(unit: str, runs: int, size: int, placed: int, where: str = "") -> None:
+    log.info("Runs from unit %s: %d in cohorts of %d, not %d (a padded run would cost about "
+             "what a real one does here); compiling that size%s", unit, runs, size, placed, where)

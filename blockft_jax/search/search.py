@@ -359,12 +359,12 @@ def _train_engines(search: Search, jobs: list, members: list[Group], rung: int,
     seeds, when given: a round's), engine by engine, the shallowest first (`_train_runs`)."""
     plan, training = search.plan, 0.0
     budget = budget or plan.rungs[rung]
-    units = [u for u in sorted(plan.from_units, key=plan.units.index, reverse=True)
-             if any(plan.engine_of(job[0]) == u for job in jobs)]
-    runs = {u: len(budget.seeds) * sum(plan.engine_of(g) == u for g in members) for u in units}
+    by_unit = {u: [job for job in jobs if plan.engine_of(job[0]) == u]
+               for u in sorted(plan.from_units, key=plan.units.index, reverse=True)}
+    by_unit = {u: mine for u, mine in by_unit.items() if mine}
+    runs = {u: len(budget.seeds) * sum(plan.engine_of(g) == u for g in members) for u in by_unit}
     search.engines.compile_ahead(runs, budget.epochs)
-    for unit in units:
-        mine = [job for job in jobs if plan.engine_of(job[0]) == unit]
+    for unit, mine in by_unit.items():
         training += _train_runs(search, mine, unit, rung, budget, runs[unit])
     return training
 
