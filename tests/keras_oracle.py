@@ -90,7 +90,7 @@ def reference(name, width=1.0, size=32, options=(), seed=0) -> Reference:
     with h5py.File(legacy, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
     x = preprocessed_input(name, size, seed=seed)
-    y = np.asarray(model.predict_on_batch(x))  # one compiled program: op by op is 8x slower
+    y = np.asarray(model.predict_on_batch(x))  # one program: op by op took 8x longer (empty cache)
     layers = tuple((l.name, type(l).__name__) for l in model.layers
                    if type(l).__name__ != "InputLayer")
     return Reference(name, width, size, options, legacy, keras3, x, y, layers,
