@@ -91,6 +91,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's package (installed or not) and its configs/
 from blockft_jax import benchmarking as bench  # noqa: E402
+from blockft_jax.common.workdir import read_results  # noqa: E402
 
 # blockft_jax_step: blockft_jax at the step level (no prefix cache), as --no-cache makes it.
 FRAMEWORKS = ("blockft_jax", "blockft_jax_step", "keras_tf", "keras_jax")
@@ -523,11 +524,9 @@ def determinism_benchmark(args) -> None:
     finally:
         os.killpg(load.pid, signal.SIGKILL)
         load.wait()
-    rows = {}
-    for name in ("quiet", "loaded"):
-        with open(os.path.join(scratch, name, "results.jsonl")) as f:
-            rows[name] = [{k: v for k, v in json.loads(line).items() if k != "train_seconds"}
-                          for line in f if line.strip()]
+    rows = {name: [{k: v for k, v in row.items() if k != "train_seconds"}
+                   for row in read_results(os.path.join(scratch, name))]
+            for name in ("quiet", "loaded")}
     same = rows["quiet"] == rows["loaded"]
     print(f"quiet: {quiet['wall_s']:.0f} s, winner {quiet['winner']}; under load: "
           f"{loaded['wall_s']:.0f} s, winner {loaded['winner']}; {len(rows['quiet'])} and "
@@ -560,11 +559,9 @@ def against_benchmark(args) -> None:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT,
                        capture_output=True)
-    rows = {}
-    for label in ("before", "after"):
-        with open(os.path.join(scratch, label, "results.jsonl")) as f:
-            rows[label] = {(r["candidate"], r["seed"], r.get("rung")): r["val_accuracy"]
-                           for r in (json.loads(line) for line in f if line.strip())}
+    rows = {label: {(r["candidate"], r["seed"], r.get("rung")): r["val_accuracy"]
+                    for r in read_results(os.path.join(scratch, label))}
+            for label in ("before", "after")}
     moved = sum(rows["before"].get(key) != value for key, value in rows["after"].items())
     print(f"## The search of {args.search_config} {' '.join(args.search_override)}, "
           f"at {args.against} and in this checkout, each from an empty compilation cache\n")
@@ -809,8 +806,7 @@ def _search_outcome(workdir: str) -> dict:
     """What a finished search chose and what it trained, from its files."""
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    with open(os.path.join(workdir, "results.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_results(workdir)
     winner = summary["winner"]
     seeds = sorted(r["seed"] for r in rows if r["candidate"] == winner["candidate"])
     return {"workdir": workdir, "runs": len(rows), "run_epochs": sum(r["epochs"] for r in rows),

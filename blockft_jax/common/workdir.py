@@ -148,7 +148,7 @@ class Workdir:
     # -- results -------------------------------------------------------------------------------
     def results(self) -> list[dict[str, Any]]:
         """Every whole row (one a kill tore is left out: its run trains again)."""
-        return [json.loads(line) for line in durable.read_lines(self.path / RESULTS)]
+        return read_results(self.path)
 
     def append_result(self, row: dict[str, Any]) -> None:
         """Adds one row at the end, synced: the cost of a row, not of the file."""
@@ -158,6 +158,12 @@ class Workdir:
     def write_json(self, name: str, value: Any) -> None:
         if self.writer:
             write_atomic(self.path / name, json.dumps(value, indent=2) + "\n")
+
+
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """results.jsonl's whole rows in the workdir at `path`, on any process (scripts reading a
+    finished search included)."""
+    return [json.loads(line) for line in durable.read_lines(Path(path) / RESULTS)]
 
 
 def jsonable(config) -> dict:
