@@ -398,9 +398,17 @@ def test_load_from_config_tfds_options(tmp_path):
 
 # ----------------------------------------------------------------------------------- digits
 
-def test_digits_classes_and_few_shot():
+def test_digits_are_scikit_learns():
+    """Read from scikit-learn's file without importing it: what its own loader returns."""
     from sklearn.datasets import load_digits
-    target = load_digits().target
+    reference = load_digits()
+    images, labels = data.digits_arrays()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
+
+
+def test_digits_classes_and_few_shot():
+    _, target = data.digits_arrays()
     full = data.load_dataset("digits", image_size=32, classes=(3, 1, 7))
     few = data.load_dataset("digits", image_size=32, classes=(3, 1, 7), train_per_class=5)
     assert full.class_names == few.class_names == ["3", "1", "7"]

@@ -789,21 +789,36 @@ def _warn_skipped(root: Path, skipped, per_class: dict, total: int, listed: int 
 
 # digits -------------------------------------------------------------------------------------
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 handwritten digits: (images (N, 8, 8) of values 0..16, labels).
+    Read from the file scikit-learn ships (what its `load_digits` parses) without importing
+    scikit-learn, which takes over a second a process; `load_digits` where the file moved."""
+    import importlib.util
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data",
+                        "digits.csv.gz") if spec and spec.submodule_search_locations else ""
+    if os.path.exists(path):
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    return digits.images, digits.target
+
+
 def _load_digits(*, image_size, data_dir, classes=tuple(range(10))) -> _Loaded:
     """scikit-learn's 1,797 8x8 handwritten digits (bundled, no download): offline demo data."""
     del data_dir
-    from sklearn.datasets import load_digits
     classes = tuple(classes)
     if not classes or len(set(classes)) != len(classes) or not set(classes) <= set(range(10)):
         raise DataError(f"classes must be distinct digits 0..9, got {classes!r}.")
-    digits = load_digits()
-    keep = np.isin(digits.target, classes)
-    grey = np.round(digits.images[keep] * (255 / 16)).astype(np.uint8)  # values 0..16
+    all_images, all_labels = digits_arrays()
+    keep = np.isin(all_labels, classes)
+    grey = np.round(all_images[keep] * (255 / 16)).astype(np.uint8)  # values 0..16
     images = np.stack([_resize(g, image_size) for g in grey])
     images = np.repeat(images[..., None], 3, axis=-1)
     relabel = np.zeros(10, np.int32)
     relabel[list(classes)] = np.arange(len(classes))
-    return _Loaded({"train": (images, relabel[digits.target[keep]])}, [str(c) for c in classes])
+    return _Loaded({"train": (images, relabel[all_labels[keep]])}, [str(c) for c in classes])
 
 
 _LOADERS = {"image_folder": _load_image_folder, "digits": _load_digits}

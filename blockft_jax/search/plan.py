@@ -627,8 +627,7 @@ def dataset_sizes(config) -> tuple[int, int, int, int] | None:
     if d.name == "image_folder":
         per_class = [len(files) for _, files in data.image_folder_classes(d.path)]
     elif d.name == "digits":
-        from sklearn.datasets import load_digits
-        targets = load_digits().target
+        _, targets = data.digits_arrays()
         per_class = [int((targets == c).sum()) for c in (d.classes or range(10))]
     elif d.name in TFDS_SIZES and d.tfds_splits is None:
         images, classes = TFDS_SIZES[d.name]
