@@ -168,6 +168,7 @@ def search(workdir, layout):
     # Every digit of the three classes and a faster rate: runs that learn, so that float
     # order cannot flip their near-tied predictions (at chance, one image decides a ranking).
     config.data.train_per_class = None
+    config.data.splits = (0.7, 0.15, 0.15)  # 380 training and 81 validation images
     config.train.learning_rate = 1e-2
     # Every engine and every kind of step input, not every strategy: the engines by depth's
     # strategies but top-k (its one run trains alone, two epochs in the engine's whole

@@ -372,7 +372,7 @@ def test_load_from_config_relative_paths(tmp_path, monkeypatch, caplog):
         ds = data.load_from_config(config)
     assert "data.classes: not used by data.name='image_folder'" in caplog.text
     direct = data.load_dataset("image_folder", image_size=8, path=str(tmp_path / "imgs"),
-                               train_per_class=5)
+                               splits=config.data.splits, train_per_class=5)
     assert np.bincount(ds.train.labels).tolist() == [5, 5, 5]
     for part in ("train", "validation", "test"):
         np.testing.assert_array_equal(getattr(ds, part).images, getattr(direct, part).images)
