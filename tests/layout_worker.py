@@ -1,12 +1,14 @@
-"""A cohort of the tiny model on 8 CPU devices in several layouts, for tests/test_layout.py
-(run with XLA_FLAGS=--xla_force_host_platform_device_count=8; JAX reads it once):
+"""A cohort of the tiny model on several CPU devices in several layouts, for
+tests/test_layout.py (run with XLA_FLAGS=--xla_force_host_platform_device_count=8, or 4 for the
+search; JAX reads it once):
 
     python tests/layout_worker.py hlo OUTPUT.json
         compiles the cohort's train and eval steps (fed and gathered) for each layout and
         writes every all-reduce's device groups, the mesh's 'data' groups (by mesh position),
         and any other collective.
     python tests/layout_worker.py search WORKDIR LAYOUT
-        runs the tiny search (configs/tiny.py) with its layout forced to LAYOUT (e.g. 4x2).
+        runs the tiny search (configs/tiny.py) with its layout forced to LAYOUT (e.g. 2x2 on
+        4 devices).
     python tests/layout_worker.py steps OUTPUT.npz
         trains 8 runs for a few steps (an epoch of one batch each) in each layout and on one
         device; writes every step's losses per run, their validation losses after them and
