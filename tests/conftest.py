@@ -2,6 +2,8 @@
 import os
 import sys
 
+import pytest
+
 # configs/ is imported as a package, as main.py's config files do.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -13,3 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     os.path.expanduser("~"), ".cache", "blockft_jax", "jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_keras_reference_files():
+    """keras_oracle's saved models go when this process's tests are done."""
+    yield
+    oracle = sys.modules.get("keras_oracle")
+    if oracle is not None:
+        oracle.remove_saved_files()

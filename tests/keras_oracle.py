@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,21 @@ from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 
 from blockft_jax import models  # noqa: E402
 
-_DIR = Path(tempfile.mkdtemp(prefix="keras_oracle_"))
+
+
+@functools.lru_cache(maxsize=None)
+def saved_dir() -> Path:
+    """Where this process saves the reference models (made when first needed)."""
+    return Path(tempfile.mkdtemp(prefix="keras_oracle_"))
+
+
+def remove_saved_files() -> None:
+    """The saved reference models (about 380 MB a process) gone, at the end of the tests
+    (conftest.py): left behind, every run of the suite filled the temporary directory."""
+    if saved_dir.cache_info().currsize:
+        shutil.rmtree(saved_dir(), ignore_errors=True)
+    saved_dir.cache_clear()
+    reference.cache_clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +98,8 @@ def reference(name, width=1.0, size=32, options=(), seed=0) -> Reference:
     model = keras_constructor(name)(**keras_kwargs(name, width, size, options))
     randomise(model, seed)
     tag = f"{name}_{width}_{size}_{'_'.join(f'{k}{v}' for k, v in options)}_{seed}"
-    keras3 = _DIR / f"{tag}.weights.h5"
-    legacy = _DIR / f"{tag}.h5"
+    keras3 = saved_dir() / f"{tag}.weights.h5"
+    legacy = saved_dir() / f"{tag}.h5"
     model.save_weights(keras3)
     import h5py
     with h5py.File(legacy, "w") as f:

@@ -4,6 +4,7 @@ rest (pooling, dropout, the Dense head, the optimizer's state) skipped in one lo
 import dataclasses
 import functools
 import logging
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,7 +34,23 @@ FLAX_NAMES = {"kernel": ("params", "kernel"), "bias": ("params", "bias"),
               "moving_mean": ("batch_stats", "mean"), "moving_variance": ("batch_stats", "var")}
 LOGGER = weights.__name__
 
-_DIR = Path(tempfile.mkdtemp(prefix="keras_files_"))
+
+
+@functools.lru_cache(maxsize=None)
+def saved_dir() -> Path:
+    """Where this process saves the models (made when first needed)."""
+    return Path(tempfile.mkdtemp(prefix="keras_files_"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_saved_files():
+    """The saved models (1.4 GB for the six families) go when the module's tests are done:
+    left behind, every run of the suite filled the temporary directory by that much."""
+    yield
+    if saved_dir.cache_info().currsize:
+        shutil.rmtree(saved_dir(), ignore_errors=True)
+    saved_dir.cache_clear()
+    saved_transfer_model.cache_clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +106,7 @@ def saved_transfer_model(name) -> SavedTransferModel:
     model = transfer_model(application)
     model.compile(optimizer="adam", loss="mse")
     model.optimizer.build(model.trainable_variables)  # the optimizer's state, as after fit
-    paths = save_all(model, _DIR / name)
+    paths = save_all(model, saved_dir() / name)
     return SavedTransferModel(paths, application.name, flax_arrays(application))
 
 
