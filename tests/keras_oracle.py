@@ -19,16 +19,16 @@ from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 from blockft_jax import models  # noqa: E402
 
 
-
 @functools.lru_cache(maxsize=None)
 def saved_dir() -> Path:
-    """Where this process saves the reference models (made when first needed)."""
+    """Where this process saves the reference models, and test_keras_files its transfer
+    models (made when first needed)."""
     return Path(tempfile.mkdtemp(prefix="keras_oracle_"))
 
 
 def remove_saved_files() -> None:
-    """The saved reference models (about 380 MB a process) gone, at the end of the tests
-    (conftest.py): left behind, every run of the suite filled the temporary directory."""
+    """The saved models (references about 380 MB a process, test_keras_files' 1.4 GB) gone at
+    the end of the tests (conftest.py): left behind, every run filled the temporary directory."""
     if saved_dir.cache_info().currsize:
         shutil.rmtree(saved_dir(), ignore_errors=True)
     saved_dir.cache_clear()

@@ -4,8 +4,6 @@ rest (pooling, dropout, the Dense head, the optimizer's state) skipped in one lo
 import dataclasses
 import functools
 import logging
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from flax import traverse_util
 
 from blockft_jax import models
 from blockft_jax.inputs import weights
-from keras_oracle import keras_constructor, keras_kwargs, randomise
+from keras_oracle import keras_constructor, keras_kwargs, randomise, saved_dir
 
 SIZE = 32
 WIDTHS = {"vgg16": 1.0, "mobilenet_v1": 0.25, "mobilenet_v2": 0.35, "mobilenet_v3_small": 0.75,
@@ -33,24 +31,6 @@ FLAX_NAMES = {"kernel": ("params", "kernel"), "bias": ("params", "bias"),
               "gamma": ("params", "scale"), "beta": ("params", "bias"),
               "moving_mean": ("batch_stats", "mean"), "moving_variance": ("batch_stats", "var")}
 LOGGER = weights.__name__
-
-
-
-@functools.lru_cache(maxsize=None)
-def saved_dir() -> Path:
-    """Where this process saves the models (made when first needed)."""
-    return Path(tempfile.mkdtemp(prefix="keras_files_"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def remove_saved_files():
-    """The saved models (1.4 GB for the six families) go when the module's tests are done:
-    left behind, every run of the suite filled the temporary directory by that much."""
-    yield
-    if saved_dir.cache_info().currsize:
-        shutil.rmtree(saved_dir(), ignore_errors=True)
-    saved_dir.cache_clear()
-    saved_transfer_model.cache_clear()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +86,8 @@ def saved_transfer_model(name) -> SavedTransferModel:
     model = transfer_model(application)
     model.compile(optimizer="adam", loss="mse")
     model.optimizer.build(model.trainable_variables)  # the optimizer's state, as after fit
-    paths = save_all(model, saved_dir() / name)
+    # keras_oracle's directory: removed with its references when the tests end (1.4 GB).
+    paths = save_all(model, saved_dir() / "transfer" / name)
     return SavedTransferModel(paths, application.name, flax_arrays(application))
 
 
