@@ -163,7 +163,8 @@ def check(results, runs, reference, variables, engine):
 
 def test_first_steps_match_one_run_at_a_time(cohort, single, engine, variables, table, splits,
                                             starts):
-    """Per-step losses of four vmapped runs against each run alone (a cohort of one)."""
+    """Per-step losses of four vmapped runs against each run alone (a cohort of one), over
+    one epoch (three steps) in the epoch's one program."""
     train_split = splits["train"]
 
     def steps(c, runs):
@@ -174,13 +175,12 @@ def test_first_steps_match_one_run_at_a_time(cohort, single, engine, variables, 
                                 for r in runs])
         placed = c.place_runs((np.stack(orders), np.stack(weights)))
         active = c.place_runs(np.ones(len(runs), bool))
-        losses, runs_state = [], state.runs
-        for _ in range(3):
-            runs_state, metrics = c.train_step_gathered(
-                state.shared, runs_state, masks, bn_modes, train_split.images,
-                train_split.labels, *placed, keys, active)
-            losses.append(jax.device_get(metrics["loss"]))
-        return np.asarray(losses), jax.device_get(cohort_lib.live(runs_state))
+        runs_state, metrics = c.train_epoch_gathered(
+            state.shared, state.runs, masks, bn_modes, train_split.images, train_split.labels,
+            *placed, keys, active)
+        losses = jax.device_get(metrics["loss"]).T  # (steps, runs)
+        assert losses.shape == (3, len(runs))
+        return losses, jax.device_get(cohort_lib.live(runs_state))
 
     runs = [make_run(starts, table, layers, seed) for layers, seed in RUNS[:4]]
     together, state = steps(cohort, runs)
@@ -190,6 +190,48 @@ def test_first_steps_match_one_run_at_a_time(cohort, single, engine, variables, 
         base.assert_close_states(jax.tree.map(lambda x: x[i], state),
                                  jax.tree.map(lambda x: x[0], one))
     assert cohort.compilations["train"] == 1
+
+
+def test_an_epoch_program_is_its_step_batch_by_batch(engine, variables, table, splits, starts):
+    """An epoch in one program (the step scanned over the epoch's batches) and an evaluation
+    in one program give bitwise what the step gives called once a batch from the host."""
+    cohort = cohort_lib.Cohort(engine, 4)  # its own: the shared one counts its compilations
+    train_split, validation = splits["train"], splits["validation"]
+    runs = [make_run(starts, table, layers, seed) for layers, seed in RUNS[:4]]
+    masks, bn_modes, keys = cohort.stack_inputs(runs)
+    orders, weights = cohort_lib.epoch_orders(len(train_split), BATCH, [r.seed for r in runs], 0)
+    placed = cohort.place_runs((orders, weights))
+    active = cohort.place_runs(np.ones(len(runs), bool))
+    args = lambda state: (state.shared, state.runs, masks, bn_modes, train_split.images,
+                          train_split.labels, *placed, keys, active)
+
+    state = cohort.init(variables, runs)
+    by_program, metrics = cohort.train_epoch_gathered(*args(state))
+    step = jax.jit(cohort.steps.train_step_gathered)
+    state, stepwise = cohort.init(variables, runs), []
+    for _ in range(orders.shape[1]):
+        runs_state, step_metrics = step(*args(state))
+        state = dataclasses.replace(state, runs=runs_state)
+        stepwise.append(step_metrics)
+    by_step = state.runs
+    assert jax.tree.structure(by_program) == jax.tree.structure(by_step)
+    for got, want in zip(jax.tree.leaves(by_program), jax.tree.leaves(by_step)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for key in ("loss", "correct", "count"):
+        np.testing.assert_array_equal(np.asarray(metrics[key]),
+                                      np.stack([np.asarray(m[key]) for m in stepwise], 1))
+
+    live = cohort_lib.live(by_program)
+    order, w = data.batch_order(len(validation), BATCH, shuffle_rng=None)
+    order, w = cohort.engine.replicate(order), cohort.engine.replicate(w)
+    outs = cohort.evaluate_gathered(state.shared, live, validation.images, validation.labels,
+                                    order, w)
+    eval_step = jax.jit(cohort.steps.eval_step_gathered)
+    for b in range(order.shape[0]):
+        want = eval_step(state.shared, live, validation.images, validation.labels, order, w,
+                         np.int32(b))
+        for key, value in want.items():
+            np.testing.assert_array_equal(np.asarray(outs[key])[:, b], np.asarray(value))
 
 
 def test_two_cohorts_match_one_at_a_time_with_one_compilation(cohort, engine, variables, table,
@@ -408,9 +450,14 @@ def test_steps_compiled_ahead_on_a_thread_are_reused(engine, variables, table, s
     ahead = cohort_lib.Cohort(engine, 4)  # padded: two real runs
     sizes = {name: len(split) for name, split in splits.items()}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(compile_steps, ahead, variables, *base.candidate(variables, table, ()),
-                    BATCH, (base.SIZE, base.SIZE, 3), sizes).result()
+        planned = pool.submit(compile_steps, ahead, variables,
+                              *base.candidate(variables, table, ()), BATCH,
+                              (base.SIZE, base.SIZE, 3), sizes).result()
     assert ahead.compilations == {"train": 1, "eval": 1, "norms": 0}
+    # The flops reported are a step's, not its epoch's: as the fed step (one per call) counts.
+    fed = compile_steps(cohort_lib.Cohort(engine, 4), variables,
+                        *base.candidate(variables, table, ()), BATCH, (base.SIZE, base.SIZE, 3))
+    assert planned["flops"] == pytest.approx(fed["flops"], rel=0.05)
     compiled = []
 
     def listener(event, duration, **kwargs):

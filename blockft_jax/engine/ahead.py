@@ -103,13 +103,14 @@ def compile_steps(cohort: Cohort, variables, mask, bn_modes, batch_size: int,
     sizes = dict(device_split_sizes)
     split_images, split_labels, order, weights = _abstract_split(cohort, 
         a.images, sizes.pop("train"), batch_size)
-    compiled = cohort.train_step_gathered.lower(
+    compiled = cohort.train_epoch_gathered.lower(
         a.shared, a.runs, masks, a.bn_modes, split_images, split_labels, a.stacked(order),
         a.stacked(weights), a.keys, active).compile()
+    # XLA's cost analysis counts a loop's body once: the epoch's flops are its step's.
     memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
-    evaluations = [cohort.eval_step_gathered.lower(
-        a.shared, live(a.runs), *_abstract_split(cohort, a.images, n, eval_size),
-        a.index).compile() for n in sorted(set(sizes.values()))]
+    evaluations = [cohort.evaluate_gathered.lower(
+        a.shared, live(a.runs), *_abstract_split(cohort, a.images, n, eval_size)).compile()
+        for n in sorted(set(sizes.values()))]
     memory["eval"] = max(map(program_bytes, evaluations))
     cohort.executables = {"train": compiled, "eval": evaluations[-1]}  # the largest split's
     return memory

@@ -10,7 +10,8 @@ K) and the data (the prefix cache). Masks and BN modes are data: one compilation
 cohort of an engine of one size. The cohort size K is at most the engine's placed size
 (`placement`); a short last cohort is padded with inactive runs whose state never changes and
 whose results are dropped. Runs spread over the mesh's 'runs' axis, each run's batch over its
-'data' axis.
+'data' axis. On a device-resident split an epoch is one program (the step scanned over its
+batches), and so is an evaluation: one dispatch each, bitwise what the step gives batch by batch.
 
 A run's results do not depend on its slot or its cohort-mates (bitwise; tested), so a resumed
 search may regroup runs; cohorts of different sizes agree up to float rounding (batched
@@ -162,16 +163,17 @@ class Cohort:
             steps.train_step, donate_argnums=(1,),
             in_shardings=(repl, per_run, per_run, per_run, run_batch, run_batch, run_batch,
                           per_run, per_run), out_shardings=(per_run, per_run))
-        self.train_step_gathered = jax.jit(
-            steps.train_step_gathered, donate_argnums=(1,),
+        # On a device-resident split an epoch is one program, and so is an evaluation.
+        self.train_epoch_gathered = jax.jit(
+            steps.train_epoch_gathered, donate_argnums=(1,),
             in_shardings=(repl, per_run, per_run, per_run, repl, repl, per_run, per_run, per_run,
                           per_run), out_shardings=(per_run, per_run))
         # Metrics stay with their runs (no step gathers them across runs): `fetch` them.
         self.eval_step = jax.jit(steps.eval_step,
                                  in_shardings=(repl, per_run, batch, batch, batch),
                                  out_shardings=per_run)
-        self.eval_step_gathered = jax.jit(
-            steps.eval_step_gathered, in_shardings=(repl, per_run, repl, repl, repl, repl, repl),
+        self.evaluate_gathered = jax.jit(
+            steps.evaluate_gathered, in_shardings=(repl, per_run, repl, repl, repl, repl),
             out_shardings=per_run)
         # Auto-RGN's measurement: compiled on first use, by the engines that need it.
         self.gradient_norms_step = jax.jit(
@@ -370,19 +372,18 @@ def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
                 seeds: Sequence[int], epoch: int, keys, active: Sequence[bool]
                 ) -> tuple[CohortState, list[float], list[float], list[int]]:
     """One epoch of every run, each in its own order (`streams.batch_order(seed, epoch)`):
-    (state, train losses, train accuracies, steps), one entry per run. Metrics are fetched
-    once, at the end: the host prepares the next step while the device runs this one."""
+    (state, train losses, train accuracies, steps), one entry per run. On a DeviceSplit the
+    epoch is one program; fed, one step per call, the host preparing the next step while the
+    device runs this one. Metrics are fetched once, at the end."""
     orders, weights = epoch_orders(len(split), batch_size, seeds, epoch)
     active = cohort.place_runs(np.asarray(active, bool))
-    runs, metrics = state.runs, []
     if isinstance(split, train.DeviceSplit):  # the orders go over once; no batch does
-        device_orders, device_weights = cohort.place_runs((orders, weights))
-        for _ in range(orders.shape[1]):
-            runs, step_metrics = cohort.train_step_gathered(
-                state.shared, runs, masks, bn_modes, split.images, split.labels, device_orders,
-                device_weights, keys, active)
-            metrics.append(step_metrics)
+        runs, metrics = cohort.train_epoch_gathered(
+            state.shared, state.runs, masks, bn_modes, split.images, split.labels,
+            *cohort.place_runs((orders, weights)), keys, active)
+        metrics, steps = cohort.fetch((metrics, runs["step"]))
     else:
+        runs, metrics = state.runs, []
         labels = split.labels.astype(np.int32)
         feed = cohort.feed
         for step in range(orders.shape[1]):
@@ -391,23 +392,31 @@ def train_epoch(cohort: Cohort, state: CohortState, masks, bn_modes,
                 state.shared, runs, masks, bn_modes, feed(split.images, rows),
                 feed(labels, rows), feed(weights[:, step]), keys, active)
             metrics.append(step_metrics)
-    metrics, steps = cohort.fetch((metrics, runs["step"]))
-    k = cohort.size
-    sums = [{"loss": 0.0, "correct": 0.0, "count": 0.0} for _ in range(k)]
-    for m in metrics:
-        for i in range(k):
-            sums[i]["loss"] += float(m["loss"][i]) * float(m["count"][i])
-            sums[i]["correct"] += float(m["correct"][i])
-            sums[i]["count"] += float(m["count"][i])
+        metrics, steps = cohort.fetch((metrics, runs["step"]))
+        metrics = _runs_first(metrics)
+    sums = [{"loss": 0.0, "correct": 0.0, "count": 0.0} for _ in range(cohort.size)]
+    for i, s in enumerate(sums):  # each run's steps in order, summed on the host in float64
+        for loss, correct, count in zip(metrics["loss"][i], metrics["correct"][i],
+                                        metrics["count"][i]):
+            s["loss"] += float(loss) * float(count)
+            s["correct"] += float(correct)
+            s["count"] += float(count)
     counts = [max(s["count"], 1.0) for s in sums]
     return (dataclasses.replace(state, runs=runs), [s["loss"] / c for s, c in zip(sums, counts)],
             [s["correct"] / c for s, c in zip(sums, counts)], [int(s) for s in steps])
 
 
+def _runs_first(per_step: list[dict]) -> dict:
+    """Host metrics of one step (or batch) each, [{name: (runs, ...)}], as the programs of a
+    whole epoch give them: {name: (runs, steps, ...)}."""
+    return {key: np.stack([m[key] for m in per_step], axis=1) for key in per_step[0]}
+
+
 def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
              split: data_lib.Split | train.DeviceSplit, batch_size: int,
              eval_batch_multiple: int = EVAL_BATCH_MULTIPLE) -> list[dict]:
-    """Every run of the cohort on `split`, one vmapped step per batch, from the runs'
+    """Every run of the cohort on `split`, one vmapped step per batch (on a DeviceSplit all
+    in one program), from the runs'
     stacked `live_variables` over the `shared` frozen ones: [{'accuracy', 'loss', 'predicted'}]
     per run (`predicted`: every example's class, in order). `batch_size` is the training
     batch; evaluation's is `eval_batch_multiple` of it."""
@@ -415,11 +424,9 @@ def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
     batch_size *= eval_batch_multiple
     if isinstance(split, train.DeviceSplit):
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
-        order, weights = e.replicate(order), e.replicate(weights)
-        outs = cohort.fetch([
-            cohort.eval_step_gathered(shared, live_variables, split.images, split.labels, order,
-                                      weights, e.replicate(np.int32(i)))
-            for i in range(order.shape[0])])
+        outs = cohort.fetch(cohort.evaluate_gathered(
+            shared, live_variables, split.images, split.labels, e.replicate(order),
+            e.replicate(weights)))
     else:
         # Each process reads only its own devices' slices of each batch.
         order, weights = data_lib.batch_order(len(split), batch_size, shuffle_rng=None)
@@ -429,15 +436,13 @@ def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
             cohort.eval_step(shared, live_variables, train.gather(split.images, rows, batch),
                              train.gather(labels, rows, batch), train.put(w, batch))
             for rows, w in zip(order, weights)])
+        outs = _runs_first(outs)
     results = []
     for i in range(cohort.size):
-        totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        for out in outs:
-            for key in totals:
-                totals[key] += float(out[key][i])
+        totals = {key: sum(map(float, outs[key][i])) for key in ("loss_sum", "correct", "count")}
         n = max(totals["count"], 1.0)
         # Batches in split order, the last one padded at its end: the first len(split) rows.
-        predicted = np.concatenate([out["predicted"][i] for out in outs])[:len(split)]
+        predicted = outs["predicted"][i].reshape(-1)[:len(split)]
         results.append({"accuracy": totals["correct"] / n, "loss": totals["loss_sum"] / n,
                         "predicted": predicted})
     return results

@@ -78,6 +78,18 @@ class VmappedSteps:
                 shared, runs, masks, bn_modes, split_images, split_labels, orders, weights, keys,
                 active))
 
+    def train_epoch_gathered(self, shared, runs, masks, bn_modes, split_images, split_labels,
+                             orders, weights, keys, active):
+        # The epoch is one program: the step scanned over the epoch's batches (each run's step
+        # counter picks its batch), so the host dispatches once an epoch, not once a step.
+        # Metrics come out runs first: (runs, steps).
+        def step(runs, _):
+            return self.train_step_gathered(shared, runs, masks, bn_modes, split_images,
+                                            split_labels, orders, weights, keys, active)
+
+        runs, metrics = jax.lax.scan(step, runs, length=orders.shape[1])
+        return runs, jax.tree.map(lambda m: jnp.moveaxis(m, 0, 1), metrics)
+
     def eval_step(self, shared, live, images, labels, weights):
         # Evaluation has no order to shuffle: every run sees the same batch.
         def one(shared, live, images, labels, weights):
@@ -96,6 +108,16 @@ class VmappedSteps:
         return self._counted("eval", lambda: jax.vmap(one, in_axes=(
             None, 0, None, None, None, None, None), spmd_axis_name="runs")(
                 shared, live, split_images, split_labels, order, weights, index))
+
+    def evaluate_gathered(self, shared, live, split_images, split_labels, order, weights):
+        # The whole split in one program: the eval step scanned over its batches; outputs runs
+        # first: (runs, batches, ...).
+        def batch(carry, index):
+            return carry, self.eval_step_gathered(shared, live, split_images, split_labels,
+                                                  order, weights, index)
+
+        _, outs = jax.lax.scan(batch, None, jnp.arange(order.shape[0], dtype=jnp.int32))
+        return jax.tree.map(lambda m: jnp.moveaxis(m, 0, 1), outs)
 
     def norms_step(self, shared, runs, bn_modes, images, labels, weights, keys, index):
         def one(shared, run, bn, images, labels, weights, key):
