@@ -72,6 +72,11 @@ def test_every_strategy_and_output(finished):
     norms = {unit: c["norms"] for unit, c in run_record["compilations"].items()}
     assert norms.pop("stem") == 1 and set(norms.values()) <= {0}, norms
     assert 0 < run_record["compile_blocking_seconds"] <= run_record["compile_seconds"]
+    # What each engine's programs took to compile, by kind: those it compiled, and only those.
+    for unit, c in run_record["compilations"].items():
+        took = c["seconds"]
+        assert took["train"] > 0 and took["eval"] > 0 and took["state"] > 0, (unit, took)
+        assert (took["norms"] > 0) == (c["norms"] > 0), (unit, took)
     for name in ("summary.json", "report.md", "report.png", "config.json"):
         assert (workdir / name).exists(), name
     report = (workdir / "report.md").read_text()

@@ -6,6 +6,7 @@ the flops it counts.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable
 
 import jax
@@ -54,6 +55,15 @@ def _abstract_arguments(cohort: Cohort, variables, bn_modes, batch_size: int,
                    fed((), jnp.float32)))
 
 
+def _compiled(cohort: Cohort, kind: str, lowered: Callable):
+    """`lowered()`'s program compiled, its seconds (tracing included) counted in the cohort's
+    `compile_seconds[kind]`."""
+    started = time.perf_counter()
+    compiled = lowered().compile()
+    cohort.compile_seconds[kind] += time.perf_counter() - started
+    return compiled
+
+
 def _abstract_split(cohort: Cohort, images, n: int, size: int) -> tuple:
     """A DeviceSplit of `n` examples (images like `images`'s rows), and an epoch's order
     and weights in batches of `size`."""
@@ -83,19 +93,19 @@ def compile_steps(cohort: Cohort, variables, mask, bn_modes, batch_size: int,
     masks = jax.tree.map(lambda x: a.stacked(np.asarray(x, MASK_DTYPE)), e.live_part(mask))
     active = jax.ShapeDtypeStruct((k,), jnp.bool_, sharding=cohort.per_run)
     memory = {}
-    cohort.init_runs_step.lower(live_vars).compile()
-    cohort.keep_best_step.lower(live_vars, live_vars, active).compile()
-    cohort.take_run_step.lower(live(a.runs), a.index).compile()
+    _compiled(cohort, "state", lambda: cohort.init_runs_step.lower(live_vars))
+    _compiled(cohort, "state", lambda: cohort.keep_best_step.lower(live_vars, live_vars, active))
+    _compiled(cohort, "state", lambda: cohort.take_run_step.lower(live(a.runs), a.index))
     eval_size = batch_size * eval_batch_multiple
     if device_split_sizes is None:
-        compiled = cohort.train_step.lower(a.shared, a.runs, masks, a.bn_modes, *a.fed_batch,
-                                         a.keys, active).compile()
+        compiled = _compiled(cohort, "train", lambda: cohort.train_step.lower(
+            a.shared, a.runs, masks, a.bn_modes, *a.fed_batch, a.keys, active))
         memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
         batch = lambda shape, dtype: jax.ShapeDtypeStruct((eval_size, *shape), dtype,
                                                           sharding=e.batch_sharding)
-        evaluation = cohort.eval_step.lower(
+        evaluation = _compiled(cohort, "eval", lambda: cohort.eval_step.lower(
             a.shared, live(a.runs), batch(a.images.shape[1:], a.images.dtype),
-            batch((), jnp.int32), batch((), jnp.float32)).compile()
+            batch((), jnp.int32), batch((), jnp.float32)))
         memory["eval"] = program_bytes(evaluation)
         cohort.executables = {"train": compiled, "eval": evaluation}
         return memory
@@ -103,13 +113,13 @@ def compile_steps(cohort: Cohort, variables, mask, bn_modes, batch_size: int,
     sizes = dict(device_split_sizes)
     split_images, split_labels, order, weights = _abstract_split(cohort, 
         a.images, sizes.pop("train"), batch_size)
-    compiled = cohort.train_epoch_gathered.lower(
+    compiled = _compiled(cohort, "train", lambda: cohort.train_epoch_gathered.lower(
         a.shared, a.runs, masks, a.bn_modes, split_images, split_labels, a.stacked(order),
-        a.stacked(weights), a.keys, active).compile()
+        a.stacked(weights), a.keys, active))
     # XLA's cost analysis counts a loop's body once: the epoch's flops are its step's.
     memory.update(train=program_bytes(compiled), flops=flops(compiled) / k)
-    evaluations = [cohort.evaluate_gathered.lower(
-        a.shared, live(a.runs), *_abstract_split(cohort, a.images, n, eval_size)).compile()
+    evaluations = [_compiled(cohort, "eval", lambda n=n: cohort.evaluate_gathered.lower(
+        a.shared, live(a.runs), *_abstract_split(cohort, a.images, n, eval_size)))
         for n in sorted(set(sizes.values()))]
     memory["eval"] = max(map(program_bytes, evaluations))
     cohort.executables = {"train": compiled, "eval": evaluations[-1]}  # the largest split's
@@ -123,14 +133,14 @@ def compile_norms(cohort: Cohort, variables, bn_modes, batch_size: int,
     `compile_steps` does the others (the same shapes, `bn_modes` any candidate's)."""
     a = _abstract_arguments(cohort, variables, bn_modes, batch_size, image_shape)
     if device_split_sizes is None:
-        cohort.gradient_norms_step.lower(a.shared, a.runs, a.bn_modes, *a.fed_batch, a.keys,
-                                       a.index).compile()
+        _compiled(cohort, "norms", lambda: cohort.gradient_norms_step.lower(
+            a.shared, a.runs, a.bn_modes, *a.fed_batch, a.keys, a.index))
         return
     images, labels, order, weights = _abstract_split(cohort, 
         a.images, device_split_sizes["train"], batch_size)
-    cohort.gradient_norms_step_gathered.lower(
+    _compiled(cohort, "norms", lambda: cohort.gradient_norms_step_gathered.lower(
         a.shared, a.runs, a.bn_modes, images, labels, a.stacked(order), a.stacked(weights),
-        a.keys, a.index).compile()
+        a.keys, a.index))
 
 
 def flops(compiled) -> float:

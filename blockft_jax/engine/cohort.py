@@ -144,6 +144,10 @@ class Cohort:
     # The train and eval steps as `ahead.compile_steps` last compiled them (for their HLO, memory
     # plan and cost analysis).
     executables: dict = dataclasses.field(default_factory=dict)
+    # Seconds `ahead` spent tracing and compiling each kind of program for this cohort ('state':
+    # its init, keep-best and take-run programs).
+    compile_seconds: dict = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(("train", "eval", "norms", "state"), 0.0))
 
     def __post_init__(self):
         if self.size < 1:

@@ -95,12 +95,17 @@ class Prepared:
 
     def compilations(self) -> dict:
         """Steps this process traced and compiled for this engine (`norms`: Auto-RGN's
-        measurement, compiled only by an engine that trains it), and the cohort sizes whose
-        train step compiled (one each, unless a size compiled twice)."""
+        measurement, compiled only by an engine that trains it), the cohort sizes whose
+        train step compiled (one each, unless a size compiled twice), and the seconds each kind
+        of program took to trace and compile, all sizes together (`seconds`; 'state': a
+        cohort's init, keep-best and take-run programs)."""
         counts = {kind: sum(c.compilations[kind] for c in self.cohorts.values())
                   for kind in ("train", "eval", "norms")}
+        seconds = {kind: round(sum(c.compile_seconds[kind] for c in self.cohorts.values()), 2)
+                   for kind in next(iter(self.cohorts.values())).compile_seconds}
         return {**counts, "features": self.engine.compilations["features"],
-                "cohorts": sorted(k for k, c in self.cohorts.items() if c.compilations["train"])}
+                "cohorts": sorted(k for k, c in self.cohorts.items() if c.compilations["train"]),
+                "seconds": seconds}
 
     def flops_per_run(self) -> float | None:
         """The compiled train step's flops per run, once it has compiled."""
