@@ -11,6 +11,7 @@
   python scripts/benchmark.py --recipes [--tasks demo,swapped]   # the winner vs the best fixed recipe
   python scripts/benchmark.py --determinism   # the demo twice, once under load: the same rows?
   python scripts/benchmark.py --against 3266442   # the demo at a commit, then here: the ratio
+  python scripts/benchmark.py --compile-programs head,block_16,block_8,all --runs 6  # compile s
 
 The same fine-tuning job runs in each framework: `--images` random uint8 images (fixed seed)
 with 5 random labels, a `keras.applications` backbone (`weights=None`) + global average pooling +
@@ -577,6 +578,38 @@ def against_benchmark(args) -> None:
     print(f"against_training_ratio={before['training_s'] / after['training_s']:.2f}")
 
 
+def compile_benchmark(args) -> None:
+    """Each trained set's engine (--compile-programs) compiled as a search compiles it
+    (`ahead.compile_steps`, for a cohort of --runs; train, validation and test splits of
+    --images each, gathered on the device where the search would keep them there), nothing
+    trained: the seconds of each kind of program, as runs.jsonl records them."""
+    from blockft_jax import benchmarking as bench
+    from blockft_jax.engine import ahead, placement
+    from blockft_jax.engine import cohort as cohort_lib
+
+    shape = (args.size, args.size, 3)
+    print(f"## Programs compiled per engine: {args.model} (width {args.width}) at {args.size} "
+          f"px, cohorts of {args.runs}, batch {args.batch}, splits of {args.images} images\n")
+    print("| trained set | engine from | inputs | train s | eval s | state s | "
+          "train MB (XLA's plan) |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for trainable in [t.strip() for t in args.compile_programs.split(",") if t.strip()]:
+        job = bench.setup(args.model, trainable, size=args.size, width=args.width,
+                          seed=args.seed, cache=not args.no_cache)
+        cohort = cohort_lib.Cohort(job.engine, args.runs)
+        on_device = placement.device_split_bytes(job.engine, 3 * args.images, shape) > 0
+        sizes = dict.fromkeys(("train", "validation", "test"), args.images) if on_device \
+            else None
+        memory = ahead.compile_steps(cohort, job.variables, job.mask, job.bn_modes, args.batch,
+                                     shape, sizes)
+        took = cohort.compile_seconds
+        inputs = ("prefix cache" if job.cached else "images") + \
+            (", an epoch a program" if on_device else ", fed a step a call")
+        print(f"| {trainable} | {job.from_unit} | {inputs} | {took['train']:.1f} | "
+              f"{took['eval']:.1f} | {took['state']:.1f} | {memory['train'] / 2**20:.1f} |",
+              flush=True)
+
+
 # Holds ~60% of the memory available and keeps every core busy until killed.
 LOAD = """
 import multiprocessing, os, sys
@@ -954,6 +987,10 @@ def main(argv=None):
     parser.add_argument("--against", default=None, metavar="COMMIT",
                         help="the search (--search-config) at COMMIT, then in this checkout, "
                              "each from an empty compilation cache: the wall-time ratio")
+    parser.add_argument("--compile-programs", default=None, metavar="SETS",
+                        help="compile (not train) the engines of these trained sets (comma "
+                             "list of --trainable values) as a search does: seconds per "
+                             "program kind")
     parser.add_argument("--recipes", action="store_true",
                         help="the demo search as it ships against the best fixed recipe "
                              "(classifier-only and full under every setting), on --tasks")
@@ -1004,6 +1041,8 @@ def main(argv=None):
         return against_benchmark(args)
     if args.checkpoints:
         return checkpoint_benchmark(args)
+    if args.compile_programs:
+        return compile_benchmark(args)
     if args.halving or args.recipes:
         unknown = sorted(set(args.tasks.split(",")) - set(HALVING_TASKS))
         if unknown:

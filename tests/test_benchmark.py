@@ -37,6 +37,16 @@ def test_both_levels_next_to_keras_with_the_same_trained_set():
     assert "| blockft_jax_step |" in out and "| step, from_unit=block_16" in out
 
 
+def test_compile_programs_gives_each_engines_seconds_by_kind():
+    out = run("--compile-programs", "head,block_16", "--runs", "2")
+    rows = re.findall(r"^\| (head|block_16) \| (\w+) \| ([^|]+) \| ([\d.]+) \| ([\d.]+) \| "
+                      r"([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    assert [r[:2] for r in rows] == [("head", "head"), ("block_16", "block_16")], out
+    for row in rows:  # on CPU both engines keep their prefix cache in device memory
+        assert row[2] == "prefix cache, an epoch a program", out
+        assert all(float(x) > 0 for x in row[3:5]) and float(row[6]) > 0, out
+
+
 def test_input_pipeline_check_on_mock_tf_flowers():
     out = run("--input-check", "--mock-data", "--no-cache")
     assert "tf_flowers (TFDS mock data) loaded by data.load_dataset" in out
