@@ -194,7 +194,10 @@ def test_first_steps_match_one_run_at_a_time(cohort, single, engine, variables, 
 
 def test_an_epoch_program_is_its_step_batch_by_batch(engine, variables, table, splits, starts):
     """An epoch in one program (the step scanned over the epoch's batches) and an evaluation
-    in one program give bitwise what the step gives called once a batch from the host."""
+    in one program give what the step gives called once a batch from the host: the same
+    batches in the same order, so the same counts and classes, and losses and states to float
+    order (bitwise here on the Xeon this was written on, but XLA may compile a loop's body
+    otherwise: the demo's block_8 engine moved two of 158 rows)."""
     cohort = cohort_lib.Cohort(engine, 4)  # its own: the shared one counts its compilations
     train_split, validation = splits["train"], splits["validation"]
     runs = [make_run(starts, table, layers, seed) for layers, seed in RUNS[:4]]
@@ -215,11 +218,13 @@ def test_an_epoch_program_is_its_step_batch_by_batch(engine, variables, table, s
         stepwise.append(step_metrics)
     by_step = state.runs
     assert jax.tree.structure(by_program) == jax.tree.structure(by_step)
-    for got, want in zip(jax.tree.leaves(by_program), jax.tree.leaves(by_step)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    for key in ("loss", "correct", "count"):
-        np.testing.assert_array_equal(np.asarray(metrics[key]),
-                                      np.stack([np.asarray(m[key]) for m in stepwise], 1))
+    np.testing.assert_array_equal(by_program["step"], by_step["step"])
+    base.assert_close_states(jax.device_get(cohort_lib.live(by_program)),
+                             jax.device_get(cohort_lib.live(by_step)))
+    stacked = lambda key: np.stack([np.asarray(m[key]) for m in stepwise], 1)
+    np.testing.assert_array_equal(metrics["count"], stacked("count"))
+    np.testing.assert_array_equal(metrics["correct"], stacked("correct"))
+    np.testing.assert_allclose(metrics["loss"], stacked("loss"), rtol=1e-5)
 
     live = cohort_lib.live(by_program)
     order, w = data.batch_order(len(validation), BATCH, shuffle_rng=None)
@@ -230,8 +235,10 @@ def test_an_epoch_program_is_its_step_batch_by_batch(engine, variables, table, s
     for b in range(order.shape[0]):
         want = eval_step(state.shared, live, validation.images, validation.labels, order, w,
                          np.int32(b))
-        for key, value in want.items():
-            np.testing.assert_array_equal(np.asarray(outs[key])[:, b], np.asarray(value))
+        for key in ("count", "correct", "predicted"):
+            np.testing.assert_array_equal(np.asarray(outs[key])[:, b], np.asarray(want[key]))
+        np.testing.assert_allclose(np.asarray(outs["loss_sum"])[:, b], want["loss_sum"],
+                                   rtol=1e-5)
 
 
 def test_two_cohorts_match_one_at_a_time_with_one_compilation(cohort, engine, variables, table,

@@ -11,7 +11,8 @@ cohort of an engine of one size. The cohort size K is at most the engine's place
 (`placement`); a short last cohort is padded with inactive runs whose state never changes and
 whose results are dropped. Runs spread over the mesh's 'runs' axis, each run's batch over its
 'data' axis. On a device-resident split an epoch is one program (the step scanned over its
-batches), and so is an evaluation: one dispatch each, bitwise what the step gives batch by batch.
+batches), and so is an evaluation: one dispatch each, what the step gives batch by batch (the
+same batches; float order where XLA compiles the loop's body otherwise).
 
 A run's results do not depend on its slot or its cohort-mates (bitwise; tested), so a resumed
 search may regroup runs; cohorts of different sizes agree up to float rounding (batched

@@ -1,5 +1,6 @@
 """A search's engines: one per lowest trainable unit, each with its inputs, its steps compiled
-in the background (one compiler thread, one engine after another) and its placement.
+in the background (one compiler thread, one engine after another; Auto-RGN's measurement on a
+second, beside the steps it goes with) and its placement.
 
 An engine is prepared before it trains (its prefix cache computed, its steps for the largest
 cohort worth having compiling), made ready when its first cohort is due (the placement decided
@@ -34,6 +35,10 @@ class Engines:
         self.shape = (config.model.input_size, config.model.input_size, 3)
         self.prepared: dict[str, placement.Prepared] = {}
         self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        # Auto-RGN's measurement, a whole backward pass of its own, compiles beside its engine's
+        # steps instead of after them: a rung that waits for both waits for the longer.
+        self.norms_compiler = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="compile-norms")
         self.ahead: dict[tuple, concurrent.futures.Future] = {}  # (unit, (size, multiple))
 
     def __getitem__(self, unit: str) -> placement.Prepared:
@@ -48,6 +53,7 @@ class Engines:
 
     def shutdown(self) -> None:
         self.compiler.shutdown(cancel_futures=True)
+        self.norms_compiler.shutdown(cancel_futures=True)
 
     def prepare(self, from_unit: str, runs: int) -> placement.Prepared:
         """The engine for a lowest trainable unit, its inputs, and its steps compiling in the
@@ -126,7 +132,7 @@ class Engines:
                 prepared.compiled[p.cohort_size, p.eval_batch_multiple] = self.compile(
                     prepared.cohort, self.split_sizes(prepared), p.eval_batch_multiple)
         if prepared.norms is None and self._measures(from_unit):
-            prepared.norms = self.compiler.submit(
+            prepared.norms = self.norms_compiler.submit(
                 ahead.compile_norms, prepared.cohort, self.variables,
                 groups.bn_modes(self.table, []),
                 self.config.data.batch_size, self.shape, self.split_sizes(prepared))
@@ -184,12 +190,14 @@ class Engines:
     def _compile_size(self, from_unit: str, cohort: cohort_lib.Cohort) -> dict:
         """A cohort size's steps (and norms, where a strategy measures) compiled."""
         prepared = self.prepared[from_unit]
+        norms = self.norms_compiler.submit(
+            ahead.compile_norms, cohort, self.variables, groups.bn_modes(self.table, []),
+            self.config.data.batch_size, self.shape, self.split_sizes(prepared)) \
+            if self._measures(from_unit) else None
         memory = self.compile(cohort, self.split_sizes(prepared),
                               prepared.placement.eval_batch_multiple)
-        if self._measures(from_unit):
-            ahead.compile_norms(cohort, self.variables, groups.bn_modes(self.table, []),
-                                self.config.data.batch_size, self.shape,
-                                self.split_sizes(prepared))
+        if norms is not None:
+            norms.result()
         return memory
 
     def _measures(self, from_unit: str) -> bool:
