@@ -420,11 +420,10 @@ def _runs_first(per_step: list[dict]) -> dict:
 def evaluate(cohort: Cohort, shared: dict, live_variables: dict,
              split: data_lib.Split | train.DeviceSplit, batch_size: int,
              eval_batch_multiple: int = EVAL_BATCH_MULTIPLE) -> list[dict]:
-    """Every run of the cohort on `split`, one vmapped step per batch (on a DeviceSplit all
-    in one program), from the runs'
-    stacked `live_variables` over the `shared` frozen ones: [{'accuracy', 'loss', 'predicted'}]
-    per run (`predicted`: every example's class, in order). `batch_size` is the training
-    batch; evaluation's is `eval_batch_multiple` of it."""
+    """Every run of the cohort on `split`, one vmapped step per batch (on a DeviceSplit all in
+    one program), from the runs' stacked `live_variables` over the `shared` frozen ones:
+    [{'accuracy', 'loss', 'predicted'}] per run (`predicted`: every example's class, in order).
+    `batch_size` is the training batch; evaluation's is `eval_batch_multiple` of it."""
     e = cohort.engine
     batch_size *= eval_batch_multiple
     if isinstance(split, train.DeviceSplit):
