@@ -597,7 +597,9 @@ def compile_benchmark(args) -> None:
         job = bench.setup(args.model, trainable, size=args.size, width=args.width,
                           seed=args.seed, cache=not args.no_cache)
         cohort = cohort_lib.Cohort(job.engine, args.runs)
-        on_device = placement.device_split_bytes(job.engine, 3 * args.images, shape) > 0
+        cache_bytes = placement.device_split_bytes(job.engine, 3 * args.images, shape)
+        on_device = placement.first(job.engine, job.variables, args.runs, args.runs, cache_bytes,
+                                    None)["cache_on_device"]  # the search's own decision
         sizes = dict.fromkeys(("train", "validation", "test"), args.images) if on_device \
             else None
         memory = ahead.compile_steps(cohort, job.variables, job.mask, job.bn_modes, args.batch,

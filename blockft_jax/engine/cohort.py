@@ -71,6 +71,8 @@ MASK_DTYPE = np.float32
 # otherwise: it keeps no activations for a backward pass, and fewer, larger steps cost less per
 # example (the demo's 395 validation images: 4 steps an epoch instead of 16).
 EVAL_BATCH_MULTIPLE = 4
+# What a cohort compiles, by kind ('state': its init, keep-best and take-run programs).
+PROGRAM_KINDS = ("train", "eval", "norms", "state")
 
 
 @dataclasses.dataclass
@@ -148,7 +150,7 @@ class Cohort:
     # Seconds `ahead` spent tracing and compiling each kind of program for this cohort ('state':
     # its init, keep-best and take-run programs).
     compile_seconds: dict = dataclasses.field(
-        default_factory=lambda: dict.fromkeys(("train", "eval", "norms", "state"), 0.0))
+        default_factory=lambda: dict.fromkeys(PROGRAM_KINDS, 0.0))
 
     def __post_init__(self):
         if self.size < 1:

@@ -102,7 +102,7 @@ class Prepared:
         counts = {kind: sum(c.compilations[kind] for c in self.cohorts.values())
                   for kind in ("train", "eval", "norms")}
         seconds = {kind: round(sum(c.compile_seconds[kind] for c in self.cohorts.values()), 2)
-                   for kind in next(iter(self.cohorts.values())).compile_seconds}
+                   for kind in cohort_lib.PROGRAM_KINDS}
         return {**counts, "features": self.engine.compilations["features"],
                 "cohorts": sorted(k for k, c in self.cohorts.items() if c.compilations["train"]),
                 "seconds": seconds}

@@ -259,9 +259,6 @@ def _run(config, wd: Workdir) -> dict:
     log.info("Compilation: %.1f s in all; %.1f s of it held up this run's %.1f s (%.1f%%), "
              "the rest ran alongside training", clock.seconds, clock.blocking, total,
              100 * clock.blocking / max(total, 1e-9))
-    log.info("Compiled per engine (seconds, every cohort size): %s", "; ".join(
-        f"{unit}: " + ", ".join(f"{kind} {s:.1f}" for kind, s in c["seconds"].items() if s)
-        for unit, c in counts.items()))
     if wd.writer:  # what this process did; summary.json holds only what any run would give
         durable.append_line(wd.path / "runs.jsonl", json.dumps({
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(total, 1),
