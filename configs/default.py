@@ -73,7 +73,8 @@ def get_config():
 
     config.search = ml_collections.ConfigDict()
     # Runs of one engine (same lowest trainable unit) trained at once, vmapped: 0 = as many as
-    # memory allows (the rule in blockft_jax/engine/cohort.py), 1 = one at a time, N = up to N.
+    # memory allows, and on CPU only where that is measured to pay (the rule in
+    # blockft_jax/engine/placement.py), 1 = one at a time, N = up to N.
     config.search.parallel = 0
     config.search.strategies = ("classifier_only", "full", "layerwise", "topk", "blocks",
                                 "window", "llrd", "gradual", "lp_ft", "l2sp", "auto_rgn",

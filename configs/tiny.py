@@ -26,6 +26,11 @@ def get_config():
     # Tests interrupt searches right after a checkpoint: one after every epoch.
     config.train.checkpoint_seconds = 0.0
 
+    # Runs in cohorts as large as the runs allow (the default, parallel=0, without its CPU
+    # rule): a CPU where cohorts would not pay trains one run at a time by default
+    # (placement.MIN_CPU_COHORT_SPEEDUP), and the tests of cohorts, their resume and their
+    # layouts must run them anywhere; test_search checks the default's rule itself.
+    config.search.parallel = 64
     # One setting (today's BatchNorm rule): the tests that search settings say so.
     config.search.bn_policies = ("train",)
     config.search.max_layers = 3

@@ -1,6 +1,6 @@
 """Placement, decided from the compiler: the cohort size and the evaluation batch shrink until
 XLA's memory plan of the real compiled steps fits the memory available, and the caps that bound
-a cohort (runs to train, search.parallel, the CPU's last-level cache)."""
+a cohort (runs to train, search.parallel, the CPU's last-level cache and its measured speed-up)."""
 import logging
 
 import jax
@@ -44,6 +44,26 @@ def test_largest_cohort_caps(engine, variables):
     assert size(0, 3) == min(3, cache_cap)
     with pytest.raises(ValueError, match="parallel"):
         size(-1, 10)
+
+
+def test_on_cpu_a_cohort_forms_only_where_it_pays(engine, variables):
+    """parallel=0 on CPU: one run at a time where a cohort's measured speed-up per run (the
+    caller's `speedup(k)`) is below MIN_CPU_COHORT_SPEEDUP; a set search.parallel is the
+    user's cap and is not weighed, nor is a single run."""
+    asked = []
+
+    def speedup(gain):
+        return lambda k: asked.append(k) or gain
+
+    low, enough = placement.MIN_CPU_COHORT_SPEEDUP - 0.01, placement.MIN_CPU_COHORT_SPEEDUP
+    size, caps = placement.largest_cohort(engine, variables, 0, 10, speedup(low))
+    assert (size, caps["CPU speed-up"], asked) == (1, 1, [min(10, caps["CPU cache"])])
+    size, caps = placement.largest_cohort(engine, variables, 0, 10, speedup(enough))
+    assert size == min(10, caps["CPU cache"]) > 1 and "CPU speed-up" not in caps
+    asked.clear()
+    assert placement.largest_cohort(engine, variables, 3, 10, speedup(low))[0] == 3
+    assert placement.largest_cohort(engine, variables, 0, 1, speedup(low))[0] == 1
+    assert asked == []
 
 
 def test_a_rungs_runs_in_equal_cohorts_no_larger_than_placed():

@@ -1,5 +1,6 @@
 """The search's schedule (successive halving or the paper's exhaustive protocol) and the split of
 candidates into engines by depth: pure rules, checked by hand-counted cases."""
+import dataclasses
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from blockft_jax import models
 from blockft_jax.candidates import halving
+from blockft_jax.engine import train
 from blockft_jax.search import costs, plan
 from configs import demo, tiny
 
@@ -131,6 +133,37 @@ def test_the_engines_work_holds_auto_rgns_measurement():
     assert work["measurements"] == [(config.train.seeds, config.train.epochs,
                                      config.search.auto_rgn_batches)]
     assert work["runs"] == 2 * config.train.seeds
+
+
+def test_a_cohorts_speedup_is_the_shared_part_of_a_step_paid_once():
+    """A run-step costs step_seconds + flops x seconds_per_flop; a cohort of k pays the shared
+    part once and the rest k times."""
+    speed = costs.Speed(seconds_per_flop=1e-9, compile_seconds=1.0, measured_on="test",
+                        step_seconds=0.003, shared_step_seconds=0.002)
+    # No flops: 3 ms alone, 2 of them shared: 4 runs in 2 + 4 x 1 ms against 4 x 3 ms.
+    assert speed.cohort_speedup(0.0, 4) == pytest.approx(12 / 6)
+    # 1e7 flops (10 ms each run's own): 4 x 13 ms against 2 + 4 x 11 ms.
+    assert speed.cohort_speedup(1e7, 4) == pytest.approx(52 / 46)
+    assert speed.cohort_speedup(1e7, 1) == pytest.approx(1.0)
+    unshared = dataclasses.replace(speed, shared_step_seconds=0.0)
+    assert unshared.cohort_speedup(0.0, 64) == pytest.approx(1.0)
+
+
+def test_measure_times_one_run_and_a_cohort():
+    """The real measurement on the tiny model: what a cohort's runs share of a step lies
+    within one run's step, kept with the speed."""
+    config = tiny.get_config()
+    module = plan.build_module(config, 3)
+    table = models.layer_table(module, (32, 32, 3))
+    variables = models.init_variables(module, (32, 32, 3))
+    tx = train.make_optimizer(config.train, 10)
+    searched = plan.make_plan(config, table, module)
+    speed = costs.measure(searched, module, table, variables, tx, batch_size=8,
+                          image_shape=(32, 32, 3))
+    assert "below unit head" in speed.measured_on and f"of {costs.COHORT_PROBE}" in speed.measured_on
+    head_step = 3 * 8 * costs.suffix_flops(table, variables, module.unit_names())["head"]
+    assert 0.0 <= speed.shared_step_seconds <= speed.seconds(head_step, 1)
+    assert speed.to_json()["shared_step_seconds"] == speed.shared_step_seconds
 
 
 def test_the_machines_speed_is_measured_once_per_job(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from blockft_jax.candidates import strategies
 from blockft_jax.common.workdir import WorkdirError
 from blockft_jax.engine import checkpoint, placement
 from blockft_jax.engine import cohort as cohort_lib
-from blockft_jax.search import engines, plan, search
+from blockft_jax.search import costs, engines, plan, search
 from configs import tiny
 
 ROW_KEYS = {"strategy", "candidate", "layers", "seed", "epochs", "val_accuracy", "test_accuracy",
@@ -144,6 +144,32 @@ def test_a_cohorts_runs_are_let_go_before_the_next_trains(tmp_path, monkeypatch)
     search.run(tiny_config(**{"search.strategies": ("classifier_only", "layerwise"),
                               "search.parallel": 1}), tmp_path)
     assert len(alive) >= 3  # cohorts of one, one after another
+
+
+@pytest.mark.parametrize("shared", [0.0, 1.0])
+def test_on_cpu_the_default_forms_cohorts_only_where_they_pay(tmp_path, monkeypatch, caplog,
+                                                              shared):
+    """search.parallel=0 on CPU: the machine's measured speed decides each engine. A step of
+    which nothing is shared between runs trains them one at a time (logged, and kept in
+    cohorts.json); a step that is all shared trains them in cohorts."""
+    measured = costs.Speed(seconds_per_flop=1e-12, compile_seconds=1.0, measured_on="test",
+                           step_seconds=1.0, shared_step_seconds=shared)
+    monkeypatch.setattr(costs, "measure_once", lambda *args, **kwargs: measured)
+    config = tiny_config(**{"search.parallel": 0,
+                            "search.strategies": ("classifier_only", "layerwise", "full")})
+    with caplog.at_level(logging.INFO):
+        search.run(config, tmp_path)
+    record = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[-1])
+    sizes = {unit: c["cohorts"] for unit, c in record["compilations"].items()}
+    caps = {unit: p["figures"]["caps"]
+            for unit, p in json.loads((tmp_path / placement.COHORTS).read_text()).items()}
+    several = [unit for unit, c in caps.items() if c["runs"] > 1]
+    assert several, caps
+    if shared:
+        assert all(max(sizes[u]) > 1 and "CPU speed-up" not in caps[u] for u in several), sizes
+    else:
+        assert all(sizes[u] == [1] and caps[u]["CPU speed-up"] == 1 for u in several), sizes
+        assert "one at a time, not in cohorts of" in caplog.text
 
 
 def test_report_rebuilds_from_the_workdir(finished, tmp_path):

@@ -11,7 +11,8 @@ from the compiler, and followed by every process.
   host memory it would take anyway), on an accelerator within a quarter of the free memory.
 - The cohort size K: the real train and eval steps are compiled for the largest cohort worth
   having (`largest_cohort`: the runs to train, `search.parallel`, and on CPU the runs whose
-  live state fits in the last-level cache), and XLA's own memory plan of those programs
+  live state fits in the last-level cache, and one run where a cohort would not gain
+  MIN_CPU_COHORT_SPEEDUP by the machine's measured speed), and XLA's own memory plan of those programs
   (`compiled.memory_analysis()`: arguments, outputs and temporaries) plus what stays resident
   beside them (the prefix cache, each run's best variables) is compared with the memory
   available: the device's free memory (`memory_stats()`), or on CPU a quarter of the host's
@@ -53,6 +54,13 @@ EVAL_BATCH_MULTIPLES = (4, 2, 1)
 # 5-11 s for an engine on the prefix cache (0.2-0.6 s an epoch), 48 s for the whole network's
 # (2.3 s an epoch), so 20 such epochs.
 PADDING_COHORT_EPOCHS = 20
+# On CPU a cohort is formed only where it trains at least this much faster per run than one
+# run alone (the caller's `speedup`, measured on this machine): its programs compile longer
+# than one run's and beside training on the same cores (the demo, 2-core Xeon, empty cache:
+# 138.5 s of compilation against 73.1 s one run at a time), and a vmapped step over a long
+# step shares little (the whole network: 0.96x at 8 runs). The demo's cohorts as they were,
+# gaining 1.2-1.4x on the top blocks' steps, made the search 0.72x one run at a time.
+MIN_CPU_COHORT_SPEEDUP = 1.5
 # A run's batch is not cut finer than this per device: below it a step's fixed costs (the
 # all-reduce, the weights' reads, a TPU's 8x128 tiles) outweigh the rows it computes.
 MIN_ROWS_PER_DEVICE = 8
@@ -211,12 +219,15 @@ def live_state_bytes(engine: train.Engine, variables) -> int:
                              engine.live_part(variables.get("batch_stats", {}))))
 
 
-def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int) -> tuple[int, dict]:
+def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int,
+                   speedup: Callable[[int], float] | None = None) -> tuple[int, dict]:
     """The largest cohort worth compiling, and the caps that set it: the runs to train,
     `parallel` when >= 1 (0: no cap of its own), MAX_COHORT, and on CPU the runs whose live
     state (x4: params, two moments, gradients) fits in the last-level cache -- a step reads
     and writes all of it, and beyond that the per-run step time grows (demo, 2-core EPYC, 32 MiB
-    L3, 4.5 MB per run: 4.9 ms per run-step at K=4-8, 7.1 ms at K=16-38). Within the caps, the
+    L3, 4.5 MB per run: 4.9 ms per run-step at K=4-8, 7.1 ms at K=16-38) -- and one run
+    ('CPU speed-up') where `speedup(k)`, a cohort of k's run-steps a second over one run's on
+    this machine, is below MIN_CPU_COHORT_SPEEDUP (None: not known, no such cap). Within the caps, the
     runs go in as few cohorts as they allow, of equal size: a padded run computes every step
     for nothing (12 runs under a cap of 5: three cohorts of 4, not 5, 5 and 2 padded to 5)."""
     if parallel < 0:
@@ -227,6 +238,9 @@ def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int) ->
     elif on_cpu(engine.mesh):
         caps["CPU cache"] = max(1, last_level_cache_bytes() // max(
             4 * live_state_bytes(engine, variables), 1))
+        widest = int(min(caps.values()))
+        if speedup is not None and widest > 1 and speedup(widest) < MIN_CPU_COHORT_SPEEDUP:
+            caps["CPU speed-up"] = 1
     cap = int(min(caps.values()))
     runs = max(int(runs), 1)
     return round_up(-(-runs // -(-runs // cap)), engine.mesh.shape["runs"]), caps
@@ -299,14 +313,15 @@ def fit_to_memory(compile_for: Callable[[int, int], dict], size: int, *, free: i
 
 
 def first(engine: train.Engine, variables, parallel: int, runs: int, cache_bytes: int,
-          kept: Placement | None) -> dict:
+          kept: Placement | None, speedup: Callable[[int], float] | None = None) -> dict:
     """Process 0's start, before anything is compiled: where the prefix cache goes
-    (`cache_bytes`; 0: no cache), the cohort size to compile first (the largest worth having)
-    and the evaluation multiple; or, with a `kept` placement, its own."""
+    (`cache_bytes`; 0: no cache), the cohort size to compile first (the largest worth having;
+    `speedup`: see `largest_cohort`) and the evaluation multiple; or, with a `kept`
+    placement, its own."""
     if kept is not None:
         return {"cache_on_device": kept.cache_on_device, "size": kept.cohort_size,
                 "multiple": kept.eval_batch_multiple, "caps": kept.figures.get("caps")}
-    size, caps = largest_cohort(engine, variables, parallel, runs)
+    size, caps = largest_cohort(engine, variables, parallel, runs, speedup)
     on_device = bool(cache_bytes) and cache_on_device(cache_bytes, engine.mesh,
                                                       free_memory(engine.mesh))
     return {"cache_on_device": on_device, "size": size, "multiple": EVAL_BATCH_MULTIPLES[0],

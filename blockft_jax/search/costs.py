@@ -10,6 +10,8 @@ candidates into engines, and the estimated time.
   forward pass: backward passes are assumed as fast per flop), a cost per step beyond its flops
   (dispatch and small ops dominate shallow steps on a CPU), and an engine's compile time;
   measured once per machine and job and kept (`measure_once`), so that load does not move it.
+  The same step for a cohort of COHORT_PROBE runs gives what a cohort's runs share of a step
+  (`cohort_speedup`: on a CPU a cohort pays where steps are short, not where they are long).
 - Engines (`split`): candidates go to at most `search.engines` engines by their lowest trained
   unit; an engine from unit b serves candidates whose layers all lie at or above b. The split
   minimises compile time plus training time (dynamic programming over the units).
@@ -71,19 +73,34 @@ def epoch_flops(suffix: float, train_images: int, validation_images: int) -> flo
     return suffix * (3 * train_images + validation_images)
 
 
+# The runs of the cohort `measure` times beside one run, for what a cohort's runs share.
+COHORT_PROBE = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class Speed:
-    """A run-step from unit u takes `step_seconds + flops(u) * seconds_per_flop`."""
+    """A run-step from unit u takes `step_seconds + flops(u) * seconds_per_flop`; in a cohort
+    of k runs, `shared_step_seconds` of it is paid once for all k."""
     seconds_per_flop: float
     compile_seconds: float       # one engine's train and eval steps
     measured_on: str             # what was timed
     step_seconds: float = 0.0    # what a step costs whatever its work (dispatch, small ops)
+    shared_step_seconds: float = 0.0   # of a step, what a cohort's runs pay once
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     def seconds(self, flops: float, steps: int) -> float:
         return steps * self.step_seconds + flops * self.seconds_per_flop
+
+    def cohort_speedup(self, flops: float, runs: int) -> float:
+        """Run-steps a second in a cohort of `runs` over one run alone, for a step of `flops`
+        per run: the shared part of a step paid once, the rest (its flops) by every run. On
+        the demo's 2-core Xeon: 3.0x for the head's step (measured 3.0x at 6 runs), 1.1-1.2x
+        for the top blocks' (measured 1.2-1.4x), 1.0x for the whole network (0.96x)."""
+        alone = self.seconds(flops, 1)
+        shared = min(self.shared_step_seconds, alone)
+        return alone / max(alone - shared * (1 - 1 / max(runs, 1)), 1e-12)
 
 
 def measure_once(config, plan, module, table, variables, tx, *, batch_size: int,
@@ -116,7 +133,7 @@ def _speed_path(config, plan, batch_size: int, image_shape) -> Path:
            "cpu": [_cpu_model(), os.cpu_count()], "jax": [jax.__version__, jaxlib.__version__],
            "model": model, "optimizer": config.train.optimizer,
            "dtype": config.train.compute_dtype, "batch": batch_size,
-           "shape": list(image_shape), "unit": _timed_unit(plan)}
+           "shape": list(image_shape), "unit": _timed_unit(plan), "probe": COHORT_PROBE}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return cache_dir() / "speed" / f"{config.model.name}-{digest[:16]}.json"
 
@@ -131,8 +148,10 @@ def _cpu_model() -> str:
 
 
 def _timed_unit(plan) -> str:
-    """The unit whose engine `measure` times: the shallowest candidates' lowest unit."""
-    return max((plan.lowest_unit(g) for g in plan.shared), key=plan.units.index)
+    """The unit whose engine `measure` times: the shallowest candidates' lowest unit (the
+    head's with none but the whole network's)."""
+    return max((plan.lowest_unit(g) for g in plan.shared), key=plan.units.index,
+               default=plan.units[-1])
 
 
 def measure(plan, module, table, variables, tx, *, batch_size: int, image_shape,
@@ -143,7 +162,9 @@ def measure(plan, module, table, variables, tx, *, batch_size: int, image_shape,
     inputs of the real shapes (nothing is loaded), on this process's first device alone (the
     others, and other processes, do not join its steps). The forward pass gives the seconds
     per flop (the bulk of a deep step's work: its convolutions), the train step what a step
-    costs beyond its flops, and the two compilations one engine's compile time."""
+    costs beyond its flops, and the two compilations one engine's compile time; the same
+    step for a cohort of COHORT_PROBE runs (a third compilation, not counted as the engine's)
+    what a cohort's runs share of a step."""
     unit = _timed_unit(plan)
     mesh = train.data_mesh(jax.local_devices()[:1])
     names = module.unit_names()
@@ -155,11 +176,12 @@ def measure(plan, module, table, variables, tx, *, batch_size: int, image_shape,
     images = rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8)
     compile_seconds, timed = 0.0, {}
 
-    def clock(name, step, *inputs):
+    def clock(name, step, *inputs, engine_compile=True):
         nonlocal compile_seconds
         started = time.perf_counter()
         jax.block_until_ready(step(*inputs))  # compiles, and warms up
-        compile_seconds += time.perf_counter() - started
+        if engine_compile:  # the probe's cohort is not one of the engine's own compilations
+            compile_seconds += time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(steps):
             out = step(*inputs)
@@ -168,33 +190,44 @@ def measure(plan, module, table, variables, tx, *, batch_size: int, image_shape,
         return out
 
     features = clock("forward", engine._features, variables, images) if cached else None
-    cohort = cohort_lib.Cohort(engine, 1)
-    run = cohort_lib.Run(groups.param_mask(variables["params"], table, []),
-                         groups.bn_modes(table, []), seed=0)
-    state = cohort.init(variables, [run])
-    masks, bn_modes, keys = cohort.stack_inputs([run])
-    inputs = np.asarray(features)[None] if cached else images[None]
-    # Placed whole (the mesh is this process's own devices), not fed as a process's share.
-    fed = [jax.device_put(x, cohort.run_batch_sharding) for x in (
-        inputs, np.zeros((1, batch_size), np.int32), np.ones((1, batch_size), np.float32))]
-    active = cohort.place_runs(np.ones(1, bool))
-    runs = state.runs
-
-    def train_step():  # its state is donated: each step takes the last one's
-        nonlocal runs
-        runs, _ = cohort.train_step(state.shared, runs, masks, bn_modes, *fed, keys, active)
-        return runs
-
-    clock("train", train_step)
+    inputs = np.asarray(features) if cached else images
+    for k in (1, COHORT_PROBE):
+        clock(k, _train_step_of(engine, variables, table, inputs, k), engine_compile=k == 1)
+    # One run's step = shared + own; the probe's = shared + COHORT_PROBE x own.
+    own = max(0.0, (timed[COHORT_PROBE] - timed[1]) / (COHORT_PROBE - 1))
+    shared = max(0.0, timed[1] - own)
     train_flops = 3 * per_image[unit] * batch_size
     if cached:
         per_flop = timed["forward"] / max((per_image[names[0]] - per_image[unit]) * batch_size, 1.0)
-        per_step = max(0.0, timed["train"] - train_flops * per_flop)
+        per_step = max(0.0, timed[1] - train_flops * per_flop)
     else:  # nothing below: the train step alone
-        per_flop, per_step = timed["train"] / max(train_flops, 1.0), 0.0
+        per_flop, per_step = timed[1] / max(train_flops, 1.0), 0.0
     return Speed(per_flop, compile_seconds,
-                 f"the forward pass below unit {unit} and one run's train step from it, "
-                 f"batch {batch_size}", per_step)
+                 f"the forward pass below unit {unit} and the train step from it of one run "
+                 f"and of {COHORT_PROBE}, batch {batch_size}", per_step, shared)
+
+
+def _train_step_of(engine, variables, table, inputs, k: int):
+    """A cohort of `k` runs of `engine` stepping on `inputs` (one batch, each run the same),
+    as a call without arguments; its state is donated, so each call takes the last one's."""
+    cohort = cohort_lib.Cohort(engine, k)
+    runs_ = [cohort_lib.Run(groups.param_mask(variables["params"], table, []),
+                            groups.bn_modes(table, []), seed=i) for i in range(k)]
+    state = cohort.init(variables, runs_)
+    masks, bn_modes, keys = cohort.stack_inputs(runs_)
+    batch = len(inputs)
+    # Placed whole (the mesh is this process's own devices), not fed as a process's share.
+    fed = [jax.device_put(x, cohort.run_batch_sharding) for x in (
+        np.broadcast_to(inputs, (k, *inputs.shape)), np.zeros((k, batch), np.int32),
+        np.ones((k, batch), np.float32))]
+    active = cohort.place_runs(np.ones(k, bool))
+    runs = state.runs
+
+    def step():
+        nonlocal runs
+        runs, _ = cohort.train_step(state.shared, runs, masks, bn_modes, *fed, keys, active)
+        return runs
+    return step
 
 
 def split(work: dict[str, float], suffix: dict[str, float], units: Sequence[str],

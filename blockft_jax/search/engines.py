@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+from typing import Callable
 
 from blockft_jax.candidates import groups, strategies
 from blockft_jax.common import multihost
@@ -19,6 +20,7 @@ from blockft_jax.common.progress import CompileClock
 from blockft_jax.common.workdir import Workdir
 from blockft_jax.engine import cohort as cohort_lib
 from blockft_jax.engine import ahead, placement, train
+from blockft_jax.search import costs
 from blockft_jax.search import plan as plan_lib
 
 log = logging.getLogger(__name__)
@@ -28,10 +30,11 @@ class Engines:
     """The engines of one search, by their lowest trainable unit (`engines[unit]`)."""
 
     def __init__(self, config, module, tx, table, mesh, plan, variables, dataset, wd: Workdir,
-                 clock: CompileClock):
+                 clock: CompileClock, speed: Callable[[], costs.Speed]):
         self.config, self.module, self.tx, self.table = config, module, tx, table
         self.mesh, self.plan, self.variables = mesh, plan, variables
         self.dataset, self.wd, self.clock = dataset, wd, clock
+        self.speed = speed  # the machine's, measured on first call
         self.shape = (config.model.input_size, config.model.input_size, 3)
         self.prepared: dict[str, placement.Prepared] = {}
         self.compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
@@ -70,9 +73,10 @@ class Engines:
         splits = {"train": self.dataset.train, "validation": self.dataset.validation,
                   "test": self.dataset.test}
         images = sum(map(len, splits.values()))
+        speedup = self._speedup(engine) if kept is None else None  # (every process measures)
         start = lambda: placement.first(engine, self.variables, c.search.parallel, runs,
                                         placement.device_split_bytes(engine, images, self.shape),
-                                        kept)
+                                        kept, speedup)
         begun = multihost.broadcast_json(start)
         cohort = cohort_lib.Cohort(engine, begun["size"])
         sizes = {k: len(v) for k, v in splits.items()} if begun["cache_on_device"] else None
@@ -97,6 +101,26 @@ class Engines:
             prepared.splits = {k: engine.to_device(v) for k, v in prepared.splits.items()}
         self.prepared[from_unit] = prepared
         return prepared
+
+    def _speedup(self, engine: train.Engine) -> Callable[[int], float] | None:
+        """On CPU, with search.parallel=0: a cohort of k's speed-up per run over one run for
+        this engine's train step, by the machine's measured speed (logged where it keeps the
+        runs one at a time). Elsewhere None: the placement needs none."""
+        if self.config.search.parallel or not placement.on_cpu(engine.mesh):
+            return None
+        speed = self.speed()
+        flops = 3 * self.config.data.batch_size * costs.suffix_flops(
+            self.table, self.variables, self.module.unit_names())[engine.from_unit]
+
+        def speedup(k: int) -> float:
+            gain = speed.cohort_speedup(flops, k)
+            if gain < placement.MIN_CPU_COHORT_SPEEDUP:
+                log.info("Runs from unit %s: one at a time, not in cohorts of %d (by this "
+                         "machine's measured speed a cohort would train %.2fx faster per run, "
+                         "below %.1fx)", engine.from_unit, k, gain,
+                         placement.MIN_CPU_COHORT_SPEEDUP)
+            return gain
+        return speedup
 
     def compile(self, cohort: cohort_lib.Cohort, device_split_sizes, multiple: int) -> dict:
         """A cohort's steps compiled ahead (any candidate's mask: only structure matters):

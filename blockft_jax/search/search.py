@@ -62,9 +62,10 @@ class Search:
         self.variables = pretrained.load(c, self.module)
         self.mesh = train.data_mesh()  # every device; each engine lays them out (`layout`)
         self.tx = train.make_optimizer(c.train, train.total_steps(c, len(self.dataset.train)))
+        self._measured = None
         self.plan = self._plan()
         self.engines = Engines(c, self.module, self.tx, self.table, self.mesh, self.plan,
-                               self.variables, self.dataset, self.wd, self.clock)
+                               self.variables, self.dataset, self.wd, self.clock, self.speed)
         self.depth = {r.name: i for i, r in enumerate(reversed(groups.backbone_layers(self.table)))}
         self.ledger = Ledger(self.wd, len(self.dataset.validation))
         self.progress = Progress(self.plan.runs, len(self.ledger.finished()),
@@ -95,9 +96,7 @@ class Search:
         if kept is not None and plan.covers(kept["engines"]):
             plan.engines = kept["engines"]
             return plan
-        speed = costs.Speed(**multihost.broadcast_json(lambda: costs.measure_once(
-            c, plan, self.module, self.table, self.variables, self.tx,
-            batch_size=c.data.batch_size, image_shape=self.shape).to_json()))
+        speed = self.speed(plan)
         images = (len(self.dataset.train), len(self.dataset.validation))
         plan = make_plan(c, self.table, self.module, speed=speed, images=images,
                          train_images=train_images)
@@ -108,6 +107,16 @@ class Search:
                  ", ".join(plan.engines), c.search.engines, speed.compile_seconds,
                  speed.step_seconds * 1e3, speed.seconds_per_flop * 1e9, speed.measured_on)
         return plan
+
+    def speed(self, plan=None) -> costs.Speed:
+        """This machine's speed for this job (costs.measure_once: measured once per machine and
+        kept), measured on first need: the engines' split, or a CPU's cohorts."""
+        if self._measured is None:
+            c = self.config
+            self._measured = costs.Speed(**multihost.broadcast_json(lambda: costs.measure_once(
+                c, plan or self.plan, self.module, self.table, self.variables, self.tx,
+                batch_size=c.data.batch_size, image_shape=self.shape).to_json()))
+        return self._measured
 
     def candidate_inputs(self, group: Group) -> groups.Inputs:
         """A candidate's mask and BN modes (and how they change between epochs), under its
