@@ -5,7 +5,7 @@
       --images 192 --epochs 5 --frameworks blockft_jax,keras_tf,keras_jax [--no-cache] [--width 1.0]
   python scripts/benchmark.py --all ...    # every row of ROWS, every framework, markdown table
   python scripts/benchmark.py --input-check --mock-data --no-cache ...   # input pipeline check
-  python scripts/benchmark.py --search [--keras-runs N]   # the demo search: cohorts vs one at a time vs Keras
+  python scripts/benchmark.py --search [--keras-runs N]   # the demo search: default vs one at a time vs Keras
   python scripts/benchmark.py --checkpoints   # the demo search's checkpoint cost; checkpoint sizes
   python scripts/benchmark.py --halving [--tasks demo,swapped]   # whole network: exhaustive vs halving
   python scripts/benchmark.py --recipes [--tasks demo,swapped]   # the winner vs the best fixed recipe
@@ -54,7 +54,7 @@ The output of a single row ends with one line per framework: `<framework> images
 
 `--search` times whole searches instead: the offline demo (`configs/demo.py`, the command the
 README gives) with `--config.search.parallel=1` (one run at a time) and with the default
-(candidate-parallel cohorts), each in a fresh workdir with an empty JAX compilation cache (its
+(cohorts where the placement rule finds they pay; on a CPU that is measured per engine), each in a fresh workdir with an empty JAX compilation cache (its
 own `JAX_COMPILATION_CACHE_DIR`), then each again with that cache filled; and the same runs as a
 hand-written Keras loop (`scripts/keras_search_loop.py`, Keras on TensorFlow: per run set
 `trainable`, compile, fit with validation). The demo backbone is pretrained (or read from its
@@ -631,7 +631,7 @@ def search_benchmark(args) -> None:
     import tempfile
     scratch = tempfile.mkdtemp(prefix="blockft_search_bench_")
     warm_up(args, scratch)
-    settings = {"one at a time": ["--config.search.parallel=1"], "cohorts (default)": []}
+    settings = {"one at a time": ["--config.search.parallel=1"], "default": []}
     rows = {}
     for cache_state in args.cache_states.split(","):
         for name, extra in settings.items():
@@ -670,7 +670,7 @@ def search_benchmark(args) -> None:
     print(f"\nKeras loop (Keras on TensorFlow, {label}): {keras_runs_s:.1f} s of runs "
           f"({keras_total:.1f} s with its setup); the last column is that over the search's "
           f"whole wall time.")
-    cohorts = rows[("cohorts (default)", first)]  # the ratios: with the first cache state
+    cohorts = rows[("default", first)]  # the ratios: with the first cache state
     print(f"search_wall_ratio={base['wall_s'] / cohorts['wall_s']:.2f}")
     print(f"search_training_ratio={base['training_s'] / cohorts['training_s']:.2f}")
     print(f"keras_loop_ratio={keras_runs_s / cohorts['wall_s']:.1f}")
@@ -974,7 +974,7 @@ def main(argv=None):
                         help="with --input-check: tfds.testing.mock_data stands in for "
                              "tf_flowers (offline)")
     parser.add_argument("--search", action="store_true",
-                        help="the demo search: default (cohorts) vs --config.search.parallel=1 "
+                        help="the demo search: the default vs --config.search.parallel=1 "
                              "vs a hand-written Keras loop")
     parser.add_argument("--checkpoints", action="store_true",
                         help="the demo search with checkpoints every epoch, at the default "

@@ -165,14 +165,14 @@ def main(argv=None) -> None:
     setup_seconds = time.perf_counter() - setup_started
 
     # Keras trains a layer or not: no per-layer learning rate, no mask changing by epoch.
-    strategies = [s for s in strategies.SEARCH_ORDER if s in c.search.strategies
-                  and s not in strategies.ONE_RUN_METHODS]
+    searched = [s for s in strategies.SEARCH_ORDER if s in c.search.strategies
+                and s not in strategies.ONE_RUN_METHODS]
     left_out = [s for s in strategies.ONE_RUN_METHODS if s in c.search.strategies]
     if left_out:
         print(f"Left out (Keras has no per-layer learning rate): {', '.join(left_out)}.")
-    planned = {s: plan.candidates(c, table, s) for s in strategies if s != "topk"}
+    planned = {s: plan.candidates(c, table, s) for s in searched if s != "topk"}
     total_runs = (sum(len(g) for g in planned.values()) +
-                  (len(c.search.topk) if "topk" in strategies else 0)) * c.train.seeds
+                  (len(c.search.topk) if "topk" in searched else 0)) * c.train.seeds
     limit = total_runs if args.runs is None else min(args.runs, total_runs)
     print(f"Keras {keras.__version__} on {keras.backend.backend()}: {c.model.name} width "
           f"{c.model.width} at {c.model.input_size} px, {len(y['train'])} train / "
@@ -215,7 +215,7 @@ def main(argv=None) -> None:
 
     rows = []
     loop_started = time.perf_counter()
-    for strategy in strategies:
+    for strategy in searched:
         if len(rows) >= limit:
             break
         if strategy == "topk":

@@ -77,11 +77,29 @@ def test_search_level_benchmark_on_the_tiny_search():
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for name in ("one at a time", "cohorts (default)"):
+    for name in ("one at a time", "default"):
         assert f"| {name} | empty |" in out, out
     assert "| filled |" not in out
     ratio = float(re.search(r"^search_wall_ratio=(\S+)$", out, re.M).group(1))
     assert math.isfinite(ratio) and ratio > 0, out
+
+
+@pytest.mark.slow
+def test_keras_search_loop_trains_and_extrapolates(tmp_path):
+    """The Keras hand loop --search compares against: the demo's Keras-expressible runs, the
+    first one trained (one epoch) and the whole search extrapolated from it."""
+    config = tmp_path / "one_epoch.py"
+    config.write_text("from configs import demo\n\n\ndef get_config():\n"
+                      "    config = demo.get_config()\n    config.train.epochs = 1\n"
+                      "    return config\n")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "keras_search_loop.py"), "--backend", "tensorflow",
+         "--config", str(config), "--runs", "1"],
+        capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Left out (Keras has no per-layer learning rate): gradual" in proc.stdout
+    assert re.search(r"^\[1/\d+\] classifier_only +seed 0: val ", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^EXTRAPOLATED \(from 1 of \d+ runs\)", proc.stdout, re.M), proc.stdout
 
 
 def test_search_outcome_gives_every_strategys_selection_and_work(tmp_path):

@@ -96,8 +96,8 @@ class Speed:
     def cohort_speedup(self, flops: float, runs: int) -> float:
         """Run-steps a second in a cohort of `runs` over one run alone, for a step of `flops`
         per run: the shared part of a step paid once, the rest (its flops) by every run. On
-        the demo's 2-core Xeon: 3.0x for the head's step (measured 3.0x at 6 runs), 1.1-1.2x
-        for the top blocks' (measured 1.2-1.4x), 1.0x for the whole network (0.96x)."""
+        the demo's 2-core Xeon: 3.0x for the head's step (measured 3.0x at 6 runs), 1.1-1.4x
+        for the top blocks' (measured 1.2-1.4x), 1.1x for the whole network (0.96x)."""
         alone = self.seconds(flops, 1)
         shared = min(self.shared_step_seconds, alone)
         return alone / max(alone - shared * (1 - 1 / max(runs, 1)), 1e-12)
