@@ -630,6 +630,8 @@ spin()
 def search_benchmark(args) -> None:
     import tempfile
     scratch = tempfile.mkdtemp(prefix="blockft_search_bench_")
+    print(f"The searches' workdirs, kept for their logs and reports: {scratch}", file=sys.stderr,
+          flush=True)
     warm_up(args, scratch)
     settings = {"one at a time": ["--config.search.parallel=1"], "default": []}
     rows = {}

@@ -1,6 +1,7 @@
 """scripts/benchmark.py end to end at toy sizes: both blockft_jax levels next to Keras on
 TensorFlow with the same trained set, and the input-pipeline check on TFDS mock data."""
 import math
+import os
 import pathlib
 import re
 import subprocess
@@ -67,14 +68,15 @@ def test_against_a_commit_that_is_not_there_is_one_line_and_no_checkout(tmp_path
 
 
 @pytest.mark.slow
-def test_search_level_benchmark_on_the_tiny_search():
+def test_search_level_benchmark_on_the_tiny_search(tmp_path):
     """--search end to end (Keras loop aside: the tiny model's `blocks` option has no Keras
-    counterpart; one cache state, to keep the suite short): one at a time and cohorts, ratios."""
+    counterpart; one cache state, to keep the suite short): one at a time and the default,
+    ratios. Its kept workdirs go to the test's own temporary directory."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--search", "--no-keras", "--cache-states", "empty",
          "--search-config", "configs/tiny.py", "--search-override=--config.train.epochs=1",
          "--search-override=--config.search.strategies=('classifier_only','layerwise')"],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for name in ("one at a time", "default"):
@@ -82,6 +84,8 @@ def test_search_level_benchmark_on_the_tiny_search():
     assert "| filled |" not in out
     ratio = float(re.search(r"^search_wall_ratio=(\S+)$", out, re.M).group(1))
     assert math.isfinite(ratio) and ratio > 0, out
+    (kept,) = tmp_path.glob("blockft_search_bench_*")
+    assert f"workdirs, kept for their logs and reports: {kept}" in proc.stderr
 
 
 @pytest.mark.slow
