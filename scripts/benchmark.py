@@ -54,10 +54,11 @@ The output of a single row ends with one line per framework: `<framework> images
 
 `--search` times whole searches instead: the offline demo (`configs/demo.py`, the command the
 README gives) with `--config.search.parallel=1` (one run at a time) and with the default
-(cohorts where the placement rule finds they pay; on a CPU that is measured per engine), each in a fresh workdir with an empty JAX compilation cache (its
-own `JAX_COMPILATION_CACHE_DIR`), then each again with that cache filled; and the same runs as a
-hand-written Keras loop (`scripts/keras_search_loop.py`, Keras on TensorFlow: per run set
-`trainable`, compile, fit with validation). The demo backbone is pretrained (or read from its
+(cohorts where the placement rule finds they pay; on a CPU that is measured per engine), each
+in a fresh workdir with an empty JAX compilation cache (its own `JAX_COMPILATION_CACHE_DIR`),
+then each again with that cache filled; and the same runs as a hand-written Keras loop
+(`scripts/keras_search_loop.py`, Keras on TensorFlow: per run set `trainable`, compile, fit
+with validation). The demo backbone is pretrained (or read from its
 cache) before any timing. Per search: wall seconds of the command, and its training seconds
 (the fits, from `runs.jsonl`); ratios against one at a time and against the Keras loop.
 `--keras-runs N` times only the first N Keras runs and extrapolates (labelled as such).
@@ -672,10 +673,10 @@ def search_benchmark(args) -> None:
     print(f"\nKeras loop (Keras on TensorFlow, {label}): {keras_runs_s:.1f} s of runs "
           f"({keras_total:.1f} s with its setup); the last column is that over the search's "
           f"whole wall time.")
-    cohorts = rows[("default", first)]  # the ratios: with the first cache state
-    print(f"search_wall_ratio={base['wall_s'] / cohorts['wall_s']:.2f}")
-    print(f"search_training_ratio={base['training_s'] / cohorts['training_s']:.2f}")
-    print(f"keras_loop_ratio={keras_runs_s / cohorts['wall_s']:.1f}")
+    default = rows[("default", first)]  # the ratios: with the first cache state
+    print(f"search_wall_ratio={base['wall_s'] / default['wall_s']:.2f}")
+    print(f"search_training_ratio={base['training_s'] / default['training_s']:.2f}")
+    print(f"keras_loop_ratio={keras_runs_s / default['wall_s']:.1f}")
 
 
 # --- the whole network: exhaustive against successive halving ---------------------------------
