@@ -26,7 +26,7 @@ from ml_collections import ConfigDict
 
 from blockft_jax import cli
 from blockft_jax import predict as predict_lib
-from blockft_jax.common import multihost
+from blockft_jax.common import cores, multihost
 from blockft_jax.common import workdir as workdir_lib
 from blockft_jax.common.errors import UserError
 from blockft_jax.inputs import weights
@@ -97,11 +97,25 @@ def run(config: str | ConfigDict, *, workdir: str | Path | None = None,
     workdir = Path(workdir or Path("runs") / name).expanduser().absolute()
     resolve_paths(config)
     use_compilation_cache()
-    log.info("JAX %s: %d process(es), %d device(s): %s", jax.__version__,
-             jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
+    log.info("JAX %s: %d process(es), %d device(s): %s%s", jax.__version__,
+             jax.process_count(), jax.device_count(), jax.devices()[0].device_kind,
+             _cpu_devices_note())
     log.info("Results go to %s (log: %s)", workdir, workdir / workdir_lib.LOG)
     summary = search.run(config, workdir, start_over=start_over)
     return SearchResult(workdir, json.loads(json.dumps(summary)))
+
+
+def _cpu_devices_note() -> str:
+    """On a CPU: whether JAX has a device per physical core, and if not how to give it one (a
+    notebook has imported JAX before us, with one CPU device unless XLA_FLAGS said more)."""
+    if jax.devices()[0].platform != "cpu":
+        return ""
+    physical = cores.physical_cores()
+    if jax.local_device_count() == physical:
+        return ", one per physical core"
+    return (f"; this machine has {physical} physical core(s): {cores.DEVICE_COUNT_FLAG}="
+            f"{physical} in XLA_FLAGS, set before JAX is imported, trains runs side by side "
+            f"on them (docs/operations.md, 'CPU')")
 
 
 def load(config: str | ConfigDict, overrides: dict | None = None,

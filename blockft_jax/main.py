@@ -9,6 +9,8 @@ Any config key can be overridden after --config: --config.<key>=<value>, e.g.
 --show_config lists every key with its value (after the overrides). Results go to --workdir
 (default runs/<config file name>); rerunning the same command resumes the search there. Other
 libraries' notices (JAX, TensorFlow) are hidden unless --verbosity=0 (or 1) asks for them.
+On a CPU, JAX gets one device per physical core (XLA_FLAGS=--xla_force_host_platform_device_count=N
+sets another count).
 """
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from blockft_jax import cli
+from blockft_jax.common import cores
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The search's config file (required), e.g. "
@@ -40,6 +43,7 @@ def main(argv):
         print(cli.config_listing(FLAGS.config))
         return
     cli.setup_logging(FLAGS.verbosity if FLAGS["verbosity"].present else None)
+    cores.use_every_core()  # before JAX starts: it reads XLA_FLAGS once
     from blockft_jax import launch  # after the flags: --help and mistakes need no JAX
     config_file = config_flags.get_config_filename(FLAGS["config"]).partition(":")[0]
     workdir = FLAGS.workdir or str(Path("runs") / Path(config_file).stem)

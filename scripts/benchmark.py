@@ -53,8 +53,9 @@ The output of a single row ends with one line per framework: `<framework> images
 (`nan` where that framework failed; its error is printed above).
 
 `--search` times whole searches instead: the offline demo (`configs/demo.py`, the command the
-README gives) with `--config.search.parallel=1` (one run at a time) and with the default
-(cohorts where the placement rule finds they pay; on a CPU that is measured per engine), each
+README gives) with `--config.search.parallel=1` on one device (one run at a time) and with the
+default (cohorts where the placement rule finds they pay, measured per engine on a CPU, and
+there one device per physical core), each
 in a fresh workdir with an empty JAX compilation cache (its own `JAX_COMPILATION_CACHE_DIR`),
 then each again with that cache filled; and the same runs as a hand-written Keras loop
 (`scripts/keras_search_loop.py`, Keras on TensorFlow: per run set `trainable`, compile, fit
@@ -93,6 +94,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's package (installed or not) and its configs/
 from blockft_jax import benchmarking as bench  # noqa: E402
+from blockft_jax.common import cores  # noqa: E402
 from blockft_jax.common.workdir import read_results  # noqa: E402
 
 # blockft_jax_step: blockft_jax at the step level (no prefix cache), as --no-cache makes it.
@@ -470,11 +472,12 @@ def print_all_table(args, frameworks, table):
 # --- whole searches --------------------------------------------------------------------------
 
 
-def timed_search(args, workdir: str, cache: str, extra: list[str], root: str = ROOT) -> dict:
+def timed_search(args, workdir: str, cache: str, extra: list[str], root: str = ROOT,
+                 env: dict | None = None) -> dict:
     """One `python -m blockft_jax.main` search in a subprocess (the package of the checkout
-    at `root`): wall seconds, and the training seconds and compile figures its runs.jsonl
-    records."""
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+    at `root`; `env` on top of this process's environment): wall seconds, and the training
+    seconds and compile figures its runs.jsonl records."""
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, **(env or {}))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "blockft_jax.main", "--config",
                            args.search_config, "--workdir", workdir, *args.search_override,
@@ -634,13 +637,19 @@ def search_benchmark(args) -> None:
     print(f"The searches' workdirs, kept for their logs and reports: {scratch}", file=sys.stderr,
           flush=True)
     warm_up(args, scratch)
-    settings = {"one at a time": ["--config.search.parallel=1"], "default": []}
+    # One at a time: one run on one device (on a CPU the command's default is a device per
+    # physical core, each training a run).
+    one_device = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                          if not f.startswith(cores.DEVICE_COUNT_FLAG))
+    settings = {"one at a time": (["--config.search.parallel=1"], {
+                    "XLA_FLAGS": cores.with_device_count(one_device, 1)}),
+                "default": ([], {})}
     rows = {}
     for cache_state in args.cache_states.split(","):
-        for name, extra in settings.items():
+        for name, (extra, env) in settings.items():
             cache = os.path.join(scratch, f"cache-{len(extra)}")
             workdir = os.path.join(scratch, f"{cache_state}-{len(extra)}")
-            rows[(name, cache_state)] = timed_search(args, workdir, cache, extra)
+            rows[(name, cache_state)] = timed_search(args, workdir, cache, extra, env=env)
             print(f"{name}, {cache_state} compilation cache: {rows[(name, cache_state)]}",
                   file=sys.stderr, flush=True)
     keras_runs_s = keras_total = math.nan

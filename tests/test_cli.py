@@ -4,6 +4,7 @@ where the log is when they cannot)."""
 import errno
 import json
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from blockft_jax import launch, target
+from blockft_jax.common import cores
 from blockft_jax.common.workdir import Workdir
 from blockft_jax.search import search
 from configs import tiny
@@ -45,11 +47,14 @@ def last_message(caplog) -> str:
 
 def test_relative_and_default_workdir_with_a_resume(tmp_path):
     """No --workdir: results go to runs/<config name>; killed mid-search (kill -9) and rerun
-    with the relative --workdir typed out, the search resumes there and finishes."""
+    with the relative --workdir typed out, the search resumes there and finishes. Nothing in
+    XLA_FLAGS: the command gives JAX one CPU device per physical core."""
     cwd = user_dir(tmp_path)
     args = ["--config", "configs/tiny.py", *FAST]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     process = subprocess.Popen([sys.executable, "-m", "blockft_jax.main", *args], cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env)
     results = cwd / "runs" / "tiny" / "results.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None and not (
@@ -60,6 +65,8 @@ def test_relative_and_default_workdir_with_a_resume(tmp_path):
     output = process.communicate()[0]
     assert results.exists(), output
     assert f"Results go to {cwd / 'runs' / 'tiny'}" in output
+    devices = cores.physical_cores()
+    assert f"{devices} device(s): cpu, one per physical core" in output, output
     before = rows(cwd / "runs" / "tiny")
     resumed = run_cli(*args, "--workdir", "runs/tiny", cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -119,7 +119,7 @@ def measure_once(config, plan, module, table, variables, tx, *, batch_size: int,
     if speed is not None:
         log.info("This machine's speed for this job, as measured before: %s", path)
         return speed
-    log.info("Timing this machine for the engines' split (two small compilations; kept in "
+    log.info("Timing this machine for the engines' split (three small compilations; kept in "
              "%s)...", path)
     speed = measure(plan, module, table, variables, tx, batch_size=batch_size,
                     image_shape=image_shape)
