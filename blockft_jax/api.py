@@ -113,9 +113,9 @@ def _cpu_devices_note() -> str:
     physical = cores.physical_cores()
     if jax.local_device_count() == physical:
         return ", one per physical core"
-    return (f"; this machine has {physical} physical core(s): {cores.DEVICE_COUNT_FLAG}="
-            f"{physical} in XLA_FLAGS, set before JAX is imported, trains runs side by side "
-            f"on them (docs/operations.md, 'CPU')")
+    return (f"; this machine has {physical} physical core(s): blockft_jax.common.cores."
+            f"use_every_core() before JAX is imported trains runs side by side on them "
+            f"(docs/operations.md, 'CPU')")
 
 
 def load(config: str | ConfigDict, overrides: dict | None = None,

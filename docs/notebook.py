@@ -7,6 +7,14 @@
 # pretrained on digits 0-4, fine-tuned on 20 images per class of digits 5-9.
 
 # %%
+# On a CPU, one JAX device per physical core trains runs side by side, as the command line
+# does. JAX reads its device count once, as it is first imported: this goes first, in a fresh
+# kernel (it says None, and changes nothing, where JAX is already imported or XLA_FLAGS names a
+# count).
+from blockft_jax.common import cores
+print("CPU devices:", cores.use_every_core())
+
+# %%
 from blockft_jax import api
 from blockft_jax.inputs import data
 

@@ -13,6 +13,7 @@ import pytest
 
 from blockft_jax import api
 from blockft_jax import predict as predict_lib
+from blockft_jax.common import cores
 from blockft_jax.common.errors import UserError
 from configs import tiny
 
@@ -79,11 +80,16 @@ def test_an_unknown_config_names_what_there_is():
 
 @pytest.mark.slow
 def test_the_notebook_walkthrough_runs_as_written(tmp_path):
-    """docs/notebook.py, cell after cell, from a folder of its own (relative workdir)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed package
+    """docs/notebook.py, cell after cell, from a folder of its own (relative workdir); its
+    first cell gives JAX one CPU device per physical core."""
+    env = {k: v for k, v in os.environ.items()  # the installed package, no device count
+           if k not in ("PYTHONPATH", "XLA_FLAGS")}
     done = subprocess.run([sys.executable, str(ROOT / "docs" / "notebook.py")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Winner:" in done.stdout and (tmp_path / "runs" / "notebook" / "report.md").exists()
+    devices = cores.physical_cores()
+    assert f"CPU devices: {devices}" in done.stdout
+    assert f"{devices} device(s): cpu, one per physical core" in done.stderr
     assert "\r" not in done.stdout + done.stderr  # line by line, as captured in a notebook
     assert "Results go to" in done.stderr and "INFO:" not in done.stderr  # each line once

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from blockft_jax.common import cores
+
 SCRIPT = pathlib.Path(__file__).parents[1] / "scripts" / "benchmark.py"
 TOY = ["--model", "mobilenet_v2", "--trainable", "block_16", "--size", "32", "--images", "16",
        "--batch", "8", "--epochs", "1"]
@@ -71,12 +73,14 @@ def test_against_a_commit_that_is_not_there_is_one_line_and_no_checkout(tmp_path
 def test_search_level_benchmark_on_the_tiny_search(tmp_path):
     """--search end to end (Keras loop aside: the tiny model's `blocks` option has no Keras
     counterpart; one cache state, to keep the suite short): one at a time and the default,
-    ratios. Its kept workdirs go to the test's own temporary directory."""
+    ratios; one at a time on one device, the default on one a physical core. Its kept
+    workdirs go to the test's own temporary directory."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--search", "--no-keras", "--cache-states", "empty",
          "--search-config", "configs/tiny.py", "--search-override=--config.train.epochs=1",
          "--search-override=--config.search.strategies=('classifier_only','layerwise')"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": str(tmp_path)})
+        capture_output=True, text=True, timeout=900,
+        env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for name in ("one at a time", "default"):
@@ -86,6 +90,9 @@ def test_search_level_benchmark_on_the_tiny_search(tmp_path):
     assert math.isfinite(ratio) and ratio > 0, out
     (kept,) = tmp_path.glob("blockft_search_bench_*")
     assert f"workdirs, kept for their logs and reports: {kept}" in proc.stderr
+    devices = {name: (kept / name / "search.log").read_text() for name in ("empty-1", "empty-0")}
+    assert " 1 device(s): cpu" in devices["empty-1"]  # one at a time
+    assert f" {cores.physical_cores()} device(s): cpu, one per physical core" in devices["empty-0"]
 
 
 @pytest.mark.slow

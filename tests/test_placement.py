@@ -2,6 +2,7 @@
 XLA's memory plan of the real compiled steps fits the memory available, and the caps that bound
 a cohort (runs to train, search.parallel, the CPU's last-level cache and its measured speed-up)."""
 import logging
+import types
 
 import jax
 import ml_collections
@@ -64,6 +65,20 @@ def test_on_cpu_a_cohort_forms_only_where_it_pays(engine, variables):
     assert placement.largest_cohort(engine, variables, 3, 10, speedup(low))[0] == 3
     assert placement.largest_cohort(engine, variables, 0, 1, speedup(low))[0] == 1
     assert asked == []
+
+
+def test_on_cpu_the_speed_up_weighed_is_a_devices_share(engine, variables, monkeypatch):
+    """Two devices on the 'runs' axis (one a core): each would vmap half the widest cohort,
+    so the speed-up weighed is of that half; below the bar, one run a device, cohorts of 2."""
+    live = placement.live_state_bytes(engine, variables)
+    monkeypatch.setattr(placement, "live_state_bytes", lambda *_: live)
+    two_devices = types.SimpleNamespace(mesh=types.SimpleNamespace(
+        shape={"runs": 2, "data": 1}, devices=np.array(jax.local_devices()[:1] * 2)))
+    asked = []
+    size, caps = placement.largest_cohort(two_devices, variables, 0, 10,
+                                          lambda k: asked.append(k) or 1.0)
+    assert asked == [-(-min(10, caps["CPU cache"]) // 2)]
+    assert (size, caps["CPU speed-up"]) == (2, 1)
 
 
 def test_a_rungs_runs_in_equal_cohorts_no_larger_than_placed():

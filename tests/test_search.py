@@ -169,7 +169,7 @@ def test_on_cpu_the_default_forms_cohorts_only_where_they_pay(tmp_path, monkeypa
         assert all(max(sizes[u]) > 1 and "CPU speed-up" not in caps[u] for u in several), sizes
     else:
         assert all(sizes[u] == [1] and caps[u]["CPU speed-up"] == 1 for u in several), sizes
-        assert "one at a time, not in cohorts of" in caplog.text
+        assert "one at a time on each device, not in cohorts of" in caplog.text
 
 
 def test_report_rebuilds_from_the_workdir(finished, tmp_path):

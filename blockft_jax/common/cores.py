@@ -27,7 +27,7 @@ def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None,
     cores = set()
     for block in cpuinfo.split("\n\n"):
         fields = dict(_field(line) for line in block.splitlines() if ":" in line)
-        if "processor" in fields and int(fields["processor"]) in allowed:
+        if fields.get("processor", "").isdigit() and int(fields["processor"]) in allowed:
             cores.add((fields.get("physical id"), fields.get("core id", fields["processor"])))
     count = len(cores) or len(allowed)
     quota = _cgroup_quota() if quota is None else quota

@@ -226,8 +226,9 @@ def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int,
     state (x4: params, two moments, gradients) fits in the last-level cache -- a step reads
     and writes all of it, and beyond that the per-run step time grows (demo, 2-core EPYC, 32 MiB
     L3, 4.5 MB per run: 4.9 ms per run-step at K=4-8, 7.1 ms at K=16-38) -- and one run
-    ('CPU speed-up') where `speedup(k)`, a cohort of k's run-steps a second over one run's on
-    this machine, is below MIN_CPU_COHORT_SPEEDUP (None: not known, no such cap). Within the caps, the
+    a device ('CPU speed-up') where `speedup(k)`, k runs vmapped on a device against one run
+    there (run-steps a second, this machine), is below MIN_CPU_COHORT_SPEEDUP for a device's
+    share of the widest cohort (None: not known, no such cap). Within the caps, the
     runs go in as few cohorts as they allow, of equal size: a padded run computes every step
     for nothing (12 runs under a cap of 5: three cohorts of 4, not 5, 5 and 2 padded to 5)."""
     if parallel < 0:
@@ -238,8 +239,11 @@ def largest_cohort(engine: train.Engine, variables, parallel: int, runs: int,
     elif on_cpu(engine.mesh):
         caps["CPU cache"] = max(1, last_level_cache_bytes() // max(
             4 * live_state_bytes(engine, variables), 1))
-        widest = int(min(caps.values()))
-        if speedup is not None and widest > 1 and speedup(widest) < MIN_CPU_COHORT_SPEEDUP:
+        # A device's share of the widest cohort is what it would vmap (the rest are on the
+        # other devices of the 'runs' axis, one device per physical core on a CPU).
+        per_device = -(-int(min(caps.values())) // engine.mesh.shape["runs"])
+        if (speedup is not None and per_device > 1
+                and speedup(per_device) < MIN_CPU_COHORT_SPEEDUP):
             caps["CPU speed-up"] = 1
     cap = int(min(caps.values()))
     runs = max(int(runs), 1)

@@ -115,9 +115,9 @@ class Engines:
         def speedup(k: int) -> float:
             gain = speed.cohort_speedup(flops, k)
             if gain < placement.MIN_CPU_COHORT_SPEEDUP:
-                log.info("Runs from unit %s: one at a time, not in cohorts of %d (by this "
-                         "machine's measured speed a cohort would train %.2fx faster per run, "
-                         "below %.1fx)", engine.from_unit, k, gain,
+                log.info("Runs from unit %s: one at a time on each device, not in cohorts of "
+                         "%d a device (by this machine's measured speed a cohort would train "
+                         "%.2fx faster per run, below %.1fx)", engine.from_unit, k, gain,
                          placement.MIN_CPU_COHORT_SPEEDUP)
             return gain
         return speedup
