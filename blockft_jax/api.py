@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,8 @@ def _cpu_devices_note() -> str:
     physical = cores.physical_cores()
     if jax.local_device_count() == physical:
         return ", one per physical core"
+    if cores.DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return f" (as XLA_FLAGS asks; this machine has {physical} physical core(s))"
     return (f"; this machine has {physical} physical core(s): blockft_jax.common.cores."
             f"use_every_core() before JAX is imported trains runs side by side on them "
             f"(docs/operations.md, 'CPU')")

@@ -9,8 +9,8 @@ Any config key can be overridden after --config: --config.<key>=<value>, e.g.
 --show_config lists every key with its value (after the overrides). Results go to --workdir
 (default runs/<config file name>); rerunning the same command resumes the search there. Other
 libraries' notices (JAX, TensorFlow) are hidden unless --verbosity=0 (or 1) asks for them.
-On a CPU, JAX gets one device per physical core (XLA_FLAGS=--xla_force_host_platform_device_count=N
-sets another count).
+On a CPU, JAX gets one device per physical core
+(XLA_FLAGS=--xla_force_host_platform_device_count=N sets another count).
 """
 import sys
 from pathlib import Path

@@ -93,3 +93,16 @@ def test_the_notebook_walkthrough_runs_as_written(tmp_path):
     assert f"{devices} device(s): cpu, one per physical core" in done.stderr
     assert "\r" not in done.stdout + done.stderr  # line by line, as captured in a notebook
     assert "Results go to" in done.stderr and "INFO:" not in done.stderr  # each line once
+
+
+def test_the_first_line_says_whether_a_cpu_has_a_device_a_core(monkeypatch):
+    """Fewer CPU devices than physical cores (a notebook imported JAX first): the search's first
+    line says how to get one a core, or that XLA_FLAGS chose the count."""
+    import jax
+    monkeypatch.setattr(cores, "physical_cores", lambda: jax.local_device_count() + 1)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert "cores.use_every_core() before JAX is imported" in api._cpu_devices_note()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert "as XLA_FLAGS asks" in api._cpu_devices_note()
+    monkeypatch.setattr(cores, "physical_cores", jax.local_device_count)
+    assert api._cpu_devices_note() == ", one per physical core"

@@ -1,7 +1,7 @@
 """One XLA CPU device per physical core, for the command line. A CPU is one JAX device unless
 told otherwise, and one run's step rarely keeps every core busy (small convolutions,
 depthwise ones most of all); with a device per core, a cohort's runs train side by side, one a
-core, each device's program a one-run program (the demo on two cores: 1.13-1.17x faster,
+core, each device's program a one-run program (the demo on two cores: 1.13-1.23x faster,
 docs/performance.md). The count must be in XLA_FLAGS before JAX starts, so `main` sets it
 before it imports JAX; a count the user set is kept, and so is everything else in XLA_FLAGS.
 It only adds host (CPU) devices: on a GPU or TPU machine JAX computes on those as before."""
