@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from unittest import mock
@@ -142,6 +143,18 @@ def test_tfds_cache_never_holds_mocked_data(tmp_path, monkeypatch, caplog):
              labels=old["train_labels"], class_names=old["class_names"])
     legacy = data.load_dataset("tf_flowers", image_size=16, data_dir=str(tmp_path / "a"))
     np.testing.assert_array_equal(legacy.test.images, first.test.images)
+
+
+def test_loading_a_tfds_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    """TFDS's builder makes a temporary directory for the metadata it fetches and never removes
+    it; a search removes it (each load used to leave an empty /tmp/tmp*tfds)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    with tfds.testing.mock_data(num_examples=20):
+        data.load_dataset("tf_flowers", image_size=8, data_dir=str(tmp_path / "tfds"))
+    assert tempfile.tempdir == str(temporary)
+    assert not [p.name for p in temporary.iterdir() if "tfds" in p.name]
 
 
 def test_tfds_feature_keys_and_greyscale(tmp_path):

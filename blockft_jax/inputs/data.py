@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -24,7 +25,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -483,13 +486,29 @@ def check_tfds_name(name: str) -> str:
                     "or image_folder (data.path: one subfolder per class) or digits.")
 
 
+@contextlib.contextmanager
+def _temporary_files_removed():
+    """Python's temporary files and directories go to one of ours, removed after. A TFDS
+    builder fetches its dataset's metadata through a `tempfile.mkdtemp("tfds")` that it never
+    removes (dataset_info.initialize_from_bucket; empty when the bucket is out of reach): one
+    more /tmp/tmp*tfds directory every time a search loads a dataset."""
+    ours = tempfile.mkdtemp(prefix="blockft_jax_tfds_")
+    previous, tempfile.tempdir = tempfile.tempdir, ours
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(ours, ignore_errors=True)
+
+
 def _tfds_builder(tfds, name: str, data_dir: str):
     from tensorflow_datasets.core.registered import DatasetNotFoundError
     ours = ("Any TFDS image-classification dataset works (e.g. tf_flowers, beans, "
             "cats_vs_dogs), or one of ours: image_folder (data.path: one subfolder per "
             "class), digits (offline demo).")
     try:
-        return tfds.builder(name, data_dir=data_dir)
+        with _temporary_files_removed():
+            return tfds.builder(name, data_dir=data_dir)
     except DatasetNotFoundError as e:
         guess = re.search(r"Did you mean: \S+ -> (\S+?) ?\?", str(e))
         hint = f" (did you mean {guess.group(1)!r}?)" if guess else ""
