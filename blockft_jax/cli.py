@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import glob
 import importlib.util
 import logging
 import os
@@ -61,11 +62,32 @@ def setup_logging(verbosity: int | None = None) -> None:
         # absl's "before absl::InitializeLog()" line) on CPUs with AVX-512: turn its kernels
         # off instead. TensorFlow only reads and decodes images here, never a oneDNN op.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        quiet_libtpu_without_a_tpu()
     else:
         from absl.logging import converter
         root.setLevel(converter.absl_to_standard(verbosity))
         logging.getLogger("absl").setLevel(converter.absl_to_standard(verbosity))
     logging.getLogger("blockft_jax").setLevel(min(logging.INFO, root.level))
+
+
+def quiet_libtpu_without_a_tpu() -> None:
+    """libtpu installed (`.[tpu]`, for --target) on a machine without TPUs: as JAX starts, it
+    loads libtpu, which finds no TPU VM to describe and prints six lines of errors about it
+    (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES) before JAX goes on with the CPU. Naming a
+    one-host slice silences them (what it names is never used: there is no TPU, and --target
+    compiles for the slice it names). Left alone wherever a TPU may be attached: any device of
+    Google's on the PCI bus, or a TPU's device files."""
+    if importlib.util.find_spec("libtpu") is None or _tpu_may_be_attached():
+        return
+    for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v4-8"),
+                        ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+        os.environ.setdefault(name, value)
+
+
+def _tpu_may_be_attached() -> bool:
+    google = any(Path(vendor).read_text().strip() == "0x1ae0"  # Google's PCI vendor id
+                 for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"))
+    return google or bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _basic_stderr(handler: logging.Handler) -> bool:

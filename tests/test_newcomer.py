@@ -2,6 +2,7 @@
 a checkout, relative paths, the commands of the README. Mistakes are one line and leave no
 trace; the rerun after fixing one trains; the log says what was found; the winner is one path
 away; the console is quiet; --help says how."""
+import importlib.util
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from blockft_jax import cli
 from test_cli import last_message, photo_folder, user_dir
 from test_search import flat_arrays
 
@@ -299,3 +301,26 @@ def test_an_unexpected_error_names_only_a_log_that_exists(tmp_path, monkeypatch,
     last = last_message(caplog)
     assert "RuntimeError: a bug" in last and last.endswith("the traceback is above.")
     assert not (tmp_path / "wd").exists()
+
+
+def test_libtpu_without_a_tpu_is_quiet_and_a_tpu_vm_is_left_alone(monkeypatch):
+    """libtpu (installed for --target) on a machine without TPUs: a one-host slice is named so
+    that it prints nothing as JAX starts; where a TPU may be attached, nothing is touched (the
+    runtime must describe the real slice). The user's own values are kept."""
+    names = ("TPU_SKIP_MDS_QUERY", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
+             "TPU_WORKER_ID")
+    for name in names:  # set, then removed: what the test sets is undone after it
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    installed = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else installed(name, *a))
+    monkeypatch.setattr(cli, "_tpu_may_be_attached", lambda: True)
+    cli.setup_logging()  # as every command sets up its console
+    assert not [name for name in names if name in os.environ]
+    monkeypatch.setattr(cli, "_tpu_may_be_attached", lambda: False)
+    monkeypatch.setenv("TPU_WORKER_ID", "3")
+    cli.setup_logging()
+    assert os.environ["TPU_ACCELERATOR_TYPE"] == "v4-8"
+    assert os.environ["TPU_WORKER_HOSTNAMES"] == "localhost"
+    assert os.environ["TPU_WORKER_ID"] == "3"
