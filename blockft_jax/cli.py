@@ -85,8 +85,13 @@ def quiet_libtpu_without_a_tpu() -> None:
 
 
 def _tpu_may_be_attached() -> bool:
-    google = any(Path(vendor).read_text().strip() == "0x1ae0"  # Google's PCI vendor id
-                 for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"))
+    def vendor(path: str) -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            return "unreadable"  # then assume the worst: it may be a TPU
+    google = any(vendor(path) in ("0x1ae0", "unreadable")  # Google's PCI vendor id
+                 for path in glob.glob("/sys/bus/pci/devices/*/vendor"))
     return google or bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
