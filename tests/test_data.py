@@ -42,6 +42,16 @@ LAYOUTS = {"cats_vs_dogs": {"train": 23262},
            "beans": {"train": 1034, "validation": 133, "test": 128}}
 
 
+@pytest.fixture(autouse=True)
+def python_tmp(tmp_path_factory, monkeypatch):
+    """TFDS builders the tests make themselves leave a temporary directory each (the package's
+    own are removed: test_loading_a_tfds_dataset_leaves_no_temporary_directory); here they go
+    to pytest's temporary directories, not /tmp."""
+    temporary = tmp_path_factory.mktemp("python_tmp")
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    return temporary
+
+
 def _tfds_metadata(data_dir, name, splits):
     builder = tfds.builder(name, data_dir=str(data_dir))
     builder.info.set_splits(tfds.core.SplitDict(
@@ -145,16 +155,13 @@ def test_tfds_cache_never_holds_mocked_data(tmp_path, monkeypatch, caplog):
     np.testing.assert_array_equal(legacy.test.images, first.test.images)
 
 
-def test_loading_a_tfds_dataset_leaves_no_temporary_directory(tmp_path, monkeypatch):
+def test_loading_a_tfds_dataset_leaves_no_temporary_directory(tmp_path, python_tmp):
     """TFDS's builder makes a temporary directory for the metadata it fetches and never removes
     it; a search removes it (each load used to leave an empty /tmp/tmp*tfds)."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     with tfds.testing.mock_data(num_examples=20):
         data.load_dataset("tf_flowers", image_size=8, data_dir=str(tmp_path / "tfds"))
-    assert tempfile.tempdir == str(temporary)
-    assert not [p.name for p in temporary.iterdir() if "tfds" in p.name]
+    assert tempfile.tempdir == str(python_tmp)
+    assert not [p.name for p in python_tmp.iterdir() if "tfds" in p.name]
 
 
 def test_tfds_feature_keys_and_greyscale(tmp_path):
