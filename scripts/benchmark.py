@@ -639,10 +639,8 @@ def search_benchmark(args) -> None:
     warm_up(args, scratch)
     # One at a time: one run on one device (on a CPU the command's default is a device per
     # physical core, each training a run).
-    one_device = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                          if not f.startswith(cores.DEVICE_COUNT_FLAG))
     settings = {"one at a time": (["--config.search.parallel=1"], {
-                    "XLA_FLAGS": cores.with_device_count(one_device, 1)}),
+                    "XLA_FLAGS": cores.with_device_count(os.environ.get("XLA_FLAGS", ""), 1)}),
                 "default": ([], {})}
     rows = {}
     for cache_state in args.cache_states.split(","):

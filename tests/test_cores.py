@@ -57,6 +57,14 @@ def test_the_users_count_and_other_flags_are_kept(monkeypatch):
     assert environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=1"
 
 
+def test_a_count_given_replaces_the_one_named():
+    """What the search benchmark's one-device arm asks for, whatever XLA_FLAGS said."""
+    assert cores.with_device_count("", 1) == "--xla_force_host_platform_device_count=1"
+    eight = "--xla_dump_to=/tmp/hlo --xla_force_host_platform_device_count=8"
+    one = "--xla_dump_to=/tmp/hlo --xla_force_host_platform_device_count=1"
+    assert cores.with_device_count(eight, 1) == one
+
+
 def test_too_late_once_jax_is_imported(monkeypatch):
     import jax  # noqa: F401 -- JAX has read XLA_FLAGS: a count set now would be ignored
     environ = {}

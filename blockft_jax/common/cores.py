@@ -37,10 +37,11 @@ def physical_cores(cpuinfo: str | None = None, allowed: set[int] | None = None,
 
 
 def with_device_count(xla_flags: str, devices: int) -> str:
-    """XLA_FLAGS with `devices` host devices added, unless they already name a count."""
-    if DEVICE_COUNT_FLAG in xla_flags:
-        return xla_flags
-    return f"{xla_flags} {DEVICE_COUNT_FLAG}={devices}".strip()
+    """XLA_FLAGS with `devices` host devices, in place of any count they name (the other flags
+    kept). Whether to override a user's count is the caller's decision: `use_every_core` does
+    not."""
+    others = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    return " ".join([*others, f"{DEVICE_COUNT_FLAG}={devices}"])
 
 
 def use_every_core(environ=os.environ) -> int | None:
